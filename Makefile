@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Everything else is set up on the way:
+# the venv with pinned deps, the llama-cpp-python wheel (built from source once, then cached), the models.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE := $(or $(SPECSERVE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/specserve)
+WHEELS := $(CACHE)/wheels
+LLAMA_VERSION := 0.3.36
+LLAMA_WHEEL_GLOB := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: setup models serve test test-quick lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel
+	@if ! ls $(LLAMA_WHEEL_GLOB) >/dev/null 2>&1; then \
+		echo "building llama-cpp-python $(LLAMA_VERSION) from source (takes ~6 min on 2 cores; cached in $(WHEELS))"; \
+		$(PY) -m pip wheel --no-deps --progress-bar on -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
+	fi
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+models: setup
+	$(VENV)/bin/specserve fetch
+
+serve: models
+	$(VENV)/bin/specserve serve --host $(HOST) --port $(PORT)
+
+test: models
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: setup
+	$(PY) -m pytest -m "not models and not small_model" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check specserve tests
+	$(VENV)/bin/ruff format --check specserve tests
+
+bench: models
+	$(VENV)/bin/specserve bench
+
+clean:
+	rm -rf $(VENV) bench-out .pytest_cache

@@ -1,0 +1,41 @@
+"""The one protocol the engine uses to run a model.
+
+A backend holds one sequence's KV cache. `eval` appends tokens and returns logits; `truncate` rolls the
+cache back to a prefix (how rejected draft tokens are undone); `reset` empties it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    name: str  # e.g. "llama.cpp" or "torch-int8"
+    n_vocab: int
+    n_ctx: int
+
+    @property
+    def n_past(self) -> int:
+        """Number of tokens in the KV cache."""
+        ...
+
+    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
+        """Append tokens; return float32 logits [len(tokens), n_vocab], or [1, n_vocab] for the last
+        position only when all_logits is False (a prefill needs just that)."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Drop every cached position from `length` on."""
+        ...
+
+    def reset(self) -> None: ...
+
+    def memory_bytes(self) -> int:
+        """Bytes of weights this backend holds (for bench reports)."""
+        ...
+
+
+class ContextOverflowError(ValueError):
+    """More tokens than the model's context window."""

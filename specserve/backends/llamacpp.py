@@ -1,0 +1,80 @@
+"""llama.cpp backend (llama-cpp-python, low-level batch API).
+
+One `llama_decode` appends a window and returns logits for every position in it; rollback is
+`llama_memory_seq_rm` from the kept length on. Fastest single-token decoding on this CPU, but the cost of
+a k-token window grows almost linearly (compute-bound), see `specserve bench`'s cost table.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+from llama_cpp._internals import LlamaBatch
+
+from specserve.backends.base import ContextOverflowError
+from specserve.models.fetch import ModelError
+from specserve.models.tokenizer import quiet_stderr
+
+
+class LlamaCppBackend:
+    name = "llama.cpp"
+
+    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None, n_batch: int = 512):
+        threads = n_threads or os.cpu_count() or 1
+        try:
+            with quiet_stderr():
+                self._llama = llama_cpp.Llama(
+                    str(model_path),
+                    n_ctx=n_ctx,
+                    n_batch=n_batch,
+                    n_ubatch=n_batch,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    verbose=False,
+                )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"llama.cpp cannot load {model_path}: {exc}") from None
+        self.model_path = Path(model_path)
+        self._ctx = self._llama._ctx
+        self.n_vocab: int = self._llama.n_vocab()
+        self.n_ctx: int = self._ctx.n_ctx()
+        self._n_batch = n_batch
+        self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._n_past = 0
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
+        if self._n_past + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(f"{self._n_past + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        rows: list[np.ndarray] = []
+        for start in range(0, len(tokens), self._n_batch):
+            chunk = tokens[start : start + self._n_batch]
+            is_last_chunk = start + len(chunk) == len(tokens)
+            self._batch.set_batch(chunk, n_past=self._n_past, logits_all=all_logits)
+            self._ctx.decode(self._batch)
+            self._n_past += len(chunk)
+            n_out = len(chunk) if all_logits else 1
+            if all_logits or is_last_chunk:
+                ptr = llama_cpp.llama_get_logits(self._ctx.ctx)
+                flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (n_out * self.n_vocab,))
+                rows.append(flat.reshape(n_out, self.n_vocab).copy())
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def truncate(self, length: int) -> None:
+        if length < self._n_past:
+            self._ctx.kv_cache_seq_rm(0, length, -1)
+            self._n_past = length
+
+    def reset(self) -> None:
+        self._ctx.kv_cache_clear()
+        self._n_past = 0
+
+    def memory_bytes(self) -> int:
+        return int(llama_cpp.llama_model_size(self._llama._model.model))

@@ -1,0 +1,148 @@
+"""`specserve` command line: generate, bench, fetch, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specserve import SpecserveError
+from specserve.backends.base import ContextOverflowError
+from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS
+from specserve.runtime import BACKENDS, DEFAULT_DRAFT_BACKEND, DEFAULT_K, DEFAULT_TARGET_BACKEND, DRAFT_METHODS
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"registry name or GGUF path (default {DEFAULT_TARGET})")
+    p.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model name or GGUF path (default {DEFAULT_DRAFT})")
+    p.add_argument("--target-backend", choices=BACKENDS, default=DEFAULT_TARGET_BACKEND)
+    p.add_argument("--draft-backend", choices=BACKENDS, default=DEFAULT_DRAFT_BACKEND)
+    p.add_argument("--n-ctx", type=int, default=4096, help="context window in tokens")
+
+
+def _runtime_config(args: argparse.Namespace, with_draft: bool):
+    from specserve.runtime import RuntimeConfig
+
+    return RuntimeConfig(
+        target=args.target,
+        draft=args.draft if with_draft else None,
+        target_backend=args.target_backend,
+        draft_backend=args.draft_backend,
+        n_ctx=args.n_ctx,
+        k=getattr(args, "k", DEFAULT_K),
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specserve.engine.sampling import SamplingParams
+    from specserve.runtime import Runtime
+
+    if args.max_tokens <= 0:
+        raise SpecserveError("--max-tokens must be positive")
+    if args.temperature < 0:
+        raise SpecserveError("--temperature must be >= 0")
+    runtime = Runtime(_runtime_config(args, with_draft=args.method == "draft"))
+    if args.chat:
+        tokens = runtime.encode_prompt(messages=[{"role": "user", "content": args.prompt}])
+    else:
+        tokens = runtime.encode_prompt(prompt=args.prompt)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+    )
+    generation = runtime.generate(tokens, params, method=args.method, k=args.k)
+    for emitted in generation:
+        sys.stdout.write(emitted.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{args.method}, k={args.k}, finish={generation.finish_reason}] {generation.stats.line()}", file=sys.stderr)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from specserve.models.fetch import ensure_model
+
+    for name in args.models or [DEFAULT_TARGET, DEFAULT_DRAFT]:
+        print(ensure_model(name))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from specserve.bench.run import run_bench
+
+    return run_bench(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from specserve.server.app import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specserve", description="Lossless speculative decoding on CPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt, streaming")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument(
+        "--method",
+        "--draft-method",
+        dest="method",
+        choices=DRAFT_METHODS,
+        default="draft",
+        help="draft: small model; ngram: prompt lookup; none: plain decoding",
+    )
+    gen.add_argument("-k", type=int, default=DEFAULT_K, help="draft tokens per target pass")
+    _add_model_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    fetch = sub.add_parser("fetch", help="fetch, assemble and verify registered models")
+    fetch.add_argument("models", nargs="*", help="registry names (" + ", ".join(MODELS) + "); default: the pair")
+    fetch.set_defaults(func=cmd_fetch)
+
+    bench = sub.add_parser("bench", help="benchmark target-only vs speculative, side by side")
+    bench.add_argument("--prompts", default=None, help="JSONL with {kind, prompt} (default: ../shared/prompts)")
+    bench.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each kind")
+    bench.add_argument("--max-tokens", type=int, default=128)
+    bench.add_argument("-k", type=int, default=DEFAULT_K)
+    bench.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both")
+    bench.add_argument("--out", default="bench-out/bench.json", help="JSON report; the PNG goes beside it")
+    _add_model_args(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("-k", type=int, default=DEFAULT_K)
+    _add_model_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ContextOverflowError as exc:
+        print(f"specserve: error: context overflow: {exc}", file=sys.stderr)
+    except SpecserveError as exc:
+        print(f"specserve: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("specserve: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

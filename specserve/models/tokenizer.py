@@ -1,0 +1,86 @@
+"""Tokenizer and chat template from a GGUF file (llama.cpp's vocab-only load: no weights in memory)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from functools import cached_property
+from pathlib import Path
+
+import jinja2.sandbox
+import llama_cpp
+
+from specserve.models.fetch import ModelError
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """llama.cpp prints its load log on fd 2; keep a user's terminal clean."""
+    if os.environ.get("SPECSERVE_LLAMA_LOG"):
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class Tokenizer:
+    def __init__(self, model_path: Path):
+        self.path = Path(model_path)
+        try:
+            with quiet_stderr():
+                self._llama = llama_cpp.Llama(str(self.path), vocab_only=True, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"cannot load tokenizer from {self.path}: {exc}") from None
+        self.metadata: dict[str, str] = dict(self._llama.metadata)
+        self.n_vocab: int = self._llama.n_vocab()
+        vocab = self._llama._model.vocab
+        self.eos_id: int = llama_cpp.llama_vocab_eos(vocab)
+        eot = llama_cpp.llama_vocab_eot(vocab)
+        # Chat models end a turn with EOT (<|im_end|>); base models with EOS. Stop on either.
+        self.stop_ids: frozenset[int] = frozenset(t for t in (self.eos_id, eot) if t >= 0)
+        self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """`special`: parse control tokens such as <|im_start|> in the text (needed for chat prompts)."""
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def decode_bytes(self, tokens: list[int]) -> bytes:
+        return self._llama.detokenize(tokens, special=False)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.decode_bytes(tokens).decode("utf-8", errors="replace")
+
+    def token_piece(self, token: int) -> bytes:
+        return self._llama._model.token_get_text(token).encode("utf-8", errors="replace")
+
+    @cached_property
+    def fingerprint(self) -> tuple[int, int]:
+        """(vocab size, hash of every token string): equal fingerprints mean interchangeable token ids."""
+        return self.n_vocab, hash(tuple(self._llama._model.token_get_text(i) for i in range(self.n_vocab)))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The model's own chat template (Jinja in the GGUF metadata), ending with the assistant prompt."""
+        if not self.chat_template:
+            raise ModelError(f"{self.path.name} has no chat template in its metadata; use a plain prompt")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = env.from_string(self.chat_template)
+        return template.render(messages=messages, add_generation_prompt=True, tools=None)
+
+
+def check_compatible(target: Tokenizer, draft: Tokenizer) -> None:
+    """Speculation compares token ids, so draft and target must share a vocabulary exactly."""
+    if target.n_vocab != draft.n_vocab:
+        raise ModelError(
+            f"draft {draft.path.name} and target {target.path.name} have different tokenizers "
+            f"(vocab sizes {draft.n_vocab} vs {target.n_vocab})"
+        )
+    if target.fingerprint != draft.fingerprint:
+        raise ModelError(
+            f"draft {draft.path.name} and target {target.path.name} have different tokenizers (token strings differ)"
+        )

@@ -1,0 +1,92 @@
+"""Wires models, backends and proposers into something that generates: what the CLI, bench and server use."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from specserve import SpecserveError
+from specserve.backends.base import Backend
+from specserve.engine.loop import Generation
+from specserve.engine.proposers import DraftModelProposer, NgramProposer, Proposer
+from specserve.engine.sampling import SamplingParams
+from specserve.models.fetch import resolve_model
+from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
+from specserve.models.tokenizer import Tokenizer, check_compatible
+
+BACKENDS = ("torch-int8", "llama.cpp")
+DRAFT_METHODS = ("draft", "ngram", "none")
+# Chosen by measurement on this 2-core CPU (see the cost table of `specserve bench`): int8 verification
+# costs little more for k+1 tokens than for one; the int8 draft decodes about as fast as llama.cpp's and
+# shares torch's thread pool, whereas llama.cpp's threads and torch's spinning OpenMP threads fight.
+DEFAULT_TARGET_BACKEND = "torch-int8"
+DEFAULT_DRAFT_BACKEND = "torch-int8"
+DEFAULT_K = 4
+
+
+def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True) -> Backend:
+    if kind == "llama.cpp":
+        from specserve.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(path, n_ctx=n_ctx)
+    if kind == "torch-int8":
+        from specserve.backends.torch_int8 import TorchInt8Backend
+
+        return TorchInt8Backend(path, n_ctx=n_ctx, show_progress=show_progress)
+    raise SpecserveError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass
+class RuntimeConfig:
+    target: str = DEFAULT_TARGET
+    draft: str | None = DEFAULT_DRAFT  # None: no draft model (n-gram or plain decoding only)
+    target_backend: str = DEFAULT_TARGET_BACKEND
+    draft_backend: str = DEFAULT_DRAFT_BACKEND
+    n_ctx: int = 4096
+    k: int = DEFAULT_K
+
+
+class Runtime:
+    def __init__(self, config: RuntimeConfig, show_progress: bool = True):
+        self.config = config
+        t0 = time.perf_counter()
+        target_path = resolve_model(config.target, show_progress)
+        self.tokenizer = Tokenizer(target_path)
+        draft_path = None
+        if config.draft:
+            draft_path = resolve_model(config.draft, show_progress)
+            check_compatible(self.tokenizer, Tokenizer(draft_path))
+        self.target = load_backend(config.target_backend, target_path, config.n_ctx, show_progress)
+        self.target_name = target_path.name
+        self.draft = None
+        if draft_path:
+            self.draft = load_backend(config.draft_backend, draft_path, config.n_ctx, show_progress)
+        self.proposers: dict[str, Proposer] = {"ngram": NgramProposer()}
+        if self.draft is not None:
+            self.proposers["draft"] = DraftModelProposer(self.draft)
+        self.load_s = time.perf_counter() - t0
+
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+        if messages is not None:
+            return self.tokenizer.encode(self.tokenizer.render_chat(messages), special=True)
+        return self.tokenizer.encode(prompt or "", special=False)
+
+    def generate(
+        self, prompt_tokens: list[int], params: SamplingParams, method: str = "draft", k: int | None = None
+    ) -> Generation:
+        if method not in DRAFT_METHODS:
+            raise SpecserveError(f"unknown speculation method {method!r}; choose one of {', '.join(DRAFT_METHODS)}")
+        if method != "none" and method not in self.proposers:
+            raise SpecserveError(f"speculation method {method!r} needs a draft model; none is loaded")
+        proposer = self.proposers.get(method)
+        k = self.config.k if k is None else k
+        return Generation(
+            self.target,
+            self.tokenizer.decode_bytes,
+            self.tokenizer.stop_ids,
+            prompt_tokens,
+            params,
+            proposer,
+            k if proposer else 0,
+        )

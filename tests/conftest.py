@@ -1,0 +1,52 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_PROMPTS = ROOT.parent / "shared" / "prompts" / "public.jsonl"
+
+
+def load_public_prompts() -> list[dict]:
+    if not SHARED_PROMPTS.is_file():
+        pytest.fail(f"public prompt set not found at {SHARED_PROMPTS} (shared/ must sit beside the project)")
+    return [json.loads(line) for line in SHARED_PROMPTS.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def public_prompts() -> list[dict]:
+    return load_public_prompts()
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """The default pair on the default backends (int8 target and draft)."""
+    from specserve.runtime import Runtime, RuntimeConfig
+
+    return Runtime(RuntimeConfig(), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from specserve.models.fetch import ensure_model
+
+    return ensure_model("smollm2-135m", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def target_path() -> Path:
+    from specserve.models.fetch import ensure_model
+
+    return ensure_model("qwen2.5-coder-1.5b", show_progress=False)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty specserve cache dir for tests of fetching and assembly."""
+    monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def pytest_report_header(config):
+    return f"specserve cache: {os.environ.get('SPECSERVE_CACHE', '~/.cache/specserve')}"
