@@ -1,0 +1,246 @@
+"""`specserve bench`: target-only vs speculative, side by side in one run, on the same prompts.
+
+Configurations run interleaved per prompt, so a noisy neighbour slows all of them alike. Per-token latency
+is a request's decode time divided by its tokens after the first (ms/token); mean and p90 are over requests.
+Speed-ups are ratios of aggregate decode tokens/s against the *fastest* target-only configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+import specserve
+from specserve.backends.base import Backend
+from specserve.engine.loop import Generation
+from specserve.engine.proposers import DraftModelProposer, NgramProposer, Proposer
+from specserve.engine.sampling import SamplingParams
+from specserve.models.fetch import resolve_model
+from specserve.models.tokenizer import Tokenizer, check_compatible
+from specserve.runtime import load_backend
+
+COST_WINDOWS = (1, 2, 4, 5, 8, 16)
+SAMPLED_TEMPERATURE = 0.8
+
+
+@dataclass
+class BenchConfig:
+    label: str
+    target: Backend
+    proposer: Proposer | None
+    k: int
+
+
+def default_prompts_path() -> Path:
+    """The team's public set beside the project (../shared/prompts/public.jsonl)."""
+    return Path(specserve.__file__).resolve().parents[2] / "shared" / "prompts" / "public.jsonl"
+
+
+def load_prompts(path: Path, limit: int) -> list[dict]:
+    if not path.is_file():
+        raise specserve.SpecserveError(f"prompt file {path} not found (use --prompts FILE)")
+    prompts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not limit:
+        return prompts
+    per_kind: Counter[str] = Counter()
+    kept = []
+    for prompt in prompts:
+        if per_kind[prompt["kind"]] < limit:
+            per_kind[prompt["kind"]] += 1
+            kept.append(prompt)
+    return kept
+
+
+def window_costs(backend: Backend, context: list[int], repeats: int = 5) -> dict[str, float]:
+    """Median time to append k tokens to a warm sequence, relative to one token."""
+    backend.reset()
+    backend.eval(context, all_logits=False)
+    base = backend.n_past
+    times: dict[int, float] = {}
+    for k in COST_WINDOWS:
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            backend.eval(context[:k] if len(context) >= k else (context * k)[:k])
+            samples.append(time.perf_counter() - start)
+            backend.truncate(base)
+        times[k] = statistics.median(samples)
+    return {"ms_1": round(times[1] * 1000, 1), **{f"k{k}": round(times[k] / times[1], 2) for k in COST_WINDOWS[1:]}}
+
+
+def _summarize(runs: list[dict]) -> dict:
+    ms = [r["ms_per_token"] for r in runs]
+    tokens = sum(r["tokens"] - 1 for r in runs)
+    decode = sum(r["decode_s"] for r in runs)
+    drafted = sum(r["drafted"] for r in runs)
+    return {
+        "requests": len(runs),
+        "ms_per_token_mean": round(float(np.mean(ms)), 2),
+        "ms_per_token_p90": round(float(np.percentile(ms, 90)), 2),
+        "tokens_per_s": round(tokens / decode, 2) if decode else 0.0,
+        "acceptance_rate": round(sum(r["accepted"] for r in runs) / drafted, 3) if drafted else None,
+        "tokens_per_pass": round(float(np.mean([r["tokens_per_pass"] for r in runs])), 2),
+    }
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    prompts = load_prompts(Path(args.prompts) if args.prompts else default_prompts_path(), args.limit)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    target_path, draft_path = resolve_model(args.target), resolve_model(args.draft)
+    tokenizer = Tokenizer(target_path)
+    check_compatible(tokenizer, Tokenizer(draft_path))
+
+    console.print("loading backends ...")
+    llama_target = load_backend("llama.cpp", target_path, args.n_ctx)
+    int8_target = load_backend("torch-int8", target_path, args.n_ctx)
+    int8_draft = load_backend("torch-int8", draft_path, args.n_ctx)
+    llama_draft = load_backend("llama.cpp", draft_path, args.n_ctx)
+    backends = {
+        f"llama.cpp {target_path.name}": llama_target,
+        f"torch-int8 {target_path.name}": int8_target,
+        f"llama.cpp {draft_path.name}": llama_draft,
+        f"torch-int8 {draft_path.name}": int8_draft,
+    }
+    probe = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompts[0]["prompt"]}]))
+    console.print("measuring the backend cost table ...")
+    costs = {name: window_costs(backend, probe) for name, backend in backends.items()}
+    del llama_draft, backends  # the cost table is all it is needed for
+
+    configs = [
+        BenchConfig("target-only llama.cpp", llama_target, None, 0),
+        BenchConfig("target-only int8", int8_target, None, 0),
+        BenchConfig(f"spec int8 + draft model k={args.k}", int8_target, DraftModelProposer(int8_draft), args.k),
+        BenchConfig(f"spec int8 + n-gram k={args.k}", int8_target, NgramProposer(), args.k),
+    ]
+    runs: list[dict] = []
+    total = len(prompts) * len(modes) * len(configs)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=total)
+        for prompt in prompts:
+            ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompt["prompt"]}]))
+            for mode in modes:
+                temperature = 0.0 if mode == "greedy" else SAMPLED_TEMPERATURE
+                params = SamplingParams(temperature=temperature, seed=1, max_tokens=args.max_tokens)
+                for config in configs:
+                    generation = Generation(
+                        config.target,
+                        tokenizer.decode_bytes,
+                        tokenizer.stop_ids,
+                        ids,
+                        params,
+                        config.proposer,
+                        config.k,
+                    )
+                    for _ in generation:
+                        pass
+                    s = generation.stats
+                    runs.append(
+                        {
+                            "config": config.label,
+                            "mode": mode,
+                            "kind": prompt["kind"],
+                            "prompt": prompt["prompt"],
+                            "tokens": s.generated,
+                            "decode_s": s.decode_s,
+                            "ms_per_token": 1000 * s.decode_s / max(s.generated - 1, 1),
+                            "drafted": s.drafted,
+                            "accepted": s.accepted,
+                            "tokens_per_pass": s.tokens_per_pass,
+                            "chosen_k": s.chosen_k,
+                            "output": tokenizer.decode(generation.tokens),
+                        }
+                    )
+                    progress.advance(task)
+
+    summary: dict = {}
+    for mode in modes:
+        for kind in sorted({p["kind"] for p in prompts}) + ["all"]:
+            rows = {}
+            for config in configs:
+                selected = [
+                    r for r in runs if r["config"] == config.label and r["mode"] == mode and kind in (r["kind"], "all")
+                ]
+                if selected:
+                    rows[config.label] = _summarize(selected)
+            fastest_plain = max(rows[c.label]["tokens_per_s"] for c in configs if c.proposer is None)
+            for row in rows.values():
+                row["speedup_vs_fastest_target_only"] = round(row["tokens_per_s"] / fastest_plain, 3)
+            summary[f"{mode}/{kind}"] = rows
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "prompts": str(args.prompts or default_prompts_path()),
+        "max_tokens": args.max_tokens,
+        "k": args.k,
+        "sampled_temperature": SAMPLED_TEMPERATURE,
+        "cost_table": costs,
+        "memory_bytes": {
+            "target int8 weights": int8_target.memory_bytes(),
+            "draft int8 weights": int8_draft.memory_bytes(),
+            "target llama.cpp weights": llama_target.memory_bytes(),
+            "peak_rss": peak_rss,
+        },
+        "summary": summary,
+        "runs": runs,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    from specserve.bench.plot import plot_report
+
+    png = plot_report(report, out.with_suffix(".png"))
+    print_report(report, Console())
+    Console().print(f"JSON: {out}   plot: {png}")
+    return 0
+
+
+def print_report(report: dict, console: Console) -> None:
+    costs = Table(title="Backend cost: time to append k tokens, relative to 1 token (median of 5)")
+    costs.add_column("backend / model")
+    costs.add_column("1 token ms", justify="right")
+    for k in COST_WINDOWS[1:]:
+        costs.add_column(f"k={k}", justify="right")
+    for name, row in report["cost_table"].items():
+        costs.add_row(name, f"{row['ms_1']:.1f}", *(f"{row[f'k{k}']:.2f}" for k in COST_WINDOWS[1:]))
+    console.print(costs)
+    for key, rows in report["summary"].items():
+        table = Table(title=f"{key}  ({report['max_tokens']} new tokens, k={report['k']})")
+        for col in (
+            "configuration",
+            "ms/token mean",
+            "ms/token p90",
+            "tokens/s",
+            "acceptance",
+            "tokens/pass",
+            "speedup",
+        ):
+            table.add_column(col, justify="left" if col == "configuration" else "right")
+        for label, r in rows.items():
+            acc = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
+            table.add_row(
+                label,
+                f"{r['ms_per_token_mean']:.1f}",
+                f"{r['ms_per_token_p90']:.1f}",
+                f"{r['tokens_per_s']:.1f}",
+                acc,
+                f"{r['tokens_per_pass']:.2f}",
+                f"{r['speedup_vs_fastest_target_only']:.2f}x",
+            )
+        console.print(table)
+    mem = report["memory_bytes"]
+    console.print("memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()))
