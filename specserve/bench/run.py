@@ -12,8 +12,6 @@ import json
 import os
 import platform
 import resource
-import statistics
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,23 +23,30 @@ from rich.table import Table
 
 import specserve
 from specserve.backends.base import Backend
-from specserve.engine.loop import Generation
+from specserve.bench.measure import COST_WINDOWS, generate_once, window_costs
+from specserve.bench.worker import LlamaCppProcess
 from specserve.engine.proposers import DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
 from specserve.models.fetch import resolve_model
 from specserve.models.tokenizer import Tokenizer, check_compatible
 from specserve.runtime import load_backend
 
-COST_WINDOWS = (1, 2, 4, 5, 8, 16)
 SAMPLED_TEMPERATURE = 0.8
 
 
 @dataclass
 class BenchConfig:
+    """One column of the comparison: plain or speculative decoding, in this process or a llama.cpp worker."""
+
     label: str
-    target: Backend
-    proposer: Proposer | None
-    k: int
+    target: Backend | LlamaCppProcess
+    proposer: Proposer | None = None
+    k: int = 0
+
+    def run(self, tokenizer: Tokenizer, ids: list[int], params: SamplingParams) -> dict:
+        if isinstance(self.target, LlamaCppProcess):
+            return self.target.generate(ids, params)
+        return generate_once(self.target, self.proposer, self.k, tokenizer, ids, params)
 
 
 def default_prompts_path() -> Path:
@@ -62,23 +67,6 @@ def load_prompts(path: Path, limit: int) -> list[dict]:
             per_kind[prompt["kind"]] += 1
             kept.append(prompt)
     return kept
-
-
-def window_costs(backend: Backend, context: list[int], repeats: int = 5) -> dict[str, float]:
-    """Median time to append k tokens to a warm sequence, relative to one token."""
-    backend.reset()
-    backend.eval(context, all_logits=False)
-    base = backend.n_past
-    times: dict[int, float] = {}
-    for k in COST_WINDOWS:
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            backend.eval(context[:k] if len(context) >= k else (context * k)[:k])
-            samples.append(time.perf_counter() - start)
-            backend.truncate(base)
-        times[k] = statistics.median(samples)
-    return {"ms_1": round(times[1] * 1000, 1), **{f"k{k}": round(times[k] / times[1], 2) for k in COST_WINDOWS[1:]}}
 
 
 def _summarize(runs: list[dict]) -> dict:
@@ -105,24 +93,25 @@ def run_bench(args: argparse.Namespace) -> int:
     check_compatible(tokenizer, Tokenizer(draft_path))
 
     console.print("loading backends ...")
-    llama_target = load_backend("llama.cpp", target_path, args.n_ctx)
+    # llama.cpp runs in worker processes: its threads and torch's slow each other down in one process.
+    llama_target = LlamaCppProcess(target_path, args.n_ctx)
+    llama_draft = LlamaCppProcess(draft_path, args.n_ctx)
     int8_target = load_backend("torch-int8", target_path, args.n_ctx)
     int8_draft = load_backend("torch-int8", draft_path, args.n_ctx)
-    llama_draft = load_backend("llama.cpp", draft_path, args.n_ctx)
-    backends = {
-        f"llama.cpp {target_path.name}": llama_target,
-        f"torch-int8 {target_path.name}": int8_target,
-        f"llama.cpp {draft_path.name}": llama_draft,
-        f"torch-int8 {draft_path.name}": int8_draft,
-    }
     probe = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompts[0]["prompt"]}]))
     console.print("measuring the backend cost table ...")
-    costs = {name: window_costs(backend, probe) for name, backend in backends.items()}
-    del llama_draft, backends  # the cost table is all it is needed for
+    costs = {
+        f"llama.cpp {target_path.name}": llama_target.costs(probe),
+        f"torch-int8 {target_path.name}": window_costs(int8_target, probe),
+        f"llama.cpp {draft_path.name}": llama_draft.costs(probe),
+        f"torch-int8 {draft_path.name}": window_costs(int8_draft, probe),
+    }
+    llama_draft_memory = llama_draft.memory
+    llama_draft.close()  # the cost table is all it is needed for
 
     configs = [
-        BenchConfig("target-only llama.cpp", llama_target, None, 0),
-        BenchConfig("target-only int8", int8_target, None, 0),
+        BenchConfig("target-only llama.cpp", llama_target),
+        BenchConfig("target-only int8", int8_target),
         BenchConfig(f"spec int8 + draft model k={args.k}", int8_target, DraftModelProposer(int8_draft), args.k),
         BenchConfig(f"spec int8 + n-gram k={args.k}", int8_target, NgramProposer(), args.k),
     ]
@@ -136,34 +125,10 @@ def run_bench(args: argparse.Namespace) -> int:
                 temperature = 0.0 if mode == "greedy" else SAMPLED_TEMPERATURE
                 params = SamplingParams(temperature=temperature, seed=1, max_tokens=args.max_tokens)
                 for config in configs:
-                    generation = Generation(
-                        config.target,
-                        tokenizer.decode_bytes,
-                        tokenizer.stop_ids,
-                        ids,
-                        params,
-                        config.proposer,
-                        config.k,
-                    )
-                    for _ in generation:
-                        pass
-                    s = generation.stats
-                    runs.append(
-                        {
-                            "config": config.label,
-                            "mode": mode,
-                            "kind": prompt["kind"],
-                            "prompt": prompt["prompt"],
-                            "tokens": s.generated,
-                            "decode_s": s.decode_s,
-                            "ms_per_token": 1000 * s.decode_s / max(s.generated - 1, 1),
-                            "drafted": s.drafted,
-                            "accepted": s.accepted,
-                            "tokens_per_pass": s.tokens_per_pass,
-                            "chosen_k": s.chosen_k,
-                            "output": tokenizer.decode(generation.tokens),
-                        }
-                    )
+                    result = config.run(tokenizer, ids, params)
+                    result.update(config=config.label, mode=mode, kind=prompt["kind"], prompt=prompt["prompt"])
+                    result["output"] = tokenizer.decode(result.pop("token_ids"))
+                    runs.append(result)
                     progress.advance(task)
 
     summary: dict = {}
@@ -192,12 +157,14 @@ def run_bench(args: argparse.Namespace) -> int:
         "memory_bytes": {
             "target int8 weights": int8_target.memory_bytes(),
             "draft int8 weights": int8_draft.memory_bytes(),
-            "target llama.cpp weights": llama_target.memory_bytes(),
+            "target llama.cpp weights": llama_target.memory,
+            "draft llama.cpp weights": llama_draft_memory,
             "peak_rss": peak_rss,
         },
         "summary": summary,
         "runs": runs,
     }
+    llama_target.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
