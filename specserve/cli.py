@@ -11,6 +11,19 @@ from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS
 from specserve.runtime import BACKENDS, DEFAULT_DRAFT_BACKEND, DEFAULT_K, DEFAULT_TARGET_BACKEND, DRAFT_METHODS
 
 
+def draft_length(text: str) -> int | str:
+    """-k takes `auto` (adaptive, up to 8) or a fixed number of draft tokens per target pass."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+    if not 0 <= value <= 32:
+        raise argparse.ArgumentTypeError("k must be between 0 and 32")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"registry name or GGUF path (default {DEFAULT_TARGET})")
     p.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model name or GGUF path (default {DEFAULT_DRAFT})")
@@ -103,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="draft",
         help="draft: small model; ngram: prompt lookup; none: plain decoding",
     )
-    gen.add_argument("-k", type=int, default=DEFAULT_K, help="draft tokens per target pass")
+    gen.add_argument("-k", type=draft_length, default=DEFAULT_K, help="draft tokens per target pass, or auto")
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -115,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", default=None, help="JSONL with {kind, prompt} (default: ../shared/prompts)")
     bench.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each kind")
     bench.add_argument("--max-tokens", type=int, default=128)
-    bench.add_argument("-k", type=int, default=DEFAULT_K)
+    bench.add_argument("-k", type=draft_length, default=DEFAULT_K, help="draft length of the speculative rows")
+    bench.add_argument("--fixed-k", type=int, default=4, help="also run the draft model at this fixed k (0: skip)")
     bench.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both")
     bench.add_argument("--out", default="bench-out/bench.json", help="JSON report; the PNG goes beside it")
     _add_model_args(bench)
@@ -124,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("-k", type=int, default=DEFAULT_K)
+    serve.add_argument("-k", type=draft_length, default=DEFAULT_K, help="default draft length, or auto")
     _add_model_args(serve)
     serve.set_defaults(func=cmd_serve)
     return parser

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from specserve import SpecserveError
 from specserve.backends.base import Backend
+from specserve.backends.calibrate import window_seconds
+from specserve.engine.adaptive import AdaptiveK
 from specserve.engine.loop import Generation
 from specserve.engine.proposers import DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
@@ -22,7 +25,9 @@ DRAFT_METHODS = ("draft", "ngram", "none")
 # shares torch's thread pool, whereas llama.cpp's threads and torch's spinning OpenMP threads fight.
 DEFAULT_TARGET_BACKEND = "torch-int8"
 DEFAULT_DRAFT_BACKEND = "torch-int8"
-DEFAULT_K = 4
+DEFAULT_K: int | str = "auto"  # adaptive draft length (engine/adaptive.py); an int fixes it
+K_MAX = 8
+_CALIBRATION_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
 
 
 def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True) -> Backend:
@@ -44,7 +49,7 @@ class RuntimeConfig:
     target_backend: str = DEFAULT_TARGET_BACKEND
     draft_backend: str = DEFAULT_DRAFT_BACKEND
     n_ctx: int = 4096
-    k: int = DEFAULT_K
+    k: int | str = DEFAULT_K
 
 
 class Runtime:
@@ -65,7 +70,27 @@ class Runtime:
         self.proposers: dict[str, Proposer] = {"ngram": NgramProposer()}
         if self.draft is not None:
             self.proposers["draft"] = DraftModelProposer(self.draft)
+        self._adaptive_templates = self._calibrate()
         self.load_s = time.perf_counter() - t0
+
+    def _calibrate(self) -> dict[str, AdaptiveK]:
+        """Seed adaptive k with this machine's costs: every verify window size, and a draft step."""
+        context = self.tokenizer.encode(
+            "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
+        )
+        verify = window_seconds(self.target, context, tuple(range(1, K_MAX + 2)), repeats=2)
+        templates = {"ngram": AdaptiveK(K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0)}
+        if self.draft is not None:
+            draft_step = window_seconds(self.draft, context, (1,), repeats=3)[1]
+            templates["draft"] = AdaptiveK(K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft_step)
+        return templates
+
+    def draft_length(self, method: str, k: int | str | None) -> int | AdaptiveK:
+        """A fixed k, or a fresh adaptive controller seeded with the calibrated costs."""
+        k = self.config.k if k is None else k
+        if k == "auto":
+            return copy.deepcopy(self._adaptive_templates[method]) if method in self._adaptive_templates else 0
+        return int(k)
 
     def encode_prompt(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
         if messages is not None:
@@ -80,7 +105,6 @@ class Runtime:
         if method != "none" and method not in self.proposers:
             raise SpecserveError(f"speculation method {method!r} needs a draft model; none is loaded")
         proposer = self.proposers.get(method)
-        k = self.config.k if k is None else k
         return Generation(
             self.target,
             self.tokenizer.decode_bytes,
@@ -88,5 +112,5 @@ class Runtime:
             prompt_tokens,
             params,
             proposer,
-            k if proposer else 0,
+            self.draft_length(method, k) if proposer else 0,
         )

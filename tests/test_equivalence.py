@@ -13,7 +13,16 @@ from .conftest import load_public_prompts
 
 pytestmark = pytest.mark.models
 NEW_TOKENS = 64
-CONFIGS = [("draft", 1), ("draft", 4), ("draft", 8), ("ngram", 1), ("ngram", 4), ("ngram", 8)]
+CONFIGS = [
+    ("draft", 1),
+    ("draft", 4),
+    ("draft", 8),
+    ("draft", "auto"),
+    ("ngram", 1),
+    ("ngram", 4),
+    ("ngram", 8),
+    ("ngram", "auto"),
+]
 NEAR_TIE = 1e-3
 
 

@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-
 from specserve.backends.base import Backend
+from specserve.backends.calibrate import window_seconds
 from specserve.engine.loop import Generation
-from specserve.engine.proposers import Proposer
-from specserve.engine.sampling import SamplingParams
-from specserve.models.tokenizer import Tokenizer
 
 COST_WINDOWS = (1, 2, 4, 5, 8, 16)
 
 
 def window_costs(backend: Backend, context: list[int], repeats: int = 5) -> dict[str, float]:
-    """Median time to append k tokens to a warm sequence, relative to one token."""
-    backend.reset()
-    backend.eval(context, all_logits=False)
-    base = backend.n_past
-    times: dict[int, float] = {}
-    for k in COST_WINDOWS:
-        window = (context * k)[:k]
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            backend.eval(window)
-            samples.append(time.perf_counter() - start)
-            backend.truncate(base)
-        times[k] = statistics.median(samples)
-    return {"ms_1": round(times[1] * 1000, 1), **{f"k{k}": round(times[k] / times[1], 2) for k in COST_WINDOWS[1:]}}
+    """Time to append k tokens to a warm sequence relative to one token (medians), and the 1-token ms."""
+    seconds = window_seconds(backend, context, COST_WINDOWS, repeats)
+    one = seconds[1]
+    return {"ms_1": round(one * 1000, 1), **{f"k{k}": round(seconds[k] / one, 2) for k in COST_WINDOWS[1:]}}
 
 
-def generate_once(
-    target: Backend, proposer: Proposer | None, k: int, tokenizer: Tokenizer, ids: list[int], params: SamplingParams
-) -> dict:
-    generation = Generation(target, tokenizer.decode_bytes, tokenizer.stop_ids, ids, params, proposer, k)
+def run_generation(generation: Generation) -> dict:
+    """Run a generation to the end; return what the bench records of it."""
     for _ in generation:
         pass
     s = generation.stats

@@ -22,31 +22,27 @@ from rich.progress import Progress
 from rich.table import Table
 
 import specserve
-from specserve.backends.base import Backend
-from specserve.bench.measure import COST_WINDOWS, generate_once, window_costs
+from specserve.bench.measure import COST_WINDOWS, run_generation, window_costs
 from specserve.bench.worker import LlamaCppProcess
-from specserve.engine.proposers import DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
-from specserve.models.fetch import resolve_model
-from specserve.models.tokenizer import Tokenizer, check_compatible
-from specserve.runtime import load_backend
+from specserve.runtime import Runtime, RuntimeConfig
 
 SAMPLED_TEMPERATURE = 0.8
 
 
 @dataclass
 class BenchConfig:
-    """One column of the comparison: plain or speculative decoding, in this process or a llama.cpp worker."""
+    """One column of the comparison: a decoding method on the int8 runtime, or plain llama.cpp in a worker."""
 
     label: str
-    target: Backend | LlamaCppProcess
-    proposer: Proposer | None = None
-    k: int = 0
+    method: str = "none"
+    k: int | str = 0
+    worker: LlamaCppProcess | None = None
 
-    def run(self, tokenizer: Tokenizer, ids: list[int], params: SamplingParams) -> dict:
-        if isinstance(self.target, LlamaCppProcess):
-            return self.target.generate(ids, params)
-        return generate_once(self.target, self.proposer, self.k, tokenizer, ids, params)
+    def run(self, runtime: Runtime, ids: list[int], params: SamplingParams) -> dict:
+        if self.worker is not None:
+            return self.worker.generate(ids, params)
+        return run_generation(runtime.generate(ids, params, method=self.method, k=self.k))
 
 
 def default_prompts_path() -> Path:
@@ -88,33 +84,32 @@ def run_bench(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     prompts = load_prompts(Path(args.prompts) if args.prompts else default_prompts_path(), args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    target_path, draft_path = resolve_model(args.target), resolve_model(args.draft)
-    tokenizer = Tokenizer(target_path)
-    check_compatible(tokenizer, Tokenizer(draft_path))
-
-    console.print("loading backends ...")
+    console.print("loading models and calibrating ...")
+    runtime = Runtime(RuntimeConfig(target=args.target, draft=args.draft, n_ctx=args.n_ctx, k=args.k))
+    tokenizer = runtime.tokenizer
+    target_path, draft_path = runtime.target.model_path, runtime.draft.model_path
     # llama.cpp runs in worker processes: its threads and torch's slow each other down in one process.
     llama_target = LlamaCppProcess(target_path, args.n_ctx)
     llama_draft = LlamaCppProcess(draft_path, args.n_ctx)
-    int8_target = load_backend("torch-int8", target_path, args.n_ctx)
-    int8_draft = load_backend("torch-int8", draft_path, args.n_ctx)
     probe = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompts[0]["prompt"]}]))
     console.print("measuring the backend cost table ...")
     costs = {
         f"llama.cpp {target_path.name}": llama_target.costs(probe),
-        f"torch-int8 {target_path.name}": window_costs(int8_target, probe),
+        f"torch-int8 {target_path.name}": window_costs(runtime.target, probe),
         f"llama.cpp {draft_path.name}": llama_draft.costs(probe),
-        f"torch-int8 {draft_path.name}": window_costs(int8_draft, probe),
+        f"torch-int8 {draft_path.name}": window_costs(runtime.draft, probe),
     }
     llama_draft_memory = llama_draft.memory
     llama_draft.close()  # the cost table is all it is needed for
 
     configs = [
-        BenchConfig("target-only llama.cpp", llama_target),
-        BenchConfig("target-only int8", int8_target),
-        BenchConfig(f"spec int8 + draft model k={args.k}", int8_target, DraftModelProposer(int8_draft), args.k),
-        BenchConfig(f"spec int8 + n-gram k={args.k}", int8_target, NgramProposer(), args.k),
+        BenchConfig("target-only llama.cpp", worker=llama_target),
+        BenchConfig("target-only int8"),
+        BenchConfig(f"spec int8 + draft model k={args.k}", "draft", args.k),
+        BenchConfig(f"spec int8 + n-gram k={args.k}", "ngram", args.k),
     ]
+    if args.fixed_k and args.k != args.fixed_k:
+        configs.append(BenchConfig(f"spec int8 + draft model k={args.fixed_k}", "draft", args.fixed_k))
     runs: list[dict] = []
     total = len(prompts) * len(modes) * len(configs)
     with Progress(console=console, transient=True) as progress:
@@ -125,7 +120,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 temperature = 0.0 if mode == "greedy" else SAMPLED_TEMPERATURE
                 params = SamplingParams(temperature=temperature, seed=1, max_tokens=args.max_tokens)
                 for config in configs:
-                    result = config.run(tokenizer, ids, params)
+                    result = config.run(runtime, ids, params)
                     result.update(config=config.label, mode=mode, kind=prompt["kind"], prompt=prompt["prompt"])
                     result["output"] = tokenizer.decode(result.pop("token_ids"))
                     runs.append(result)
@@ -141,7 +136,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 ]
                 if selected:
                     rows[config.label] = _summarize(selected)
-            fastest_plain = max(rows[c.label]["tokens_per_s"] for c in configs if c.proposer is None)
+            fastest_plain = max(rows[c.label]["tokens_per_s"] for c in configs if c.method == "none")
             for row in rows.values():
                 row["speedup_vs_fastest_target_only"] = round(row["tokens_per_s"] / fastest_plain, 3)
             summary[f"{mode}/{kind}"] = rows
@@ -155,8 +150,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "sampled_temperature": SAMPLED_TEMPERATURE,
         "cost_table": costs,
         "memory_bytes": {
-            "target int8 weights": int8_target.memory_bytes(),
-            "draft int8 weights": int8_draft.memory_bytes(),
+            "target int8 weights": runtime.target.memory_bytes(),
+            "draft int8 weights": runtime.draft.memory_bytes(),
             "target llama.cpp weights": llama_target.memory,
             "draft llama.cpp weights": llama_draft_memory,
             "peak_rss": peak_rss,

@@ -14,7 +14,8 @@ from specserve.engine.sampling import SamplingParams
 
 def _serve(conn, model_path: str, n_ctx: int) -> None:
     from specserve.backends.llamacpp import LlamaCppBackend
-    from specserve.bench.measure import generate_once, window_costs
+    from specserve.bench.measure import run_generation, window_costs
+    from specserve.engine.loop import Generation
     from specserve.models.tokenizer import Tokenizer
 
     backend = LlamaCppBackend(Path(model_path), n_ctx=n_ctx)
@@ -26,7 +27,8 @@ def _serve(conn, model_path: str, n_ctx: int) -> None:
             conn.send(window_costs(backend, payload))
         else:
             ids, params = payload
-            conn.send(generate_once(backend, None, 0, tokenizer, ids, params))
+            generation = Generation(backend, tokenizer.decode_bytes, tokenizer.stop_ids, ids, params, None, 0)
+            conn.send(run_generation(generation))
 
 
 class LlamaCppProcess:

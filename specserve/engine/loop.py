@@ -8,7 +8,8 @@
         roll the target's KV back to the accepted length (the proposer re-syncs itself by prefix)
         emit the tokens, checking EOS / stop strings / max_tokens / context length
 
-With k = 0 (or no proposer) each step is exactly plain decoding: one token per target pass.
+With k = 0 (or no proposer) each step is exactly plain decoding: one token per target pass. k is fixed, or
+chosen per step by `AdaptiveK` from measured acceptance and costs (engine/adaptive.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from specserve.backends.base import Backend, ContextOverflowError
+from specserve.engine.adaptive import AdaptiveK
 from specserve.engine.proposers import Proposal, Proposer
 from specserve.engine.sampling import SamplingParams, probabilities, sample
 from specserve.engine.stats import GenerationStats
@@ -45,7 +47,7 @@ class Generation:
         prompt: list[int],
         params: SamplingParams,
         proposer: Proposer | None,
-        k: int,
+        k: int | AdaptiveK,
     ):
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -54,8 +56,9 @@ class Generation:
                 f"the prompt has {len(prompt)} tokens; the context holds {target.n_ctx} including the reply"
             )
         self.target, self.prompt, self.params = target, prompt, params
-        self.proposer = proposer if k > 0 else None
-        self.k = k
+        self.adaptive = k if isinstance(k, AdaptiveK) else None
+        self.k = k.k_max if isinstance(k, AdaptiveK) else k  # the most drafts a window may hold
+        self.proposer = proposer if self.k > 0 else None
         self.stop_ids = stop_ids
         self.tokens: list[int] = []
         self.stats = GenerationStats(prompt_tokens=len(prompt))
@@ -115,8 +118,12 @@ class Generation:
             if room < 0:
                 self.finish_reason = "length"
                 break
-            k = min(self.k, room, self.params.max_tokens - len(self.tokens) - 1)
-            stats.chosen_k.append(max(k, 0))
+            limit = max(0, min(self.k, room, self.params.max_tokens - len(self.tokens) - 1))
+            if self.proposer is None:
+                k = 0
+            else:
+                k = self.adaptive.choose(limit) if self.adaptive else limit
+            stats.chosen_k.append(k)
 
             t0 = time.perf_counter()
             proposal = self.proposer.propose(context, k, self.params, self._rng) if self.proposer and k > 0 else None
@@ -128,6 +135,8 @@ class Generation:
             t2 = time.perf_counter()
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
+            if self.adaptive:
+                self.adaptive.observe(len(proposal.tokens), verdict.accepted, t1 - t0, t2 - t1)
             stats.record_window(len(proposal.tokens), verdict.accepted)
 
             new_tokens = proposal.tokens[: verdict.accepted] + [verdict.next_token]

@@ -29,7 +29,7 @@ from specserve.runtime import DRAFT_METHODS, Runtime, RuntimeConfig
 
 class Speculation(BaseModel):
     method: Literal["draft", "ngram", "none"] = "draft"
-    k: int | None = Field(default=None, ge=0, le=32)
+    k: int | Literal["auto"] | None = Field(default=None)
 
 
 class CompletionParams(BaseModel):
