@@ -32,28 +32,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=4096, help="context window in tokens")
 
 
-def _runtime_config(args: argparse.Namespace, with_draft: bool):
-    from specserve.runtime import RuntimeConfig
-
-    return RuntimeConfig(
-        target=args.target,
-        draft=args.draft if with_draft else None,
-        target_backend=args.target_backend,
-        draft_backend=args.draft_backend,
-        n_ctx=args.n_ctx,
-        k=getattr(args, "k", DEFAULT_K),
-    )
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from specserve.engine.sampling import SamplingParams
-    from specserve.runtime import Runtime
+    from specserve.runtime import Runtime, RuntimeConfig
 
     if args.max_tokens <= 0:
         raise SpecserveError("--max-tokens must be positive")
     if args.temperature < 0:
         raise SpecserveError("--temperature must be >= 0")
-    runtime = Runtime(_runtime_config(args, with_draft=args.method == "draft"))
+    runtime = Runtime(RuntimeConfig.from_args(args, with_draft=args.method == "draft"))
     if args.chat:
         tokens = runtime.encode_prompt(messages=[{"role": "user", "content": args.prompt}])
     else:

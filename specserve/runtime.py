@@ -51,6 +51,18 @@ class RuntimeConfig:
     n_ctx: int = 4096
     k: int | str = DEFAULT_K
 
+    @classmethod
+    def from_args(cls, args, with_draft: bool = True) -> RuntimeConfig:
+        """From the model options the CLI's subcommands share (see cli._add_model_args)."""
+        return cls(
+            target=args.target,
+            draft=args.draft if with_draft else None,
+            target_backend=args.target_backend,
+            draft_backend=args.draft_backend,
+            n_ctx=args.n_ctx,
+            k=getattr(args, "k", DEFAULT_K),
+        )
+
 
 class Runtime:
     def __init__(self, config: RuntimeConfig, show_progress: bool = True):

@@ -69,3 +69,9 @@ def test_adaptive_k_falls_to_zero_and_output_stays_the_targets(runtime):
     assert generation.stats.accepted == 0
     tail = generation.stats.chosen_k[len(generation.stats.chosen_k) // 2 :]
     assert np.mean([k == 0 for k in tail]) > 0.8, generation.stats.chosen_k
+
+
+def test_noisy_costs_never_make_a_bigger_window_look_cheaper():
+    model = AdaptiveK(acceptance=0.0, draft_cost_s=0.0, verify_cost_s={1: 0.040, 3: 0.030, 9: 0.035})
+    assert model.verify_cost(3) >= model.verify_cost(1) and model.verify_cost(5) >= model.verify_cost(1)
+    assert model.choose(8) == 0  # with nothing accepted, drafting can only cost time

@@ -85,7 +85,7 @@ def run_bench(args: argparse.Namespace) -> int:
     prompts = load_prompts(Path(args.prompts) if args.prompts else default_prompts_path(), args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     console.print("loading models and calibrating ...")
-    runtime = Runtime(RuntimeConfig(target=args.target, draft=args.draft, n_ctx=args.n_ctx, k=args.k))
+    runtime = Runtime(RuntimeConfig.from_args(args))
     tokenizer = runtime.tokenizer
     target_path, draft_path = runtime.target.model_path, runtime.draft.model_path
     # llama.cpp runs in worker processes: its threads and torch's slow each other down in one process.
@@ -95,21 +95,21 @@ def run_bench(args: argparse.Namespace) -> int:
     console.print("measuring the backend cost table ...")
     costs = {
         f"llama.cpp {target_path.name}": llama_target.costs(probe),
-        f"torch-int8 {target_path.name}": window_costs(runtime.target, probe),
+        f"{runtime.target.name} {target_path.name}": window_costs(runtime.target, probe),
         f"llama.cpp {draft_path.name}": llama_draft.costs(probe),
-        f"torch-int8 {draft_path.name}": window_costs(runtime.draft, probe),
+        f"{runtime.draft.name} {draft_path.name}": window_costs(runtime.draft, probe),
     }
     llama_draft_memory = llama_draft.memory
     llama_draft.close()  # the cost table is all it is needed for
 
     configs = [
         BenchConfig("target-only llama.cpp", worker=llama_target),
-        BenchConfig("target-only int8"),
-        BenchConfig(f"spec int8 + draft model k={args.k}", "draft", args.k),
-        BenchConfig(f"spec int8 + n-gram k={args.k}", "ngram", args.k),
+        BenchConfig(f"target-only {runtime.target.name}"),
+        BenchConfig(f"spec {runtime.target.name} + draft model k={args.k}", "draft", args.k),
+        BenchConfig(f"spec {runtime.target.name} + n-gram k={args.k}", "ngram", args.k),
     ]
     if args.fixed_k and args.k != args.fixed_k:
-        configs.append(BenchConfig(f"spec int8 + draft model k={args.fixed_k}", "draft", args.fixed_k))
+        configs.append(BenchConfig(f"spec {runtime.target.name} + draft model k={args.fixed_k}", "draft", args.fixed_k))
     runs: list[dict] = []
     total = len(prompts) * len(modes) * len(configs)
     with Progress(console=console, transient=True) as progress:
@@ -150,8 +150,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "sampled_temperature": SAMPLED_TEMPERATURE,
         "cost_table": costs,
         "memory_bytes": {
-            "target int8 weights": runtime.target.memory_bytes(),
-            "draft int8 weights": runtime.draft.memory_bytes(),
+            f"target {runtime.target.name} weights": runtime.target.memory_bytes(),
+            f"draft {runtime.draft.name} weights": runtime.draft.memory_bytes(),
             "target llama.cpp weights": llama_target.memory,
             "draft llama.cpp weights": llama_draft_memory,
             "peak_rss": peak_rss,

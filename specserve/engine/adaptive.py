@@ -24,23 +24,27 @@ class AdaptiveK:
     draft_cost_s: float | None = None  # per drafted token
     verify_cost_s: dict[int, float] = field(default_factory=dict)  # window size -> seconds
     round_trip_s: float = 0.0  # network time per verify call when the target is remote
-    _accepted: float = 7.0  # pseudo-counts behind `acceptance` (prior weight of 10 trials)
-    _tried: float = 10.0
+    _accepted: float = 2.1  # pseudo-counts behind `acceptance` (a prior worth 3 trials)
+    _tried: float = 3.0
     _steps_at_zero: int = 0
 
     def verify_cost(self, window: int) -> float:
-        if window in self.verify_cost_s:
-            return self.verify_cost_s[window]
+        """Estimated seconds to verify a window; never below a smaller window's cost (noise can make a
+        bigger window look cheaper, and that would make drafting look free)."""
         known = sorted(self.verify_cost_s)
         if not known:
             return 1.0 + 0.1 * (window - 1)  # relative prior: windows are cheap on a memory-bound backend
-        # Linear in window size through the nearest measured sizes (never below the 1-token cost).
+        floor = max((self.verify_cost_s[w] for w in known if w <= window), default=0.0)
+        if window in self.verify_cost_s:
+            return max(floor, self.verify_cost_s[window])
+        # Linear in window size through the nearest measured sizes, flat beyond them.
         lower = max((w for w in known if w < window), default=known[0])
         upper = min((w for w in known if w > window), default=known[-1])
         if lower == upper:
-            return self.verify_cost_s[lower] * window / lower if window > lower else self.verify_cost_s[lower]
+            return max(floor, self.verify_cost_s[lower])
         frac = (window - lower) / (upper - lower)
-        return self.verify_cost_s[lower] + frac * (self.verify_cost_s[upper] - self.verify_cost_s[lower])
+        estimate = self.verify_cost_s[lower] + frac * (self.verify_cost_s[upper] - self.verify_cost_s[lower])
+        return max(floor, estimate)
 
     def expected_rate(self, k: int) -> float:
         """Expected tokens per second for a window of k drafts."""

@@ -191,15 +191,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
 
 def serve(args: argparse.Namespace) -> int:
-    config = RuntimeConfig(
-        target=args.target,
-        draft=args.draft,
-        target_backend=args.target_backend,
-        draft_backend=args.draft_backend,
-        n_ctx=args.n_ctx,
-        k=args.k,
-    )
-    runtime = Runtime(config)
+    runtime = Runtime(RuntimeConfig.from_args(args))
     print(
         f"specserve: {runtime.target_name} loaded in {runtime.load_s:.1f}s; methods {', '.join(DRAFT_METHODS)}; "
         f"listening on http://{args.host}:{args.port}/v1"
