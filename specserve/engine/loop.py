@@ -126,8 +126,9 @@ class Generation:
             stats.chosen_k.append(k)
 
             t0 = time.perf_counter()
-            proposal = self.proposer.propose(context, k, self.params, self._rng) if self.proposer and k > 0 else None
-            proposal = proposal or Proposal([], [])
+            proposal = Proposal([], [])
+            if self.proposer is not None and k > 0:
+                proposal = self.proposer.propose(context, k, self.params, self._rng)
             t1 = time.perf_counter()
             window_logits = target.eval([pending, *proposal.tokens])  # one target pass for the whole window
             verdict = verify(window_logits, proposal.tokens, proposal.probs, self.params, self._rng)
