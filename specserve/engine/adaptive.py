@@ -34,14 +34,14 @@ class AdaptiveK:
         known = sorted(self.verify_cost_s)
         if not known:
             return 1.0 + 0.1 * (window - 1)  # relative prior: windows are cheap on a memory-bound backend
-        floor = max((self.verify_cost_s[w] for w in known if w <= window), default=0.0)
-        if window in self.verify_cost_s:
-            return max(floor, self.verify_cost_s[window])
-        # Linear in window size through the nearest measured sizes, flat beyond them.
-        lower = max((w for w in known if w < window), default=known[0])
-        upper = min((w for w in known if w > window), default=known[-1])
-        if lower == upper:
-            return max(floor, self.verify_cost_s[lower])
+        below = [w for w in known if w <= window]
+        above = [w for w in known if w > window]
+        if not below:
+            return self.verify_cost_s[above[0]]  # smaller than anything measured: its nearest measurement
+        floor = max(self.verify_cost_s[w] for w in below)
+        if below[-1] == window or not above:
+            return floor  # measured, or beyond the largest measured window: flat
+        lower, upper = below[-1], above[0]  # linear between the nearest measured sizes
         frac = (window - lower) / (upper - lower)
         estimate = self.verify_cost_s[lower] + frac * (self.verify_cost_s[upper] - self.verify_cost_s[lower])
         return max(floor, estimate)

@@ -54,21 +54,6 @@ class GenerationStats:
         """Decode speed: tokens after the first over the time after the prefill."""
         return (self.generated - 1) / self.decode_s if self.generated > 1 and self.decode_s > 0 else 0.0
 
-    def summary(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "generated": self.generated,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "acceptance_rate": round(self.acceptance_rate, 4),
-            "tokens_per_pass": round(self.tokens_per_pass, 3),
-            "per_position_acceptance": [round(x, 3) for x in self.per_position_acceptance],
-            "prefill_ms": round(self.prefill_s * 1000, 1),
-            "draft_ms": round(self.draft_s * 1000, 1),
-            "verify_ms": round(self.verify_s * 1000, 1),
-            "tokens_per_s": round(self.tokens_per_s, 2),
-        }
-
     def line(self) -> str:
         return (
             f"{self.generated} tokens, {self.tokens_per_s:.1f} tok/s, drafted {self.drafted}, "

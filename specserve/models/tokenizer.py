@@ -56,9 +56,6 @@ class Tokenizer:
     def decode(self, tokens: list[int]) -> str:
         return self.decode_bytes(tokens).decode("utf-8", errors="replace")
 
-    def token_piece(self, token: int) -> bytes:
-        return self._llama._model.token_get_text(token).encode("utf-8", errors="replace")
-
     @cached_property
     def fingerprint(self) -> tuple[int, int]:
         """(vocab size, hash of every token string): equal fingerprints mean interchangeable token ids."""
