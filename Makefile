@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup models serve test test-quick lint bench clean
+.PHONY: setup models redis serve test test-quick lint bench clean
 
 setup: $(STAMP)
 
@@ -31,13 +31,21 @@ $(STAMP): requirements.lock pyproject.toml
 models: setup
 	$(VENV)/bin/specserve fetch
 
+# The cache tests run a real redis-server (Debian package); install it once if it is missing.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing redis-server (apt-get)"; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	}
+
 serve: models
 	$(VENV)/bin/specserve serve --host $(HOST) --port $(PORT)
 
-test: models
+test: models redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-quick: setup
+test-quick: setup redis
 	$(PY) -m pytest -m "not models and not small_model" $(PYTEST_ARGS)
 
 lint: setup

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from specserve import SpecserveError
 from specserve.backends.base import ContextOverflowError
 from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS
 from specserve.runtime import BACKENDS, DEFAULT_DRAFT_BACKEND, DEFAULT_K, DEFAULT_TARGET_BACKEND, DRAFT_METHODS
+
+
+def positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
 
 
 def draft_length(text: str) -> int | str:
@@ -126,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("-k", type=draft_length, default=DEFAULT_K, help="default draft length, or auto")
+    serve.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together (default 8)")
+    serve.add_argument(
+        "--max-queue", type=positive_int, default=64, help="requests waiting for a batch slot before 429 (default 64)"
+    )
+    serve.add_argument(
+        "--cache-url",
+        default=os.environ.get("SPECSERVE_CACHE_URL") or None,
+        help="response cache: redis://host:port/db (default: in-process LRU; env SPECSERVE_CACHE_URL)",
+    )
     _add_model_args(serve)
     serve.set_defaults(func=cmd_serve)
     return parser

@@ -79,9 +79,7 @@ class Runtime:
         self.draft = None
         if draft_path:
             self.draft = load_backend(config.draft_backend, draft_path, config.n_ctx, show_progress)
-        self.proposers: dict[str, Proposer] = {"ngram": NgramProposer()}
-        if self.draft is not None:
-            self.proposers["draft"] = DraftModelProposer(self.draft)
+        self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
         self._adaptive_templates = self._calibrate()
         self.load_s = time.perf_counter() - t0
 
@@ -114,11 +112,11 @@ class Runtime:
     ) -> Generation:
         if method not in DRAFT_METHODS:
             raise SpecserveError(f"unknown speculation method {method!r}; choose one of {', '.join(DRAFT_METHODS)}")
-        if method != "none" and method not in self.proposers:
+        if method not in self.methods:
             raise SpecserveError(f"speculation method {method!r} needs a draft model; none is loaded")
-        proposer = self.proposers.get(method)
+        proposer = self._proposer(method)
         return Generation(
-            self.target,
+            self.target.new_sequence(),  # each request has its own KV cache; concurrent ones batch together
             self.tokenizer.decode_bytes,
             self.tokenizer.stop_ids,
             prompt_tokens,
@@ -126,3 +124,10 @@ class Runtime:
             proposer,
             self.draft_length(method, k) if proposer else 0,
         )
+
+    def _proposer(self, method: str) -> Proposer | None:
+        if method == "ngram":
+            return NgramProposer()
+        if method == "draft":
+            return DraftModelProposer(self.draft.new_sequence())
+        return None

@@ -50,3 +50,27 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
 
 def pytest_report_header(config):
     return f"specserve cache: {os.environ.get('SPECSERVE_CACHE', '~/.cache/specserve')}"
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """URL of a real redis-server shared by the session (fails, not skips, if redis-server is missing)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def redis_server():
+    """A private redis-server for one test, which the test may stop (to simulate Redis going away)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

@@ -66,3 +66,38 @@ def test_context_overflow_is_an_error(runtime):
     runtime.target.reset()
     with pytest.raises(ContextOverflowError):
         runtime.target.eval([198] * (runtime.target.n_ctx + 1), all_logits=False)
+
+
+def test_int8_batched_sequences_equal_each_sequence_alone_bitwise(runtime):
+    """Concurrent requests share one forward pass: a prefill, a window and a one-token step of three
+    sequences in one call give exactly the logits each would get alone."""
+    target = runtime.target
+    prompts = [runtime.tokenizer.encode(p) for p in (PROMPT, "import numpy as np\n", "# Sort a list\n" * 3)]
+    seqs = [target.new_sequence() for _ in prompts]
+    for seq, ids in zip(seqs[:2], prompts[:2], strict=True):
+        seq.eval(ids, all_logits=False)
+    work = [(seqs[0], WINDOW, True), (seqs[1], [WINDOW[0]], True), (seqs[2], prompts[2], False)]
+    batched = target.eval_batch(work)
+    for (seq, tokens, all_logits), together in zip(work, batched, strict=True):
+        alone_seq = target.new_sequence()
+        history = prompts[seqs.index(seq)]
+        if tokens is not history:
+            alone_seq.eval(history, all_logits=False)
+        alone = alone_seq.eval(tokens, all_logits)
+        assert together.shape == alone.shape
+        assert np.array_equal(together, alone)
+
+
+def test_llamacpp_sequences_are_independent(target_path, runtime):
+    from specserve.backends.llamacpp import LlamaCppBackend
+
+    first = LlamaCppBackend(target_path, n_ctx=512)
+    second = first.new_sequence()
+    ids = runtime.tokenizer.encode(PROMPT)
+    first.eval(ids, all_logits=False)
+    second.eval(ids[:3], all_logits=False)
+    a, b = first.eval_batch([(first, [WINDOW[0]], True), (second, ids[3:], False)])
+    assert (first.n_past, second.n_past) == (len(ids) + 1, len(ids))
+    first.reset()
+    first.eval(ids[:3], all_logits=False)  # the same batch shapes: llama.cpp rounds by shape
+    assert np.array_equal(b, first.eval(ids[3:], all_logits=False))

@@ -1,58 +1,95 @@
-"""The HTTP API through the official `openai` client, against a real `specserve serve` process."""
+"""The HTTP API through the official `openai` client, against a real `specserve serve` process (with a real
+Redis as its response cache), plus an in-process app for the OpenTelemetry span tree."""
 
+import concurrent.futures
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.models
 PROMPT = "Write a Python function `is_prime(n)` that returns True if n is prime."
+TOPICS = [
+    "reverse a string",
+    "sum a list",
+    "count vowels",
+    "check a palindrome",
+    "flatten a list",
+    "compute a factorial",
+    "merge two dicts",
+    "find the maximum",
+    "remove duplicates",
+    "parse an int",
+]
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(*extra: str) -> tuple[subprocess.Popen, str, list[int]]:
+    """A `specserve serve` process on a free port; returns once /health is 200, with the statuses seen."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the server
     proc = subprocess.Popen(
-        [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--n-ctx", "2048"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--n-ctx", "2048", *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
+    statuses: list[int] = []
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            pytest.fail(f"server exited: {log.read()[-3000:].decode(errors='replace')}")
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+            statuses.append(httpx.get(f"{base}/health", timeout=1).status_code)
+            if statuses[-1] == 200:
+                return proc, base, statuses
         except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy")
-    yield base
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    pytest.fail("server did not become healthy")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def server(redis_url):
+    proc, base, _ = start_server("--max-batch", "8", "--max-queue", "48", "--cache-url", redis_url)
+    yield base
+    stop_server(proc)
+
+
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def test_health_is_503_while_loading_then_ok():
+    proc, base, statuses = start_server("--max-batch", "2")
+    try:
+        assert statuses[0] == 503 and statuses[-1] == 200  # the port is open long before the models are
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
+    finally:
+        stop_server(proc)
 
 
 def test_chat_completion_matches_plain_decoding(client):
     messages = [{"role": "user", "content": PROMPT}]
     spec = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages, max_tokens=32)
     plain = client.chat.completions.create(
-        model=spec.model, messages=messages, max_tokens=32, extra_body={"speculation": {"method": "none"}}
-    )
+        model=spec.model, messages=messages, max_tokens=32, seed=1, extra_body={"speculation": {"method": "none"}}
+    )  # a seed makes it a different cache key, so this one really runs without speculation
     assert spec.choices[0].message.content == plain.choices[0].message.content
     assert spec.usage.completion_tokens == 32 and spec.choices[0].finish_reason == "length"
     assert spec.model_extra["speculative"]["accepted"] > 0
@@ -61,15 +98,83 @@ def test_chat_completion_matches_plain_decoding(client):
 
 def test_streaming_chat_concatenates_to_the_full_text(client):
     messages = [{"role": "user", "content": PROMPT}]
-    full = client.chat.completions.create(model=None, messages=messages, max_tokens=24).choices[0].message.content
+    full = client.chat.completions.create(model=None, messages=messages, max_tokens=24)
     stream = client.chat.completions.create(model=None, messages=messages, max_tokens=24, stream=True)
     chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
-    assert "".join(chunks) == full and len([c for c in chunks if c]) > 1
+    assert "".join(chunks) == full.choices[0].message.content and len([c for c in chunks if c]) > 1
 
 
 def test_completions_with_stop_string(client):
     result = client.completions.create(model=None, prompt="def add(a, b):\n", max_tokens=40, stop=["\n\n"])
     assert "\n\n" not in result.choices[0].text and result.choices[0].finish_reason == "stop"
+
+
+def test_repeated_greedy_request_is_served_from_redis_and_still_streams(client, redis_url):
+    import redis
+
+    prompt = "def fizzbuzz(n):\n"
+    first = client.completions.create(model=None, prompt=prompt, max_tokens=20)
+    again = client.completions.create(model=None, prompt=prompt, max_tokens=20)
+    assert again.choices[0].text == first.choices[0].text
+    assert again.model_extra["speculative"].get("cached") is True
+    assert not first.model_extra["speculative"].get("cached")
+    assert redis.Redis.from_url(redis_url).keys("specserve:resp:*")  # it is in the real Redis
+    pieces = [
+        c.choices[0].text for c in client.completions.create(model=None, prompt=prompt, max_tokens=20, stream=True)
+    ]
+    assert "".join(pieces) == first.choices[0].text and len([p for p in pieces if p]) > 1
+
+
+def _stream_text(server: str, topic: str, max_tokens: int) -> str:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=600)
+    messages = [{"role": "user", "content": f"Write a Python function to {topic}."}]
+    # seed: a distinct cache key per call, so every request is really generated (greedy all the same)
+    stream = client.chat.completions.create(
+        model=None, messages=messages, max_tokens=max_tokens, stream=True, seed=int(time.monotonic_ns() % 2**31)
+    )
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert finish in ("stop", "length")
+    return "".join(pieces)
+
+
+def test_fifty_concurrent_streams_equal_each_request_alone(server):
+    """Batched decoding is exact: every stream completes with the text the same request gets alone."""
+    requests = [(TOPICS[i % len(TOPICS)], 12 + i % 3) for i in range(50)]
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        together = list(pool.map(lambda r: _stream_text(server, *r), requests))
+    alone = {r: _stream_text(server, *r) for r in sorted(set(requests))}
+    assert [alone[r] for r in requests] == together
+    assert httpx.get(f"{server}/health").json()["in_flight"] == 0
+
+
+def test_over_the_queue_bound_requests_get_429_with_retry_after(server):
+    def post(i: int) -> httpx.Response:
+        body = {"prompt": f"# {i}\n", "max_tokens": 4, "temperature": 0.5, "seed": i}
+        return httpx.post(f"{server}/v1/completions", json=body, timeout=600)
+
+    with concurrent.futures.ThreadPoolExecutor(80) as pool:
+        responses = list(pool.map(post, range(80)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 429}, codes
+    busy = next(r for r in responses if r.status_code == 429)
+    assert busy.headers["retry-after"] and busy.json()["error"]["type"] == "rate_limit_error"
+    assert all(r.json()["usage"]["completion_tokens"] == 4 for r in responses if r.status_code == 200)
+
+
+def test_client_disconnect_cancels_the_stream(server):
+    body = {"prompt": "def long_function():\n", "max_tokens": 1000, "stream": True, "temperature": 0.7}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i > 4:
+                break  # leave mid-stream
+    deadline = time.time() + 30
+    while httpx.get(f"{server}/health").json()["in_flight"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(f"{server}/health").json()["in_flight"] == 0
 
 
 @pytest.mark.parametrize(
@@ -81,6 +186,10 @@ def test_completions_with_stop_string(client):
         ({"temperature": -1}, openai.BadRequestError),
         ({"n": 2}, openai.BadRequestError),
         ({"messages": []}, openai.BadRequestError),
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, openai.BadRequestError),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, openai.BadRequestError),
+        ({"extra_body": {"speculation": {"method": "psychic"}}}, openai.BadRequestError),
+        ({"extra_body": {"speculation": {"k": -3}}}, openai.BadRequestError),
     ],
 )
 def test_bad_requests_get_openai_errors_and_server_stays_up(client, server, kwargs, error):
@@ -91,8 +200,82 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(client, server, kwar
     assert httpx.get(f"{server}/health").status_code == 200
 
 
-def test_malformed_json_is_a_400_with_an_error_body(server):
-    response = httpx.post(
-        f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
-    )
-    assert response.status_code == 400 and "error" in response.json()
+@pytest.mark.parametrize(
+    "content, status",
+    [
+        (b"{not json", 400),
+        (b'{"prompt": "x", "max_tokens": "ten"}', 400),
+        (b'{"prompt": 5}', 400),
+        (b'{"max_tokens": 3}', 400),
+        (b"[1, 2]", 400),
+        (b'{"prompt": "' + b"x" * (2 << 20) + b'"}', 413),
+    ],
+)
+def test_malformed_bodies_get_json_errors(server, content, status):
+    response = httpx.post(f"{server}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status and response.json()["error"]["message"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_unknown_route_is_a_json_404(server):
+    response = httpx.get(f"{server}/v1/nothing")
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_metrics_parse_and_count_the_work(client, server):
+    client.completions.create(model=None, prompt="def square(x):\n", max_tokens=16, seed=7)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)}
+
+    def value(name: str, sample_suffix: str = "") -> float:
+        return sum(s.value for s in families[name].samples if s.name == name + sample_suffix)
+
+    for name in ("specserve_drafted_tokens", "specserve_accepted_tokens", "specserve_generated_tokens"):
+        assert value(name, "_total") > 0, name
+    assert value("specserve_draft_latency_ms", "_count") > 0
+    assert value("specserve_verifier_latency_ms", "_count") > 0
+    assert 0 < value("specserve_acceptance_rate") <= 1
+    assert value("specserve_tokens_per_second") > 0
+    assert value("specserve_position_accepted", "_total") > 0
+    assert value("specserve_requests", "_total") > 0
+    assert "specserve_queue_depth" in families
+    assert value("specserve_cache_hits", "_total") > 0 and value("specserve_cache_misses", "_total") > 0
+
+
+def test_request_span_has_draft_verify_accept_children(runtime):
+    """In-process app with the OpenTelemetry SDK's in-memory exporter."""
+    from fastapi.testclient import TestClient
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from specserve.server.app import create_app
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    with TestClient(create_app(runtime)) as http:
+        body = {"prompt": "def add(a, b):\n", "max_tokens": 12, "speculation": {"method": "draft", "k": 3}}
+        assert http.post("/v1/completions", json=body).status_code == 200
+    spans = exporter.get_finished_spans()
+    (request,) = [s for s in spans if s.name == "specserve.request"]
+    children = [s for s in spans if s.parent is not None and s.parent.span_id == request.context.span_id]
+    names = {s.name for s in children}
+    assert {"prefill", "draft", "verify", "accept"} <= names
+    assert all(request.start_time <= s.start_time <= s.end_time <= request.end_time for s in children)
+    assert request.attributes["specserve.completion_tokens"] == 12
+
+
+def test_alert_rules_parse_and_watch_acceptance():
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
+    rules = [r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+    low = next(r for r in rules if r["alert"] == "SpecserveLowAcceptance")
+    assert low["expr"].replace(" ", "") == "specserve_acceptance_rate<0.6" and low["for"] == "5m"
+    if shutil.which("promtool"):
+        subprocess.run(["promtool", "check", "rules", str(path)], check=True)

@@ -1,7 +1,9 @@
 """The one protocol the engine uses to run a model.
 
-A backend holds one sequence's KV cache. `eval` appends tokens and returns logits; `truncate` rolls the
-cache back to a prefix (how rejected draft tokens are undone); `reset` empties it.
+A backend object is one sequence on a model: it holds that sequence's KV cache. `eval` appends tokens and
+returns logits; `truncate` rolls the cache back to a prefix (how rejected draft tokens are undone); `reset`
+empties it. `new_sequence` opens another sequence on the same weights, and `eval_batch` appends to several
+sequences of one model in one pass (how concurrent requests share a forward pass).
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ class Backend(Protocol):
         ...
 
     def reset(self) -> None: ...
+
+    def new_sequence(self) -> Backend:
+        """Another sequence on the same weights, with its own empty KV cache."""
+        ...
+
+    def eval_batch(self, work: list[tuple[Backend, list[int], bool]]) -> list[np.ndarray]:
+        """`eval` for several sequences of this model at once: (sequence, tokens, all_logits) each."""
+        ...
 
     def memory_bytes(self) -> int:
         """Bytes of weights this backend holds (for bench reports)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
-from llama_cpp._internals import LlamaBatch
+from llama_cpp._internals import LlamaBatch, LlamaContext
 
 from specserve.backends.base import ContextOverflowError
 from specserve.models.fetch import ModelError
@@ -21,25 +21,40 @@ from specserve.models.tokenizer import quiet_stderr
 
 
 class LlamaCppBackend:
+    """One sequence (one llama.cpp context) on a model; `new_sequence` opens another context on the same
+    weights. llama.cpp is compute-bound here, so sequences are evaluated one after another (batching
+    them would cost as much as running them in turn)."""
+
     name = "llama.cpp"
 
-    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None, n_batch: int = 512):
+    def __init__(
+        self,
+        model_path: Path,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        _llama: llama_cpp.Llama | None = None,
+    ):
         threads = n_threads or os.cpu_count() or 1
         try:
             with quiet_stderr():
-                self._llama = llama_cpp.Llama(
-                    str(model_path),
-                    n_ctx=n_ctx,
-                    n_batch=n_batch,
-                    n_ubatch=n_batch,
-                    n_threads=threads,
-                    n_threads_batch=threads,
-                    verbose=False,
-                )
+                if _llama is None:
+                    self._llama = llama_cpp.Llama(
+                        str(model_path),
+                        n_ctx=n_ctx,
+                        n_batch=n_batch,
+                        n_ubatch=n_batch,
+                        n_threads=threads,
+                        n_threads_batch=threads,
+                        verbose=False,
+                    )
+                    self._ctx = self._llama._ctx
+                else:
+                    self._llama = _llama  # keeps the shared model alive as long as this sequence
+                    self._ctx = LlamaContext(model=_llama._model, params=_llama.context_params, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {model_path}: {exc}") from None
         self.model_path = Path(model_path)
-        self._ctx = self._llama._ctx
         self.n_vocab: int = self._llama.n_vocab()
         self.n_ctx: int = self._ctx.n_ctx()
         self._n_batch = n_batch
@@ -66,6 +81,12 @@ class LlamaCppBackend:
                 flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (n_out * self.n_vocab,))
                 rows.append(flat.reshape(n_out, self.n_vocab).copy())
         return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def new_sequence(self) -> LlamaCppBackend:
+        return LlamaCppBackend(self.model_path, n_batch=self._n_batch, _llama=self._llama)
+
+    def eval_batch(self, work: list[tuple[LlamaCppBackend, list[int], bool]]) -> list[np.ndarray]:
+        return [seq.eval(tokens, all_logits) for seq, tokens, all_logits in work]
 
     def truncate(self, length: int) -> None:
         if length < self._n_past:

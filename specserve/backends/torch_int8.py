@@ -180,15 +180,12 @@ class _Layer:
         return self.qkv.nbytes + self.out.nbytes + self.gate_up.nbytes + self.down.nbytes
 
 
-class TorchInt8Backend:
-    name = "torch-int8"
+class _Int8Qwen2:
+    """The weights and the forward pass, shared by every sequence of one model."""
 
-    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None, show_progress: bool = True):
-        torch.set_num_threads(n_threads or os.cpu_count() or 1)
-        self.model_path = Path(model_path)
-        state = load_int8_state(self.model_path, show_progress)
+    def __init__(self, model_path: Path, n_ctx: int, show_progress: bool):
+        state = load_int8_state(model_path, show_progress)
         c = self.config = Qwen2Config(**state["config"])
-        self.n_vocab = c.n_vocab
         self.n_ctx = min(n_ctx, c.n_ctx_train)
         self.layers = [_Layer(state, i, c) for i in range(c.n_layers)]
         embed_q, embed_s = state["token_embd.weight"]
@@ -200,26 +197,11 @@ class TorchInt8Backend:
         angles = torch.outer(torch.arange(self.n_ctx, dtype=torch.float64), inv_freq)
         self._cos = torch.cos(angles).float().repeat(1, 2)
         self._sin = torch.sin(angles).float().repeat(1, 2)
-        shape = (c.n_layers, c.n_kv_heads, self.n_ctx, hd)
-        self._k = torch.zeros(shape)
-        self._v = torch.zeros(shape)
-        self._n_past = 0
         self._scale = 1.0 / math.sqrt(hd)
-
-    @property
-    def n_past(self) -> int:
-        return self._n_past
 
     def memory_bytes(self) -> int:
         embed = self._embed_q.numel() + self._embed_s.numel() * 4
         return embed + self.head.nbytes + sum(layer.nbytes for layer in self.layers)
-
-    def truncate(self, length: int) -> None:
-        # Positions past n_past are never read (attention is bounded by position), so no clearing needed.
-        self._n_past = min(self._n_past, length)
-
-    def reset(self) -> None:
-        self._n_past = 0
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_eps) * weight
@@ -230,12 +212,12 @@ class TorchInt8Backend:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _attention(self, q: torch.Tensor, layer: int, start: int) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, cache: _KVCache, layer: int, start: int) -> torch.Tensor:
         """q: [m, n_heads, hd] at positions start..start+m-1; keys/values are already in the cache."""
         c = self.config
         m = q.shape[0]
         rep = c.n_heads // c.n_kv_heads
-        keys, values = self._k[layer], self._v[layer]
+        keys, values = cache.k[layer], cache.v[layer]
         if m <= _WINDOW_ROWWISE_MAX:
             # Each row sees exactly the keys it would see as a one-token step: same shapes, same rounding.
             rows = []
@@ -254,26 +236,121 @@ class TorchInt8Backend:
         return out.permute(2, 0, 1, 3).reshape(m, -1)
 
     @torch.inference_mode()
-    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
-        m = len(tokens)
-        start = self._n_past
-        if start + m > self.n_ctx:
-            raise ContextOverflowError(f"{start + m} tokens exceed the context of {self.n_ctx}")
+    def forward(self, work: list[tuple[_KVCache, list[int], bool]]) -> list[np.ndarray]:
+        """Append tokens to several sequences at once: every row of every sequence goes through the same
+        GEMMs (per-row quantization keeps each row's result independent of its neighbours); attention runs
+        per sequence against its own cache. Returns per sequence logits for all rows or the last one."""
         c = self.config
-        ids = torch.tensor(tokens, dtype=torch.long)
+        spans = []  # (cache, start, row offset, row count)
+        offset = 0
+        for cache, tokens, _ in work:
+            start = cache.n_past
+            if start + len(tokens) > self.n_ctx:
+                raise ContextOverflowError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}")
+            cache.reserve(start + len(tokens))
+            spans.append((cache, start, offset, len(tokens)))
+            offset += len(tokens)
+        ids = torch.tensor([t for _, tokens, _ in work for t in tokens], dtype=torch.long)
+        positions = torch.cat([torch.arange(start, start + m) for _, start, _, m in spans])
         x = self._embed_q[ids].float() * self._embed_s[ids, None]
-        cos, sin = self._cos[start : start + m, None], self._sin[start : start + m, None]
+        cos, sin = self._cos[positions, None], self._sin[positions, None]
+        rows = len(ids)
         n_q, n_kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._rms_norm(x, layer.attn_norm))
-            q = self._rope(qkv[:, :n_q].view(m, c.n_heads, c.head_dim), cos, sin)
-            k = self._rope(qkv[:, n_q : n_q + n_kv].view(m, c.n_kv_heads, c.head_dim), cos, sin)
-            self._k[i, :, start : start + m] = k.transpose(0, 1)
-            self._v[i, :, start : start + m] = qkv[:, n_q + n_kv :].view(m, c.n_kv_heads, c.head_dim).transpose(0, 1)
-            x = x + layer.out(self._attention(q, i, start))
+            q = self._rope(qkv[:, :n_q].view(rows, c.n_heads, c.head_dim), cos, sin)
+            k = self._rope(qkv[:, n_q : n_q + n_kv].view(rows, c.n_kv_heads, c.head_dim), cos, sin)
+            v = qkv[:, n_q + n_kv :].view(rows, c.n_kv_heads, c.head_dim)
+            attended = []
+            for cache, start, row, m in spans:
+                cache.k[i, :, start : start + m] = k[row : row + m].transpose(0, 1)
+                cache.v[i, :, start : start + m] = v[row : row + m].transpose(0, 1)
+                attended.append(self._attention(q[row : row + m], cache, i, start))
+            x = x + layer.out(torch.cat(attended) if len(attended) > 1 else attended[0])
             gate, up = layer.gate_up(self._rms_norm(x, layer.ffn_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        self._n_past = start + m
-        if not all_logits:
-            x = x[-1:]
-        return self.head(self._rms_norm(x, self.out_norm)).numpy()
+        keep = []  # rows that need logits: the head is the biggest GEMM, skip rows nobody reads
+        counts = []
+        for (cache, start, row, m), (_, _, all_logits) in zip(spans, work, strict=True):
+            cache.n_past = start + m
+            keep.extend(range(row, row + m) if all_logits else [row + m - 1])
+            counts.append(m if all_logits else 1)
+        logits = self.head(self._rms_norm(x[keep], self.out_norm)).numpy()
+        bounds = np.cumsum([0, *counts])
+        result = [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return result
+
+
+class _KVCache:
+    """One sequence's keys and values, [layers, kv_heads, capacity, head_dim], grown by doubling so that
+    many concurrent sequences cost memory in proportion to their length, not to the context size."""
+
+    _INITIAL = 256
+
+    def __init__(self, config: Qwen2Config, n_ctx: int):
+        self._n_ctx = n_ctx
+        self.k = self.v = torch.zeros(config.n_layers, config.n_kv_heads, 0, config.head_dim)
+        self.capacity = 0
+        self.n_past = 0
+
+    def reserve(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        capacity = min(self._n_ctx, max(length, self._INITIAL, 2 * self.capacity))
+        layers, heads, _, hd = self.k.shape
+        k, v = torch.zeros(layers, heads, capacity, hd), torch.zeros(layers, heads, capacity, hd)
+        k[:, :, : self.n_past] = self.k[:, :, : self.n_past]
+        v[:, :, : self.n_past] = self.v[:, :, : self.n_past]
+        self.k, self.v, self.capacity = k, v, capacity
+
+    def nbytes(self) -> int:
+        return self.k.numel() * 4 * 2
+
+
+class TorchInt8Backend:
+    """One sequence (its own KV cache) on an int8 Qwen2 model; `new_sequence` adds more on the same weights."""
+
+    name = "torch-int8"
+
+    def __init__(
+        self,
+        model_path: Path,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        show_progress: bool = True,
+        _model: _Int8Qwen2 | None = None,
+    ):
+        if _model is None:
+            torch.set_num_threads(n_threads or os.cpu_count() or 1)
+            _model = _Int8Qwen2(Path(model_path), n_ctx, show_progress)
+        self.model_path = Path(model_path)
+        self._model = _model
+        self.config = _model.config
+        self.n_vocab = _model.config.n_vocab
+        self.n_ctx = _model.n_ctx
+        self._cache = _KVCache(_model.config, _model.n_ctx)
+
+    def new_sequence(self) -> TorchInt8Backend:
+        return TorchInt8Backend(self.model_path, _model=self._model)
+
+    @property
+    def n_past(self) -> int:
+        return self._cache.n_past
+
+    def memory_bytes(self) -> int:
+        return self._model.memory_bytes()
+
+    def truncate(self, length: int) -> None:
+        # Positions past n_past are never read (attention is bounded by position), so no clearing needed.
+        self._cache.n_past = min(self._cache.n_past, length)
+
+    def reset(self) -> None:
+        self._cache.n_past = 0
+
+    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
+        return self._model.forward([(self._cache, tokens, all_logits)])[0]
+
+    def eval_batch(self, work: list[tuple[TorchInt8Backend, list[int], bool]]) -> list[np.ndarray]:
+        if any(seq._model is not self._model for seq, _, _ in work):
+            raise ValueError("eval_batch needs sequences of one model")
+        return self._model.forward([(seq._cache, tokens, all_logits) for seq, tokens, all_logits in work])

@@ -77,7 +77,9 @@ class DraftModelProposer:
         self.backend.reset()
         self._cached = []
 
-    def _sync(self, context: list[int]) -> np.ndarray:
+    def _sync(self, context: list[int]) -> list[int]:
+        """Roll the draft's cache back to what it shares with the context; return the tokens to evaluate
+        so that the last row of logits predicts the token after the context."""
         common = 0
         limit = min(len(self._cached), len(context))
         while common < limit and self._cached[common] == context[common]:
@@ -85,27 +87,59 @@ class DraftModelProposer:
         if common == len(context):
             common -= 1  # we need the logits after the last context token: evaluate it again
         self.backend.truncate(common)
-        logits = self.backend.eval(context[common:], all_logits=False)[-1]
         self._cached = list(context)
-        return logits
+        return context[common:]
 
     def propose(self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
-        if k <= 0:
-            return Proposal([], [])
-        room = self.backend.n_ctx - len(context)
-        k = min(k, room)
-        logits = self._sync(context)
-        tokens: list[int] = []
-        probs: list[np.ndarray | None] = []
-        for i in range(k):
+        return draft_in_lockstep([DraftRequest(self, context, k, params, rng)])[0]
+
+
+@dataclass
+class DraftRequest:
+    proposer: Proposer | None
+    context: list[int]
+    k: int
+    params: SamplingParams
+    rng: np.random.Generator
+
+
+def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
+    """Draft-model proposals for several sequences of one draft model: each draft step evaluates one
+    token of every sequence that still drafts in one batched call."""
+    proposals = [Proposal([], []) for _ in requests]
+    ks = [min(r.k, r.proposer.backend.n_ctx - len(r.context)) for r in requests]
+    live = [i for i, k in enumerate(ks) if k > 0]
+    if not live:
+        return proposals
+    backend = requests[live[0]].proposer.backend
+    work = [(requests[i].proposer.backend, requests[i].proposer._sync(requests[i].context), False) for i in live]
+    logits = {i: rows[-1] for i, rows in zip(live, backend.eval_batch(work), strict=True)}
+    while live:
+        for i in live:
+            params = requests[i].params
             if params.greedy:
-                token, q = int(np.argmax(logits)), None
+                token, q = int(np.argmax(logits[i])), None
             else:
-                q = probabilities(logits, params)
-                token = sample(q, rng)
-            tokens.append(token)
-            probs.append(q)
-            if i < k - 1:
-                logits = self.backend.eval([token], all_logits=False)[-1]
-                self._cached.append(token)
-        return Proposal(tokens, probs)
+                q = probabilities(logits[i], params)
+                token = sample(q, requests[i].rng)
+            proposals[i].tokens.append(token)
+            proposals[i].probs.append(q)
+        live = [i for i in live if len(proposals[i].tokens) < ks[i]]
+        if live:
+            work = [(requests[i].proposer.backend, proposals[i].tokens[-1:], False) for i in live]
+            for i, rows in zip(live, backend.eval_batch(work), strict=True):
+                logits[i] = rows[-1]
+                requests[i].proposer._cached.append(proposals[i].tokens[-1])
+    return proposals
+
+
+def propose_batch(requests: list[DraftRequest]) -> list[Proposal]:
+    """Proposals for several sequences at once; draft-model proposers share batched draft steps."""
+    proposals = [Proposal([], []) for _ in requests]
+    together = [i for i, r in enumerate(requests) if isinstance(r.proposer, DraftModelProposer) and r.k > 0]
+    for i, r in enumerate(requests):
+        if r.proposer is not None and r.k > 0 and i not in together:
+            proposals[i] = r.proposer.propose(r.context, r.k, r.params, r.rng)
+    for i, proposal in zip(together, draft_in_lockstep([requests[i] for i in together]), strict=True):
+        proposals[i] = proposal
+    return proposals

@@ -1,0 +1,138 @@
+"""One thread owns the models and runs every admitted request in a shared batch.
+
+Requests wait in a bounded queue (full -> `QueueFull`, which the HTTP layer turns into 429); up to
+`max_batch` of them run together, each `engine.loop.step` drafting for all of them in lockstep and
+verifying all their windows in one target pass. Events go back to each request's asyncio queue.
+A cancelled request (client gone) leaves the batch at the next step and its KV cache is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+
+from specserve.engine.loop import Emitted, Generation, Step, step
+from specserve.server.metrics import Metrics
+
+log = logging.getLogger("specserve.scheduler")
+_EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()  # perf_counter -> wall clock, for span times
+
+
+class QueueFull(Exception):
+    """More requests in flight than the server admits."""
+
+
+@dataclass(eq=False)
+class Job:
+    generation: Generation
+    loop: asyncio.AbstractEventLoop
+    span: trace.Span | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of Emitted, then None or an error
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def post(self, item: list[Emitted] | BaseException | None) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Scheduler:
+    def __init__(self, metrics: Metrics, max_batch: int = 8, max_queue: int = 64):
+        self.metrics, self.max_batch, self.max_queue = metrics, max_batch, max_queue
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="specserve-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting) + len(self._active)
+
+    def submit(self, generation: Generation, span: trace.Span | None = None) -> Job:
+        job = Job(generation, asyncio.get_running_loop(), span)
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{self.in_flight} requests in flight; the queue holds {self.max_queue}")
+            self._waiting.append(job)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._wake.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled = True  # the scheduler thread drops it before its next step
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def _admit(self) -> bool:
+        """Move waiting jobs into the batch; False when the scheduler is stopping."""
+        with self._wake:
+            while not self._stopping and not self._active and not self._waiting:
+                self._wake.wait()
+            if self._stopping:
+                return False
+            while self._waiting and len(self._active) < self.max_batch:
+                job = self._waiting.popleft()
+                if not job.cancelled:
+                    self._active.append(job)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._active = [j for j in self._active if not j.cancelled]
+            self.metrics.active.set(len(self._active))
+        return True
+
+    def _run(self) -> None:
+        while self._admit():
+            if not self._active:
+                continue
+            batch = list(self._active)
+            prefilling = [not job.generation.tokens for job in batch]
+            try:
+                result = step([job.generation for job in batch])
+            except Exception as exc:  # a failed pass fails the requests in it, not the server
+                log.exception("step failed for %d sequences", len(batch))
+                for job in batch:
+                    job.post(exc)
+                self._active = [j for j in self._active if j not in batch]
+                continue
+            self._account(batch, prefilling, result)
+            for job, events in zip(batch, result.events, strict=True):
+                if events:
+                    job.post(events)
+                if job.generation.done:
+                    job.post(None)
+            self._active = [j for j in self._active if not j.generation.done]
+
+    def _account(self, batch: list[Job], prefilling: list[bool], result: Step) -> None:
+        t0, t1, t2, t3 = result.times
+        m = self.metrics
+        m.batch_size.observe(len(batch))
+        m.draft_latency_ms.observe((t1 - t0) * 1000)
+        m.verifier_latency_ms.observe((t2 - t1) * 1000)
+        emitted = sum(1 for events in result.events for e in events if e.token is not None)
+        m.generated.inc(emitted)
+        if t3 > t0:
+            m.tokens_per_second.set(emitted / (t3 - t0))
+        tracer = trace.get_tracer("specserve")
+        for job, prefill in zip(batch, prefilling, strict=True):
+            if not prefill:
+                m.observe_window(*job.generation.stats.last_window)
+            if job.span is not None and job.span.is_recording():
+                context = trace.set_span_in_context(job.span)
+                phases = (
+                    (("prefill", t1, t2),) if prefill else (("draft", t0, t1), ("verify", t1, t2), ("accept", t2, t3))
+                )
+                for name, start, end in phases:
+                    child = tracer.start_span(name, context=context, start_time=_EPOCH_OFFSET_NS + int(start * 1e9))
+                    if name == "verify":
+                        child.set_attribute("specserve.batch_size", len(batch))
+                    child.end(end_time=_EPOCH_OFFSET_NS + int(end * 1e9))

@@ -1,0 +1,61 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), with specserve's `speculation` extension."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from specserve.engine.sampling import SamplingParams
+from specserve.runtime import K_MAX
+
+
+class Speculation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["draft", "ngram", "none"] = "draft"
+    k: Annotated[int, Field(ge=0, le=K_MAX)] | Literal["auto"] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionParams(BaseModel):
+    model: str | None = None
+    max_tokens: int = Field(default=128, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = Field(default=None)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    speculation: Speculation = Speculation()
+
+    def sampling(self) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            max_tokens=self.max_tokens,
+            stop=stop,
+        )
+
+
+class CompletionRequest(CompletionParams):
+    prompt: str = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(CompletionParams):
+    max_completion_tokens: int | None = Field(default=None, gt=0)  # the newer name of max_tokens
+    messages: list[ChatMessage] = Field(min_length=1)
