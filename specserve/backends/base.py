@@ -17,6 +17,7 @@ class Backend(Protocol):
     name: str  # e.g. "llama.cpp" or "torch-int8"
     n_vocab: int
     n_ctx: int
+    weights: object  # the model this sequence runs on, shared by all its sequences
 
     @property
     def n_past(self) -> int:

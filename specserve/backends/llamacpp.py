@@ -55,6 +55,7 @@ class LlamaCppBackend:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {model_path}: {exc}") from None
         self.model_path = Path(model_path)
+        self.weights = self._llama
         self.n_vocab: int = self._llama.n_vocab()
         self.n_ctx: int = self._ctx.n_ctx()
         self._n_batch = n_batch

@@ -324,7 +324,7 @@ class TorchInt8Backend:
             torch.set_num_threads(n_threads or os.cpu_count() or 1)
             _model = _Int8Qwen2(Path(model_path), n_ctx, show_progress)
         self.model_path = Path(model_path)
-        self._model = _model
+        self._model = self.weights = _model
         self.config = _model.config
         self.n_vocab = _model.config.n_vocab
         self.n_ctx = _model.n_ctx

@@ -3,10 +3,13 @@
     prefill the prompt on the target (in chunks) -> first token
     repeat:
         proposer drafts k tokens (with the distributions it drew them from)
-        target evaluates [pending token, d1..dk] in ONE call -> k+1 rows of logits
+        target evaluates [pending token, d1..dk] in ONE pass -> k+1 rows of logits
         verify: accept a prefix of the drafts, plus one correction/bonus token from the target
         roll the target's KV back to the accepted length (the proposer re-syncs itself by prefix)
         emit the tokens, checking EOS / stop strings / max_tokens / context length
+
+The target pass, verification and rollback are one call to the generation's `TargetSession`
+(engine/target.py): in this process, or on a remote verifier service (specserve/cluster).
 
 `step(generations)` runs one such iteration for several requests at once: their draft steps run in
 lockstep batches and their windows share one target pass (backends are batch-invariant, so each request
@@ -27,10 +30,11 @@ import numpy as np
 from specserve.backends.base import Backend, ContextOverflowError
 from specserve.engine.adaptive import AdaptiveK
 from specserve.engine.proposers import DraftRequest, Proposal, Proposer, propose_batch
-from specserve.engine.sampling import SamplingParams, probabilities, sample
+from specserve.engine.sampling import SamplingParams
 from specserve.engine.stats import GenerationStats
 from specserve.engine.stops import TextStream
-from specserve.engine.verify import verify
+from specserve.engine.target import LocalTarget, TargetSession, Window, run_windows
+from specserve.engine.verify import Verdict
 
 # Prompt tokens per prefill pass: a fixed size (not one that depends on who else is running) keeps a
 # request's numerics the same alone or batched, and bounds how long a new prompt stalls other streams.
@@ -53,13 +57,12 @@ class Step:
 def step(generations: list[Generation]) -> Step:
     """One iteration for each (unfinished) generation: draft, one shared target pass, verify, emit."""
     t0 = time.perf_counter()
-    drafts = [g.draft_request() for g in generations]
-    proposals = propose_batch(drafts)
+    proposals = propose_batch([g.draft_request() for g in generations])
     t1 = time.perf_counter()
-    work = [(g.target, *g.open_window(p)) for g, p in zip(generations, proposals, strict=True)]
-    logits = generations[0].target.eval_batch(work)
+    windows = [g.open_window(p) for g, p in zip(generations, proposals, strict=True)]
+    verdicts = run_windows([g.target for g in generations], windows)
     t2 = time.perf_counter()
-    events = [g.close_window(rows, t1 - t0, t2 - t1) for g, rows in zip(generations, logits, strict=True)]
+    events = [g.close_window(v, t1 - t0, t2 - t1) for g, v in zip(generations, verdicts, strict=True)]
     return Step(events, (t0, t1, t2, time.perf_counter()))
 
 
@@ -69,7 +72,7 @@ class Generation:
 
     def __init__(
         self,
-        target: Backend,
+        target: TargetSession | Backend,
         token_bytes: Callable[[list[int]], bytes],
         stop_ids: frozenset[int],
         prompt: list[int],
@@ -83,7 +86,8 @@ class Generation:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt)} tokens; the context holds {target.n_ctx} including the reply"
             )
-        self.target, self.prompt, self.params = target, prompt, params
+        self.target = target if hasattr(target, "run_many") else LocalTarget(target)
+        self.prompt, self.params = prompt, params
         self.adaptive = k if isinstance(k, AdaptiveK) else None
         self.k = k.k_max if isinstance(k, AdaptiveK) else k  # the most drafts a window may hold
         self.proposer = proposer if self.k > 0 else None
@@ -132,28 +136,26 @@ class Generation:
         self.stats.chosen_k.append(k)
         return DraftRequest(self.proposer, self.context, k, self.params, self._rng)
 
-    def open_window(self, proposal: Proposal) -> tuple[list[int], bool]:
-        """Phase 2: the tokens the target evaluates, and whether it must return logits for all of them."""
+    def open_window(self, proposal: Proposal) -> Window:
+        """Phase 2: what the target pass appends and verifies for this generation."""
         if self._prefilled < len(self.prompt):
             chunk = self.prompt[self._prefilled : self._prefilled + PREFILL_CHUNK]
-            return chunk, False
+            last = self._prefilled + len(chunk) == len(self.prompt)
+            return Window(chunk, [], [], last, self.params, self._rng)
         self._proposal = proposal
-        return [self.context[-1], *proposal.tokens], True  # [pending, d1..dk]
+        return Window([self.context[-1]], proposal.tokens, proposal.probs, True, self.params, self._rng)
 
-    def close_window(self, logits: np.ndarray, draft_s: float, verify_s: float) -> list[Emitted]:
-        """Phase 3: verify the window against the target's logits, roll back, emit."""
+    def close_window(self, verdict: Verdict | None, draft_s: float, verify_s: float) -> list[Emitted]:
+        """Phase 3: take the target's verdict on the window, emit."""
         stats = self.stats
         if self._prefilled < len(self.prompt):
             self._prefilled += min(PREFILL_CHUNK, len(self.prompt) - self._prefilled)
-            if self._prefilled < len(self.prompt):
+            if verdict is None:
                 return []
             stats.prefill_s = time.perf_counter() - self._start
-            return self._accept([], self._pick(logits[-1]))
+            return self._accept([], verdict.next_token)
 
         drafted = self._proposal.tokens
-        base = self.target.n_past - len(drafted) - 1
-        verdict = verify(logits, drafted, self._proposal.probs, self.params, self._rng)
-        self.target.truncate(base + 1 + verdict.accepted)  # KV rollback of the rejected drafts
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         if self.adaptive:
@@ -162,11 +164,6 @@ class Generation:
         return self._accept(drafted[: verdict.accepted], verdict.next_token)
 
     # --- emitting ---
-
-    def _pick(self, logits: np.ndarray) -> int:
-        if self.params.greedy:
-            return int(np.argmax(logits))
-        return sample(probabilities(logits, self.params), self._rng)
 
     def _accept(self, accepted_drafts: list[int], next_token: int) -> list[Emitted]:
         """Emit accepted drafts and the target's token, up to the first stop condition."""
