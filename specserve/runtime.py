@@ -10,8 +10,9 @@ from pathlib import Path
 from specserve import SpecserveError
 from specserve.backends.base import Backend
 from specserve.backends.calibrate import window_seconds
+from specserve.cache.prefix import PrefixCache
 from specserve.engine.adaptive import AdaptiveK
-from specserve.engine.loop import Generation
+from specserve.engine.loop import PREFILL_CHUNK, Generation
 from specserve.engine.proposers import DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
 from specserve.models.fetch import resolve_model
@@ -80,6 +81,8 @@ class Runtime:
         if draft_path:
             self.draft = load_backend(config.draft_backend, draft_path, config.n_ctx, show_progress)
         self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
+        self._target_prefixes = PrefixCache(align=PREFILL_CHUNK)  # exact reuse: whole prefill chunks only
+        self._draft_prefixes = PrefixCache()
         self._adaptive_templates = self._calibrate()
         self.load_s = time.perf_counter() - t0
 
@@ -114,20 +117,27 @@ class Runtime:
             raise SpecserveError(f"unknown speculation method {method!r}; choose one of {', '.join(DRAFT_METHODS)}")
         if method not in self.methods:
             raise SpecserveError(f"speculation method {method!r} needs a draft model; none is loaded")
-        proposer = self._proposer(method)
+        target = self.target.new_sequence()  # each request has its own KV cache; concurrent ones batch together
+        reused = self._target_prefixes.fork(prompt_tokens, target)
+        self._target_prefixes.remember(prompt_tokens, target)
+        proposer = self._proposer(method, prompt_tokens)
         return Generation(
-            self.target.new_sequence(),  # each request has its own KV cache; concurrent ones batch together
+            target,
             self.tokenizer.decode_bytes,
             self.tokenizer.stop_ids,
             prompt_tokens,
             params,
             proposer,
             self.draft_length(method, k) if proposer else 0,
+            cached_prefix=reused,
         )
 
-    def _proposer(self, method: str) -> Proposer | None:
+    def _proposer(self, method: str, prompt_tokens: list[int]) -> Proposer | None:
         if method == "ngram":
             return NgramProposer()
         if method == "draft":
-            return DraftModelProposer(self.draft.new_sequence())
+            sequence = self.draft.new_sequence()
+            reused = self._draft_prefixes.fork(prompt_tokens, sequence)
+            self._draft_prefixes.remember(prompt_tokens, sequence)
+            return DraftModelProposer(sequence, cached=prompt_tokens[:reused])
         return None

@@ -99,3 +99,24 @@ def test_cli_generate_streams_text_then_a_stats_line():
     assert "def" in result.stdout or "prime" in result.stdout
     stats = result.stderr.strip().splitlines()[-1]
     assert "12 tokens" in stats and "accepted" in stats and "finish=length" in stats
+
+
+def test_prefix_reuse_is_exact_and_skips_the_shared_prompt(runtime):
+    """A second chat with the same long system prompt starts from the first one's KV (whole prefill
+    chunks only) and decodes exactly what a fresh sequence decodes."""
+    from specserve.engine.loop import PREFILL_CHUNK
+
+    system = "You are a careful senior Python reviewer. " * 60
+    first = [{"role": "system", "content": system}, {"role": "user", "content": "Review: x = [i for i in range(10)]"}]
+    second = [{"role": "system", "content": system}, {"role": "user", "content": "Write a function to add two ints."}]
+    params = SamplingParams(max_tokens=24)
+    list(runtime.generate(runtime.encode_prompt(messages=first), params, method="draft", k=4))
+    ids = runtime.encode_prompt(messages=second)
+    reused = runtime.generate(ids, params, method="draft", k=4)
+    list(reused)
+    assert reused.stats.prefix_reused >= 2 * PREFILL_CHUNK and reused.stats.prefix_reused % PREFILL_CHUNK == 0
+    fresh = Generation(
+        runtime.target.new_sequence(), runtime.tokenizer.decode_bytes, runtime.tokenizer.stop_ids, ids, params, None, 0
+    )
+    list(fresh)
+    assert fresh.stats.prefix_reused == 0 and fresh.tokens == reused.tokens

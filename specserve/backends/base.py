@@ -39,6 +39,11 @@ class Backend(Protocol):
         """Another sequence on the same weights, with its own empty KV cache."""
         ...
 
+    def copy_prefix(self, other: Backend, length: int) -> int:
+        """Replace this sequence's cache by the first `length` positions of another sequence of the same
+        model (prefix reuse); returns how many positions were copied (0 if unsupported)."""
+        ...
+
     def eval_batch(self, work: list[tuple[Backend, list[int], bool]]) -> list[np.ndarray]:
         """`eval` for several sequences of this model at once: (sequence, tokens, all_logits) each."""
         ...

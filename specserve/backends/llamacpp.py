@@ -89,6 +89,9 @@ class LlamaCppBackend:
     def eval_batch(self, work: list[tuple[LlamaCppBackend, list[int], bool]]) -> list[np.ndarray]:
         return [seq.eval(tokens, all_logits) for seq, tokens, all_logits in work]
 
+    def copy_prefix(self, other: LlamaCppBackend, length: int) -> int:
+        return 0  # contexts do not share KV memory; llama.cpp re-evaluates the prompt instead
+
     def truncate(self, length: int) -> None:
         if length < self._n_past:
             self._ctx.kv_cache_seq_rm(0, length, -1)

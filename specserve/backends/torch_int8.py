@@ -303,8 +303,11 @@ class _KVCache:
         v[:, :, : self.n_past] = self.v[:, :, : self.n_past]
         self.k, self.v, self.capacity = k, v, capacity
 
-    def nbytes(self) -> int:
-        return self.k.numel() * 4 * 2
+    def copy_prefix(self, other: _KVCache, length: int) -> None:
+        self.reserve(length)
+        self.k[:, :, :length] = other.k[:, :, :length]
+        self.v[:, :, :length] = other.v[:, :, :length]
+        self.n_past = length
 
 
 class TorchInt8Backend:
@@ -346,6 +349,13 @@ class TorchInt8Backend:
 
     def reset(self) -> None:
         self._cache.n_past = 0
+
+    def copy_prefix(self, other: TorchInt8Backend, length: int) -> int:
+        if other._model is not self._model:
+            return 0
+        length = min(length, other.n_past)
+        self._cache.copy_prefix(other._cache, length)
+        return length
 
     def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
         return self._model.forward([(self._cache, tokens, all_logits)])[0]

@@ -38,7 +38,7 @@ from specserve.engine.verify import Verdict
 
 # Prompt tokens per prefill pass: a fixed size (not one that depends on who else is running) keeps a
 # request's numerics the same alone or batched, and bounds how long a new prompt stalls other streams.
-PREFILL_CHUNK = 256
+PREFILL_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,10 @@ class Generation:
         params: SamplingParams,
         proposer: Proposer | None,
         k: int | AdaptiveK,
+        cached_prefix: int = 0,
     ):
+        """`cached_prefix`: this many prompt tokens are already in the target's cache (prefix reuse);
+        otherwise the target session is reset first. Proposers sync themselves to the context."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= target.n_ctx:
@@ -99,7 +102,8 @@ class Generation:
         self._text = TextStream(token_bytes, params.stop)
         self._rng = np.random.default_rng(params.seed)
         self._start: float | None = None
-        self._prefilled = 0  # prompt tokens in the target's KV cache
+        self._prefilled = cached_prefix  # prompt tokens in the target's KV cache
+        self.stats.prefix_reused = cached_prefix
         self._proposal = Proposal([], [])
 
     @property
@@ -121,9 +125,8 @@ class Generation:
         finds drafting not worth its cost."""
         if self._start is None:
             self._start = time.perf_counter()
-            self.target.reset()
-            if self.proposer is not None:
-                self.proposer.reset()
+            if self._prefilled == 0:
+                self.target.reset()
         if self._prefilled < len(self.prompt):
             return DraftRequest(None, self.context, 0, self.params, self._rng)
         base = self.target.n_past  # == len(context) - 1: the pending token is not in the cache yet

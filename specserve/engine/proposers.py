@@ -69,9 +69,9 @@ class DraftModelProposer:
 
     name = "draft"
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, cached: list[int] | None = None):
         self.backend = backend
-        self._cached: list[int] = []  # tokens whose KV is in the draft backend
+        self._cached: list[int] = list(cached or [])  # tokens whose KV is in the draft backend
 
     def reset(self) -> None:
         self.backend.reset()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    prefix_reused: int = 0  # prompt tokens whose target KV came from an earlier sequence
     generated: int = 0
     drafted: int = 0
     accepted: int = 0

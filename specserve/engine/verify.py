@@ -7,10 +7,15 @@ Sampling: modified rejection sampling (Leviathan et al. 2023, Chen et al. 2023).
 is accepted with probability min(1, p(x)/q(x)); on rejection the replacement is drawn from
 normalize(max(0, p - q)); if every draft token is accepted, a bonus token is drawn from the next p. Each
 emitted token is then distributed exactly as p, whatever q is.
+
+Tolerance verification (lossy, opt-in: accept tokens the target finds nearly as likely as the draft does)
+and its online calibration are at the end of this file.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,3 +75,128 @@ def verify(
     if params.greedy:
         return verify_greedy(target_logits, draft_tokens)
     return verify_sampled(target_logits, draft_tokens, draft_probs, params, rng)
+
+
+# --- Tolerance verification (lossy, opt-in) ---------------------------------------------------------------
+#
+# Exact verification rejects a draft token whenever the target would not have produced it, even when the
+# target finds it nearly as likely as the draft does. Tolerance verification trades exactness for acceptance:
+# draft token t at window position i is accepted when
+#
+#     log p_target(t) >= log p_draft(t) - delta
+#
+# so delta (in nats) bounds how much less likely than the draft the target may find an accepted token. The
+# output is no longer the target's greedy output (or distribution); delta = 0 is *not* lossless either. It is
+# meant to be switched on explicitly, with `ToleranceController` holding delta at a chosen acceptance rate.
+
+
+def tolerance_distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution the tolerance rule compares, for one row [V] or rows [n, V]; target and draft must
+    both use this function so that p and q are shaped alike.
+
+    Sampled requests: exactly `probabilities` (temperature, top-k, top-p). Greedy requests: the plain softmax
+    at temperature 1, because the temperature-0 limit is a point mass on the argmax, under which every
+    non-argmax token has probability 0 and no delta could ever accept it.
+    """
+    return probabilities(logits, SamplingParams(temperature=1.0) if params.greedy else params)
+
+
+def verify_tolerance(
+    target_logits: np.ndarray,
+    draft_tokens: list[int],
+    draft_probs: Sequence[np.ndarray | float | None],
+    params: SamplingParams,
+    delta: float,
+    rng: np.random.Generator,
+) -> Verdict:
+    """Accept draft tokens while log p(t) >= log q(t) - delta; at the first rejection emit the target's choice
+    (argmax for greedy requests, else a sample from p), and after a fully accepted window the bonus token from
+    the last row the same way.
+
+    target_logits: k+1 rows, as for `verify_greedy`.
+    draft_probs[i]: what the draft thought of token i, under `tolerance_distribution` with the same params:
+      - an array: the draft's whole distribution for position i (what the draft proposer already passes for
+        sampled requests, since there `tolerance_distribution` is `probabilities`);
+      - a float: just q(t_i), the probability of the drafted token (enough for this rule; cheaper to ship);
+      - None: a point mass (deterministic proposers such as n-gram lookup), so log q = 0 and the rule becomes
+        p(t) >= exp(-delta).
+    For greedy requests the draft proposer today passes None; with tolerance on, the loop has to pass the
+    draft's `tolerance_distribution` (or q(t)) instead, otherwise every token is judged against a point mass.
+
+    Two deliberate details: a token the target's sampling transform excludes (p = 0, e.g. outside top-k) is
+    never accepted, whatever delta; and for greedy requests the target's own argmax is always accepted.
+    Rejecting it would emit that same token as the correction and only throw away the rest of the window, so
+    acceptance is never lower than `verify_greedy`'s. The accept decisions never use `rng`.
+    """
+    if not delta >= 0.0:  # also rejects NaN
+        raise ValueError(f"tolerance delta must be >= 0, got {delta}")
+    threshold = math.exp(-delta)  # the rule in probability space: p >= q * e^-delta (0.0 for delta = inf)
+    for i, token in enumerate(draft_tokens):
+        row = target_logits[i]
+        if params.greedy and token == int(np.argmax(row)):
+            continue
+        p_row = tolerance_distribution(row, params)
+        entry = draft_probs[i]
+        q = 1.0 if entry is None else float(entry[token]) if isinstance(entry, np.ndarray) else float(entry)
+        p = float(p_row[token])
+        if p > 0.0 and p >= q * threshold:
+            continue
+        return Verdict(i, _target_choice(row, p_row, params, rng))
+    row = target_logits[len(draft_tokens)]
+    return Verdict(len(draft_tokens), _target_choice(row, None, params, rng))
+
+
+def _target_choice(row: np.ndarray, p_row: np.ndarray | None, params: SamplingParams, rng: np.random.Generator) -> int:
+    """The token the target emits itself: argmax of the raw logits when greedy, else a draw from p."""
+    if params.greedy:
+        return int(np.argmax(row))
+    return sample(p_row if p_row is not None else probabilities(row, params), rng)
+
+
+class ToleranceController:
+    """Online calibration of the tolerance delta to hold a chosen acceptance rate.
+
+    Why: the delta that gives, say, 80% acceptance depends on the model pair and on the text (code accepts far
+    more than prose), so a fixed delta is either too loose on one or useless on the other. After each verify
+    step, delta moves by `step` nats per drafted token times the gap to the target: up for every token short
+    of `target_acceptance * drafted`, down for every token beyond it (a stochastic-approximation step whose
+    fixed point is the delta at which the expected acceptance equals the target). Acceptance rises with delta,
+    so this converges; it is clamped to [min_delta, max_delta].
+    """
+
+    def __init__(
+        self,
+        target_acceptance: float,
+        delta: float = 1.0,
+        step: float = 0.05,
+        min_delta: float = 0.0,
+        max_delta: float = 10.0,
+    ):
+        if not 0.0 < target_acceptance <= 1.0:
+            raise ValueError(f"target_acceptance must be in (0, 1], got {target_acceptance}")
+        if not 0.0 <= min_delta <= max_delta:
+            raise ValueError(f"need 0 <= min_delta <= max_delta, got {min_delta}, {max_delta}")
+        if not step > 0.0:
+            raise ValueError(f"step must be > 0, got {step}")
+        self.target_acceptance = target_acceptance
+        self.step = step
+        self.min_delta, self.max_delta = min_delta, max_delta
+        self._delta = min(max(delta, min_delta), max_delta)
+        self.drafted = 0
+        self.accepted = 0
+
+    @property
+    def delta(self) -> float:
+        """The delta to pass to `verify_tolerance` for the next step."""
+        return self._delta
+
+    def observe(self, drafted: int, accepted: int) -> float:
+        """Record one verify step (accepted of drafted tokens); returns the updated delta."""
+        if not 0 <= accepted <= drafted:
+            raise ValueError(f"need 0 <= accepted <= drafted, got accepted={accepted}, drafted={drafted}")
+        if drafted:
+            self.drafted += drafted
+            self.accepted += accepted
+            shortfall = self.target_acceptance * drafted - accepted  # > 0: too few accepted, loosen
+            self._delta = min(max(self._delta + self.step * shortfall, self.min_delta), self.max_delta)
+        return self._delta

@@ -205,6 +205,7 @@ def create_app(
             g = job.generation
             status = "200"
             stats = _speculative(g.stats)
+            metrics.prefix_reused.inc(g.stats.prefix_reused)
             log.info(json.dumps({"event": "request", "endpoint": endpoint, "finish": g.finish_reason, **_log_stats(g)}))
             if key is not None:
                 done = CachedResponse(pieces, g.finish_reason, g.stats.prompt_tokens, g.stats.generated, stats)
@@ -320,6 +321,7 @@ def _log_stats(generation) -> dict:
     s = generation.stats
     return {
         "prompt_tokens": s.prompt_tokens,
+        "prefix_reused": s.prefix_reused,
         "completion_tokens": s.generated,
         "drafted": s.drafted,
         "accepted": s.accepted,
