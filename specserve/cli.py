@@ -1,4 +1,4 @@
-"""`specserve` command line: generate, bench, fetch, serve."""
+"""`specserve` command line: generate, bench, loadtest, fetch, serve."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import sys
 from specserve import SpecserveError
 from specserve.backends.base import ContextOverflowError
 from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS
-from specserve.runtime import BACKENDS, DEFAULT_DRAFT_BACKEND, DEFAULT_K, DEFAULT_TARGET_BACKEND, DRAFT_METHODS
+from specserve.runtime import (
+    BACKENDS,
+    DEFAULT_DRAFT_BACKEND,
+    DEFAULT_K,
+    DEFAULT_TARGET_BACKEND,
+    DRAFT_METHODS,
+    MODEL_METHODS,
+)
 
 
 def positive_int(value: str) -> int:
@@ -47,7 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SpecserveError("--max-tokens must be positive")
     if args.temperature < 0:
         raise SpecserveError("--temperature must be >= 0")
-    runtime = Runtime(RuntimeConfig.from_args(args, with_draft=args.method == "draft"))
+    runtime = Runtime(RuntimeConfig.from_args(args, with_draft=args.method in MODEL_METHODS))
     if args.chat:
         tokens = runtime.encode_prompt(messages=[{"role": "user", "content": args.prompt}])
     else:
@@ -81,6 +88,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specserve.bench.run import run_bench
 
     return run_bench(args)
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from specserve.bench.loadtest import run_loadtest
+
+    return run_loadtest(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -128,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-out/bench.json", help="JSON report; the PNG goes beside it")
     _add_model_args(bench)
     bench.set_defaults(func=cmd_bench)
+
+    load = sub.add_parser("loadtest", help="concurrent streaming clients against a server, speculative vs plain")
+    load.add_argument("--url", default=None, help="server base URL (default: start one on the default models)")
+    load.add_argument(
+        "--concurrency", type=lambda t: [positive_int(x) for x in t.split(",")], default=[1, 4, 16], help="e.g. 1,4,16"
+    )
+    load.add_argument("--methods", default="draft,none", help="speculation methods to compare")
+    load.add_argument("--max-tokens", type=positive_int, default=64)
+    load.add_argument("--prompts", default=None, help="JSONL with {kind, prompt} (default: ../shared/prompts)")
+    load.add_argument("--out", default="bench-out/loadtest.json", help="JSON report; the PNG goes beside it")
+    load.set_defaults(func=cmd_loadtest)
 
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", default="127.0.0.1")

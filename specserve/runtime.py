@@ -13,14 +13,15 @@ from specserve.backends.calibrate import window_seconds
 from specserve.cache.prefix import PrefixCache
 from specserve.engine.adaptive import AdaptiveK
 from specserve.engine.loop import PREFILL_CHUNK, Generation
-from specserve.engine.proposers import DraftModelProposer, NgramProposer, Proposer
+from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
 from specserve.models.fetch import resolve_model
 from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 from specserve.models.tokenizer import Tokenizer, check_compatible
 
 BACKENDS = ("torch-int8", "llama.cpp")
-DRAFT_METHODS = ("draft", "ngram", "none")
+DRAFT_METHODS = ("draft", "cascade", "ngram", "none")
+MODEL_METHODS = ("draft", "cascade")  # methods that need the draft model
 # Chosen by measurement on this 2-core CPU (see the cost table of `specserve bench`): int8 verification
 # costs little more for k+1 tokens than for one; the int8 draft decodes about as fast as llama.cpp's and
 # shares torch's thread pool, whereas llama.cpp's threads and torch's spinning OpenMP threads fight.
@@ -80,7 +81,7 @@ class Runtime:
         self.draft = None
         if draft_path:
             self.draft = load_backend(config.draft_backend, draft_path, config.n_ctx, show_progress)
-        self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
+        self.methods = ["none", "ngram"] + (list(MODEL_METHODS) if self.draft is not None else [])
         self._target_prefixes = PrefixCache(align=PREFILL_CHUNK)  # exact reuse: whole prefill chunks only
         self._draft_prefixes = PrefixCache()
         self._adaptive_templates = self._calibrate()
@@ -96,6 +97,7 @@ class Runtime:
         if self.draft is not None:
             draft_step = window_seconds(self.draft, context, (1,), repeats=3)[1]
             templates["draft"] = AdaptiveK(K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft_step)
+            templates["cascade"] = copy.deepcopy(templates["draft"])  # learns its (lower) draft cost online
         return templates
 
     def draft_length(self, method: str, k: int | str | None) -> int | AdaptiveK:
@@ -135,9 +137,10 @@ class Runtime:
     def _proposer(self, method: str, prompt_tokens: list[int]) -> Proposer | None:
         if method == "ngram":
             return NgramProposer()
-        if method == "draft":
+        if method in MODEL_METHODS:
             sequence = self.draft.new_sequence()
             reused = self._draft_prefixes.fork(prompt_tokens, sequence)
             self._draft_prefixes.remember(prompt_tokens, sequence)
-            return DraftModelProposer(sequence, cached=prompt_tokens[:reused])
+            draft = DraftModelProposer(sequence, cached=prompt_tokens[:reused])
+            return CascadeProposer(draft) if method == "cascade" else draft
         return None

@@ -22,6 +22,8 @@ CONFIGS = [
     ("ngram", 4),
     ("ngram", 8),
     ("ngram", "auto"),
+    ("cascade", 4),
+    ("cascade", "auto"),
 ]
 NEAR_TIE = 1e-3
 

@@ -143,3 +143,41 @@ def propose_batch(requests: list[DraftRequest]) -> list[Proposal]:
     for i, proposal in zip(together, draft_in_lockstep([requests[i] for i in together]), strict=True):
         proposals[i] = proposal
     return proposals
+
+
+class CascadeProposer:
+    """Multi-stage drafting: n-gram lookup -> draft model -> (the target, in the loop).
+
+    The draft model checks the n-gram's guess in one pass, exactly as the target checks a draft: verification
+    against a point mass, so the tokens that come out are distributed exactly as the draft model's own
+    samples (greedy: its argmax) and their q is the draft's distribution. It then keeps drafting on its own
+    up to k. When the n-gram guess is right, k draft tokens cost one draft pass instead of k.
+    """
+
+    name = "cascade"
+
+    def __init__(self, draft: DraftModelProposer, ngram: NgramProposer | None = None):
+        self.draft, self.ngram = draft, ngram or NgramProposer()
+
+    def reset(self) -> None:
+        self.draft.reset()
+
+    def propose(self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
+        from specserve.engine.verify import verify  # verify imports sampling only; kept local to show the reuse
+
+        k = min(k, self.draft.backend.n_ctx - len(context) - 1)
+        guess = self.ngram.lookup(context, k)
+        if k <= 0 or not guess:
+            return self.draft.propose(context, k, params, rng)
+        draft = self.draft
+        rows = draft.backend.eval([*draft._sync(context), *guess], all_logits=True)[-(len(guess) + 1) :]
+        verdict = verify(rows, guess, [None] * len(guess), params, rng)
+        tokens = [*guess[: verdict.accepted], verdict.next_token][:k]
+        probs = [None if params.greedy else probabilities(row, params) for row in rows[: len(tokens)]]
+        kept = len(context) + verdict.accepted  # draft cache: context + accepted guesses
+        draft.backend.truncate(kept)
+        draft._cached = [*context, *guess[: verdict.accepted]]
+        if len(tokens) < k:  # the draft model continues alone from the correction token
+            more = draft.propose([*context, *tokens], k - len(tokens), params, rng)
+            tokens, probs = tokens + more.tokens, probs + more.probs
+        return Proposal(tokens, probs)

@@ -156,7 +156,7 @@ def create_app(
                 metrics.requests.labels(endpoint=endpoint, status="200").inc()
                 return _reply(rt, chat, body, _replay(hit), cached=True)
         method = body.speculation.method
-        if method == "draft" and "draft" not in rt.methods:
+        if method not in rt.methods:
             method = "ngram"  # no draft model loaded: fall back to the model-free drafter
         try:
             generation = rt.generate(ids, sampling, method=method, k=body.speculation.k)

@@ -13,7 +13,7 @@ from specserve.runtime import K_MAX
 class Speculation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["draft", "ngram", "none"] = "draft"
+    method: Literal["draft", "cascade", "ngram", "none"] = "draft"
     k: Annotated[int, Field(ge=0, le=K_MAX)] | Literal["auto"] | None = None
 
 

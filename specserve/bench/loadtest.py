@@ -1,0 +1,165 @@
+"""`specserve loadtest`: concurrent streaming clients against a real server, speculative vs plain.
+
+For each concurrency level (default 1, 4, 16) and each speculation method, that many clients stream chat
+completions at once through the official `openai` client. Per request we record time to first token and
+TPOT (time per output token after the first); aggregate tokens/s is completion tokens over wall time.
+Methods alternate per level, so a noisy neighbour hits both alike. Each request carries a distinct seed,
+which keeps it out of the response cache (greedy output does not depend on the seed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+from rich.console import Console
+from rich.table import Table
+
+from specserve import SpecserveError
+from specserve.bench.run import default_prompts_path, load_prompts
+
+_COLUMNS = ("clients", "method", "tokens_per_s", "speedup_vs_none", "tpot_ms_p50", "tpot_ms_p90", "ttft_ms_mean")
+
+
+async def _one_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int) -> dict:
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    completion_tokens = 0
+    stream = await client.chat.completions.create(
+        model=None,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        stream=True,
+        seed=seed,
+        extra_body={"speculation": {"method": method}},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter() - start)
+        if chunk.usage:
+            completion_tokens = chunk.usage.completion_tokens
+    tpot = (arrivals[-1] - arrivals[0]) / (completion_tokens - 1) if completion_tokens > 1 and arrivals else 0.0
+    return {"ttft_s": arrivals[0] if arrivals else None, "tpot_s": tpot, "tokens": completion_tokens}
+
+
+async def _level(base_url: str, prompts: list[str], method: str, clients: int, max_tokens: int, seed0: int) -> dict:
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
+    start = time.perf_counter()
+    runs = await asyncio.gather(
+        *(
+            _one_stream(client, prompts[(seed0 + i) % len(prompts)], method, max_tokens, seed0 + i)
+            for i in range(clients)
+        )
+    )
+    wall = time.perf_counter() - start
+    await client.close()
+    tpot_ms = [r["tpot_s"] * 1000 for r in runs if r["tokens"] > 1]
+    return {
+        "clients": clients,
+        "method": method,
+        "tokens_per_s": round(sum(r["tokens"] for r in runs) / wall, 2),
+        "tpot_ms_p50": round(float(np.percentile(tpot_ms, 50)), 1),
+        "tpot_ms_p90": round(float(np.percentile(tpot_ms, 90)), 1),
+        "ttft_ms_mean": round(1000 * float(np.mean([r["ttft_s"] for r in runs])), 1),
+        "wall_s": round(wall, 2),
+    }
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    """A `specserve serve` on a free loopback port, for a self-contained run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.NamedTemporaryFile(prefix="specserve-loadtest-", suffix=".log", delete=False)
+    max_batch = str(max(args.concurrency))
+    command = [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--max-batch", max_batch]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SpecserveError(f"the server exited during start-up; see {log.name}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SpecserveError(f"the server did not become healthy; see {log.name}")
+
+
+def run_loadtest(args) -> int:
+    console = Console()
+    prompts = [p["prompt"] for p in load_prompts(Path(args.prompts) if args.prompts else default_prompts_path(), 0)]
+    methods = args.methods.split(",")
+    proc = None
+    base = args.url
+    if base is None:
+        console.print("starting a server on the default models ...")
+        proc, base = start_server(args)
+    results = []
+    try:
+        seed = 0
+        for clients in args.concurrency:
+            for method in methods:
+                console.print(f"{clients} concurrent streams, speculation {method} ...")
+                results.append(asyncio.run(_level(base, prompts, method, clients, args.max_tokens, seed)))
+                seed += clients
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    for row in results:
+        plain = next(r for r in results if r["clients"] == row["clients"] and r["method"] == "none")
+        row["speedup_vs_none"] = (
+            round(row["tokens_per_s"] / plain["tokens_per_s"], 2) if plain["tokens_per_s"] else None
+        )
+    table = Table(title=f"loadtest: {args.max_tokens} tokens per stream, {base}")
+    for column in _COLUMNS:
+        table.add_column(column, justify="right")
+    for row in results:
+        table.add_row(*(str(row[c]) for c in _COLUMNS))
+    console.print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"max_tokens": args.max_tokens, "results": results}, indent=2))
+    _plot(results, out.with_suffix(".png"))
+    console.print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rate, tpot) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for method in sorted({r["method"] for r in results}):
+        rows = [r for r in results if r["method"] == method]
+        clients = [r["clients"] for r in rows]
+        rate.plot(clients, [r["tokens_per_s"] for r in rows], marker="o", label=method)
+        tpot.plot(clients, [r["tpot_ms_p50"] for r in rows], marker="o", label=f"{method} p50")
+        tpot.plot(clients, [r["tpot_ms_p90"] for r in rows], marker="x", linestyle="--", label=f"{method} p90")
+    rate.set_xscale("log", base=2)
+    tpot.set_xscale("log", base=2)
+    rate.set_xlabel("concurrent streams")
+    tpot.set_xlabel("concurrent streams")
+    rate.set_ylabel("aggregate tokens/s")
+    tpot.set_ylabel("ms per output token (per request)")
+    rate.legend()
+    tpot.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""The cascade drafter (n-gram -> draft model) proposes exactly what the draft model alone would sample,
+with the draft's distribution as q, so the target's rejection sampling stays exact.
+
+The draft model here is a small table model (next-token logits depend on the last token), a real backend
+implementation of the protocol rather than a stand-in for the proposer under test."""
+
+import numpy as np
+
+from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer
+from specserve.engine.sampling import SamplingParams, probabilities
+
+V = 5
+TABLE = np.log(
+    np.array(
+        [
+            [0.1, 0.5, 0.2, 0.1, 0.1],
+            [0.2, 0.1, 0.4, 0.2, 0.1],
+            [0.3, 0.3, 0.1, 0.2, 0.1],
+            [0.1, 0.1, 0.1, 0.1, 0.6],
+            [0.25, 0.25, 0.2, 0.2, 0.1],
+        ]
+    )
+)
+
+
+class TableModel:
+    """A bigram language model behind the Backend protocol (KV cache = the token list)."""
+
+    name, n_vocab, n_ctx = "table", V, 1000
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.weights = TABLE
+        self.passes = 0
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def eval(self, tokens, all_logits=True):
+        self.passes += 1
+        self.tokens += tokens
+        rows = np.stack([TABLE[t] for t in tokens])
+        return rows if all_logits else rows[-1:]
+
+    def truncate(self, length):
+        del self.tokens[length:]
+
+    def reset(self):
+        self.tokens = []
+
+    def new_sequence(self):
+        return TableModel()
+
+    def eval_batch(self, work):
+        return [seq.eval(tokens, all_logits) for seq, tokens, all_logits in work]
+
+    def copy_prefix(self, other, length):
+        return 0
+
+    def memory_bytes(self):
+        return 0
+
+
+def _proposals(proposer_factory, context, k, n, seed):
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(temperature=1.0)
+    return [proposer_factory().propose(context, k, params, rng) for _ in range(n)]
+
+
+def test_cascade_samples_like_the_draft_model_and_reports_its_q():
+    context = [0, 1, 2, 3, 0, 1]  # the n-gram lookup guesses 2, 3, 0 (what followed "0 1" before)
+    cascade = _proposals(
+        lambda: CascadeProposer(DraftModelProposer(TableModel()), NgramProposer()), context, 3, 6000, 1
+    )
+    alone = _proposals(lambda: DraftModelProposer(TableModel()), context, 3, 6000, 2)
+    for position in range(3):
+        prefix_counts: dict[tuple, np.ndarray] = {}
+        for label, runs in (("cascade", cascade), ("alone", alone)):
+            counts = np.zeros(V)
+            for p in runs:
+                if p.tokens[:position] == [2, 3, 0][:position]:  # condition on the guessed prefix
+                    counts[p.tokens[position]] += 1
+            prefix_counts[label] = counts / counts.sum()
+        tv = 0.5 * np.abs(prefix_counts["cascade"] - prefix_counts["alone"]).sum()
+        assert tv < 0.05, (position, prefix_counts)
+    for p in cascade[:50]:
+        last = context[-1]
+        for token, q in zip(p.tokens, p.probs, strict=True):
+            assert np.allclose(q, probabilities(TABLE[last], SamplingParams(temperature=1.0)))
+            last = token
+
+
+def test_cascade_greedy_equals_draft_greedy_and_uses_fewer_draft_passes():
+    context = [1, 2, 0, 1, 2, 0, 1]  # the n-gram guesses 2, 0, 1: the table's own argmax chain from 1
+    greedy = SamplingParams()
+    rng = np.random.default_rng(0)
+    cascade_model, alone_model = TableModel(), TableModel()
+    cascade = CascadeProposer(DraftModelProposer(cascade_model), NgramProposer()).propose(context, 4, greedy, rng)
+    alone = DraftModelProposer(alone_model).propose(context, 4, greedy, rng)
+    assert cascade.tokens == alone.tokens == [2, 0, 1, 2]
+    assert (cascade_model.passes, alone_model.passes) == (1, 4)  # guess checked in one pass, plus the bonus
