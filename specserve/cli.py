@@ -67,7 +67,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         stop=tuple(args.stop),
     )
-    generation = runtime.generate(tokens, params, method=args.method, k=args.k)
+    tolerance = None
+    if args.tolerance is not None or args.tolerance_target is not None:
+        from specserve.engine.verify import ToleranceController
+
+        delta = 1.0 if args.tolerance is None else args.tolerance
+        if not delta >= 0 or not 0 < (args.tolerance_target or 1.0) <= 1:
+            raise SpecserveError("--tolerance must be >= 0 and --tolerance-target in (0, 1]")
+        tolerance = delta if args.tolerance_target is None else ToleranceController(args.tolerance_target, delta)
+    generation = runtime.generate(tokens, params, method=args.method, k=args.k, tolerance=tolerance)
     for emitted in generation:
         sys.stdout.write(emitted.text)
         sys.stdout.flush()
@@ -122,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DRAFT_METHODS,
         default="draft",
         help="draft: small model; ngram: prompt lookup; none: plain decoding",
+    )
+    gen.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="DELTA",
+        help="LOSSY: accept drafts the target finds at most DELTA nats less likely than the draft",
+    )
+    gen.add_argument(
+        "--tolerance-target",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="LOSSY: calibrate the tolerance delta online to hold this acceptance rate",
     )
     gen.add_argument("-k", type=draft_length, default=DEFAULT_K, help="draft tokens per target pass, or auto")
     _add_model_args(gen)

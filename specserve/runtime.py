@@ -9,12 +9,13 @@ from pathlib import Path
 
 from specserve import SpecserveError
 from specserve.backends.base import Backend
-from specserve.backends.calibrate import window_seconds
+from specserve.backends.calibrate import batch_seconds, window_seconds
 from specserve.cache.prefix import PrefixCache
-from specserve.engine.adaptive import AdaptiveK
+from specserve.engine.adaptive import AdaptiveK, BatchCosts
 from specserve.engine.loop import PREFILL_CHUNK, Generation
 from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
+from specserve.engine.verify import ToleranceController
 from specserve.models.fetch import resolve_model
 from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 from specserve.models.tokenizer import Tokenizer, check_compatible
@@ -84,11 +85,12 @@ class Runtime:
         self.methods = ["none", "ngram"] + (list(MODEL_METHODS) if self.draft is not None else [])
         self._target_prefixes = PrefixCache(align=PREFILL_CHUNK)  # exact reuse: whole prefill chunks only
         self._draft_prefixes = PrefixCache()
-        self._adaptive_templates = self._calibrate()
+        self._adaptive_templates, self.batch_costs = self._calibrate()
         self.load_s = time.perf_counter() - t0
 
-    def _calibrate(self) -> dict[str, AdaptiveK]:
-        """Seed adaptive k with this machine's costs: every verify window size, and a draft step."""
+    def _calibrate(self) -> tuple[dict[str, AdaptiveK], BatchCosts]:
+        """Seed adaptive k with this machine's costs: every verify window size and a draft step for one
+        sequence, and passes of many rows for batches of concurrent sequences."""
         context = self.tokenizer.encode(
             "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
         )
@@ -98,7 +100,11 @@ class Runtime:
             draft_step = window_seconds(self.draft, context, (1,), repeats=3)[1]
             templates["draft"] = AdaptiveK(K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft_step)
             templates["cascade"] = copy.deepcopy(templates["draft"])  # learns its (lower) draft cost online
-        return templates
+        rows = (1, 2, 4, 8, 16, 32, 64, 128)
+        costs = BatchCosts(batch_seconds(self.target, context, rows, window=K_MAX + 1))
+        if self.draft is not None:
+            costs.draft_s = batch_seconds(self.draft, context, rows[:6], window=1)
+        return templates, costs
 
     def draft_length(self, method: str, k: int | str | None) -> int | AdaptiveK:
         """A fixed k, or a fresh adaptive controller seeded with the calibrated costs."""
@@ -113,8 +119,15 @@ class Runtime:
         return self.tokenizer.encode(prompt or "", special=False)
 
     def generate(
-        self, prompt_tokens: list[int], params: SamplingParams, method: str = "draft", k: int | None = None
+        self,
+        prompt_tokens: list[int],
+        params: SamplingParams,
+        method: str = "draft",
+        k: int | None = None,
+        tolerance: float | ToleranceController | None = None,
     ) -> Generation:
+        """A generation ready to iterate (or to batch with others). `tolerance` switches on the lossy
+        acceptance rule (engine/verify.py); the default is exact verification."""
         if method not in DRAFT_METHODS:
             raise SpecserveError(f"unknown speculation method {method!r}; choose one of {', '.join(DRAFT_METHODS)}")
         if method not in self.methods:
@@ -132,6 +145,8 @@ class Runtime:
             proposer,
             self.draft_length(method, k) if proposer else 0,
             cached_prefix=reused,
+            tolerance=tolerance,
+            batch_costs=self.batch_costs,
         )
 
     def _proposer(self, method: str, prompt_tokens: list[int]) -> Proposer | None:

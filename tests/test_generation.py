@@ -120,3 +120,20 @@ def test_prefix_reuse_is_exact_and_skips_the_shared_prompt(runtime):
     )
     list(fresh)
     assert fresh.stats.prefix_reused == 0 and fresh.tokens == reused.tokens
+
+
+def test_tolerance_mode_is_opt_in_and_loosens_acceptance(runtime):
+    """Exact by default; with a huge delta every draft token is accepted (lossy, so only on request); a
+    controller moves delta toward its target acceptance."""
+    from specserve.engine.verify import ToleranceController
+
+    ids = chat_ids(runtime, "Write a haiku about the sea.")
+    plain, _ = run(runtime, ids, method="none", max_tokens=24)
+    speculative, _ = run(runtime, ids, method="draft", k=4, max_tokens=24)
+    assert speculative.tokens == plain.tokens  # exact unless tolerance is asked for
+    generation = runtime.generate(ids, SamplingParams(max_tokens=24), method="draft", k=4, tolerance=1e9)
+    list(generation)
+    assert generation.stats.drafted > 0 and generation.stats.accepted == generation.stats.drafted
+    controller = ToleranceController(target_acceptance=0.99, delta=0.0, step=0.5)
+    list(runtime.generate(ids, SamplingParams(max_tokens=24), method="draft", k=4, tolerance=controller))
+    assert controller.drafted > 0 and (controller.delta > 0.0 or controller.accepted == controller.drafted)

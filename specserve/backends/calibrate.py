@@ -27,3 +27,28 @@ def window_seconds(
         result[size] = statistics.median(samples)
     backend.reset()
     return result
+
+
+def batch_seconds(
+    backend: Backend, context: list[int], rows: tuple[int, ...], window: int, repeats: int = 2
+) -> dict[int, float]:
+    """Median seconds of one batched pass of `rows` total rows, as concurrent verify windows of at most
+    `window` rows each (the shape a batched step has), on warm sequences of the same model."""
+    sequences = [backend.new_sequence() for _ in range(-(-max(rows) // window))]
+    for sequence in sequences:
+        sequence.eval(context, all_logits=False)
+    base = len(context)
+    result: dict[int, float] = {}
+    for total in rows:
+        n = -(-total // window)
+        sizes = [total // n + (i < total % n) for i in range(n)]
+        work = [(sequences[i], (context * window)[:size], True) for i, size in enumerate(sizes)]
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            backend.eval_batch(work)
+            samples.append(time.perf_counter() - start)
+            for sequence, _, _ in work:
+                sequence.truncate(base)
+        result[total] = statistics.median(samples)
+    return result

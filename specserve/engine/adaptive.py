@@ -48,8 +48,7 @@ class AdaptiveK:
 
     def expected_rate(self, k: int) -> float:
         """Expected tokens per second for a window of k drafts."""
-        a = min(self.acceptance, 0.999)
-        tokens = (1 - a ** (k + 1)) / (1 - a)
+        tokens = expected_tokens(self.acceptance, k)
         seconds = k * (self.draft_cost_s or 0.0) + self.verify_cost(k + 1) + self.round_trip_s
         return tokens / seconds
 
@@ -57,17 +56,25 @@ class AdaptiveK:
         limit = min(limit, self.k_max)
         if limit <= 0:
             return 0
-        best = max(range(limit + 1), key=self.expected_rate)
-        if best == 0:
-            self._steps_at_zero += 1
-            if self._steps_at_zero >= _PROBE_EVERY:  # acceptance may have changed: look again, cheaply
-                self._steps_at_zero = 0
-                return 1
-        else:
-            self._steps_at_zero = 0
-        return best
+        return self.probe(max(range(limit + 1), key=self.expected_rate))
 
-    def observe(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def probe(self, k: int) -> int:
+        """After too many steps at k = 0, draft one token: acceptance may have changed, look again cheaply."""
+        if k > 0:
+            self._steps_at_zero = 0
+            return k
+        self._steps_at_zero += 1
+        if self._steps_at_zero >= _PROBE_EVERY:
+            self._steps_at_zero = 0
+            return 1
+        return 0
+
+    def observe(self, drafted: int, accepted: int, draft_s: float | None, verify_s: float | None) -> None:
+        """One verify outcome. Times are None when the step served a batch (its wall time is not this
+        window's cost; `BatchCosts` learns from it instead)."""
+        if verify_s is None or draft_s is None:
+            self._observe_acceptance(drafted, accepted)
+            return
         window = drafted + 1
         old = self.verify_cost_s.get(window)
         self.verify_cost_s[window] = verify_s if old is None else (1 - _EMA) * old + _EMA * verify_s
@@ -77,8 +84,89 @@ class AdaptiveK:
         self.draft_cost_s = (
             per_token if self.draft_cost_s is None else (1 - _EMA) * self.draft_cost_s + _EMA * per_token
         )
+        self._observe_acceptance(drafted, accepted)
+
+    def _observe_acceptance(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
         # Positions are tried in order until the first rejection: accepted successes out of
         # accepted + (1 if a rejection happened) trials. Decay old evidence so the estimate can move.
         self._accepted = (1 - _EMA) * self._accepted + accepted
         self._tried = (1 - _EMA) * self._tried + accepted + (accepted < drafted)
         self.acceptance = self._accepted / self._tried
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a window of k drafts yields: accepted drafts plus the target's own token."""
+    a = min(acceptance, 0.999)
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
+def _interpolate(table: dict[int, float], x: int) -> float:
+    """Piecewise linear in x through the measured points, linear extrapolation beyond the largest, and never
+    below a smaller x's cost (noise must not make more rows look cheaper)."""
+    xs = sorted(table)
+    if x <= xs[0]:
+        return table[xs[0]]
+    lower = max(w for w in xs if w <= x)
+    upper = min((w for w in xs if w > x), default=None)
+    if upper is None:  # beyond the measurements: keep the last segment's cost per row
+        if len(xs) == 1:
+            return table[xs[0]] * x / xs[0]
+        a, b = xs[-2], xs[-1]
+        slope = max(0.0, (table[b] - table[a]) / (b - a))
+        return table[b] + slope * (x - b)
+    estimate = table[lower] + (x - lower) / (upper - lower) * (table[upper] - table[lower])
+    return max(estimate, max(table[w] for w in xs if w <= x))
+
+
+@dataclass
+class BatchCosts:
+    """Seconds of one batched pass by total rows: the target (verify) and one draft step. Measured at
+    start-up, then exponentially averaged with what batched steps take."""
+
+    verify_s: dict[int, float]
+    draft_s: dict[int, float] = field(default_factory=dict)  # empty: no draft model
+
+    def verify(self, rows: int) -> float:
+        return _interpolate(self.verify_s, rows)
+
+    def draft(self, rows: int) -> float:
+        return _interpolate(self.draft_s, rows) if rows and self.draft_s else 0.0
+
+    def observe(self, verify_rows: int, verify_s: float, draft_rows: int, draft_steps: int, draft_s: float) -> None:
+        _average(self.verify_s, verify_rows, verify_s)
+        if draft_rows and draft_steps and self.draft_s:
+            _average(self.draft_s, draft_rows, draft_s / draft_steps)
+
+
+def _average(table: dict[int, float], rows: int, seconds: float) -> None:
+    table[rows] = seconds if rows not in table else (1 - _EMA) * table[rows] + _EMA * seconds
+
+
+def plan_batch(
+    acceptance: list[float], limits: list[int], model_drafted: list[bool], costs: BatchCosts, fixed_rows: int = 0
+) -> list[int]:
+    """Draft lengths for the sequences of one batched step, maximising the batch's tokens per second.
+
+    Plain decoding of n sequences costs one pass of n rows; drafting k tokens for m of them adds k draft
+    steps (batched over the model-drafted ones) and k rows each to the verify pass. Batching already makes
+    plain decoding cheap per token, so the larger the batch, the less speculation pays; the plan can be
+    all zeros. Candidates: a common k for the m sequences most likely to accept (k capped per sequence).
+    `fixed_rows`: rows of the same pass that are not planned here (prefill chunks, fixed-k windows).
+    """
+    n = len(acceptance)
+    order = sorted(range(n), key=lambda i: -acceptance[i])
+    best_rate, best_k, best_m = n / costs.verify(n + fixed_rows), 0, 0
+    for k in range(1, max(limits, default=0) + 1):
+        tokens, rows, drafters = float(n), n + fixed_rows, 0
+        for m, i in enumerate(order, start=1):
+            ki = min(k, limits[i])
+            tokens += expected_tokens(acceptance[i], ki) - 1
+            rows += ki
+            drafters += model_drafted[i] and ki > 0
+            rate = tokens / (costs.verify(rows) + k * costs.draft(drafters))
+            if rate > best_rate:
+                best_rate, best_k, best_m = rate, k, m
+    chosen = set(order[:best_m])
+    return [min(best_k, limits[i]) if i in chosen else 0 for i in range(n)]

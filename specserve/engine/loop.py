@@ -28,13 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from specserve.backends.base import Backend, ContextOverflowError
-from specserve.engine.adaptive import AdaptiveK
-from specserve.engine.proposers import DraftRequest, Proposal, Proposer, propose_batch
+from specserve.engine.adaptive import AdaptiveK, BatchCosts, plan_batch
+from specserve.engine.proposers import DraftRequest, NgramProposer, Proposal, Proposer, propose_batch
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.stats import GenerationStats
 from specserve.engine.stops import TextStream
 from specserve.engine.target import LocalTarget, TargetSession, Window, run_windows
-from specserve.engine.verify import Verdict
+from specserve.engine.verify import ToleranceController, Verdict
 
 # Prompt tokens per prefill pass: a fixed size (not one that depends on who else is running) keeps a
 # request's numerics the same alone or batched, and bounds how long a new prompt stalls other streams.
@@ -57,13 +57,49 @@ class Step:
 def step(generations: list[Generation]) -> Step:
     """One iteration for each (unfinished) generation: draft, one shared target pass, verify, emit."""
     t0 = time.perf_counter()
-    proposals = propose_batch([g.draft_request() for g in generations])
+    costs = generations[0].batch_costs if len(generations) > 1 else None
+    planned = _plan(generations, costs) if costs is not None else [None] * len(generations)
+    requests = [g.draft_request(k) for g, k in zip(generations, planned, strict=True)]
+    proposals = propose_batch(requests)
     t1 = time.perf_counter()
     windows = [g.open_window(p) for g, p in zip(generations, proposals, strict=True)]
     verdicts = run_windows([g.target for g in generations], windows)
     t2 = time.perf_counter()
-    events = [g.close_window(v, t1 - t0, t2 - t1) for g, v in zip(generations, verdicts, strict=True)]
+    if costs is not None:  # what this batch shape really cost, for the next plans
+        drafted = [len(p.tokens) for p, r in zip(proposals, requests, strict=True) if _model_drafted(r.proposer)]
+        rows = sum(len(w.append) + len(w.drafts) for w in windows)
+        costs.observe(rows, t2 - t1, sum(d > 0 for d in drafted), max(drafted, default=0), t1 - t0)
+    batched = len(generations) > 1
+    events = [g.close_window(v, t1 - t0, t2 - t1, batched) for g, v in zip(generations, verdicts, strict=True)]
     return Step(events, (t0, t1, t2, time.perf_counter()))
+
+
+def _model_drafted(proposer: Proposer | None) -> bool:
+    return proposer is not None and not isinstance(proposer, NgramProposer)
+
+
+def _plan(generations: list[Generation], costs: BatchCosts) -> list[int | None]:
+    """Draft lengths for the adaptive generations of a batch (`plan_batch`); None for the others, which
+    choose their own (prefill chunks and fixed k count as rows of the shared pass)."""
+    planned: list[int | None] = [None] * len(generations)
+    members = [i for i, g in enumerate(generations) if g.adaptive is not None and not g.prefilling]
+    fixed_rows = 0
+    for g in generations:
+        if g.prefilling:
+            fixed_rows += min(PREFILL_CHUNK, len(g.prompt) - g.prefilled)
+        elif g.adaptive is None:
+            fixed_rows += 1 + (g.draft_limit() if g.proposer is not None else 0)
+    if members:
+        plan = plan_batch(
+            [generations[i].adaptive.acceptance for i in members],
+            [generations[i].draft_limit() for i in members],
+            [_model_drafted(generations[i].proposer) for i in members],
+            costs,
+            fixed_rows,
+        )
+        for i, k in zip(members, plan, strict=True):
+            planned[i] = k
+    return planned
 
 
 class Generation:
@@ -80,9 +116,14 @@ class Generation:
         proposer: Proposer | None,
         k: int | AdaptiveK,
         cached_prefix: int = 0,
+        tolerance: float | ToleranceController | None = None,
+        batch_costs: BatchCosts | None = None,
     ):
         """`cached_prefix`: this many prompt tokens are already in the target's cache (prefix reuse);
-        otherwise the target session is reset first. Proposers sync themselves to the context."""
+        otherwise the target session is reset first. Proposers sync themselves to the context.
+        `tolerance`: lossy opt-in verification with a fixed delta, or one a controller calibrates online.
+        `batch_costs`: the model pair's cost of batched passes, shared by the generations of one runtime;
+        with it, `step` plans draft lengths for a whole batch (`plan_batch`)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= target.n_ctx:
@@ -105,6 +146,8 @@ class Generation:
         self._prefilled = cached_prefix  # prompt tokens in the target's KV cache
         self.stats.prefix_reused = cached_prefix
         self._proposal = Proposal([], [])
+        self.tolerance = tolerance
+        self.batch_costs = batch_costs
 
     @property
     def text(self) -> str:
@@ -120,24 +163,40 @@ class Generation:
 
     # --- one step, in three phases (see `step`) ---
 
-    def draft_request(self) -> DraftRequest:
+    @property
+    def prefilling(self) -> bool:
+        return self._prefilled < len(self.prompt)
+
+    @property
+    def prefilled(self) -> int:
+        return self._prefilled
+
+    def draft_limit(self) -> int:
+        """The most drafts the next window may hold: k (or k_max), the context and max_tokens allowing."""
+        room = self.target.n_ctx - self.target.n_past - 1  # window slots left after the pending token
+        return max(0, min(self.k, room, self.params.max_tokens - len(self.tokens) - 1))
+
+    def draft_request(self, planned_k: int | None = None) -> DraftRequest:
         """Phase 1: what to draft now. k is 0 while prefilling, for plain decoding, and when adaptive k
-        finds drafting not worth its cost."""
+        finds drafting not worth its cost; `planned_k` is the batch plan's choice for an adaptive one."""
         if self._start is None:
             self._start = time.perf_counter()
             if self._prefilled == 0:
                 self.target.reset()
         if self._prefilled < len(self.prompt):
             return DraftRequest(None, self.context, 0, self.params, self._rng)
-        base = self.target.n_past  # == len(context) - 1: the pending token is not in the cache yet
-        room = self.target.n_ctx - base - 1  # window slots left after the pending token
-        limit = max(0, min(self.k, room, self.params.max_tokens - len(self.tokens) - 1))
+        limit = self.draft_limit()
         if self.proposer is None:
             k = 0
+        elif self.adaptive is None:
+            k = limit
+        elif planned_k is None:
+            k = self.adaptive.choose(limit)
         else:
-            k = self.adaptive.choose(limit) if self.adaptive else limit
+            k = self.adaptive.probe(planned_k) if limit else 0
         self.stats.chosen_k.append(k)
-        return DraftRequest(self.proposer, self.context, k, self.params, self._rng)
+        # Tolerance needs the draft's probability of each token even when drafting greedily.
+        return DraftRequest(self.proposer, self.context, k, self.params, self._rng, self.tolerance is not None)
 
     def open_window(self, proposal: Proposal) -> Window:
         """Phase 2: what the target pass appends and verifies for this generation."""
@@ -146,10 +205,12 @@ class Generation:
             last = self._prefilled + len(chunk) == len(self.prompt)
             return Window(chunk, [], [], last, self.params, self._rng)
         self._proposal = proposal
-        return Window([self.context[-1]], proposal.tokens, proposal.probs, True, self.params, self._rng)
+        delta = self.tolerance.delta if isinstance(self.tolerance, ToleranceController) else self.tolerance
+        return Window([self.context[-1]], proposal.tokens, proposal.probs, True, self.params, self._rng, delta)
 
-    def close_window(self, verdict: Verdict | None, draft_s: float, verify_s: float) -> list[Emitted]:
-        """Phase 3: take the target's verdict on the window, emit."""
+    def close_window(self, verdict: Verdict | None, draft_s: float, verify_s: float, batched: bool) -> list[Emitted]:
+        """Phase 3: take the target's verdict on the window, emit. Times are the step's; in a batch they are
+        not this window's own cost, so adaptive k learns only acceptance from it."""
         stats = self.stats
         if self._prefilled < len(self.prompt):
             self._prefilled += min(PREFILL_CHUNK, len(self.prompt) - self._prefilled)
@@ -162,8 +223,11 @@ class Generation:
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         if self.adaptive:
-            self.adaptive.observe(len(drafted), verdict.accepted, draft_s, verify_s)
+            own = not batched
+            self.adaptive.observe(len(drafted), verdict.accepted, draft_s if own else None, verify_s if own else None)
         stats.record_window(len(drafted), verdict.accepted)
+        if isinstance(self.tolerance, ToleranceController):
+            self.tolerance.observe(len(drafted), verdict.accepted)
         return self._accept(drafted[: verdict.accepted], verdict.next_token)
 
     # --- emitting ---

@@ -13,6 +13,7 @@ import numpy as np
 
 from specserve.backends.base import Backend
 from specserve.engine.sampling import SamplingParams, probabilities, sample
+from specserve.engine.verify import tolerance_distribution, verify
 
 
 @dataclass
@@ -24,7 +25,12 @@ class Proposal:
 class Proposer(Protocol):
     name: str
 
-    def propose(self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Proposal: ...
+    def propose(
+        self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
+    ) -> Proposal:
+        """Up to k tokens after the context. `with_probs`: report the draft distribution (under
+        `tolerance_distribution`) even for greedy drafts, which tolerance verification compares against."""
+        ...
 
     def reset(self) -> None: ...
 
@@ -38,7 +44,9 @@ class NgramProposer:
     def __init__(self, max_n: int = 4, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
 
-    def propose(self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
+    def propose(
+        self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
+    ) -> Proposal:
         tokens = self.lookup(context, k)
         return Proposal(tokens, [None] * len(tokens))
 
@@ -90,8 +98,10 @@ class DraftModelProposer:
         self._cached = list(context)
         return context[common:]
 
-    def propose(self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
-        return draft_in_lockstep([DraftRequest(self, context, k, params, rng)])[0]
+    def propose(
+        self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
+    ) -> Proposal:
+        return draft_in_lockstep([DraftRequest(self, context, k, params, rng, with_probs)])[0]
 
 
 @dataclass
@@ -101,6 +111,7 @@ class DraftRequest:
     k: int
     params: SamplingParams
     rng: np.random.Generator
+    with_probs: bool = False
 
 
 def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
@@ -118,7 +129,8 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
         for i in live:
             params = requests[i].params
             if params.greedy:
-                token, q = int(np.argmax(logits[i])), None
+                token = int(np.argmax(logits[i]))
+                q = tolerance_distribution(logits[i], params) if requests[i].with_probs else None
             else:
                 q = probabilities(logits[i], params)
                 token = sample(q, requests[i].rng)
@@ -139,7 +151,7 @@ def propose_batch(requests: list[DraftRequest]) -> list[Proposal]:
     together = [i for i, r in enumerate(requests) if isinstance(r.proposer, DraftModelProposer) and r.k > 0]
     for i, r in enumerate(requests):
         if r.proposer is not None and r.k > 0 and i not in together:
-            proposals[i] = r.proposer.propose(r.context, r.k, r.params, r.rng)
+            proposals[i] = r.proposer.propose(r.context, r.k, r.params, r.rng, r.with_probs)
     for i, proposal in zip(together, draft_in_lockstep([requests[i] for i in together]), strict=True):
         proposals[i] = proposal
     return proposals
@@ -162,22 +174,25 @@ class CascadeProposer:
     def reset(self) -> None:
         self.draft.reset()
 
-    def propose(self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Proposal:
-        from specserve.engine.verify import verify  # verify imports sampling only; kept local to show the reuse
-
+    def propose(
+        self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
+    ) -> Proposal:
         k = min(k, self.draft.backend.n_ctx - len(context) - 1)
         guess = self.ngram.lookup(context, k)
         if k <= 0 or not guess:
-            return self.draft.propose(context, k, params, rng)
+            return self.draft.propose(context, k, params, rng, with_probs)
         draft = self.draft
         rows = draft.backend.eval([*draft._sync(context), *guess], all_logits=True)[-(len(guess) + 1) :]
         verdict = verify(rows, guess, [None] * len(guess), params, rng)
         tokens = [*guess[: verdict.accepted], verdict.next_token][:k]
-        probs = [None if params.greedy else probabilities(row, params) for row in rows[: len(tokens)]]
+        if params.greedy:
+            probs = [tolerance_distribution(row, params) if with_probs else None for row in rows[: len(tokens)]]
+        else:
+            probs = [probabilities(row, params) for row in rows[: len(tokens)]]
         kept = len(context) + verdict.accepted  # draft cache: context + accepted guesses
         draft.backend.truncate(kept)
         draft._cached = [*context, *guess[: verdict.accepted]]
         if len(tokens) < k:  # the draft model continues alone from the correction token
-            more = draft.propose([*context, *tokens], k - len(tokens), params, rng)
+            more = draft.propose([*context, *tokens], k - len(tokens), params, rng, with_probs)
             tokens, probs = tokens + more.tokens, probs + more.probs
         return Proposal(tokens, probs)

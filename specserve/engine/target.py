@@ -21,7 +21,7 @@ import numpy as np
 
 from specserve.backends.base import Backend
 from specserve.engine.sampling import SamplingParams
-from specserve.engine.verify import Verdict, verify
+from specserve.engine.verify import Verdict, verify, verify_tolerance
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Window:
     predict: bool  # False for a prompt chunk that is not the last: no verdict wanted
     params: SamplingParams
     rng: np.random.Generator
+    tolerance: float | None = None  # lossy opt-in: verify with this delta instead of exactly (engine/verify.py)
 
 
 class TargetSession(Protocol):
@@ -97,7 +98,10 @@ def target_pass(sessions: list[LocalTarget], windows: list[Window]) -> list[Verd
             continue
         kept = session.n_past - len(window.drafts)  # cache length with every draft rejected
         rows = rows[-(len(window.drafts) + 1) :]  # the rows after the last appended token and each draft
-        verdict = verify(rows, window.drafts, window.probs, window.params, window.rng)
+        if window.tolerance is None:
+            verdict = verify(rows, window.drafts, window.probs, window.params, window.rng)
+        else:
+            verdict = verify_tolerance(rows, window.drafts, window.probs, window.params, window.tolerance, window.rng)
         session.backend.truncate(kept + verdict.accepted)  # KV rollback of the rejected drafts
         verdicts.append(verdict)
     return verdicts

@@ -151,7 +151,10 @@ def create_app(
         sampling = body.sampling()
         key = None
         if sampling.greedy:  # deterministic: the same request gives the same text, whatever the drafter
-            key = cache_key(rt.target_name, ids, {"endpoint": endpoint, **body.model_dump(include=_KEY_FIELDS)})
+            key_fields = body.model_dump(include=_KEY_FIELDS)
+            if body.speculation.acceptance != "exact":  # lossy verification changes the text: part of the key
+                key_fields["speculation"] = body.speculation.model_dump()
+            key = cache_key(rt.target_name, ids, {"endpoint": endpoint, **key_fields})
             if (hit := await asyncio.to_thread(cache.get, key)) is not None:
                 metrics.requests.labels(endpoint=endpoint, status="200").inc()
                 return _reply(rt, chat, body, _replay(hit), cached=True)
@@ -159,7 +162,8 @@ def create_app(
         if method not in rt.methods:
             method = "ngram"  # no draft model loaded: fall back to the model-free drafter
         try:
-            generation = rt.generate(ids, sampling, method=method, k=body.speculation.k)
+            tolerance = body.speculation.tolerance()
+            generation = rt.generate(ids, sampling, method=method, k=body.speculation.k, tolerance=tolerance)
         except (ContextOverflowError, SpecserveError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
         span = tracer.start_span(

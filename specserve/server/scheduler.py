@@ -105,12 +105,13 @@ class Scheduler:
                 self._active = [j for j in self._active if j not in batch]
                 continue
             self._account(batch, prefilling, result)
+            # Leave the batch before the client hears the end, so that in_flight is exact by then.
+            self._active = [j for j in self._active if not j.generation.done]
             for job, events in zip(batch, result.events, strict=True):
                 if events:
                     job.post(events)
                 if job.generation.done:
                     job.post(None)
-            self._active = [j for j in self._active if not j.generation.done]
 
     def _account(self, batch: list[Job], prefilling: list[bool], result: Step) -> None:
         t0, t1, t2, t3 = result.times

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from specserve.engine.sampling import SamplingParams
+from specserve.engine.verify import ToleranceController
 from specserve.runtime import K_MAX
 
 
@@ -15,6 +16,18 @@ class Speculation(BaseModel):
 
     method: Literal["draft", "cascade", "ngram", "none"] = "draft"
     k: Annotated[int, Field(ge=0, le=K_MAX)] | Literal["auto"] | None = None
+    # Lossy, opt-in: accept draft tokens the target finds at most `delta` nats less likely than the draft;
+    # with `target_acceptance`, delta is calibrated online to hold that acceptance rate instead.
+    acceptance: Literal["exact", "tolerance"] = "exact"
+    delta: float = Field(default=1.0, ge=0.0, le=50.0)
+    target_acceptance: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    def tolerance(self) -> float | ToleranceController | None:
+        if self.acceptance == "exact":
+            return None
+        if self.target_acceptance is not None:
+            return ToleranceController(self.target_acceptance, delta=self.delta)
+        return self.delta
 
 
 class StreamOptions(BaseModel):
