@@ -40,7 +40,12 @@ def draft_length(text: str) -> int | str:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"registry name or GGUF path (default {DEFAULT_TARGET})")
-    p.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model name or GGUF path (default {DEFAULT_DRAFT})")
+    p.add_argument(
+        "--draft",
+        default=DEFAULT_DRAFT,
+        help=f"draft model: name, GGUF path, quantized:Q (the default draft requantized, e.g. quantized:Q4_0), "
+        f"self:Q (the target requantized), NAME@Q (default {DEFAULT_DRAFT})",
+    )
     p.add_argument("--target-backend", choices=BACKENDS, default=DEFAULT_TARGET_BACKEND)
     p.add_argument("--draft-backend", choices=BACKENDS, default=DEFAULT_DRAFT_BACKEND)
     p.add_argument("--n-ctx", type=int, default=4096, help="context window in tokens")
@@ -154,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_fetch)
 
     bench = sub.add_parser("bench", help="benchmark target-only vs speculative, side by side")
-    bench.add_argument("--prompts", default=None, help="JSONL with {kind, prompt} (default: ../shared/prompts)")
+    bench.add_argument(
+        "--prompts", default=None, help="public (../shared/prompts), project (ours) or JSONL files, comma-separated"
+    )
+    bench.add_argument("--table", choices=("default", "seed"), default="default", help="seed: the seed paper's rows")
+    bench.add_argument("--quantized-draft", default="quantized:Q4_0", help="draft of the seed table's quantized row")
+    bench.add_argument("--quantized-draft-backend", choices=BACKENDS, default="llama.cpp")
     bench.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each kind")
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("-k", type=draft_length, default=DEFAULT_K, help="draft length of the speculative rows")

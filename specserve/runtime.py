@@ -17,6 +17,7 @@ from specserve.engine.proposers import CascadeProposer, DraftModelProposer, Ngra
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.verify import ToleranceController
 from specserve.models.fetch import resolve_model
+from specserve.models.quantize import resolve_draft_spec
 from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 from specserve.models.tokenizer import Tokenizer, check_compatible
 
@@ -68,16 +69,17 @@ class RuntimeConfig:
 
 
 class Runtime:
-    def __init__(self, config: RuntimeConfig, show_progress: bool = True):
+    def __init__(self, config: RuntimeConfig, show_progress: bool = True, target: Backend | None = None):
+        """`target`: an already loaded target backend to share (e.g. the bench comparing drafts)."""
         self.config = config
         t0 = time.perf_counter()
         target_path = resolve_model(config.target, show_progress)
         self.tokenizer = Tokenizer(target_path)
         draft_path = None
         if config.draft:
-            draft_path = resolve_model(config.draft, show_progress)
+            draft_path = resolve_draft_spec(config.draft, config.target, show_progress)
             check_compatible(self.tokenizer, Tokenizer(draft_path))
-        self.target = load_backend(config.target_backend, target_path, config.n_ctx, show_progress)
+        self.target = target or load_backend(config.target_backend, target_path, config.n_ctx, show_progress)
         self.target_name = target_path.name
         self.draft = None
         if draft_path:

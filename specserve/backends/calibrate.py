@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from specserve.backends.base import Backend
@@ -11,7 +10,8 @@ from specserve.backends.base import Backend
 def window_seconds(
     backend: Backend, context: list[int], windows: tuple[int, ...], repeats: int = 3
 ) -> dict[int, float]:
-    """Median seconds to append each window size to a warm sequence (the cache is restored after)."""
+    """Seconds to append each window size to a warm sequence (the cache is restored after): the fastest of
+    the repeats, since a shared machine's noise only ever adds time."""
     backend.reset()
     backend.eval(context, all_logits=False)
     base = backend.n_past
@@ -24,7 +24,7 @@ def window_seconds(
             backend.eval(window)
             samples.append(time.perf_counter() - start)
             backend.truncate(base)
-        result[size] = statistics.median(samples)
+        result[size] = min(samples)
     backend.reset()
     return result
 
@@ -32,8 +32,8 @@ def window_seconds(
 def batch_seconds(
     backend: Backend, context: list[int], rows: tuple[int, ...], window: int, repeats: int = 2
 ) -> dict[int, float]:
-    """Median seconds of one batched pass of `rows` total rows, as concurrent verify windows of at most
-    `window` rows each (the shape a batched step has), on warm sequences of the same model."""
+    """Seconds (fastest of the repeats) of one batched pass of `rows` total rows, as concurrent verify
+    windows of at most `window` rows each (the shape a batched step has), on warm sequences of one model."""
     sequences = [backend.new_sequence() for _ in range(-(-max(rows) // window))]
     for sequence in sequences:
         sequence.eval(context, all_logits=False)
@@ -50,5 +50,5 @@ def batch_seconds(
             samples.append(time.perf_counter() - start)
             for sequence, _, _ in work:
                 sequence.truncate(base)
-        result[total] = statistics.median(samples)
+        result[total] = min(samples)
     return result

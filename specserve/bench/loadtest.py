@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from specserve import SpecserveError
-from specserve.bench.run import default_prompts_path, load_prompts
+from specserve.bench.run import load_prompts, prompt_files
 
 _COLUMNS = ("clients", "method", "tokens_per_s", "speedup_vs_none", "tpot_ms_p50", "tpot_ms_p90", "ttft_ms_mean")
 
@@ -101,7 +101,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 def run_loadtest(args) -> int:
     console = Console()
-    prompts = [p["prompt"] for p in load_prompts(Path(args.prompts) if args.prompts else default_prompts_path(), 0)]
+    prompts = [p["prompt"] for p in load_prompts(prompt_files(args.prompts or "public"), 0)]
     methods = args.methods.split(",")
     proc = None
     base = args.url

@@ -38,10 +38,14 @@ class BenchConfig:
     method: str = "none"
     k: int | str = 0
     worker: LlamaCppProcess | None = None
+    runtime: Runtime | None = None  # another model pair (e.g. a quantized draft); default: the bench's
+    target_memory: int = 0
+    draft_memory: int = 0
 
     def run(self, runtime: Runtime, ids: list[int], params: SamplingParams) -> dict:
         if self.worker is not None:
             return self.worker.generate(ids, params)
+        runtime = self.runtime or runtime
         return run_generation(runtime.generate(ids, params, method=self.method, k=self.k))
 
 
@@ -50,10 +54,22 @@ def default_prompts_path() -> Path:
     return Path(specserve.__file__).resolve().parents[2] / "shared" / "prompts" / "public.jsonl"
 
 
-def load_prompts(path: Path, limit: int) -> list[dict]:
-    if not path.is_file():
-        raise specserve.SpecserveError(f"prompt file {path} not found (use --prompts FILE)")
-    prompts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+PROJECT_PROMPTS = Path(__file__).with_name("prompts.jsonl")  # random words (no speculation should pay) + code edits
+
+
+def prompt_files(spec: str | None) -> list[Path]:
+    """`public` (the team's set), `project` (ours: random-word and code-editing prompts) or file paths,
+    comma-separated."""
+    named = {"public": default_prompts_path(), "project": PROJECT_PROMPTS}
+    return [named.get(part, Path(part)) for part in (spec or "public,project").split(",") if part]
+
+
+def load_prompts(paths: Path | list[Path], limit: int) -> list[dict]:
+    prompts = []
+    for path in [paths] if isinstance(paths, Path) else paths:
+        if not path.is_file():
+            raise specserve.SpecserveError(f"prompt file {path} not found (use --prompts FILE)")
+        prompts += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not limit:
         return prompts
     per_kind: Counter[str] = Counter()
@@ -80,9 +96,44 @@ def _summarize(runs: list[dict]) -> dict:
     }
 
 
+def _configs(args: argparse.Namespace, runtime: Runtime, llama_target: LlamaCppProcess, console: Console):
+    """The columns of the comparison. `--table seed` reproduces the seed's rows on our pair: baseline
+    (target only), speculative, speculative + quantized draft, plus our cascade."""
+    int8 = runtime.target.name
+    target_mem, draft_mem = runtime.target.memory_bytes(), runtime.draft.memory_bytes()
+    llama_mem = llama_target.memory
+    baselines = [
+        BenchConfig("target-only llama.cpp", worker=llama_target, target_memory=llama_mem),
+        BenchConfig(f"target-only {int8}", target_memory=target_mem),
+    ]
+    speculative = BenchConfig(f"spec {int8} + draft k={args.k}", "draft", args.k, None, None, target_mem, draft_mem)
+    cascade = BenchConfig(f"spec {int8} + cascade k={args.k}", "cascade", args.k, None, None, target_mem, draft_mem)
+    if args.table == "seed":
+        console.print(f"loading the quantized draft {args.quantized_draft} ...")
+        config = RuntimeConfig.from_args(args)
+        config.draft, config.draft_backend = args.quantized_draft, args.quantized_draft_backend
+        quantized = Runtime(config, target=runtime.target)
+        label = f"spec {int8} + {args.quantized_draft} ({quantized.draft.name}) k={args.k}"
+        quantized_row = BenchConfig(label, "draft", args.k, None, quantized, target_mem, quantized.draft.memory_bytes())
+        return [*baselines, speculative, quantized_row, cascade]
+    configs = [
+        *baselines,
+        speculative,
+        cascade,
+        BenchConfig(f"spec {int8} + n-gram k={args.k}", "ngram", args.k, target_memory=target_mem),
+    ]
+    if args.fixed_k and args.k != args.fixed_k:
+        configs.append(
+            BenchConfig(
+                f"spec {int8} + draft k={args.fixed_k}", "draft", args.fixed_k, None, None, target_mem, draft_mem
+            )
+        )
+    return configs
+
+
 def run_bench(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
-    prompts = load_prompts(Path(args.prompts) if args.prompts else default_prompts_path(), args.limit)
+    prompts = load_prompts(prompt_files(args.prompts), args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     console.print("loading models and calibrating ...")
     runtime = Runtime(RuntimeConfig.from_args(args))
@@ -102,14 +153,7 @@ def run_bench(args: argparse.Namespace) -> int:
     llama_draft_memory = llama_draft.memory
     llama_draft.close()  # the cost table is all it is needed for
 
-    configs = [
-        BenchConfig("target-only llama.cpp", worker=llama_target),
-        BenchConfig(f"target-only {runtime.target.name}"),
-        BenchConfig(f"spec {runtime.target.name} + draft model k={args.k}", "draft", args.k),
-        BenchConfig(f"spec {runtime.target.name} + n-gram k={args.k}", "ngram", args.k),
-    ]
-    if args.fixed_k and args.k != args.fixed_k:
-        configs.append(BenchConfig(f"spec {runtime.target.name} + draft model k={args.fixed_k}", "draft", args.fixed_k))
+    configs = _configs(args, runtime, llama_target, console)
     runs: list[dict] = []
     total = len(prompts) * len(modes) * len(configs)
     with Progress(console=console, transient=True) as progress:
@@ -136,6 +180,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 ]
                 if selected:
                     rows[config.label] = _summarize(selected)
+                    rows[config.label]["target_memory"] = config.target_memory
+                    rows[config.label]["draft_memory"] = config.draft_memory
             fastest_plain = max(rows[c.label]["tokens_per_s"] for c in configs if c.method == "none")
             for row in rows.values():
                 row["speedup_vs_fastest_target_only"] = round(row["tokens_per_s"] / fastest_plain, 3)
@@ -144,7 +190,8 @@ def run_bench(args: argparse.Namespace) -> int:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "prompts": str(args.prompts or default_prompts_path()),
+        "prompts": [str(p) for p in prompt_files(args.prompts)],
+        "table": args.table,
         "max_tokens": args.max_tokens,
         "k": args.k,
         "sampled_temperature": SAMPLED_TEMPERATURE,
@@ -172,7 +219,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def print_report(report: dict, console: Console) -> None:
-    costs = Table(title="Backend cost: time to append k tokens, relative to 1 token (median of 5)")
+    costs = Table(title="Backend cost: time to append k tokens, relative to 1 token (fastest of 5)")
     costs.add_column("backend / model")
     costs.add_column("1 token ms", justify="right")
     for k in COST_WINDOWS[1:]:
