@@ -94,3 +94,20 @@ def test_batch_plan_drafts_alone_but_not_in_a_big_batch():
     # a sequence that never accepts is left out while the others draft
     plan = plan_batch([0.9, 0.9, 0.0], [8, 8, 8], [False, False, False], costs)
     assert plan[2] == 0 and plan[0] > 0
+
+
+def test_learned_confidence_cutoff_drops_tokens_the_draft_is_unsure_of():
+    """Tokens the draft gives < 30% are never accepted, confident ones always: the learned cutoff lands
+    between them, and stays at 0 while every bucket pays."""
+    model = AdaptiveK(acceptance=0.8, draft_cost_s=0.015, verify_cost_s={1: 0.03, 5: 0.04, 9: 0.05})
+    # prior (acceptance = confidence): cut where a token's odds are below the break-even draft_cost * rate
+    assert 0.0 < model.min_confidence() <= 0.7
+    for _ in range(200):
+        model.observe_confidence([0.95, 0.9, 0.2], accepted=2)  # the unsure third token is rejected
+        model.observe_confidence([0.25], accepted=0)
+    cutoff = model.min_confidence()
+    assert 0.3 <= cutoff <= 0.9
+    generous = AdaptiveK(acceptance=0.8, draft_cost_s=0.015, verify_cost_s={1: 0.03, 5: 0.04, 9: 0.05})
+    for _ in range(200):
+        generous.observe_confidence([0.05, 0.15, 0.25, 0.35], accepted=4)
+    assert generous.min_confidence() == 0.0

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 _EMA = 0.1  # weight of a new observation
 _PROBE_EVERY = 16  # steps at k = 0 before drafting one short window again to re-measure acceptance
+_CONFIDENCE_BUCKETS = 10  # acceptance is tracked per tenth of the draft's own confidence in its token
 
 
 @dataclass
@@ -27,6 +28,9 @@ class AdaptiveK:
     _accepted: float = 2.1  # pseudo-counts behind `acceptance` (a prior worth 3 trials)
     _tried: float = 3.0
     _steps_at_zero: int = 0
+    # Per confidence bucket: pseudo-counts of accepted / tried draft tokens (prior: acceptance = confidence).
+    _conf_accepted: list[float] = field(default_factory=lambda: [(b + 0.5) / _CONFIDENCE_BUCKETS for b in range(10)])
+    _conf_tried: list[float] = field(default_factory=lambda: [1.0] * _CONFIDENCE_BUCKETS)
 
     def verify_cost(self, window: int) -> float:
         """Estimated seconds to verify a window; never below a smaller window's cost (noise can make a
@@ -57,6 +61,28 @@ class AdaptiveK:
         if limit <= 0:
             return 0
         return self.probe(max(range(limit + 1), key=self.expected_rate))
+
+    def min_confidence(self) -> float:
+        """Draft confidence below which another draft token does not pay (llama.cpp's draft-p-min, learned):
+        one more draft costs `draft_cost_s`, which at the current rate would buy draft_cost_s * rate tokens;
+        it yields a token with the acceptance measured for its confidence bucket."""
+        if not self.draft_cost_s:
+            return 0.0
+        best_k = max(range(self.k_max + 1), key=self.expected_rate)
+        break_even = self.draft_cost_s * self.expected_rate(best_k)
+        threshold = 0.0
+        for bucket in range(_CONFIDENCE_BUCKETS):  # cut the low buckets whose measured acceptance is too low
+            if self._conf_accepted[bucket] / self._conf_tried[bucket] >= break_even:
+                break
+            threshold = (bucket + 1) / _CONFIDENCE_BUCKETS
+        return threshold
+
+    def observe_confidence(self, confidence: list[float], accepted: int) -> None:
+        """Draft tokens up to the first rejection were tried; later ones say nothing."""
+        for position, value in enumerate(confidence[: accepted + 1]):
+            bucket = min(int(value * _CONFIDENCE_BUCKETS), _CONFIDENCE_BUCKETS - 1)
+            self._conf_tried[bucket] += 1
+            self._conf_accepted[bucket] += position < accepted
 
     def probe(self, k: int) -> int:
         """After too many steps at k = 0, draft one token: acceptance may have changed, look again cheaply."""

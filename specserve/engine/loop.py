@@ -196,7 +196,10 @@ class Generation:
             k = self.adaptive.probe(planned_k) if limit else 0
         self.stats.chosen_k.append(k)
         # Tolerance needs the draft's probability of each token even when drafting greedily.
-        return DraftRequest(self.proposer, self.context, k, self.params, self._rng, self.tolerance is not None)
+        min_confidence = self.adaptive.min_confidence() if self.adaptive else 0.0
+        return DraftRequest(
+            self.proposer, self.context, k, self.params, self._rng, self.tolerance is not None, min_confidence
+        )
 
     def open_window(self, proposal: Proposal) -> Window:
         """Phase 2: what the target pass appends and verifies for this generation."""
@@ -223,6 +226,7 @@ class Generation:
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         if self.adaptive:
+            self.adaptive.observe_confidence(self._proposal.confidence, verdict.accepted)
             own = not batched
             self.adaptive.observe(len(drafted), verdict.accepted, draft_s if own else None, verify_s if own else None)
         stats.record_window(len(drafted), verdict.accepted)

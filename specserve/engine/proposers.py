@@ -6,7 +6,7 @@ distribution it was drawn from (None = a deterministic point mass), which reject
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +20,7 @@ from specserve.engine.verify import tolerance_distribution, verify
 class Proposal:
     tokens: list[int]
     probs: list[np.ndarray | None]  # per token: the draft distribution q it was sampled from
+    confidence: list[float] = field(default_factory=list)  # per token: the draft's probability of it, if known
 
 
 class Proposer(Protocol):
@@ -112,6 +113,7 @@ class DraftRequest:
     params: SamplingParams
     rng: np.random.Generator
     with_probs: bool = False
+    min_confidence: float = 0.0  # stop drafting at a token the draft itself gives less than this
 
 
 def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
@@ -131,11 +133,17 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
             if params.greedy:
                 token = int(np.argmax(logits[i]))
                 q = tolerance_distribution(logits[i], params) if requests[i].with_probs else None
+                confidence = _top_probability(logits[i])
             else:
                 q = probabilities(logits[i], params)
                 token = sample(q, requests[i].rng)
+                confidence = float(q[token])
+            if confidence < requests[i].min_confidence and proposals[i].tokens:
+                ks[i] = len(proposals[i].tokens)  # not sure enough to be worth verifying: end the window here
+                continue
             proposals[i].tokens.append(token)
             proposals[i].probs.append(q)
+            proposals[i].confidence.append(confidence)
         live = [i for i in live if len(proposals[i].tokens) < ks[i]]
         if live:
             work = [(requests[i].proposer.backend, proposals[i].tokens[-1:], False) for i in live]
@@ -143,6 +151,12 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
                 logits[i] = rows[-1]
                 requests[i].proposer._cached.append(proposals[i].tokens[-1])
     return proposals
+
+
+def _top_probability(logits: np.ndarray) -> float:
+    """Softmax probability of the argmax (temperature 1): the draft's confidence in its greedy token."""
+    top = logits.max()
+    return float(1.0 / np.exp(logits - top).sum())
 
 
 def propose_batch(requests: list[DraftRequest]) -> list[Proposal]:
