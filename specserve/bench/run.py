@@ -213,8 +213,9 @@ def run_bench(args: argparse.Namespace) -> int:
     from specserve.bench.plot import plot_report
 
     png = plot_report(report, out.with_suffix(".png"))
-    print_report(report, Console())
-    Console().print(f"JSON: {out}   plot: {png}")
+    console = Console(width=max(Console().width, 150))  # the tables are wide; do not wrap them into columns
+    print_report(report, console)
+    console.print(f"JSON: {out}   plot: {png}")
     return 0
 
 
@@ -236,6 +237,8 @@ def print_report(report: dict, console: Console) -> None:
             "tokens/s",
             "acceptance",
             "tokens/pass",
+            "draft GiB",
+            "target GiB",
             "speedup",
         ):
             table.add_column(col, justify="left" if col == "configuration" else "right")
@@ -248,6 +251,8 @@ def print_report(report: dict, console: Console) -> None:
                 f"{r['tokens_per_s']:.1f}",
                 acc,
                 f"{r['tokens_per_pass']:.2f}",
+                f"{r['draft_memory'] / 2**30:.2f}" if r["draft_memory"] else "-",
+                f"{r['target_memory'] / 2**30:.2f}",
                 f"{r['speedup_vs_fastest_target_only']:.2f}x",
             )
         console.print(table)
