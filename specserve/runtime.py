@@ -27,6 +27,8 @@ DEFAULT_TARGET_BACKEND = "torch-int8"
 DEFAULT_DRAFT_BACKEND = "torch-int8"
 DEFAULT_K: int | str = "auto"  # adaptive draft length (engine/adaptive.py); an int fixes it
 K_MAX = 8
+REMOTE_K_MAX = 16  # with a network round trip per window, longer windows pay (adaptive k decides)
+REMOTE_Q_TOP_K = 64  # a remote draft samples from its top 64 tokens: the sparse q it sends the verifier
 _CALIBRATION_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
 
 
@@ -50,6 +52,9 @@ class RuntimeConfig:
     draft_backend: str = DEFAULT_DRAFT_BACKEND
     n_ctx: int = 4096
     k: int | str = DEFAULT_K
+    verifiers: tuple[str, ...] = ()  # HOST:PORT of remote verifier services: the target runs there (cluster/)
+    auth_token: str | None = None  # sent to the verifiers
+    tls_ca: str | None = None  # PEM CA that signed the verifiers' TLS certificates (None: plaintext)
 
     @classmethod
     def from_args(cls, args, with_draft: bool = True) -> RuntimeConfig:
@@ -61,6 +66,9 @@ class RuntimeConfig:
             draft_backend=args.draft_backend,
             n_ctx=args.n_ctx,
             k=getattr(args, "k", DEFAULT_K),
+            verifiers=tuple(a for a in (getattr(args, "verifier", None) or "").split(",") if a),
+            auth_token=getattr(args, "auth_token", None) or None,
+            tls_ca=getattr(args, "tls_ca", None),
         )
 
 
@@ -68,6 +76,10 @@ class Runtime:
     def __init__(self, config: RuntimeConfig, show_progress: bool = True):
         self.config = config
         t0 = time.perf_counter()
+        if config.verifiers:
+            self._init_remote(show_progress)
+            self.load_s = time.perf_counter() - t0
+            return
         target_path = resolve_model(config.target, show_progress)
         self.tokenizer = Tokenizer(target_path)
         draft_path = None
@@ -82,6 +94,27 @@ class Runtime:
         self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
         self._adaptive_templates = self._calibrate()
         self.load_s = time.perf_counter() - t0
+
+    def _init_remote(self, show_progress: bool) -> None:
+        """Front-end of remote verifiers (specserve/cluster): the draft and tokenizer here, the target there."""
+        from specserve.cluster.router import ClientOptions, VerifierPool
+
+        config = self.config
+        self.tokenizer = Tokenizer(resolve_model(config.draft or config.target, show_progress))
+        options = ClientOptions(auth_token=config.auth_token, tls_ca=config.tls_ca)
+        self.target = VerifierPool(list(config.verifiers), self.tokenizer.digest, options)
+        self.tokenizer.chat_template = self.target.chat_template or self.tokenizer.chat_template  # the target's
+        self.target_name = self.target.model_name
+        self.draft = None
+        if config.draft:
+            self.draft = load_backend(config.draft_backend, self.tokenizer.path, config.n_ctx, show_progress)
+        self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
+        verify = self.target.window_cost_s  # measured by the verifier at start-up
+        templates = {"ngram": AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0)}
+        if self.draft is not None:
+            draft_step = window_seconds(self.draft, self.tokenizer.encode(_CALIBRATION_TEXT), (1,), repeats=3)[1]
+            templates["draft"] = AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft_step)
+        self._adaptive_templates = templates
 
     def _calibrate(self) -> dict[str, AdaptiveK]:
         """Seed adaptive k with this machine's costs: every verify window size, and a draft step."""
@@ -99,7 +132,11 @@ class Runtime:
         """A fixed k, or a fresh adaptive controller seeded with the calibrated costs."""
         k = self.config.k if k is None else k
         if k == "auto":
-            return copy.deepcopy(self._adaptive_templates[method]) if method in self._adaptive_templates else 0
+            if method not in self._adaptive_templates:
+                return 0
+            adaptive = copy.deepcopy(self._adaptive_templates[method])
+            adaptive.round_trip_s = getattr(self.target, "round_trip_s", 0.0)  # remote verifiers: network time
+            return adaptive
         return int(k)
 
     def encode_prompt(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
@@ -129,5 +166,6 @@ class Runtime:
         if method == "ngram":
             return NgramProposer()
         if method == "draft":
-            return DraftModelProposer(self.draft.new_sequence())
+            q_top_k = REMOTE_Q_TOP_K if self.config.verifiers else 0
+            return DraftModelProposer(self.draft.new_sequence(), q_top_k=q_top_k)
         return None

@@ -69,6 +69,7 @@ class AdaptiveK:
 
     def observe(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         window = drafted + 1
+        verify_s = max(verify_s - self.round_trip_s, 0.0)  # a remote window's wall time includes the network
         old = self.verify_cost_s.get(window)
         self.verify_cost_s[window] = verify_s if old is None else (1 - _EMA) * old + _EMA * verify_s
         if drafted == 0:

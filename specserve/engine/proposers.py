@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from specserve.backends.base import Backend
-from specserve.engine.sampling import SamplingParams, probabilities, sample
+from specserve.engine.sampling import SamplingParams, keep_top_k, probabilities, sample
 
 
 @dataclass
@@ -69,8 +69,9 @@ class DraftModelProposer:
 
     name = "draft"
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, q_top_k: int = 0):
         self.backend = backend
+        self.q_top_k = q_top_k  # > 0: sample from the top-k of q only (sparse q for a remote verifier)
         self._cached: list[int] = []  # tokens whose KV is in the draft backend
 
     def reset(self) -> None:
@@ -120,7 +121,7 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
             if params.greedy:
                 token, q = int(np.argmax(logits[i])), None
             else:
-                q = probabilities(logits[i], params)
+                q = keep_top_k(probabilities(logits[i], params), requests[i].proposer.q_top_k)
                 token = sample(q, requests[i].rng)
             proposals[i].tokens.append(token)
             proposals[i].probs.append(q)
