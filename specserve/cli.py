@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from specserve import SpecserveError
 from specserve.backends.base import ContextOverflowError
@@ -80,6 +81,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from specserve.bench.run import run_bench
 
+    if args.wan is not None:
+        _share_cores_politely()
+        from specserve.bench.run import default_prompts_path, load_prompts
+        from specserve.bench.wan import run_wan_bench
+
+        prompts = load_prompts(Path(args.prompts) if args.prompts else default_prompts_path(), args.limit)
+        return run_wan_bench(args, prompts)
     return run_bench(args)
 
 
@@ -150,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fixed-k", type=int, default=4, help="also run the draft model at this fixed k (0: skip)")
     bench.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both")
     bench.add_argument("--out", default="bench-out/bench.json", help="JSON report; the PNG goes beside it")
+    bench.add_argument(
+        "--wan",
+        default=None,
+        metavar="RTT_MS[,RTT_MS...]",
+        help="remote target per token vs local draft + remote verifier at these round-trip times (bench-out/wan.*)",
+    )
+    bench.add_argument("--verifier", default=None, help="with --wan: use this verifier (default: start one here)")
     _add_model_args(bench)
     bench.set_defaults(func=cmd_bench)
 

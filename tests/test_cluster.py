@@ -29,7 +29,7 @@ from specserve.cluster import verifier_pb2 as pb  # noqa: E402
 from specserve.cluster import verifier_pb2_grpc as pb_grpc  # noqa: E402
 from specserve.cluster.protocol import auth_metadata, params_to_wire  # noqa: E402
 from specserve.cluster.remote import RemoteTarget  # noqa: E402
-from specserve.cluster.router import VerifierPool  # noqa: E402
+from specserve.cluster.router import ClientOptions, VerifierPool  # noqa: E402
 from specserve.cluster.service import VerifierService, start_server  # noqa: E402
 from specserve.engine.sampling import SamplingParams, keep_top_k  # noqa: E402
 from specserve.engine.target import Window  # noqa: E402
@@ -342,3 +342,81 @@ def test_kill_9_of_a_replica_mid_stream_loses_nothing(runtime, verifiers):
         assert survivor.proc.poll() is None and info(survivor.address).model == runtime.target_name
     finally:
         stop_frontend(proc)
+
+
+# --- security: a real verifier process with the small SmolLM2 model (llama.cpp) ---
+
+SMALL = ("--target", "smollm2-135m", "--target-backend", "llama.cpp")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), which is also its own CA."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.mark.small_model
+def test_auth_token_required_and_garbage_bytes_do_not_hurt(smollm2_path):
+    verifier = VerifierProcess(*SMALL, env={"SPECSERVE_AUTH_TOKEN": "s3cret"}).wait_ready()
+    try:
+        for token in (None, "wrong"):
+            with pytest.raises(grpc.RpcError) as error:
+                info(verifier.address, token)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(SpecserveError, match="refused: no auth token"):
+            VerifierPool([verifier.address], "any")
+        assert "refused" in verifier.output() and "wrong auth token" in verifier.output()  # logged
+        assert info(verifier.address, "s3cret").model == smollm2_path.name
+
+        with socket.create_connection(("127.0.0.1", verifier.port), timeout=10) as raw:
+            raw.sendall(os.urandom(4096) + b"GET / HTTP/1.1\r\n\r\n" * 50)
+            received = b""
+            while chunk := raw.recv(65536):  # the server closes the connection: recv returns b""
+                received += chunk
+        assert verifier.proc.poll() is None
+        assert info(verifier.address, "s3cret").model == smollm2_path.name  # still serving
+    finally:
+        verifier.stop()
+
+
+@pytest.mark.small_model
+def test_tls_with_a_ca_and_a_remote_generation(smollm2_path, tls_files):
+    from specserve.engine.loop import Generation
+    from specserve.models.tokenizer import Tokenizer
+
+    cert, key = tls_files
+    verifier = VerifierProcess(*SMALL, "--tls-cert", cert, "--tls-key", key).wait_ready()
+    tokenizer = Tokenizer(smollm2_path)
+    try:
+        with pytest.raises(grpc.RpcError):  # plaintext to a TLS port fails
+            info(verifier.address)
+        pool = VerifierPool([verifier.address], tokenizer.digest, ClientOptions(tls_ca=cert))
+        with open(cert, "rb") as f:
+            assert info(verifier.address, credentials=grpc.ssl_channel_credentials(f.read())).sessions == 0
+        prompt = tokenizer.encode("The capital of France is")
+        params = SamplingParams(max_tokens=8)
+        remote = pool.new_sequence()
+        generation = Generation(remote, tokenizer.decode_bytes, tokenizer.stop_ids, prompt, params, None, 0)
+        for _ in generation:
+            pass
+        assert generation.stats.generated == 8 and generation.text.strip()
+        pool.close()
+    finally:
+        verifier.stop()
+
+
+def test_a_pool_refuses_a_verifier_with_another_tokenizer():
+    verifier = InProcessVerifier(P)
+    try:
+        with pytest.raises(SpecserveError, match="different tokenizer than the draft"):
+            VerifierPool([verifier.address], "not-the-same-digest")
+    finally:
+        verifier.stop()

@@ -101,6 +101,8 @@ class RemoteTarget:
         self.batch_key = pool  # one run_many sends every session's window before waiting for any verdict
         self.failovers = 0  # sessions re-opened with a replay (for stats and tests)
         self._cache: list[int] = []  # the tokens the verifier's KV cache holds for this session
+        self._prompt_tokens = 0  # how many of them came as prompt chunks (up to the first verdict)
+        self._prompt_done = False
         self._open_params: pb.SamplingParams | None = None
         self._wire: pb.ClientMessage | None = None  # the window in flight, to resend after a failover
         self._stream_holder: list[_Stream] = []  # a list so the finalizer can close it without holding self
@@ -117,6 +119,7 @@ class RemoteTarget:
     def reset(self) -> None:
         self.close()
         self._cache = []
+        self._prompt_tokens, self._prompt_done = 0, False
 
     def close(self) -> None:
         _close_stream(self.pool, self._stream_holder)
@@ -138,7 +141,9 @@ class RemoteTarget:
     def _open(self, avoid: Replica | None = None) -> None:
         """A new stream on the least loaded replica, rebuilding the cache there from the known context."""
         replica = self.pool.acquire(avoid)
-        first = pb.ClientMessage(open=pb.Open(params=self._open_params, context=self._cache))
+        first = pb.ClientMessage(
+            open=pb.Open(params=self._open_params, context=self._cache, prompt_tokens=self._prompt_tokens)
+        )
         self._stream_holder.append(_Stream(replica, self.pool, first))
 
     def _receive(self, window: Window) -> Verdict | None:
@@ -156,6 +161,8 @@ class RemoteTarget:
         else:
             raise SpecserveError(f"no verifier could take the session after {MAX_REOPENS} attempts")
         self._cache.extend(window.append)
+        if not self._prompt_done:  # prompt chunks run until the first verdict
+            self._prompt_tokens, self._prompt_done = len(self._cache), reply.has_verdict
         if not reply.has_verdict:
             return None
         self._cache.extend(window.drafts[: reply.accepted])

@@ -38,6 +38,9 @@ from specserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger("specserve.verifier")
 MAX_BATCH = 16  # windows in one target pass
+# Generated tokens are replayed in windows this small: a batch-invariant backend computes them row by row,
+# exactly like the one-token steps and draft windows they first came in (torch_int8: up to 32 rows).
+REPLAY_WINDOW = 16
 CALIBRATED_WINDOWS = tuple(range(1, 18))  # window sizes whose cost front-ends get (k up to 16)
 
 
@@ -226,7 +229,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                     if session is not None:
                         self.sessions.close(session)
                     session = self.sessions.open(params_from_wire(message.open.params))
-                    await self._replay(session, list(message.open.context), context)
+                    await self._replay(session, list(message.open.context), message.open.prompt_tokens, context)
                 elif kind == "window":
                     if session is None:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a window before open")
@@ -239,12 +242,18 @@ class VerifierService(pb_grpc.VerifierServicer):
             if session is not None:
                 self.sessions.close(session)
 
-    async def _replay(self, session: _Session, tokens: list[int], context: grpc.aio.ServicerContext) -> None:
-        """Rebuild a session's cache from its context (after failover or eviction), in prefill-sized chunks."""
+    async def _replay(
+        self, session: _Session, tokens: list[int], prompt_tokens: int, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Rebuild a session's cache from its context (after failover or eviction) in the same chunks as the
+        first time: a prefill chunk and a token window round differently (numerics must not change)."""
         if len(tokens) >= self.root.n_ctx or any(t < 0 or t >= self.tokenizer.n_vocab for t in tokens):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "replay context out of range")
-        for start in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = Window(tokens[start : start + PREFILL_CHUNK], [], [], False, session.params, session.rng)
+        prompt_tokens = min(max(prompt_tokens, 0), len(tokens))
+        bounds = [*range(0, prompt_tokens, PREFILL_CHUNK), *range(prompt_tokens, len(tokens), REPLAY_WINDOW)]
+        for i, start in enumerate(bounds):
+            end = bounds[i + 1] if i + 1 < len(bounds) else len(tokens)
+            chunk = Window(tokens[start:end], [], [], False, session.params, session.rng)
             await self._run(session, chunk, context)
 
     async def _window(self, session: _Session, wire: pb.Window, context: grpc.aio.ServicerContext) -> pb.Reply:

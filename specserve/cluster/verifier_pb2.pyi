@@ -52,12 +52,14 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("params", "context")
+    __slots__ = ("params", "context", "prompt_tokens")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     params: SamplingParams
     context: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, params: _Optional[_Union[SamplingParams, _Mapping]] = ..., context: _Optional[_Iterable[int]] = ...) -> None: ...
+    prompt_tokens: int
+    def __init__(self, params: _Optional[_Union[SamplingParams, _Mapping]] = ..., context: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SparseDist(_message.Message):
     __slots__ = ("ids", "probs")
