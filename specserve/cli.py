@@ -7,10 +7,21 @@ import os
 import sys
 from pathlib import Path
 
-from specserve import SpecserveError
-from specserve.backends.base import ContextOverflowError
-from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS
-from specserve.runtime import BACKENDS, DEFAULT_DRAFT_BACKEND, DEFAULT_K, DEFAULT_TARGET_BACKEND, DRAFT_METHODS
+
+def _share_cores_politely() -> None:
+    """A front-end and a verifier on the same cores: OpenMP workers that spin while idle starve the other
+    process's (measured here: a draft step went from 24 ms to 1.3 s). libgomp reads this once, when it
+    loads (with llama_cpp, imported below through the runtime), so it is set before any import."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+if any(a == "verifier" or a.startswith(("--verifier", "--wan")) for a in sys.argv[1:]):
+    _share_cores_politely()
+
+from specserve import SpecserveError  # noqa: E402
+from specserve.backends.base import ContextOverflowError  # noqa: E402
+from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS  # noqa: E402
+from specserve.runtime import BACKENDS, DEFAULT_DRAFT_BACKEND, DEFAULT_K, DEFAULT_TARGET_BACKEND, DRAFT_METHODS  # noqa: E402
 
 
 def positive_int(value: str) -> int:
@@ -82,7 +93,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specserve.bench.run import run_bench
 
     if args.wan is not None:
-        _share_cores_politely()
         from specserve.bench.run import default_prompts_path, load_prompts
         from specserve.bench.wan import run_wan_bench
 
@@ -91,17 +101,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-def _share_cores_politely() -> None:
-    """A front-end and a verifier on the same cores: OpenMP workers that spin while idle starve the other
-    process's (measured here: a draft step went from 24 ms to 1.3 s). Must be set before torch loads."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from specserve.server.app import serve
-
-    if args.verifier:
-        _share_cores_politely()
 
     return serve(args)
 
@@ -109,7 +110,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_verifier(args: argparse.Namespace) -> int:
     from specserve.cluster.service import serve_verifier
 
-    _share_cores_politely()
     return serve_verifier(args)
 
 

@@ -80,7 +80,7 @@ def _summarize(runs: list[dict]) -> dict:
 def run_wan_bench(args: argparse.Namespace, prompts: list[dict]) -> int:
     console = Console(stderr=True)
     rtts = parse_rtts(args.wan)
-    proc = None
+    proc, runtime = None, None
     address = args.verifier
     if not address:
         proc, address = start_local_verifier(args, console)
@@ -105,6 +105,8 @@ def run_wan_bench(args: argparse.Namespace, prompts: list[dict]) -> int:
                         runs.append(result)
                         progress.advance(task)
     finally:
+        if runtime is not None:
+            runtime.target.close()  # stop health checks before the verifier goes away
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
