@@ -113,6 +113,12 @@ def cmd_verifier(args: argparse.Namespace) -> int:
     return serve_verifier(args)
 
 
+def cmd_ray(args: argparse.Namespace) -> int:
+    from specserve.cluster import ray_deploy
+
+    return {"up": ray_deploy.ray_up, "status": ray_deploy.ray_status, "down": ray_deploy.ray_down}[args.action](args)
+
+
 def _add_auth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--auth-token",
@@ -201,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     verifier.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     _add_model_args(verifier)
     verifier.set_defaults(func=cmd_verifier)
+
+    ray = sub.add_parser("ray", help="verifier replicas and a front-end as Ray actors (Ray places and restarts them)")
+    ray.add_argument("action", choices=("up", "status", "down"))
+    ray.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    ray.add_argument("--replicas", type=positive_int, default=2, help="verifier replicas (default 2)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica (default 1)")
+    ray.add_argument("--host", default="127.0.0.1", help="address the actors listen on")
+    ray.add_argument("--port", type=int, default=8000, help="front-end HTTP port")
+    ray.add_argument("--verifier-port", type=int, default=0, help="first verifier port (default: free ports)")
+    ray.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for actors to load")
+    _add_auth_args(ray)
+    _add_model_args(ray)
+    ray.set_defaults(func=cmd_ray)
     return parser
 
 

@@ -320,6 +320,19 @@ def test_draft_failure_falls_back_to_target_only_with_identical_output(runtime):
 
 
 @pytest.mark.models
+def test_pipelined_drafting_keeps_greedy_output(runtime):
+    from specserve.cluster.pipeline import PipelinedDrafter
+
+    prompt_ids = runtime.encode_prompt(messages=[{"role": "user", "content": PROMPTS[0]}])
+    generation = runtime.generate(prompt_ids, SamplingParams(max_tokens=64), method="draft", k=4)
+    generation.proposer = drafter = PipelinedDrafter(generation.proposer)
+    for _ in generation:
+        pass
+    assert generation.text == reference(runtime, PROMPTS[0], 64)
+    assert drafter.hits > 0 and generation.stats.accepted > 0  # some windows came from the pre-draft
+
+
+@pytest.mark.models
 def test_kill_9_of_a_replica_mid_stream_loses_nothing(runtime, verifiers):
     """Runs last in this module: it kills one of the module's verifiers."""
     prompt = "Write a Python class `LRUCache` with get and put, using an OrderedDict."
@@ -420,3 +433,77 @@ def test_a_pool_refuses_a_verifier_with_another_tokenizer():
             VerifierPool([verifier.address], "not-the-same-digest")
     finally:
         verifier.stop()
+
+
+# --- Ray: a local cluster on loopback, started and stopped here ---
+
+
+@pytest.mark.small_model
+def test_ray_places_replicas_and_a_frontend_and_restarts_a_killed_replica(smollm2_path, tmp_path):
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    gcs = f"127.0.0.1:{free_port()}"
+    # --block keeps `ray start` in the foreground: stopping its process group stops this cluster only.
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", gcs.split(":")[1]]
+        + ["--num-cpus", "4", "--include-dashboard", "false", "--disable-usage-stats"],
+        stdout=open(tmp_path / "ray.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    small = ["--target", "smollm2-135m", "--target-backend", "llama.cpp", "--n-ctx", "1024"]
+    small += ["--draft", "smollm2-135m", "--draft-backend", "llama.cpp"]
+
+    def specserve_ray(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "specserve.cli", "ray", *args, "--address", gcs, *small],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([ray_cli, "status", "--address", gcs], capture_output=True).returncode != 0:
+            assert time.time() < deadline and head.poll() is None, (tmp_path / "ray.log").read_text()[-2000:]
+            time.sleep(1)
+        http_port = free_port()
+        up = specserve_ray("up", "--replicas", "2", "--port", str(http_port))
+        addresses = up.split("verifiers: ")[1].split()[0].split(",")
+        assert len(addresses) == 2
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.time() + 300
+        while True:
+            try:
+                if openai.OpenAI(base_url=f"{base}/v1", api_key="x").models.list().data:
+                    break
+            except openai.APIError:
+                pass
+            assert time.time() < deadline, "the front-end actor did not become ready"
+            time.sleep(1)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        first = client.completions.create(model=None, prompt="The capital of France is", max_tokens=12, seed=1)
+
+        status = specserve_ray("status")
+        pid = int(status.split("verifier-0: ")[1].split("pid ")[1].split()[0])
+        os.kill(pid, signal.SIGKILL)  # a replica process crashes: Ray restarts it at the same address
+        deadline = time.time() + 300
+        while True:
+            try:
+                if info(addresses[0]).model:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.time() < deadline, "Ray did not restart the replica"
+            time.sleep(1)
+        assert f"pid {pid}" not in specserve_ray("status")
+        again = client.completions.create(model=None, prompt="The capital of France is", max_tokens=12, seed=2)
+        assert again.choices[0].text == first.choices[0].text
+        assert "stopped verifier-0" in specserve_ray("down")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

@@ -174,7 +174,7 @@ class Generation:
         """After a draft failure: no drafts in this step, and no draft model from now on (k = 0)."""
         if self._prefilled >= len(self.prompt) and self.stats.chosen_k:
             self.stats.chosen_k[-1] = 0  # this step drafts nothing after all
-        if isinstance(self.proposer, DraftModelProposer):
+        if isinstance(self.proposer, DraftModelProposer) or getattr(self.proposer, "name", "") == "draft":
             self.proposer = None
         return Proposal([], [])
 
