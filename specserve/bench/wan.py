@@ -136,8 +136,9 @@ def run_wan_bench(args: argparse.Namespace, prompts: list[dict]) -> int:
             base = rows[BASELINE]["ms_per_token_mean"]
             for label in (DISAGGREGATED, PIPELINED):
                 rows[label]["speedup"] = round(base / rows[label]["ms_per_token_mean"], 2)
-            hits = sum(r.get("pipeline_hits", 0) for r in chosen)
-            tries = hits + sum(r.get("pipeline_misses", 0) for r in chosen)
+            of_kind = [r for r in chosen if kind in (r["kind"], "all")]
+            hits = sum(r.get("pipeline_hits", 0) for r in of_kind)
+            tries = hits + sum(r.get("pipeline_misses", 0) for r in of_kind)
             rows[PIPELINED]["pipeline_hit_rate"] = round(hits / tries, 2) if tries else None
             summary[f"{kind}/{rtt:g}"] = rows
     report = {

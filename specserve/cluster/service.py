@@ -202,7 +202,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         sent = dict(context.invocation_metadata() or ()).get(AUTH_HEADER, "")
         if not hmac.compare_digest(sent.encode(), f"Bearer {self.auth_token}".encode()):
             reason = "no auth token" if not sent else "wrong auth token"
-            log.warning("refused %s from %s: %s", context.peer(), "connection", reason)
+            log.warning("refused a call from %s: %s", context.peer(), reason)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: this verifier requires --auth-token")
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
