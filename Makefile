@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup models redis serve test test-quick lint bench clean
+.PHONY: setup models redis serve test test-quick lint bench proto clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ test-quick: setup redis
 lint: setup
 	$(VENV)/bin/ruff check specserve tests
 	$(VENV)/bin/ruff format --check specserve tests
+
+# The gRPC stubs are committed; regenerate them after editing the .proto (grpcio-tools from requirements.lock).
+proto: setup
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. specserve/cluster/verifier.proto
 
 bench: models
 	$(VENV)/bin/specserve bench

@@ -1,15 +1,27 @@
-"""`specserve` command line: generate, bench, loadtest, fetch, serve."""
+"""`specserve` command line: generate, bench, loadtest, fetch, serve, verifier, ray."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from specserve import SpecserveError
-from specserve.backends.base import ContextOverflowError
-from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS
-from specserve.runtime import (
+
+def _share_cores_politely() -> None:
+    """A front-end and a verifier on the same cores: OpenMP workers that spin while idle starve the other
+    process's (measured here: a draft step went from 24 ms to 1.3 s). libgomp reads this once, when it
+    loads (with llama_cpp, imported below through the runtime), so it is set before any import."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+if any(a == "verifier" or a.startswith(("--verifier", "--wan")) for a in sys.argv[1:]):
+    _share_cores_politely()
+
+from specserve import SpecserveError  # noqa: E402
+from specserve.backends.base import ContextOverflowError  # noqa: E402
+from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS  # noqa: E402
+from specserve.runtime import (  # noqa: E402
     BACKENDS,
     DEFAULT_DRAFT_BACKEND,
     DEFAULT_K,
@@ -100,6 +112,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from specserve.bench.run import run_bench
 
+    if args.wan is not None:
+        from specserve.bench.run import default_prompts_path, load_prompts
+        from specserve.bench.wan import run_wan_bench
+
+        prompts = load_prompts(Path(args.prompts) if args.prompts else default_prompts_path(), args.limit)
+        return run_wan_bench(args, prompts)
     return run_bench(args)
 
 
@@ -113,6 +131,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from specserve.server.app import serve
 
     return serve(args)
+
+
+def cmd_verifier(args: argparse.Namespace) -> int:
+    from specserve.cluster.service import serve_verifier
+
+    return serve_verifier(args)
+
+
+def cmd_ray(args: argparse.Namespace) -> int:
+    from specserve.cluster import ray_deploy
+
+    return {"up": ray_deploy.ray_up, "status": ray_deploy.ray_status, "down": ray_deploy.ray_down}[args.action](args)
+
+
+def _add_auth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get("SPECSERVE_AUTH_TOKEN") or None,
+        help="shared secret on verifier connections (env SPECSERVE_AUTH_TOKEN)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fixed-k", type=int, default=4, help="also run the draft model at this fixed k (0: skip)")
     bench.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both")
     bench.add_argument("--out", default="bench-out/bench.json", help="JSON report; the PNG goes beside it")
+    bench.add_argument(
+        "--wan",
+        default=None,
+        metavar="RTT_MS[,RTT_MS...]",
+        help="remote target per token vs local draft + remote verifier at these round-trip times (bench-out/wan.*)",
+    )
+    bench.add_argument("--verifier", default=None, help="with --wan: use this verifier (default: start one here)")
     _add_model_args(bench)
     bench.set_defaults(func=cmd_bench)
 
@@ -198,8 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SPECSERVE_CACHE_URL") or None,
         help="response cache: redis://host:port/db (default: in-process LRU; env SPECSERVE_CACHE_URL)",
     )
+    serve.add_argument(
+        "--verifier",
+        default=None,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="run the target on these `specserve verifier` services; only the draft runs here",
+    )
+    _add_auth_args(serve)
+    serve.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect to the verifiers over TLS")
     _add_model_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    verifier = sub.add_parser("verifier", help="serve the target model to remote front-ends (gRPC)")
+    verifier.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT", help="default 127.0.0.1:50051")
+    verifier.add_argument("--max-sessions", type=positive_int, default=64, help="KV caches kept (LRU eviction)")
+    verifier.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session expires")
+    _add_auth_args(verifier)
+    verifier.add_argument("--tls-cert", default=None, help="PEM certificate: serve over TLS (with --tls-key)")
+    verifier.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    _add_model_args(verifier)
+    verifier.set_defaults(func=cmd_verifier)
+
+    ray = sub.add_parser("ray", help="verifier replicas and a front-end as Ray actors (Ray places and restarts them)")
+    ray.add_argument("action", choices=("up", "status", "down"))
+    ray.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    ray.add_argument("--replicas", type=positive_int, default=2, help="verifier replicas (default 2)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica (default 1)")
+    ray.add_argument("--host", default="127.0.0.1", help="address the actors listen on")
+    ray.add_argument("--port", type=int, default=8000, help="front-end HTTP port")
+    ray.add_argument("--verifier-port", type=int, default=0, help="first verifier port (default: free ports)")
+    ray.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for actors to load")
+    _add_auth_args(ray)
+    _add_model_args(ray)
+    ray.set_defaults(func=cmd_ray)
     return parser
 
 

@@ -31,6 +31,8 @@ DEFAULT_TARGET_BACKEND = "torch-int8"
 DEFAULT_DRAFT_BACKEND = "torch-int8"
 DEFAULT_K: int | str = "auto"  # adaptive draft length (engine/adaptive.py); an int fixes it
 K_MAX = 8
+REMOTE_K_MAX = 16  # with a network round trip per window, longer windows pay (adaptive k decides)
+REMOTE_Q_TOP_K = 64  # a remote draft samples from its top 64 tokens: the sparse q it sends the verifier
 _CALIBRATION_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
 
 
@@ -54,6 +56,9 @@ class RuntimeConfig:
     draft_backend: str = DEFAULT_DRAFT_BACKEND
     n_ctx: int = 4096
     k: int | str = DEFAULT_K
+    verifiers: tuple[str, ...] = ()  # HOST:PORT of remote verifier services: the target runs there (cluster/)
+    auth_token: str | None = None  # sent to the verifiers
+    tls_ca: str | None = None  # PEM CA that signed the verifiers' TLS certificates (None: plaintext)
 
     @classmethod
     def from_args(cls, args, with_draft: bool = True) -> RuntimeConfig:
@@ -65,6 +70,9 @@ class RuntimeConfig:
             draft_backend=args.draft_backend,
             n_ctx=args.n_ctx,
             k=getattr(args, "k", DEFAULT_K),
+            verifiers=tuple(a for a in (getattr(args, "verifier", None) or "").split(",") if a),
+            auth_token=getattr(args, "auth_token", None) or None,
+            tls_ca=getattr(args, "tls_ca", None),
         )
 
 
@@ -73,6 +81,10 @@ class Runtime:
         """`target`: an already loaded target backend to share (e.g. the bench comparing drafts)."""
         self.config = config
         t0 = time.perf_counter()
+        if config.verifiers:
+            self._init_remote(show_progress)
+            self.load_s = time.perf_counter() - t0
+            return
         target_path = resolve_model(config.target, show_progress)
         self.tokenizer = Tokenizer(target_path)
         draft_path = None
@@ -89,6 +101,29 @@ class Runtime:
         self._draft_prefixes = PrefixCache()
         self._adaptive_templates, self.batch_costs = self._calibrate()
         self.load_s = time.perf_counter() - t0
+
+    def _init_remote(self, show_progress: bool) -> None:
+        """Front-end of remote verifiers (specserve/cluster): the draft and tokenizer here, the target there."""
+        from specserve.cluster.router import ClientOptions, VerifierPool
+
+        config = self.config
+        self.tokenizer = Tokenizer(resolve_model(config.draft or config.target, show_progress))
+        options = ClientOptions(auth_token=config.auth_token, tls_ca=config.tls_ca)
+        self.target = VerifierPool(list(config.verifiers), self.tokenizer.digest, options)
+        self.tokenizer.chat_template = self.target.chat_template or self.tokenizer.chat_template  # the target's
+        self.target_name = self.target.model_name
+        self.draft = None
+        if config.draft:
+            self.draft = load_backend(config.draft_backend, self.tokenizer.path, config.n_ctx, show_progress)
+        self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
+        # KV lives on the verifiers: no local prefix reuse, and batches are formed there, not planned here.
+        self._target_prefixes, self._draft_prefixes, self.batch_costs = None, PrefixCache(), None
+        verify = self.target.window_cost_s  # measured by the verifier at start-up
+        templates = {"ngram": AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0)}
+        if self.draft is not None:
+            draft_step = window_seconds(self.draft, self.tokenizer.encode(_CALIBRATION_TEXT), (1,), repeats=3)[1]
+            templates["draft"] = AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft_step)
+        self._adaptive_templates = templates
 
     def _calibrate(self) -> tuple[dict[str, AdaptiveK], BatchCosts]:
         """Seed adaptive k with this machine's costs: every verify window size and a draft step for one
@@ -112,7 +147,11 @@ class Runtime:
         """A fixed k, or a fresh adaptive controller seeded with the calibrated costs."""
         k = self.config.k if k is None else k
         if k == "auto":
-            return copy.deepcopy(self._adaptive_templates[method]) if method in self._adaptive_templates else 0
+            if method not in self._adaptive_templates:
+                return 0
+            adaptive = copy.deepcopy(self._adaptive_templates[method])
+            adaptive.round_trip_s = getattr(self.target, "round_trip_s", 0.0)  # remote verifiers: network time
+            return adaptive
         return int(k)
 
     def encode_prompt(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
@@ -134,9 +173,13 @@ class Runtime:
             raise SpecserveError(f"unknown speculation method {method!r}; choose one of {', '.join(DRAFT_METHODS)}")
         if method not in self.methods:
             raise SpecserveError(f"speculation method {method!r} needs a draft model; none is loaded")
+        if tolerance is not None and self.config.verifiers:
+            raise SpecserveError("tolerance acceptance runs on a local target only, not through --verifier")
         target = self.target.new_sequence()  # each request has its own KV cache; concurrent ones batch together
-        reused = self._target_prefixes.fork(prompt_tokens, target)
-        self._target_prefixes.remember(prompt_tokens, target)
+        reused = 0
+        if self._target_prefixes is not None:  # local target: reuse whole prefill chunks of an earlier prompt
+            reused = self._target_prefixes.fork(prompt_tokens, target)
+            self._target_prefixes.remember(prompt_tokens, target)
         proposer = self._proposer(method, prompt_tokens)
         return Generation(
             target,
@@ -158,6 +201,7 @@ class Runtime:
             sequence = self.draft.new_sequence()
             reused = self._draft_prefixes.fork(prompt_tokens, sequence)
             self._draft_prefixes.remember(prompt_tokens, sequence)
-            draft = DraftModelProposer(sequence, cached=prompt_tokens[:reused])
+            q_top_k = REMOTE_Q_TOP_K if self.config.verifiers else 0  # a remote verifier gets q sparsely
+            draft = DraftModelProposer(sequence, cached=prompt_tokens[:reused], q_top_k=q_top_k)
             return CascadeProposer(draft) if method == "cascade" else draft
         return None

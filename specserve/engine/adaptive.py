@@ -102,6 +102,7 @@ class AdaptiveK:
             self._observe_acceptance(drafted, accepted)
             return
         window = drafted + 1
+        verify_s = max(verify_s - self.round_trip_s, 0.0)  # a remote window's wall time includes the network
         old = self.verify_cost_s.get(window)
         self.verify_cost_s[window] = verify_s if old is None else (1 - _EMA) * old + _EMA * verify_s
         if drafted == 0:

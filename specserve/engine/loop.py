@@ -21,6 +21,7 @@ chosen per step by `AdaptiveK` from measured acceptance and costs (engine/adapti
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,14 @@ import numpy as np
 
 from specserve.backends.base import Backend, ContextOverflowError
 from specserve.engine.adaptive import AdaptiveK, BatchCosts, plan_batch
-from specserve.engine.proposers import DraftRequest, NgramProposer, Proposal, Proposer, propose_batch
+from specserve.engine.proposers import (
+    DraftModelProposer,
+    DraftRequest,
+    NgramProposer,
+    Proposal,
+    Proposer,
+    propose_batch,
+)
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.stats import GenerationStats
 from specserve.engine.stops import TextStream
@@ -39,6 +47,7 @@ from specserve.engine.verify import ToleranceController, Verdict
 # Prompt tokens per prefill pass: a fixed size (not one that depends on who else is running) keeps a
 # request's numerics the same alone or batched, and bounds how long a new prompt stalls other streams.
 PREFILL_CHUNK = 128
+log = logging.getLogger("specserve.loop")
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,11 @@ def step(generations: list[Generation]) -> Step:
     costs = generations[0].batch_costs if len(generations) > 1 else None
     planned = _plan(generations, costs) if costs is not None else [None] * len(generations)
     requests = [g.draft_request(k) for g, k in zip(generations, planned, strict=True)]
-    proposals = propose_batch(requests)
+    try:
+        proposals = propose_batch(requests)
+    except Exception:  # the draft side failed: carry on without it; the target alone gives the same output
+        log.exception("drafting failed; %d requests continue with target-only decoding (k=0)", len(generations))
+        proposals = [g.without_draft_model() for g in generations]
     t1 = time.perf_counter()
     windows = [g.open_window(p) for g, p in zip(generations, proposals, strict=True)]
     verdicts = run_windows([g.target for g in generations], windows)
@@ -233,6 +246,14 @@ class Generation:
         if isinstance(self.tolerance, ToleranceController):
             self.tolerance.observe(len(drafted), verdict.accepted)
         return self._accept(drafted[: verdict.accepted], verdict.next_token)
+
+    def without_draft_model(self) -> Proposal:
+        """After a draft failure: no drafts in this step, and no draft model from now on (k = 0)."""
+        if self._prefilled >= len(self.prompt) and self.stats.chosen_k:
+            self.stats.chosen_k[-1] = 0  # this step drafts nothing after all
+        if isinstance(self.proposer, DraftModelProposer) or getattr(self.proposer, "name", "") == "draft":
+            self.proposer = None
+        return Proposal([], [])
 
     # --- emitting ---
 

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from specserve.backends.base import Backend
-from specserve.engine.sampling import SamplingParams, probabilities, sample
+from specserve.engine.sampling import SamplingParams, keep_top_k, probabilities, sample
 from specserve.engine.verify import tolerance_distribution, verify
 
 
@@ -78,8 +78,9 @@ class DraftModelProposer:
 
     name = "draft"
 
-    def __init__(self, backend: Backend, cached: list[int] | None = None):
+    def __init__(self, backend: Backend, cached: list[int] | None = None, q_top_k: int = 0):
         self.backend = backend
+        self.q_top_k = q_top_k  # > 0: sample from the top-k of q only (sparse q for a remote verifier)
         self._cached: list[int] = list(cached or [])  # tokens whose KV is in the draft backend
 
     def reset(self) -> None:
@@ -135,7 +136,7 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
                 q = tolerance_distribution(logits[i], params) if requests[i].with_probs else None
                 confidence = _top_probability(logits[i])
             else:
-                q = probabilities(logits[i], params)
+                q = keep_top_k(probabilities(logits[i], params), requests[i].proposer.q_top_k)
                 token = sample(q, requests[i].rng)
                 confidence = float(q[token])
             if confidence < requests[i].min_confidence and proposals[i].tokens:

@@ -45,6 +45,17 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return probs
 
 
+def keep_top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k most likely tokens of a 1-D distribution, renormalized. A remote draft samples from this,
+    so the sparse distribution it sends the verifier is exactly the one it drew from."""
+    if k <= 0 or np.count_nonzero(probs) <= k:
+        return probs
+    keep = np.argpartition(probs, -k)[-k:]
+    truncated = np.zeros_like(probs)
+    truncated[keep] = probs[keep]
+    return truncated / truncated.sum()
+
+
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Inverse-CDF draw from a 1-D distribution."""
     cdf = np.cumsum(probs)

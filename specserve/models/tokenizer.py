@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from functools import cached_property
 from pathlib import Path
@@ -60,6 +61,15 @@ class Tokenizer:
     def fingerprint(self) -> tuple[int, int]:
         """(vocab size, hash of every token string): equal fingerprints mean interchangeable token ids."""
         return self.n_vocab, hash(tuple(self._llama._model.token_get_text(i) for i in range(self.n_vocab)))
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 over every token string: like `fingerprint`, but stable across processes (str hashes are
+        salted per process), so a front-end and a remote verifier can compare vocabularies."""
+        h = hashlib.sha256(str(self.n_vocab).encode())
+        for i in range(self.n_vocab):
+            h.update(self._llama._model.token_get_text(i).encode("utf-8", "surrogatepass") + b"\0")
+        return h.hexdigest()
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The model's own chat template (Jinja in the GGUF metadata), ending with the assistant prompt."""

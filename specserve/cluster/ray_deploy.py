@@ -1,0 +1,148 @@
+"""`specserve ray up|status|down`: verifier replicas and a front-end as Ray actors on a Ray cluster.
+
+Ray places the actors and restarts one whose process dies (max_restarts=-1); this module only says what to
+run. Each verifier actor serves gRPC on a fixed port, so a replica restarted on the same node comes back
+at the same address and the front-end's health checks route to it again. The front-end actor runs the
+HTTP server with `--verifier` pointing at the replicas. Actors are detached and named (namespace
+"specserve"), so `status` and `down` find them from another process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from specserve import SpecserveError
+
+NAMESPACE = "specserve"
+FRONTEND = "frontend"
+
+
+def _replica_name(i: int) -> str:
+    return f"verifier-{i}"
+
+
+class VerifierActor:
+    """One `specserve verifier` inside a Ray actor process."""
+
+    def __init__(self, host: str, port: int, target: str, backend: str, n_ctx: int, auth_token: str | None):
+        from specserve.backends.calibrate import window_seconds
+        from specserve.cluster.service import CALIBRATED_WINDOWS, VerifierService, start_server
+        from specserve.models.fetch import resolve_model
+        from specserve.models.tokenizer import Tokenizer
+        from specserve.runtime import load_backend
+
+        path = resolve_model(target, show_progress=False)
+        tokenizer = Tokenizer(path)
+        root = load_backend(backend, path, n_ctx, show_progress=False)
+        costs = window_seconds(root, tokenizer.encode("def f(x):\n    return x + 1\n"), CALIBRATED_WINDOWS, repeats=2)
+        service = VerifierService(root, tokenizer, path.name, costs, auth_token=auth_token)
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="verifier-loop", daemon=True).start()
+        started = asyncio.run_coroutine_threadsafe(start_server(service, f"{host}:{port}"), self.loop)
+        self.server, bound = started.result(timeout=60)
+        self._address = f"{host}:{bound}"
+
+    def address(self) -> str:
+        return self._address
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class FrontendActor:
+    """The HTTP front-end (draft model + OpenAI API) inside a Ray actor, verifying on the replicas."""
+
+    def __init__(self, host: str, port: int, argv: list[str]):
+        from specserve.cli import build_parser
+        from specserve.server.app import serve
+
+        args = build_parser().parse_args(["serve", "--host", host, "--port", str(port), *argv])
+        threading.Thread(target=serve, args=(args,), name="frontend", daemon=True).start()
+        self._url = f"http://{host}:{port}/v1"
+
+    def url(self) -> str:
+        return self._url
+
+
+def _connect(address: str):
+    import ray
+
+    repo = str(Path(__file__).resolve().parents[2])  # this checkout, importable by the actors' workers
+    env = {"PYTHONPATH": repo, "OMP_WAIT_POLICY": "PASSIVE"}
+    try:
+        ray.init(address=address, namespace=NAMESPACE, runtime_env={"env_vars": env}, log_to_driver=False)
+    except ConnectionError as exc:
+        raise SpecserveError(f"no Ray cluster at {address!r}: {exc}") from None
+    return ray
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ray_up(args: argparse.Namespace) -> int:
+    ray = _connect(args.address)
+    options = {"lifetime": "detached", "max_restarts": -1, "max_task_retries": -1, "num_cpus": args.replica_cpus}
+    actor = ray.remote(VerifierActor)
+    replicas = []
+    for i in range(args.replicas):
+        port = args.verifier_port + i if args.verifier_port else _free_port(args.host)
+        replicas.append(
+            actor.options(name=_replica_name(i), **options).remote(
+                args.host, port, args.target, args.target_backend, args.n_ctx, args.auth_token
+            )
+        )
+    addresses = ray.get([r.address.remote() for r in replicas], timeout=args.timeout)
+    print("verifiers: " + ",".join(addresses), flush=True)
+    frontend_argv = ["--verifier", ",".join(addresses), "--draft", args.draft, "--n-ctx", str(args.n_ctx)]
+    frontend_argv += ["--draft-backend", args.draft_backend, "--target", args.target]
+    if args.auth_token:
+        frontend_argv += ["--auth-token", args.auth_token]
+    frontend = (
+        ray.remote(FrontendActor)
+        .options(name=FRONTEND, lifetime="detached", max_restarts=-1, num_cpus=0)
+        .remote(args.host, args.port, frontend_argv)
+    )
+    print(f"front-end: {ray.get(frontend.url.remote(), timeout=args.timeout)}", flush=True)
+    return 0
+
+
+def ray_status(args: argparse.Namespace) -> int:
+    ray = _connect(args.address)
+    found = False
+    for i in range(64):
+        try:
+            replica = ray.get_actor(_replica_name(i))
+        except ValueError:
+            break
+        found = True
+        address, pid = ray.get([replica.address.remote(), replica.pid.remote()], timeout=args.timeout)
+        print(f"{_replica_name(i)}: {address} pid {pid}")
+    try:
+        print(f"front-end: {ray.get(ray.get_actor(FRONTEND).url.remote(), timeout=args.timeout)}")
+    except ValueError:
+        if not found:
+            print("no specserve actors on this Ray cluster")
+    return 0
+
+
+def ray_down(args: argparse.Namespace) -> int:
+    ray = _connect(args.address)
+    names = [FRONTEND] + [_replica_name(i) for i in range(64)]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name), no_restart=True)
+            print(f"stopped {name}")
+        except ValueError:
+            if name != FRONTEND:
+                break
+    time.sleep(0.5)
+    return 0

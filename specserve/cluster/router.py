@@ -1,0 +1,159 @@
+"""The front-end's view of its verifier replicas: connect and check them, route new sessions to the least
+loaded healthy one, keep checking health in the background so a replica that comes back is used again."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from specserve import SpecserveError
+from specserve.cluster import verifier_pb2 as pb
+from specserve.cluster import verifier_pb2_grpc as pb_grpc
+from specserve.cluster.protocol import auth_metadata
+
+log = logging.getLogger("specserve.router")
+HEALTH_EVERY_S = 1.0
+INFO_TIMEOUT_S = 5.0
+
+
+@dataclass(eq=False)
+class Replica:
+    address: str
+    channel: grpc.Channel
+    stub: pb_grpc.VerifierStub
+    healthy: bool = False
+    sessions: int = 0  # this front-end's open sessions on it
+    remote_load: int = 0  # sessions + queued windows it reported at the last health check
+    info: pb.InfoReply | None = None
+    error: str = ""
+
+    @property
+    def load(self) -> int:
+        return max(self.sessions, self.remote_load)
+
+
+@dataclass
+class ClientOptions:
+    auth_token: str | None = None
+    tls_ca: str | None = None  # PEM file: use TLS and trust this CA
+    window_timeout_s: float = 60.0  # deadline for one window's verdict
+    one_way_delay_s: float = 0.0  # WAN shim for the bench: each message is held this long in each direction
+
+
+@dataclass(eq=False)  # identity: it is the batch key of its sessions
+class VerifierPool:
+    """Replicas behind `--verifier HOST:PORT[,HOST:PORT...]`; `new_sequence` opens a remote target session."""
+
+    addresses: list[str]
+    tokenizer_digest: str
+    options: ClientOptions = field(default_factory=ClientOptions)
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            raise SpecserveError("no verifier address given")
+        credentials = None
+        if self.options.tls_ca:
+            try:
+                with open(self.options.tls_ca, "rb") as f:
+                    credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+            except OSError as exc:
+                raise SpecserveError(f"cannot read --tls-ca: {exc}") from None
+        self.replicas = []
+        for address in self.addresses:
+            if ":" not in address:
+                raise SpecserveError(f"verifier address must be HOST:PORT, got {address!r}")
+            channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+            self.replicas.append(Replica(address, channel, pb_grpc.VerifierStub(channel)))
+        self.metadata = auth_metadata(self.options.auth_token)
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._info_s = 0.0  # duration of a health check call: the network's share of a window
+        for _ in range(2):  # the first call includes connecting: time the second
+            self._info_s = 0.0
+            for replica in self.replicas:
+                self._check(replica)
+        up = [r for r in self.replicas if r.healthy]
+        if not up:
+            reasons = "; ".join(f"{r.address}: {r.error}" for r in self.replicas)
+            raise SpecserveError(f"no verifier reachable ({reasons})")
+        first = up[0].info
+        self.model_name, self.n_ctx, self.n_vocab = first.model, min(r.info.n_ctx for r in up), first.n_vocab
+        self.chat_template = first.chat_template
+        self.window_cost_s = {int(k): v for k, v in first.window_cost_s.items()}
+        self._health = threading.Thread(target=self._watch, name="specserve-verifier-health", daemon=True)
+        self._health.start()
+
+    # --- the TargetSession factory the runtime uses in place of a local backend ---
+
+    def new_sequence(self):
+        from specserve.cluster.remote import RemoteTarget
+
+        return RemoteTarget(self)
+
+    # --- routing ---
+
+    def acquire(self, avoid: Replica | None = None) -> Replica:
+        """The least loaded healthy replica for a new session (another one than `avoid` if there is one)."""
+        with self._lock:
+            up = [r for r in self.replicas if r.healthy]
+            if not up:
+                raise SpecserveError(
+                    "no verifier available: " + "; ".join(f"{r.address}: {r.error or 'down'}" for r in self.replicas)
+                )
+            choices = [r for r in up if r is not avoid] or up
+            replica = min(choices, key=lambda r: r.load)
+            replica.sessions += 1
+            return replica
+
+    def release(self, replica: Replica) -> None:
+        with self._lock:
+            replica.sessions = max(0, replica.sessions - 1)
+
+    def mark_down(self, replica: Replica, error: str) -> None:
+        with self._lock:
+            if replica.healthy:
+                log.warning("verifier %s is down: %s", replica.address, error)
+            replica.healthy, replica.error = False, error
+
+    # --- health ---
+
+    def _check(self, replica: Replica) -> None:
+        start = time.perf_counter()
+        try:
+            info = replica.stub.Info(pb.InfoRequest(), timeout=INFO_TIMEOUT_S, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                error = f"refused: {exc.details()}"
+            else:
+                error = f"{exc.code().name.lower()}: {exc.details()}"
+            self.mark_down(replica, error)
+            return
+        elapsed = time.perf_counter() - start
+        if info.tokenizer_digest != self.tokenizer_digest:
+            self.mark_down(replica, f"its model {info.model} has a different tokenizer than the draft")
+            return
+        with self._lock:
+            if not replica.healthy and replica.info is not None:
+                log.info("verifier %s is back", replica.address)
+            replica.info, replica.healthy, replica.error = info, True, ""
+            replica.remote_load = info.sessions + info.queued
+            self._info_s = elapsed if not self._info_s else 0.8 * self._info_s + 0.2 * elapsed
+
+    def _watch(self) -> None:
+        while not self._closed.wait(HEALTH_EVERY_S):
+            for replica in self.replicas:
+                self._check(replica)
+
+    @property
+    def round_trip_s(self) -> float:
+        """Network seconds per window, for adaptive k (the WAN shim's delay included)."""
+        return self._info_s + 2 * self.options.one_way_delay_s
+
+    def close(self) -> None:
+        self._closed.set()
+        for replica in self.replicas:
+            replica.channel.close()

@@ -1,0 +1,509 @@
+"""Disaggregated speculative decoding: the draft in a front-end, the target in `specserve verifier` services,
+over real gRPC on loopback. Real processes for the model paths; a fixed-distribution model behind the real
+service for the statistics (so every window is an independent trial)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import openai
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cli._share_cores_politely
+
+from specserve import SpecserveError  # noqa: E402
+from specserve.cluster import verifier_pb2 as pb  # noqa: E402
+from specserve.cluster import verifier_pb2_grpc as pb_grpc  # noqa: E402
+from specserve.cluster.protocol import auth_metadata, params_to_wire  # noqa: E402
+from specserve.cluster.remote import RemoteTarget  # noqa: E402
+from specserve.cluster.router import ClientOptions, VerifierPool  # noqa: E402
+from specserve.cluster.service import VerifierService, start_server  # noqa: E402
+from specserve.engine.sampling import SamplingParams, keep_top_k  # noqa: E402
+from specserve.engine.target import Window  # noqa: E402
+from tests.test_server import start_server as start_frontend  # noqa: E402
+from tests.test_server import stop_server as stop_frontend  # noqa: E402
+
+PROMPTS = [
+    "Write a Python function `is_prime(n)` that returns True if n is prime.",
+    "Explain in two sentences what a hash map is.",
+]
+
+
+# --- helpers ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VerifierProcess:
+    """A `specserve verifier` process on a free loopback port; ready once it prints its listening line."""
+
+    def __init__(self, *extra: str, env: dict | None = None):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(suffix=".log", delete=False)  # a file: a full pipe would block it
+        command = [sys.executable, "-m", "specserve.cli", "verifier", "--listen", self.address, "--n-ctx", "2048"]
+        self.proc = subprocess.Popen(
+            [*command, *extra], stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 600) -> VerifierProcess:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"verifier exited: {self.output()[-3000:]}")
+            if "listening on" in self.output():
+                return self
+            time.sleep(0.25)
+        pytest.fail("verifier did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        os.unlink(self.log.name)
+
+
+def info(address: str, token: str | None = None, credentials=None) -> pb.InfoReply:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        return pb_grpc.VerifierStub(channel).Info(pb.InfoRequest(), timeout=10, metadata=auth_metadata(token))
+
+
+def chat(base: str, prompt: str, max_tokens: int, method: str = "draft", stream: bool = False, seed: int = 0):
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+    return client.chat.completions.create(
+        model=None,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        stream=stream,
+        seed=seed,  # greedy ignores it; a distinct value keeps the response cache out of the way
+        extra_body={"speculation": {"method": method}},
+    )
+
+
+def reference(runtime, prompt: str, max_tokens: int) -> str:
+    """Single-process output: target and draft in this process, no network."""
+    generation = runtime.generate(
+        runtime.encode_prompt(messages=[{"role": "user", "content": prompt}]),
+        SamplingParams(max_tokens=max_tokens),
+        method="none",
+    )
+    for _ in generation:
+        pass
+    return generation.text
+
+
+# --- the protocol path with a model whose every position predicts p (each window an independent trial) ---
+
+
+class FixedDistribution:
+    """A Backend whose logits are log p at every position, whatever the tokens."""
+
+    name = "fixed"
+
+    def __init__(self, p: np.ndarray, weights: object | None = None):
+        self.p, self.n_vocab, self.n_ctx = p, len(p), 1 << 20
+        self.weights = weights or object()
+        with np.errstate(divide="ignore"):
+            self.logits = np.log(p).astype(np.float32)
+        self._n = 0
+
+    @property
+    def n_past(self) -> int:
+        return self._n
+
+    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
+        self._n += len(tokens)
+        return np.tile(self.logits, (len(tokens) if all_logits else 1, 1))
+
+    def truncate(self, length: int) -> None:
+        self._n = length
+
+    def reset(self) -> None:
+        self._n = 0
+
+    def new_sequence(self) -> FixedDistribution:
+        return FixedDistribution(self.p, self.weights)
+
+    def eval_batch(self, work):
+        return [sequence.eval(tokens, all_logits) for sequence, tokens, all_logits in work]
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+class InProcessVerifier:
+    """The real VerifierService and gRPC server, on an event loop in a thread of this process."""
+
+    def __init__(self, p: np.ndarray, max_sessions: int = 256, auth_token: str | None = None):
+        tokenizer = SimpleNamespace(n_vocab=len(p), digest="fixed", chat_template="")
+        self.service = VerifierService(FixedDistribution(p), tokenizer, "fixed", {1: 1e-3}, max_sessions, 300.0)
+        self.service.auth_token = auth_token
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        started = asyncio.run_coroutine_threadsafe(start_server(self.service, "127.0.0.1:0"), self.loop)
+        self.server, port = started.result(timeout=30)
+        self.address = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(timeout=30)
+        self.service.worker.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+P = np.array([0.05, 0.05, 0.1, 0.2, 0.3, 0.3])
+Q_DENSE = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+
+
+def test_sampling_through_the_protocol_follows_the_target_distribution():
+    """Drafts drawn from a top-3 truncated q (zero where p has mass), sent sparse over gRPC, verified remotely
+    with a fixed seed per session: the emitted token is distributed as p (the engine's TV and chi-square test)."""
+    verifier = InProcessVerifier(P)
+    pool = VerifierPool([verifier.address], "fixed")
+    try:
+        q = keep_top_k(Q_DENSE, 3)
+        assert np.count_nonzero(q) == 3 and np.isclose(q.sum(), 1.0)
+        sessions = [pool.new_sequence() for _ in range(80)]
+        params = [SamplingParams(temperature=1.0, seed=i) for i in range(len(sessions))]
+        unused = np.random.default_rng(0)  # verification randomness lives on the verifier
+        first = [Window([1], [], [], True, p, unused) for p in params]
+        RemoteTarget.run_many(sessions, first)
+        draft_rng = np.random.default_rng(1234)
+        counts = np.zeros(len(P))
+        n = 40_000
+        for _ in range(n // len(sessions)):
+            drafts = draft_rng.choice(len(P), p=q, size=len(sessions))
+            windows = [Window([1], [int(d)], [q], True, p, unused) for d, p in zip(drafts, params, strict=True)]
+            for draft, verdict in zip(drafts, RemoteTarget.run_many(sessions, windows), strict=True):
+                counts[draft if verdict.accepted else verdict.next_token] += 1
+        empirical = counts / n
+        tv = 0.5 * np.abs(empirical - P).sum()
+        assert tv < 0.02, f"TV {tv:.4f}: {np.round(empirical, 3)} vs {P}"
+        chi2 = ((empirical - P) ** 2 / P * n).sum()
+        assert chi2 < 20.5, f"chi-square {chi2:.1f}"
+    finally:
+        pool.close()
+        verifier.stop()
+
+
+def test_evicted_session_gets_a_clear_error_and_the_client_replays():
+    verifier = InProcessVerifier(P, max_sessions=2)
+    pool = VerifierPool([verifier.address], "fixed")
+    try:
+        greedy, rng = SamplingParams(), np.random.default_rng(0)
+        # Raw stream: open, one window, then two other sessions push it out of the 2-session table.
+        stub = pb_grpc.VerifierStub(grpc.insecure_channel(verifier.address))
+        outbox: queue.Queue = queue.Queue()
+        outbox.put(pb.ClientMessage(open=pb.Open(params=params_to_wire(greedy))))
+        outbox.put(pb.ClientMessage(window=pb.Window(append=[1, 2], predict=True)))
+        replies = stub.Session(iter(outbox.get, None), timeout=30)
+        assert next(replies).has_verdict
+        others = [pool.new_sequence() for _ in range(2)]
+        RemoteTarget.run_many(others, [Window([3], [], [], True, greedy, rng) for _ in others])
+        outbox.put(pb.ClientMessage(window=pb.Window(append=[4], predict=True)))
+        with pytest.raises(grpc.RpcError) as error:
+            next(replies)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "session evicted" in error.value.details() and "at most 2 sessions" in error.value.details()
+        outbox.put(None)
+
+        # A RemoteTarget whose session was evicted re-opens with its context and gets its verdict.
+        victim = others[0]
+        third = pool.new_sequence()
+        RemoteTarget.run_many([third], [Window([5, 0, 1], [], [], True, greedy, rng)])  # evicts others[0]
+        verdict = RemoteTarget.run_many([victim], [Window([2], [0], [None], True, greedy, rng)])[0]
+        assert verdict.accepted == 0 and verdict.next_token == int(np.argmax(P))
+        assert victim.failovers == 1 and victim.n_past == 2
+    finally:
+        pool.close()
+        verifier.stop()
+
+
+def test_malformed_windows_are_refused_with_a_one_line_reason():
+    verifier = InProcessVerifier(P)
+    try:
+        stub = pb_grpc.VerifierStub(grpc.insecure_channel(verifier.address))
+        open_ = pb.ClientMessage(open=pb.Open(params=params_to_wire(SamplingParams())))
+        cases = {
+            "token id out of range": pb.Window(append=[99], predict=True),
+            "must append at least one token": pb.Window(drafts=[1], predict=True),
+            "distributions for": pb.Window(append=[1], drafts=[1, 2], dists=[pb.SparseDist()], predict=True),
+            "a window before open": None,
+        }
+        for reason, window in cases.items():
+            messages = [open_, pb.ClientMessage(window=window)] if window else [pb.ClientMessage(window=pb.Window())]
+            with pytest.raises(grpc.RpcError) as error:
+                list(stub.Session(iter(messages), timeout=10))
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in error.value.details()
+        assert info(verifier.address).model == "fixed"  # still serving
+    finally:
+        verifier.stop()
+
+
+def test_pool_reports_unreachable_verifiers_in_one_line():
+    with pytest.raises(SpecserveError, match=r"no verifier reachable \(127\.0\.0\.1:\d+: unavailable"):
+        VerifierPool([f"127.0.0.1:{free_port()}"], "fixed")
+    with pytest.raises(SpecserveError, match="HOST:PORT"):
+        VerifierPool(["localhost"], "fixed")
+
+
+# --- real processes with the real model pair ---
+
+
+@pytest.fixture(scope="module")
+def verifiers():
+    """Two verifier replicas with the 1.5B target (started together: they load in parallel)."""
+    replicas = [VerifierProcess(), VerifierProcess()]
+    try:
+        yield [r.wait_ready() for r in replicas]
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+@pytest.mark.models
+def test_greedy_through_a_remote_verifier_matches_single_process(runtime, verifiers):
+    expected = {prompt: reference(runtime, prompt, 48) for prompt in PROMPTS}
+    proc, base, _ = start_frontend("--verifier", verifiers[0].address)
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            spec = chat(base, prompt, 48, seed=i)
+            assert spec.choices[0].message.content == expected[prompt]
+            assert spec.model_extra["speculative"]["accepted"] > 0
+            plain = chat(base, prompt, 48, method="none", seed=100 + i)  # one round trip per token
+            assert plain.choices[0].message.content == expected[prompt]
+            assert plain.model_extra["speculative"]["drafted"] == 0
+        pieces = [c.choices[0].delta.content or "" for c in chat(base, PROMPTS[0], 48, stream=True, seed=7)]
+        assert "".join(pieces) == expected[PROMPTS[0]]
+        assert spec.model == runtime.target_name
+    finally:
+        stop_frontend(proc)
+
+
+@pytest.mark.models
+def test_draft_failure_falls_back_to_target_only_with_identical_output(runtime):
+    prompt_ids = runtime.encode_prompt(messages=[{"role": "user", "content": PROMPTS[0]}])
+    generation = runtime.generate(prompt_ids, SamplingParams(max_tokens=24), method="draft")
+
+    def draft_lost(work):
+        raise RuntimeError("draft worker lost")
+
+    generation.proposer.backend.eval_batch = draft_lost  # the draft side fails at its first step
+    for _ in generation:
+        pass
+    assert generation.text == reference(runtime, PROMPTS[0], 24)
+    assert generation.stats.drafted == 0 and set(generation.stats.chosen_k) == {0}
+    assert generation.proposer is None
+
+
+@pytest.mark.models
+def test_pipelined_drafting_keeps_greedy_output(runtime):
+    from specserve.cluster.pipeline import PipelinedDrafter
+
+    prompt_ids = runtime.encode_prompt(messages=[{"role": "user", "content": PROMPTS[0]}])
+    generation = runtime.generate(prompt_ids, SamplingParams(max_tokens=64), method="draft", k=4)
+    generation.proposer = drafter = PipelinedDrafter(generation.proposer)
+    for _ in generation:
+        pass
+    assert generation.text == reference(runtime, PROMPTS[0], 64)
+    assert drafter.hits > 0 and generation.stats.accepted > 0  # some windows came from the pre-draft
+
+
+@pytest.mark.models
+def test_kill_9_of_a_replica_mid_stream_loses_nothing(runtime, verifiers):
+    """Runs last in this module: it kills one of the module's verifiers."""
+    prompt = "Write a Python class `LRUCache` with get and put, using an OrderedDict."
+    expected = reference(runtime, prompt, 128)
+    proc, base, _ = start_frontend("--verifier", ",".join(v.address for v in verifiers))
+    try:
+        pieces, killed = [], None
+        for chunk in chat(base, prompt, 128, stream=True, seed=3):
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            if killed is None and len(pieces) >= 6:
+                busy = [v for v in verifiers if info(v.address).sessions > 0]
+                assert len(busy) == 1, "one session lives on exactly one replica"
+                killed = busy[0]
+                killed.proc.kill()  # SIGKILL: no goodbye on the stream
+                killed.proc.wait()
+        assert killed is not None, "the stream ended before the kill"
+        assert "".join(pieces) == expected
+        survivor = next(v for v in verifiers if v is not killed)
+        assert survivor.proc.poll() is None and info(survivor.address).model == runtime.target_name
+    finally:
+        stop_frontend(proc)
+
+
+# --- security: a real verifier process with the small SmolLM2 model (llama.cpp) ---
+
+SMALL = ("--target", "smollm2-135m", "--target-backend", "llama.cpp")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), which is also its own CA."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.mark.small_model
+def test_auth_token_required_and_garbage_bytes_do_not_hurt(smollm2_path):
+    verifier = VerifierProcess(*SMALL, env={"SPECSERVE_AUTH_TOKEN": "s3cret"}).wait_ready()
+    try:
+        for token in (None, "wrong"):
+            with pytest.raises(grpc.RpcError) as error:
+                info(verifier.address, token)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(SpecserveError, match="refused: no auth token"):
+            VerifierPool([verifier.address], "any")
+        assert "refused" in verifier.output() and "wrong auth token" in verifier.output()  # logged
+        assert info(verifier.address, "s3cret").model == smollm2_path.name
+
+        with socket.create_connection(("127.0.0.1", verifier.port), timeout=10) as raw:
+            raw.sendall(os.urandom(4096) + b"GET / HTTP/1.1\r\n\r\n" * 50)
+            received = b""
+            while chunk := raw.recv(65536):  # the server closes the connection: recv returns b""
+                received += chunk
+        assert verifier.proc.poll() is None
+        assert info(verifier.address, "s3cret").model == smollm2_path.name  # still serving
+    finally:
+        verifier.stop()
+
+
+@pytest.mark.small_model
+def test_tls_with_a_ca_and_a_remote_generation(smollm2_path, tls_files):
+    from specserve.engine.loop import Generation
+    from specserve.models.tokenizer import Tokenizer
+
+    cert, key = tls_files
+    verifier = VerifierProcess(*SMALL, "--tls-cert", cert, "--tls-key", key).wait_ready()
+    tokenizer = Tokenizer(smollm2_path)
+    try:
+        with pytest.raises(grpc.RpcError):  # plaintext to a TLS port fails
+            info(verifier.address)
+        pool = VerifierPool([verifier.address], tokenizer.digest, ClientOptions(tls_ca=cert))
+        with open(cert, "rb") as f:
+            assert info(verifier.address, credentials=grpc.ssl_channel_credentials(f.read())).sessions == 0
+        prompt = tokenizer.encode("The capital of France is")
+        params = SamplingParams(max_tokens=8)
+        remote = pool.new_sequence()
+        generation = Generation(remote, tokenizer.decode_bytes, tokenizer.stop_ids, prompt, params, None, 0)
+        for _ in generation:
+            pass
+        assert generation.stats.generated == 8 and generation.text.strip()
+        pool.close()
+    finally:
+        verifier.stop()
+
+
+def test_a_pool_refuses_a_verifier_with_another_tokenizer():
+    verifier = InProcessVerifier(P)
+    try:
+        with pytest.raises(SpecserveError, match="different tokenizer than the draft"):
+            VerifierPool([verifier.address], "not-the-same-digest")
+    finally:
+        verifier.stop()
+
+
+# --- Ray: a local cluster on loopback, started and stopped here ---
+
+
+@pytest.mark.small_model
+def test_ray_places_replicas_and_a_frontend_and_restarts_a_killed_replica(smollm2_path, tmp_path):
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    gcs = f"127.0.0.1:{free_port()}"
+    # --block keeps `ray start` in the foreground: stopping its process group stops this cluster only.
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", gcs.split(":")[1]]
+        + ["--num-cpus", "4", "--include-dashboard", "false", "--disable-usage-stats"],
+        stdout=open(tmp_path / "ray.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    small = ["--target", "smollm2-135m", "--target-backend", "llama.cpp", "--n-ctx", "1024"]
+    small += ["--draft", "smollm2-135m", "--draft-backend", "llama.cpp"]
+
+    def specserve_ray(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "specserve.cli", "ray", *args, "--address", gcs, *small],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([ray_cli, "status", "--address", gcs], capture_output=True).returncode != 0:
+            assert time.time() < deadline and head.poll() is None, (tmp_path / "ray.log").read_text()[-2000:]
+            time.sleep(1)
+        http_port = free_port()
+        up = specserve_ray("up", "--replicas", "2", "--port", str(http_port))
+        addresses = up.split("verifiers: ")[1].split()[0].split(",")
+        assert len(addresses) == 2
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.time() + 300
+        while True:
+            try:
+                if openai.OpenAI(base_url=f"{base}/v1", api_key="x").models.list().data:
+                    break
+            except openai.APIError:
+                pass
+            assert time.time() < deadline, "the front-end actor did not become ready"
+            time.sleep(1)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        first = client.completions.create(model=None, prompt="The capital of France is", max_tokens=12, seed=1)
+
+        status = specserve_ray("status")
+        pid = int(status.split("verifier-0: ")[1].split("pid ")[1].split()[0])
+        os.kill(pid, signal.SIGKILL)  # a replica process crashes: Ray restarts it at the same address
+        deadline = time.time() + 300
+        while True:
+            try:
+                if info(addresses[0]).model:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.time() < deadline, "Ray did not restart the replica"
+            time.sleep(1)
+        assert f"pid {pid}" not in specserve_ray("status")
+        again = client.completions.create(model=None, prompt="The capital of France is", max_tokens=12, seed=2)
+        assert again.choices[0].text == first.choices[0].text
+        assert "stopped verifier-0" in specserve_ray("down")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
