@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--table", choices=("default", "seed"), default="default", help="seed: the seed paper's rows")
     bench.add_argument("--quantized-draft", default="quantized:Q4_0", help="draft of the seed table's quantized row")
     bench.add_argument("--quantized-draft-backend", choices=BACKENDS, default="llama.cpp")
+    bench.add_argument(
+        "--tolerance",
+        type=lambda t: [float(x) for x in t.split(",") if x],
+        default=[],
+        metavar="D1,D2",
+        help="add lossy tolerance rows with these deltas, with their quality cost (same-as-target rate, log-prob)",
+    )
     bench.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each kind")
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("-k", type=draft_length, default=DEFAULT_K, help="draft length of the speculative rows")

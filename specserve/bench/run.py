@@ -41,12 +41,13 @@ class BenchConfig:
     runtime: Runtime | None = None  # another model pair (e.g. a quantized draft); default: the bench's
     target_memory: int = 0
     draft_memory: int = 0
+    tolerance: float | None = None  # lossy rows: the tolerance delta
 
     def run(self, runtime: Runtime, ids: list[int], params: SamplingParams) -> dict:
         if self.worker is not None:
             return self.worker.generate(ids, params)
         runtime = self.runtime or runtime
-        return run_generation(runtime.generate(ids, params, method=self.method, k=self.k))
+        return run_generation(runtime.generate(ids, params, method=self.method, k=self.k, tolerance=self.tolerance))
 
 
 def default_prompts_path() -> Path:
@@ -86,7 +87,14 @@ def _summarize(runs: list[dict]) -> dict:
     tokens = sum(r["tokens"] - 1 for r in runs)
     decode = sum(r["decode_s"] for r in runs)
     drafted = sum(r["drafted"] for r in runs)
+    quality = {}
+    if all("target_logprob" in r for r in runs):
+        quality = {
+            "same_as_target": round(float(np.mean([r["same_as_target"] for r in runs])), 3),
+            "target_logprob": round(float(np.mean([r["target_logprob"] for r in runs])), 4),
+        }
     return {
+        **quality,
         "requests": len(runs),
         "ms_per_token_mean": round(float(np.mean(ms)), 2),
         "ms_per_token_p90": round(float(np.percentile(ms, 90)), 2),
@@ -94,6 +102,18 @@ def _summarize(runs: list[dict]) -> dict:
         "acceptance_rate": round(sum(r["accepted"] for r in runs) / drafted, 3) if drafted else None,
         "tokens_per_pass": round(float(np.mean([r["tokens_per_pass"] for r in runs])), 2),
     }
+
+
+def target_logprob(runtime: Runtime, prompt: list[int], tokens: list[int]) -> float:
+    """Mean log-probability (temperature 1) of generated tokens under the target, teacher-forced: the
+    quality measure of lossy (tolerance) rows next to exact ones."""
+    if not tokens:
+        return 0.0
+    sequence = runtime.target.new_sequence()
+    logits = sequence.eval(prompt + tokens, all_logits=True)[len(prompt) - 1 : -1]
+    top = logits.max(axis=1, keepdims=True)
+    logprobs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    return float(np.mean(logprobs[np.arange(len(tokens)), tokens]))
 
 
 def _configs(args: argparse.Namespace, runtime: Runtime, llama_target: LlamaCppProcess, console: Console):
@@ -122,6 +142,9 @@ def _configs(args: argparse.Namespace, runtime: Runtime, llama_target: LlamaCppP
         cascade,
         BenchConfig(f"spec {int8} + n-gram k={args.k}", "ngram", args.k, target_memory=target_mem),
     ]
+    for delta in args.tolerance:  # lossy, opt-in: rows that show what the speed costs in quality
+        label = f"spec {int8} + draft k={args.k}, tolerance delta={delta:g} (lossy)"
+        configs.append(BenchConfig(label, "draft", args.k, None, None, target_mem, draft_mem, tolerance=delta))
     if args.fixed_k and args.k != args.fixed_k:
         configs.append(
             BenchConfig(
@@ -163,9 +186,15 @@ def run_bench(args: argparse.Namespace) -> int:
             for mode in modes:
                 temperature = 0.0 if mode == "greedy" else SAMPLED_TEMPERATURE
                 params = SamplingParams(temperature=temperature, seed=1, max_tokens=args.max_tokens)
+                exact_tokens = None
                 for config in configs:
                     result = config.run(runtime, ids, params)
                     result.update(config=config.label, mode=mode, kind=prompt["kind"], prompt=prompt["prompt"])
+                    if config.worker is None and config.method == "none":
+                        exact_tokens = result["token_ids"]  # the int8 target's own output: the quality reference
+                    if args.tolerance and config.worker is None and exact_tokens is not None:
+                        result["same_as_target"] = result["token_ids"] == exact_tokens
+                        result["target_logprob"] = target_logprob(runtime, ids, result["token_ids"])
                     result["output"] = tokenizer.decode(result.pop("token_ids"))
                     runs.append(result)
                     progress.advance(task)
@@ -242,7 +271,13 @@ def print_report(report: dict, console: Console) -> None:
             "speedup",
         ):
             table.add_column(col, justify="left" if col == "configuration" else "right")
+        with_quality = any("target_logprob" in r for r in rows.values())
+        if with_quality:  # tolerance rows: what the lossy rule costs
+            table.add_column("same as target", justify="right")
+            table.add_column("target log-prob", justify="right")
         for label, r in rows.items():
+            quality = [f"{r['same_as_target']:.0%}", f"{r['target_logprob']:.3f}"] if "target_logprob" in r else []
+            quality = quality or (["-", "-"] if with_quality else [])
             acc = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
             table.add_row(
                 label,
@@ -254,6 +289,7 @@ def print_report(report: dict, console: Console) -> None:
                 f"{r['draft_memory'] / 2**30:.2f}" if r["draft_memory"] else "-",
                 f"{r['target_memory'] / 2**30:.2f}",
                 f"{r['speedup_vs_fastest_target_only']:.2f}x",
+                *quality,
             )
         console.print(table)
     mem = report["memory_bytes"]
