@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=lambda t: [positive_int(x) for x in t.split(",")], default=[1, 4, 16], help="e.g. 1,4,16"
     )
     load.add_argument("--methods", default="draft,none", help="speculation methods to compare")
+    load.add_argument("--rounds", type=positive_int, default=3, help="requests each client streams in turn")
     load.add_argument("--max-tokens", type=positive_int, default=64)
     load.add_argument("--prompts", default=None, help="JSONL with {kind, prompt} (default: ../shared/prompts)")
     load.add_argument("--out", default="bench-out/loadtest.json", help="JSON report; the PNG goes beside it")

@@ -50,21 +50,28 @@ async def _one_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_
     return {"ttft_s": arrivals[0] if arrivals else None, "tpot_s": tpot, "tokens": completion_tokens}
 
 
-async def _level(base_url: str, prompts: list[str], method: str, clients: int, max_tokens: int, seed0: int) -> dict:
+async def _level(
+    base_url: str, prompts: list[str], method: str, clients: int, rounds: int, max_tokens: int, seed0: int
+) -> dict:
+    """`clients` concurrent clients, each streaming `rounds` requests one after another."""
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
+
+    async def one_client(c: int) -> list[dict]:
+        runs = []
+        for r in range(rounds):
+            seed = seed0 + c * rounds + r
+            runs.append(await _one_stream(client, prompts[seed % len(prompts)], method, max_tokens, seed))
+        return runs
+
     start = time.perf_counter()
-    runs = await asyncio.gather(
-        *(
-            _one_stream(client, prompts[(seed0 + i) % len(prompts)], method, max_tokens, seed0 + i)
-            for i in range(clients)
-        )
-    )
+    runs = [run for per_client in await asyncio.gather(*map(one_client, range(clients))) for run in per_client]
     wall = time.perf_counter() - start
     await client.close()
     tpot_ms = [r["tpot_s"] * 1000 for r in runs if r["tokens"] > 1]
     return {
         "clients": clients,
         "method": method,
+        "requests": len(runs),
         "tokens_per_s": round(sum(r["tokens"] for r in runs) / wall, 2),
         "tpot_ms_p50": round(float(np.percentile(tpot_ms, 50)), 1),
         "tpot_ms_p90": round(float(np.percentile(tpot_ms, 90)), 1),
@@ -114,8 +121,9 @@ def run_loadtest(args) -> int:
         for clients in args.concurrency:
             for method in methods:
                 console.print(f"{clients} concurrent streams, speculation {method} ...")
-                results.append(asyncio.run(_level(base, prompts, method, clients, args.max_tokens, seed)))
-                seed += clients
+                level = _level(base, prompts, method, clients, args.rounds, args.max_tokens, seed)
+                results.append(asyncio.run(level))
+                seed += clients * args.rounds
     finally:
         if proc is not None:
             proc.terminate()
