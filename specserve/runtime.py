@@ -140,7 +140,9 @@ class Runtime:
         rows = (1, 2, 4, 8, 16, 32, 64, 128)
         costs = BatchCosts(batch_seconds(self.target, context, rows, window=K_MAX + 1))
         if self.draft is not None:
-            costs.draft_s = batch_seconds(self.draft, context, rows[:6], window=1)
+            # llama.cpp runs a batch's sequences one after another: two points give its (linear) cost
+            draft_rows = rows[:2] if self.draft.name == "llama.cpp" else rows[:6]
+            costs.draft_s = batch_seconds(self.draft, context, draft_rows, window=1)
         return templates, costs
 
     def draft_length(self, method: str, k: int | str | None) -> int | AdaptiveK:

@@ -135,17 +135,14 @@ def _configs(args: argparse.Namespace, runtime: Runtime, llama_target: LlamaCppP
         quantized = Runtime(config, target=runtime.target)
         label = f"spec {int8} + {args.quantized_draft} ({quantized.draft.name}) k={args.k}"
         quantized_row = BenchConfig(label, "draft", args.k, None, quantized, target_mem, quantized.draft.memory_bytes())
-        return [*baselines, speculative, quantized_row, cascade]
-    configs = [
-        *baselines,
-        speculative,
-        cascade,
-        BenchConfig(f"spec {int8} + n-gram k={args.k}", "ngram", args.k, target_memory=target_mem),
-    ]
+        configs = [*baselines, speculative, quantized_row, cascade]
+    else:
+        ngram = BenchConfig(f"spec {int8} + n-gram k={args.k}", "ngram", args.k, target_memory=target_mem)
+        configs = [*baselines, speculative, cascade, ngram]
     for delta in args.tolerance:  # lossy, opt-in: rows that show what the speed costs in quality
         label = f"spec {int8} + draft k={args.k}, tolerance delta={delta:g} (lossy)"
         configs.append(BenchConfig(label, "draft", args.k, None, None, target_mem, draft_mem, tolerance=delta))
-    if args.fixed_k and args.k != args.fixed_k:
+    if args.table != "seed" and args.fixed_k and args.k != args.fixed_k:
         configs.append(
             BenchConfig(
                 f"spec {int8} + draft k={args.fixed_k}", "draft", args.fixed_k, None, None, target_mem, draft_mem

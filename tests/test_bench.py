@@ -1,0 +1,29 @@
+"""`specserve bench` end to end on a tiny budget: the seed table's rows (including the quantized draft
+and the cascade), a lossy tolerance row with its quality columns, JSON and PNG written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.models
+
+
+def test_seed_table_with_tolerance_row(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "specserve.cli", "bench", "--table", "seed", "--prompts", "project"]
+    command += ["--limit", "1", "--max-tokens", "12", "--modes", "greedy", "--tolerance", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["summary"]["greedy/all"]
+    labels = list(rows)
+    assert labels[0] == "target-only llama.cpp" and any("quantized:Q4_0" in label for label in labels)
+    assert any("cascade" in label for label in labels) and any("tolerance" in label for label in labels)
+    exact = [r for label, r in rows.items() if "tolerance" not in label and "target_logprob" in r]
+    assert exact and all(r["same_as_target"] == 1.0 for r in exact)  # exact speculation: the target's output
+    lossy = next(r for label, r in rows.items() if "tolerance" in label)
+    assert lossy["target_logprob"] < 0 and lossy["acceptance_rate"] is not None
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "speedup" in done.stdout
