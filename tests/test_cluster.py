@@ -169,6 +169,7 @@ class InProcessVerifier:
         self.address = f"127.0.0.1:{port}"
 
     def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.service.expiry.cancel)
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(timeout=30)
         self.service.worker.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
