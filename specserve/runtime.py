@@ -65,7 +65,7 @@ class RuntimeConfig:
         """From the model options the CLI's subcommands share (see cli._add_model_args)."""
         return cls(
             target=args.target,
-            draft=args.draft if with_draft else None,
+            draft=args.draft if with_draft and args.draft not in ("none", "") else None,  # --draft none: no draft model
             target_backend=args.target_backend,
             draft_backend=args.draft_backend,
             n_ctx=args.n_ctx,

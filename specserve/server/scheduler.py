@@ -58,8 +58,13 @@ class Scheduler:
     def submit(self, generation: Generation, span: trace.Span | None = None) -> Job:
         job = Job(generation, asyncio.get_running_loop(), span)
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{self.in_flight} requests in flight; the queue holds {self.max_queue}")
+            # Bound the total, not just the waiting list: jobs wait there until the scheduler thread's next
+            # step boundary even when a batch slot is free.
+            if self.in_flight >= self.max_batch + self.max_queue:
+                raise QueueFull(
+                    f"{self.in_flight} requests in flight; the server takes {self.max_batch} running "
+                    f"+ {self.max_queue} waiting"
+                )
             self._waiting.append(job)
             self.metrics.queue_depth.set(len(self._waiting))
             self._wake.notify()
