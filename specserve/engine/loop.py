@@ -67,8 +67,8 @@ def step(generations: list[Generation]) -> Step:
     """One iteration for each (unfinished) generation: draft, one shared target pass, verify, emit."""
     t0 = time.perf_counter()
     costs = generations[0].batch_costs if len(generations) > 1 else None
-    planned = _plan(generations, costs) if costs is not None else [None] * len(generations)
-    requests = [g.draft_request(k) for g, k in zip(generations, planned, strict=True)]
+    planned, probe = _plan(generations, costs) if costs is not None else ([None] * len(generations), True)
+    requests = [g.draft_request(k, probe) for g, k in zip(generations, planned, strict=True)]
     try:
         proposals = propose_batch(requests)
     except Exception:  # the draft side failed: carry on without it; the target alone gives the same output
@@ -91,9 +91,11 @@ def _model_drafted(proposer: Proposer | None) -> bool:
     return proposer is not None and not isinstance(proposer, NgramProposer)
 
 
-def _plan(generations: list[Generation], costs: BatchCosts) -> list[int | None]:
+def _plan(generations: list[Generation], costs: BatchCosts) -> tuple[list[int | None], bool]:
     """Draft lengths for the adaptive generations of a batch (`plan_batch`); None for the others, which
-    choose their own (prefill chunks and fixed k count as rows of the shared pass)."""
+    choose their own (prefill chunks and fixed k count as rows of the shared pass). Second: whether a
+    sequence at k = 0 should still probe its acceptance now and then; not when the batch would not draft
+    even if every draft were accepted (then a probe only costs everyone a draft pass)."""
     planned: list[int | None] = [None] * len(generations)
     members = [i for i, g in enumerate(generations) if g.adaptive is not None and not g.prefilling]
     fixed_rows = 0
@@ -102,17 +104,16 @@ def _plan(generations: list[Generation], costs: BatchCosts) -> list[int | None]:
             fixed_rows += min(PREFILL_CHUNK, len(g.prompt) - g.prefilled)
         elif g.adaptive is None:
             fixed_rows += 1 + (g.draft_limit() if g.proposer is not None else 0)
-    if members:
-        plan = plan_batch(
-            [generations[i].adaptive.acceptance for i in members],
-            [generations[i].draft_limit() for i in members],
-            [_model_drafted(generations[i].proposer) for i in members],
-            costs,
-            fixed_rows,
-        )
-        for i, k in zip(members, plan, strict=True):
-            planned[i] = k
-    return planned
+    if not members:
+        return planned, True
+    limits = [generations[i].draft_limit() for i in members]
+    model_drafted = [_model_drafted(generations[i].proposer) for i in members]
+    acceptance = [generations[i].adaptive.acceptance for i in members]
+    plan = plan_batch(acceptance, limits, model_drafted, costs, fixed_rows)
+    for i, k in zip(members, plan, strict=True):
+        planned[i] = k
+    could_pay = any(plan) or any(plan_batch([0.99] * len(members), limits, model_drafted, costs, fixed_rows))
+    return planned, could_pay
 
 
 class Generation:
@@ -189,7 +190,7 @@ class Generation:
         room = self.target.n_ctx - self.target.n_past - 1  # window slots left after the pending token
         return max(0, min(self.k, room, self.params.max_tokens - len(self.tokens) - 1))
 
-    def draft_request(self, planned_k: int | None = None) -> DraftRequest:
+    def draft_request(self, planned_k: int | None = None, probe: bool = True) -> DraftRequest:
         """Phase 1: what to draft now. k is 0 while prefilling, for plain decoding, and when adaptive k
         finds drafting not worth its cost; `planned_k` is the batch plan's choice for an adaptive one."""
         if self._start is None:
@@ -206,7 +207,7 @@ class Generation:
         elif planned_k is None:
             k = self.adaptive.choose(limit)
         else:
-            k = self.adaptive.probe(planned_k) if limit else 0
+            k = self.adaptive.probe(planned_k) if limit and probe else min(planned_k, limit)
         self.stats.chosen_k.append(k)
         # Tolerance needs the draft's probability of each token even when drafting greedily.
         min_confidence = self.adaptive.min_confidence() if self.adaptive else 0.0
