@@ -192,7 +192,8 @@ class Generation:
 
     def draft_request(self, planned_k: int | None = None, probe: bool = True) -> DraftRequest:
         """Phase 1: what to draft now. k is 0 while prefilling, for plain decoding, and when adaptive k
-        finds drafting not worth its cost; `planned_k` is the batch plan's choice for an adaptive one."""
+        finds drafting not worth its cost; `planned_k` is the batch plan's choice for an adaptive one, and
+        `probe` False keeps it at 0 even when acceptance is due for a re-measurement."""
         if self._start is None:
             self._start = time.perf_counter()
             if self._prefilled == 0:
