@@ -121,8 +121,10 @@ class Runtime:
         verify = self.target.window_cost_s  # measured by the verifier at start-up
         templates = {"ngram": AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0)}
         if self.draft is not None:
-            draft_step = window_seconds(self.draft, self.tokenizer.encode(_CALIBRATION_TEXT), (1,), repeats=3)[1]
-            templates["draft"] = AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft_step)
+            draft = window_seconds(self.draft, self.tokenizer.encode(_CALIBRATION_TEXT), (1, 32), repeats=3)
+            templates["draft"] = AdaptiveK(
+                REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft[1], catch_up_s=draft[32] / 32
+            )
         self._adaptive_templates = templates
 
     def _calibrate(self) -> tuple[dict[str, AdaptiveK], BatchCosts]:
@@ -134,8 +136,11 @@ class Runtime:
         verify = window_seconds(self.target, context, tuple(range(1, K_MAX + 2)), repeats=2)
         templates = {"ngram": AdaptiveK(K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0)}
         if self.draft is not None:
-            draft_step = window_seconds(self.draft, context, (1,), repeats=3)[1]
-            templates["draft"] = AdaptiveK(K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft_step)
+            draft = window_seconds(self.draft, context, (1, 32), repeats=3)
+            catch_up = draft[32] / 32  # per token of a catch-up (a prompt, or a stretch decoded without drafting)
+            templates["draft"] = AdaptiveK(
+                K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft[1], catch_up_s=catch_up
+            )
             templates["cascade"] = copy.deepcopy(templates["draft"])  # learns its (lower) draft cost online
         rows = (1, 2, 4, 8, 16, 32, 64, 128)
         costs = BatchCosts(batch_seconds(self.target, context, rows, window=K_MAX + 1))
@@ -143,6 +148,7 @@ class Runtime:
             # llama.cpp runs a batch's sequences one after another: two points give its (linear) cost
             draft_rows = rows[:2] if self.draft.name == "llama.cpp" else rows[:6]
             costs.draft_s = batch_seconds(self.draft, context, draft_rows, window=1)
+            costs.catch_up_s = catch_up
         return templates, costs
 
     def draft_length(self, method: str, k: int | str | None) -> int | AdaptiveK:

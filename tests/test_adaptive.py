@@ -1,5 +1,7 @@
 """Adaptive draft length: the cost model, and k = 0 when drafts are always wrong."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -30,8 +32,11 @@ def test_acceptance_estimate_follows_observed_windows():
 
 def test_probe_after_a_run_of_plain_steps():
     model = AdaptiveK(acceptance=0.01, draft_cost_s=0.01, verify_cost_s={1: 0.03, 2: 0.031})
-    choices = [model.choose(8) for _ in range(40)]
-    assert choices.count(0) >= 36 and 1 in choices  # mostly plain, with an occasional 1-token probe
+    choices = [model.choose(8) for _ in range(400)]
+    assert choices.count(0) >= 390 and 1 in choices  # mostly plain, with an occasional 1-token probe
+    probes = [i for i, k in enumerate(choices) if k == 1]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps[0] < gaps[-1] <= 64  # failed probes space the next ones out, up to a bound
 
 
 class AlwaysWrongProposer:
@@ -47,6 +52,9 @@ class AlwaysWrongProposer:
 
     def reset(self):
         pass
+
+    def sync_rows(self, context):
+        return 0
 
 
 @pytest.mark.models
@@ -94,6 +102,23 @@ def test_batch_plan_drafts_alone_but_not_in_a_big_batch():
     # a sequence that never accepts is left out while the others draft
     plan = plan_batch([0.9, 0.9, 0.0], [8, 8, 8], [False, False, False], costs)
     assert plan[2] == 0 and plan[0] > 0
+
+
+def test_batch_plan_charges_a_draft_catch_up_against_the_tokens_left():
+    """A sequence whose draft has 200 tokens to catch up on (after decoding without drafting) starts
+    drafting when the reply has long to go, not in its last tokens; a steady one (2 rows) always drafts."""
+    from specserve.engine.adaptive import BatchCosts, plan_batch
+
+    costs = BatchCosts(
+        verify_s={1: 0.031, 2: 0.036, 4: 0.049, 8: 0.060},
+        draft_s={1: 0.015, 2: 0.017, 4: 0.020},
+        catch_up_s=0.003,
+    )
+    assert plan_batch([0.9], [8], [True], costs, sync_rows=[2], remaining=[4])[0] > 0
+    assert plan_batch([0.9], [8], [True], costs, sync_rows=[200], remaining=[1000])[0] > 0
+    assert plan_batch([0.9], [8], [True], costs, sync_rows=[200], remaining=[8]) == [0]
+    # beside a prefill chunk of 128 rows a decode row costs little and drafting does not pay
+    assert plan_batch([0.9], [8], [True], costs, fixed_rows=128) == [0]
 
 
 def test_learned_confidence_cutoff_drops_tokens_the_draft_is_unsure_of():

@@ -40,6 +40,9 @@ class PipelinedDrafter:
         self._ahead = None
         self.inner.reset()
 
+    def sync_rows(self, context: list[int]) -> int:
+        return self.inner.sync_rows(context)
+
     def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()

@@ -11,11 +11,17 @@ verify cost of each window size (seeded with a prior, then exponentially average
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 _EMA = 0.1  # weight of a new observation
 _PROBE_EVERY = 16  # steps at k = 0 before drafting one short window again to re-measure acceptance
+_PROBE_EVERY_MAX = 64  # ... doubling after each probe that did not bring drafting back (each one costs a
+# draft pass over every token since the last one, and on unpredictable text they keep failing)
 _CONFIDENCE_BUCKETS = 10  # acceptance is tracked per tenth of the draft's own confidence in its token
+# Rows a drafting sequence's first draft pass holds in the steady state: the target's token, and the last
+# draft token when the whole window was accepted. Anything beyond is catch-up.
+STEADY_SYNC_ROWS = 2
 
 
 @dataclass
@@ -25,9 +31,11 @@ class AdaptiveK:
     draft_cost_s: float | None = None  # per drafted token
     verify_cost_s: dict[int, float] = field(default_factory=dict)  # window size -> seconds
     round_trip_s: float = 0.0  # network time per verify call when the target is remote
+    catch_up_s: float = 0.0  # per token the draft evaluates to catch up on a context it has not seen
     _accepted: float = 2.1  # pseudo-counts behind `acceptance` (a prior worth 3 trials)
     _tried: float = 3.0
     _steps_at_zero: int = 0
+    _probe_every: int = _PROBE_EVERY
     # Per confidence bucket: pseudo-counts of accepted / tried draft tokens (prior: acceptance = confidence).
     _conf_accepted: list[float] = field(default_factory=lambda: [(b + 0.5) / _CONFIDENCE_BUCKETS for b in range(10)])
     _conf_tried: list[float] = field(default_factory=lambda: [1.0] * _CONFIDENCE_BUCKETS)
@@ -50,17 +58,24 @@ class AdaptiveK:
         estimate = self.verify_cost_s[lower] + frac * (self.verify_cost_s[upper] - self.verify_cost_s[lower])
         return max(floor, estimate)
 
-    def expected_rate(self, k: int) -> float:
-        """Expected tokens per second for a window of k drafts."""
+    def expected_rate(self, k: int, backlog: int = 0, remaining: int = 1 << 30) -> float:
+        """Expected tokens per second for a window of k drafts. `backlog`: tokens the draft must first catch
+        up on beyond its steady 1-2 (`plan_batch` explains the charge), `remaining`: tokens the reply may
+        still have."""
         tokens = expected_tokens(self.acceptance, k)
         seconds = k * (self.draft_cost_s or 0.0) + self.verify_cost(k + 1) + self.round_trip_s
+        if k > 0:
+            seconds += backlog * self.catch_up_s * tokens / max(remaining, 1)
         return tokens / seconds
 
-    def choose(self, limit: int) -> int:
+    def choose(self, limit: int, sync_rows: int = 1, remaining: int = 1 << 30) -> int:
+        """The best k for the next window; `sync_rows` as `Proposer.sync_rows` gives them."""
         limit = min(limit, self.k_max)
         if limit <= 0:
             return 0
-        return self.probe(max(range(limit + 1), key=self.expected_rate))
+        backlog = max(sync_rows - STEADY_SYNC_ROWS, 0)
+        best = max(range(limit + 1), key=lambda k: self.expected_rate(k, backlog, remaining))
+        return self.probe(best, remaining)
 
     def min_confidence(self) -> float:
         """Draft confidence below which another draft token does not pay (llama.cpp's draft-p-min, learned):
@@ -84,14 +99,22 @@ class AdaptiveK:
             self._conf_tried[bucket] += 1
             self._conf_accepted[bucket] += position < accepted
 
-    def probe(self, k: int) -> int:
-        """After too many steps at k = 0, draft one token: acceptance may have changed, look again cheaply."""
+    def probe_due(self, remaining: int = 1 << 30) -> bool:
+        """Whether `probe(0, remaining)` would draft now."""
+        return self._steps_at_zero + 1 >= self._probe_every and remaining > _PROBE_EVERY
+
+    def probe(self, k: int, remaining: int = 1 << 30) -> int:
+        """After too many steps at k = 0, draft one token: acceptance may have changed, look again cheaply.
+        A probe after which k stays 0 doubles the wait for the next one; near the end of a reply there is
+        nothing left for a probe to pay off on."""
         if k > 0:
-            self._steps_at_zero = 0
+            self._steps_at_zero, self._probe_every = 0, _PROBE_EVERY
             return k
+        due = self.probe_due(remaining)
         self._steps_at_zero += 1
-        if self._steps_at_zero >= _PROBE_EVERY:
+        if due:
             self._steps_at_zero = 0
+            self._probe_every = min(2 * self._probe_every, _PROBE_EVERY_MAX)
             return 1
         return 0
 
@@ -132,28 +155,33 @@ def expected_tokens(acceptance: float, k: int) -> float:
 def _interpolate(table: dict[int, float], x: int) -> float:
     """Piecewise linear in x through the measured points, linear extrapolation beyond the largest, and never
     below a smaller x's cost (noise must not make more rows look cheaper)."""
-    xs = sorted(table)
-    if x <= xs[0]:
+    xs = sorted(table)  # a handful of keys; cheaper than keeping a sorted copy in sync with the averaging
+    i = bisect.bisect_right(xs, x)  # xs[:i] <= x < xs[i:]
+    if i == 0:
         return table[xs[0]]
-    lower = max(w for w in xs if w <= x)
-    upper = min((w for w in xs if w > x), default=None)
-    if upper is None:  # beyond the measurements: keep the last segment's cost per row
+    floor = max(table[w] for w in xs[:i])
+    lower = xs[i - 1]
+    if i == len(xs):  # at or beyond the measurements: keep the last segment's cost per row
         if len(xs) == 1:
-            return table[xs[0]] * x / xs[0]
-        a, b = xs[-2], xs[-1]
-        slope = max(0.0, (table[b] - table[a]) / (b - a))
-        return table[b] + slope * (x - b)
+            return table[lower] * x / lower
+        a = xs[-2]
+        slope = max(0.0, (table[lower] - table[a]) / (lower - a))
+        return max(floor, table[lower] + slope * (x - lower))
+    upper = xs[i]
     estimate = table[lower] + (x - lower) / (upper - lower) * (table[upper] - table[lower])
-    return max(estimate, max(table[w] for w in xs if w <= x))
+    return max(estimate, floor)
 
 
 @dataclass
 class BatchCosts:
-    """Seconds of one batched pass by total rows: the target (verify) and one draft step. Measured at
-    start-up, then exponentially averaged with what batched steps take."""
+    """Seconds of one batched pass by total rows: the target (verify) and one draft step; and what a draft
+    pays per token to catch up on a context it has not seen (a prompt, or a stretch decoded without
+    drafting). Measured at start-up; verify passes are then exponentially averaged with what batched steps
+    take (a draft step's wall time mixes catch-up and drafting, so the draft table stays as measured)."""
 
     verify_s: dict[int, float]
     draft_s: dict[int, float] = field(default_factory=dict)  # empty: no draft model
+    catch_up_s: float = 0.0  # per token
 
     def verify(self, rows: int) -> float:
         return _interpolate(self.verify_s, rows)
@@ -161,18 +189,19 @@ class BatchCosts:
     def draft(self, rows: int) -> float:
         return _interpolate(self.draft_s, rows) if rows and self.draft_s else 0.0
 
-    def observe(self, verify_rows: int, verify_s: float, draft_rows: int, draft_steps: int, draft_s: float) -> None:
-        _average(self.verify_s, verify_rows, verify_s)
-        if draft_rows and draft_steps and self.draft_s:
-            _average(self.draft_s, draft_rows, draft_s / draft_steps)
-
-
-def _average(table: dict[int, float], rows: int, seconds: float) -> None:
-    table[rows] = seconds if rows not in table else (1 - _EMA) * table[rows] + _EMA * seconds
+    def observe(self, verify_rows: int, verify_s: float) -> None:
+        old = self.verify_s.get(verify_rows)
+        self.verify_s[verify_rows] = verify_s if old is None else (1 - _EMA) * old + _EMA * verify_s
 
 
 def plan_batch(
-    acceptance: list[float], limits: list[int], model_drafted: list[bool], costs: BatchCosts, fixed_rows: int = 0
+    acceptance: list[float],
+    limits: list[int],
+    model_drafted: list[bool],
+    costs: BatchCosts,
+    fixed_rows: int = 0,
+    sync_rows: list[int] | None = None,
+    remaining: list[int] | None = None,
 ) -> list[int]:
     """Draft lengths for the sequences of one batched step, maximising the batch's tokens per second.
 
@@ -180,19 +209,38 @@ def plan_batch(
     steps (batched over the model-drafted ones) and k rows each to the verify pass. Batching already makes
     plain decoding cheap per token, so the larger the batch, the less speculation pays; the plan can be
     all zeros. Candidates: a common k for the m sequences most likely to accept (k capped per sequence).
-    `fixed_rows`: rows of the same pass that are not planned here (prefill chunks, fixed-k windows).
+    `fixed_rows`: rows of the same pass that are not planned here (prefill chunks, fixed-k windows). Their
+    time is spent anyway, so the plan weighs tokens against the time it adds to the pass: beside a prefill
+    chunk a decode row is nearly free, and drafting, which is not, does not pay.
+    `sync_rows[i]`: tokens sequence i's draft must evaluate first (`Proposer.sync_rows`). A catch-up beyond
+    the steady state is a one-off that later windows share, so each window is charged its part of it:
+    the catch-up's cost times the tokens the window yields over the `remaining[i]` tokens the request may
+    still produce. Starting to draft late in a long reply pays; in the last few tokens it does not.
     """
     n = len(acceptance)
+    sync_rows = sync_rows or [1] * n
+    remaining = remaining or [1 << 30] * n
     order = sorted(range(n), key=lambda i: -acceptance[i])
-    best_rate, best_k, best_m = n / costs.verify(n + fixed_rows), 0, 0
+    spent = costs.verify(fixed_rows) if fixed_rows else 0.0
+
+    def added(rows: int) -> float:  # what the pass costs beyond the fixed rows (noise must not make it 0)
+        return max(costs.verify(rows) - spent, 1e-4)
+
+    best_rate, best_k, best_m = n / added(n + fixed_rows), 0, 0
     for k in range(1, max(limits, default=0) + 1):
-        tokens, rows, drafters = float(n), n + fixed_rows, 0
+        tokens, rows, drafters, first_rows, catch_up = float(n), n + fixed_rows, 0, 0, 0.0
         for m, i in enumerate(order, start=1):
             ki = min(k, limits[i])
-            tokens += expected_tokens(acceptance[i], ki) - 1
+            gain = expected_tokens(acceptance[i], ki)
+            tokens += gain - 1
             rows += ki
-            drafters += model_drafted[i] and ki > 0
-            rate = tokens / (costs.verify(rows) + k * costs.draft(drafters))
+            if model_drafted[i] and ki > 0:
+                drafters += 1
+                first_rows += min(sync_rows[i], STEADY_SYNC_ROWS)
+                backlog = max(sync_rows[i] - STEADY_SYNC_ROWS, 0)
+                catch_up += backlog * costs.catch_up_s * gain / max(remaining[i], 1)
+            seconds = added(rows) + costs.draft(first_rows) + (k - 1) * costs.draft(drafters) + catch_up
+            rate = tokens / seconds
             if rate > best_rate:
                 best_rate, best_k, best_m = rate, k, m
     chosen = set(order[:best_m])

@@ -79,9 +79,7 @@ def step(generations: list[Generation]) -> Step:
     verdicts = run_windows([g.target for g in generations], windows)
     t2 = time.perf_counter()
     if costs is not None:  # what this batch shape really cost, for the next plans
-        drafted = [len(p.tokens) for p, r in zip(proposals, requests, strict=True) if _model_drafted(r.proposer)]
-        rows = sum(len(w.append) + len(w.drafts) for w in windows)
-        costs.observe(rows, t2 - t1, sum(d > 0 for d in drafted), max(drafted, default=0), t1 - t0)
+        costs.observe(sum(len(w.append) + len(w.drafts) for w in windows), t2 - t1)
     batched = len(generations) > 1
     events = [g.close_window(v, t1 - t0, t2 - t1, batched) for g, v in zip(generations, verdicts, strict=True)]
     return Step(events, (t0, t1, t2, time.perf_counter()))
@@ -106,14 +104,19 @@ def _plan(generations: list[Generation], costs: BatchCosts) -> tuple[list[int | 
             fixed_rows += 1 + (g.draft_limit() if g.proposer is not None else 0)
     if not members:
         return planned, True
-    limits = [generations[i].draft_limit() for i in members]
-    model_drafted = [_model_drafted(generations[i].proposer) for i in members]
-    acceptance = [generations[i].adaptive.acceptance for i in members]
-    plan = plan_batch(acceptance, limits, model_drafted, costs, fixed_rows)
+    sequences = [generations[i] for i in members]
+    limits = [g.draft_limit() for g in sequences]
+    model_drafted = [_model_drafted(g.proposer) for g in sequences]
+    acceptance = [g.adaptive.acceptance for g in sequences]
+    sync = [g.proposer.sync_rows(g.context) if g.proposer is not None else 0 for g in sequences]
+    remaining = [g.remaining for g in sequences]
+    plan = plan_batch(acceptance, limits, model_drafted, costs, fixed_rows, sync, remaining)
     for i, k in zip(members, plan, strict=True):
         planned[i] = k
-    could_pay = any(plan) or any(plan_batch([0.99] * len(members), limits, model_drafted, costs, fixed_rows))
-    return planned, could_pay
+    if any(plan) or not any(g.adaptive.probe_due(g.remaining) for g in sequences):
+        return planned, True
+    sure = plan_batch([0.99] * len(members), limits, model_drafted, costs, fixed_rows, sync, remaining)
+    return planned, any(sure)
 
 
 class Generation:
@@ -185,10 +188,15 @@ class Generation:
     def prefilled(self) -> int:
         return self._prefilled
 
+    @property
+    def remaining(self) -> int:
+        """Tokens the reply may still produce (max_tokens allowing)."""
+        return self.params.max_tokens - len(self.tokens)
+
     def draft_limit(self) -> int:
         """The most drafts the next window may hold: k (or k_max), the context and max_tokens allowing."""
         room = self.target.n_ctx - self.target.n_past - 1  # window slots left after the pending token
-        return max(0, min(self.k, room, self.params.max_tokens - len(self.tokens) - 1))
+        return max(0, min(self.k, room, self.remaining - 1))
 
     def draft_request(self, planned_k: int | None = None, probe: bool = True) -> DraftRequest:
         """Phase 1: what to draft now. k is 0 while prefilling, for plain decoding, and when adaptive k
@@ -206,9 +214,9 @@ class Generation:
         elif self.adaptive is None:
             k = limit
         elif planned_k is None:
-            k = self.adaptive.choose(limit)
+            k = self.adaptive.choose(limit, self.proposer.sync_rows(self.context), self.remaining)
         else:
-            k = self.adaptive.probe(planned_k) if limit and probe else min(planned_k, limit)
+            k = self.adaptive.probe(planned_k, self.remaining) if limit and probe else min(planned_k, limit)
         self.stats.chosen_k.append(k)
         # Tolerance needs the draft's probability of each token even when drafting greedily.
         min_confidence = self.adaptive.min_confidence() if self.adaptive else 0.0

@@ -35,6 +35,10 @@ class Proposer(Protocol):
 
     def reset(self) -> None: ...
 
+    def sync_rows(self, context: list[int]) -> int:
+        """Tokens a model proposer must evaluate to catch up on the context before drafting (0: none)."""
+        ...
+
 
 class NgramProposer:
     """Prompt lookup: find the latest earlier occurrence of the context's last n tokens, propose what
@@ -68,6 +72,9 @@ class NgramProposer:
     def reset(self) -> None:
         pass
 
+    def sync_rows(self, context: list[int]) -> int:
+        return 0  # no model to catch up
+
 
 class DraftModelProposer:
     """A small model with the target's tokenizer drafts k tokens autoregressively.
@@ -87,15 +94,23 @@ class DraftModelProposer:
         self.backend.reset()
         self._cached = []
 
+    def _kept(self, context: list[int]) -> int:
+        """How much of the draft's cache stays valid for this context."""
+        limit = min(len(self._cached), len(context))
+        common = limit
+        if self._cached[:limit] != context[:limit]:  # usual case: one side extends the other (compared in C)
+            common = next(i for i, (a, b) in enumerate(zip(self._cached, context, strict=False)) if a != b)
+        return min(common, len(context) - 1)  # the logits after the last context token: evaluate it again
+
+    def sync_rows(self, context: list[int]) -> int:
+        """Tokens the next draft pass must evaluate before its first proposal: 1-2 while drafting every
+        step, the whole gap after a stretch without drafting (or the prompt, at first)."""
+        return len(context) - self._kept(context)
+
     def _sync(self, context: list[int]) -> list[int]:
         """Roll the draft's cache back to what it shares with the context; return the tokens to evaluate
         so that the last row of logits predicts the token after the context."""
-        common = 0
-        limit = min(len(self._cached), len(context))
-        while common < limit and self._cached[common] == context[common]:
-            common += 1
-        if common == len(context):
-            common -= 1  # we need the logits after the last context token: evaluate it again
+        common = self._kept(context)
         self.backend.truncate(common)
         self._cached = list(context)
         return context[common:]
@@ -188,6 +203,9 @@ class CascadeProposer:
 
     def reset(self) -> None:
         self.draft.reset()
+
+    def sync_rows(self, context: list[int]) -> int:
+        return self.draft.sync_rows(context)
 
     def propose(
         self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
