@@ -57,6 +57,23 @@ def test_rejection_sampling_matches_target_distribution(case):
     assert np.all(empirical[~support] == 0), "emitted a token the target gives probability 0"
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_expected_acceptance_is_the_mean_of_the_coin_flips(case):
+    """`Verdict.expected_accepted` for one draft is sum_x min(p, q): what adaptive k learns from instead
+    of the 0/1 outcome. Its mean must be the observed acceptance rate."""
+    p, q = CASES[case]
+    rng = np.random.default_rng(5)
+    target_logits = np.stack([_logits_for(p), _logits_for(p)])
+    accepted, expected = [], []
+    for _ in range(20_000):
+        draft, probs = (2, [None]) if q is None else (int(rng.choice(V, p=q)), [q])
+        verdict = verify_sampled(target_logits, [draft], probs, SAMPLED, rng)
+        accepted.append(verdict.accepted)
+        expected.append(verdict.expected_accepted)
+    assert np.mean(expected) == pytest.approx(np.minimum(p, q).sum() if q is not None else p[2])
+    assert abs(np.mean(accepted) - np.mean(expected)) < 0.015  # ~4 standard errors at 20k samples
+
+
 def test_a_sampler_that_skips_rejection_is_caught():
     """The statistical bound above has teeth: always accepting the draft fails it."""
     p, q = CASES["q far from p"]

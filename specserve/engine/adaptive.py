@@ -118,11 +118,21 @@ class AdaptiveK:
             return 1
         return 0
 
-    def observe(self, drafted: int, accepted: int, draft_s: float | None, verify_s: float | None) -> None:
+    def observe(
+        self,
+        drafted: int,
+        accepted: int,
+        draft_s: float | None,
+        verify_s: float | None,
+        expected_accepted: float | None = None,
+        backlog: int = 0,
+    ) -> None:
         """One verify outcome. Times are None when the step served a batch (its wall time is not this
-        window's cost; `BatchCosts` learns from it instead)."""
+        window's cost; `BatchCosts` learns from it instead). `expected_accepted`: `Verdict.expected_accepted`
+        when the verifier knows it. `backlog`: catch-up tokens the draft evaluated first (not drafting cost)."""
+        successes = accepted if expected_accepted is None else expected_accepted
         if verify_s is None or draft_s is None:
-            self._observe_acceptance(drafted, accepted)
+            self._observe_acceptance(drafted, accepted, successes)
             return
         window = drafted + 1
         verify_s = max(verify_s - self.round_trip_s, 0.0)  # a remote window's wall time includes the network
@@ -130,18 +140,18 @@ class AdaptiveK:
         self.verify_cost_s[window] = verify_s if old is None else (1 - _EMA) * old + _EMA * verify_s
         if drafted == 0:
             return
-        per_token = draft_s / drafted
+        per_token = max(draft_s - backlog * self.catch_up_s, 0.0) / drafted
         self.draft_cost_s = (
             per_token if self.draft_cost_s is None else (1 - _EMA) * self.draft_cost_s + _EMA * per_token
         )
-        self._observe_acceptance(drafted, accepted)
+        self._observe_acceptance(drafted, accepted, successes)
 
-    def _observe_acceptance(self, drafted: int, accepted: int) -> None:
+    def _observe_acceptance(self, drafted: int, accepted: int, successes: float) -> None:
         if drafted == 0:
             return
-        # Positions are tried in order until the first rejection: accepted successes out of
-        # accepted + (1 if a rejection happened) trials. Decay old evidence so the estimate can move.
-        self._accepted = (1 - _EMA) * self._accepted + accepted
+        # Positions are tried in order until the first rejection: `accepted` successes (or their expectation)
+        # out of accepted + (1 if a rejection happened) trials. Decay old evidence so the estimate can move.
+        self._accepted = (1 - _EMA) * self._accepted + successes
         self._tried = (1 - _EMA) * self._tried + accepted + (accepted < drafted)
         self.acceptance = self._accepted / self._tried
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from specserve.backends.base import Backend, ContextOverflowError
-from specserve.engine.adaptive import AdaptiveK, BatchCosts, plan_batch
+from specserve.engine.adaptive import STEADY_SYNC_ROWS, AdaptiveK, BatchCosts, plan_batch
 from specserve.engine.proposers import (
     DraftModelProposer,
     DraftRequest,
@@ -163,6 +163,7 @@ class Generation:
         self._prefilled = cached_prefix  # prompt tokens in the target's KV cache
         self.stats.prefix_reused = cached_prefix
         self._proposal = Proposal([], [])
+        self._backlog = 0  # catch-up tokens the draft evaluates before this window's drafts
         self.tolerance = tolerance
         self.batch_costs = batch_costs
 
@@ -209,15 +210,17 @@ class Generation:
         if self._prefilled < len(self.prompt):
             return DraftRequest(None, self.context, 0, self.params, self._rng)
         limit = self.draft_limit()
+        sync = self.proposer.sync_rows(self.context) if self.proposer is not None else 0
         if self.proposer is None:
             k = 0
         elif self.adaptive is None:
             k = limit
         elif planned_k is None:
-            k = self.adaptive.choose(limit, self.proposer.sync_rows(self.context), self.remaining)
+            k = self.adaptive.choose(limit, sync, self.remaining)
         else:
             k = self.adaptive.probe(planned_k, self.remaining) if limit and probe else min(planned_k, limit)
         self.stats.chosen_k.append(k)
+        self._backlog = max(sync - STEADY_SYNC_ROWS, 0) if k else 0
         # Tolerance needs the draft's probability of each token even when drafting greedily.
         min_confidence = self.adaptive.min_confidence() if self.adaptive else 0.0
         return DraftRequest(
@@ -251,7 +254,14 @@ class Generation:
         if self.adaptive:
             self.adaptive.observe_confidence(self._proposal.confidence, verdict.accepted)
             own = not batched
-            self.adaptive.observe(len(drafted), verdict.accepted, draft_s if own else None, verify_s if own else None)
+            self.adaptive.observe(
+                len(drafted),
+                verdict.accepted,
+                draft_s if own else None,
+                verify_s if own else None,
+                verdict.expected_accepted,
+                self._backlog,
+            )
         stats.record_window(len(drafted), verdict.accepted)
         if isinstance(self.tolerance, ToleranceController):
             self.tolerance.observe(len(drafted), verdict.accepted)

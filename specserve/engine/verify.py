@@ -27,6 +27,9 @@ from specserve.engine.sampling import SamplingParams, probabilities, sample
 class Verdict:
     accepted: int  # how many draft tokens were accepted (a prefix of the window)
     next_token: int  # correction (on rejection) or bonus (all accepted), produced by the target
+    # Sampled verification: the sum over the tried positions of their acceptance probability
+    # sum_x min(p(x), q(x)), an estimate of `accepted` with far less noise than the coin flips (None: unknown)
+    expected_accepted: float | None = None
 
 
 def verify_greedy(target_logits: np.ndarray, draft_tokens: list[int]) -> Verdict:
@@ -48,9 +51,11 @@ def verify_sampled(
     """draft_probs[i] is the distribution draft token i was drawn from; None means a point mass on it
     (deterministic proposers such as n-gram lookup)."""
     p_rows = probabilities(target_logits, params)
+    odds = 0.0
     for i, token in enumerate(draft_tokens):
         p = p_rows[i]
         q = draft_probs[i]
+        odds += float(p[token]) if q is None else float(np.minimum(p, q).sum())
         q_token = 1.0 if q is None else float(q[token])
         if q_token > 0.0 and rng.random() * q_token < p[token]:
             continue  # accepted with probability min(1, p/q)
@@ -61,8 +66,8 @@ def verify_sampled(
             residual = np.maximum(residual - q, 0.0)
         if residual.sum() <= 0.0:
             residual = p  # p == q: rejection has probability 0, but guard against rounding
-        return Verdict(i, sample(residual, rng))
-    return Verdict(len(draft_tokens), sample(p_rows[len(draft_tokens)], rng))
+        return Verdict(i, sample(residual, rng), odds)
+    return Verdict(len(draft_tokens), sample(p_rows[len(draft_tokens)], rng), odds)
 
 
 def verify(
