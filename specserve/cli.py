@@ -24,6 +24,7 @@ from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS  # n
 from specserve.runtime import (  # noqa: E402
     BACKENDS,
     DEFAULT_DRAFT_BACKEND,
+    DEFAULT_DRAFT_SPEC,
     DEFAULT_K,
     DEFAULT_TARGET_BACKEND,
     DRAFT_METHODS,
@@ -54,9 +55,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help=f"registry name or GGUF path (default {DEFAULT_TARGET})")
     p.add_argument(
         "--draft",
-        default=DEFAULT_DRAFT,
-        help=f"draft model: name, GGUF path, quantized:Q (the default draft requantized, e.g. quantized:Q4_0), "
-        f"self:Q (the target requantized), NAME@Q (default {DEFAULT_DRAFT})",
+        default=DEFAULT_DRAFT_SPEC,
+        help=f"draft model: name, GGUF path, quantized:Q (the registry's draft {DEFAULT_DRAFT} requantized, "
+        f"BODY/HEAD types), self:Q (the target requantized), NAME@Q, none (default {DEFAULT_DRAFT_SPEC})",
     )
     p.add_argument("--target-backend", choices=BACKENDS, default=DEFAULT_TARGET_BACKEND)
     p.add_argument("--draft-backend", choices=BACKENDS, default=DEFAULT_DRAFT_BACKEND)
@@ -103,9 +104,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from specserve.models.fetch import ensure_model
+    from specserve.models.quantize import resolve_draft_spec
 
     for name in args.models or [DEFAULT_TARGET, DEFAULT_DRAFT]:
         print(ensure_model(name))
+    if not args.models:  # the default draft is the registry's, requantized
+        print(resolve_draft_spec(DEFAULT_DRAFT_SPEC, DEFAULT_TARGET))
     return 0
 
 

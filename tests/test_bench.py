@@ -7,19 +7,36 @@ import sys
 
 import pytest
 
+from specserve.models.registry import DEFAULT_DRAFT
+
 pytestmark = pytest.mark.models
 
 
 def test_seed_table_with_tolerance_row(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "specserve.cli", "bench", "--table", "seed", "--prompts", "project"]
-    command += ["--limit", "1", "--max-tokens", "12", "--modes", "greedy", "--tolerance", "2", "--out", str(out)]
+    command += [
+        "--limit",
+        "1",
+        "--max-tokens",
+        "12",
+        "-k",
+        "4",
+        "--modes",
+        "greedy",
+        "--tolerance",
+        "2",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["summary"]["greedy/all"]
     labels = list(rows)
     assert labels[0] == "target-only llama.cpp" and any("quantized:Q4_0" in label for label in labels)
+    assert any(f"{DEFAULT_DRAFT} (torch-int8)" in label for label in labels)  # the seed's plain draft row
+    assert any(DEFAULT_DRAFT in name for name in report["cost_table"])
     assert any("cascade" in label for label in labels) and any("tolerance" in label for label in labels)
     exact = [r for label, r in rows.items() if "tolerance" not in label and "target_logprob" in r]
     assert exact and all(r["same_as_target"] == 1.0 for r in exact)  # exact speculation: the target's output

@@ -66,9 +66,11 @@ def test_prompt_longer_than_context_is_a_clear_error(runtime):
 
 
 def test_generation_ends_at_the_context_limit(runtime):
+    from specserve.models.fetch import resolve_model
+    from specserve.models.registry import DEFAULT_DRAFT
     from specserve.runtime import load_backend
 
-    small = load_backend("torch-int8", runtime.draft.model_path, n_ctx=48, show_progress=False)
+    small = load_backend("torch-int8", resolve_model(DEFAULT_DRAFT, False), n_ctx=48, show_progress=False)
     ids = runtime.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
     generation = Generation(
         small, runtime.tokenizer.decode_bytes, frozenset(), ids, SamplingParams(max_tokens=500), None, 0

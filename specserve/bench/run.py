@@ -25,6 +25,8 @@ import specserve
 from specserve.bench.measure import COST_WINDOWS, run_generation, window_costs
 from specserve.bench.worker import LlamaCppProcess
 from specserve.engine.sampling import SamplingParams
+from specserve.models.fetch import resolve_model
+from specserve.models.registry import DEFAULT_DRAFT
 from specserve.runtime import Runtime, RuntimeConfig
 
 SAMPLED_TEMPERATURE = 0.8
@@ -116,38 +118,53 @@ def target_logprob(runtime: Runtime, prompt: list[int], tokens: list[int]) -> fl
     return float(np.mean(logprobs[np.arange(len(tokens)), tokens]))
 
 
+def _runtime_with_draft(args: argparse.Namespace, runtime: Runtime, spec: str, backend: str) -> Runtime:
+    """The bench's runtime when it already has this draft, else one sharing its target."""
+    if (runtime.config.draft, runtime.config.draft_backend) == (spec, backend):
+        return runtime
+    config = RuntimeConfig.from_args(args)
+    config.draft, config.draft_backend = spec, backend
+    return Runtime(config, target=runtime.target)
+
+
+def _draft_label(runtime: Runtime) -> str:
+    return f"{runtime.config.draft} ({runtime.draft.name})"
+
+
 def _configs(args: argparse.Namespace, runtime: Runtime, llama_target: LlamaCppProcess, console: Console):
     """The columns of the comparison. `--table seed` reproduces the seed's rows on our pair: baseline
-    (target only), speculative, speculative + quantized draft, plus our cascade."""
+    (target only), speculative with the plain draft, speculative + quantized draft, plus our cascade."""
     int8 = runtime.target.name
-    target_mem, draft_mem = runtime.target.memory_bytes(), runtime.draft.memory_bytes()
-    llama_mem = llama_target.memory
+    target_mem = runtime.target.memory_bytes()
     baselines = [
-        BenchConfig("target-only llama.cpp", worker=llama_target, target_memory=llama_mem),
+        BenchConfig("target-only llama.cpp", worker=llama_target, target_memory=llama_target.memory),
         BenchConfig(f"target-only {int8}", target_memory=target_mem),
     ]
-    speculative = BenchConfig(f"spec {int8} + draft k={args.k}", "draft", args.k, None, None, target_mem, draft_mem)
-    cascade = BenchConfig(f"spec {int8} + cascade k={args.k}", "cascade", args.k, None, None, target_mem, draft_mem)
+
+    def speculative(method: str, k: int | str, rt: Runtime, tolerance: float | None = None) -> BenchConfig:
+        drafter = "n-gram" if method == "ngram" else _draft_label(rt)
+        lossy = f", tolerance delta={tolerance:g} (lossy)" if tolerance is not None else ""
+        label = f"spec {int8} + {'cascade ' if method == 'cascade' else ''}{drafter} k={k}{lossy}"
+        draft_mem = rt.draft.memory_bytes() if method != "ngram" else 0
+        return BenchConfig(label, method, k, None, rt, target_mem, draft_mem, tolerance)
+
     if args.table == "seed":
-        console.print(f"loading the quantized draft {args.quantized_draft} ...")
-        config = RuntimeConfig.from_args(args)
-        config.draft, config.draft_backend = args.quantized_draft, args.quantized_draft_backend
-        quantized = Runtime(config, target=runtime.target)
-        label = f"spec {int8} + {args.quantized_draft} ({quantized.draft.name}) k={args.k}"
-        quantized_row = BenchConfig(label, "draft", args.k, None, quantized, target_mem, quantized.draft.memory_bytes())
-        configs = [*baselines, speculative, quantized_row, cascade]
+        console.print("loading the seed table's drafts ...")
+        plain = _runtime_with_draft(args, runtime, DEFAULT_DRAFT, "torch-int8")
+        quantized = _runtime_with_draft(args, runtime, args.quantized_draft, args.quantized_draft_backend)
+        configs = [
+            *baselines,
+            speculative("draft", args.k, plain),
+            speculative("draft", args.k, quantized),
+            speculative("cascade", args.k, quantized),
+        ]
     else:
-        ngram = BenchConfig(f"spec {int8} + n-gram k={args.k}", "ngram", args.k, target_memory=target_mem)
-        configs = [*baselines, speculative, cascade, ngram]
-    for delta in args.tolerance:  # lossy, opt-in: rows that show what the speed costs in quality
-        label = f"spec {int8} + draft k={args.k}, tolerance delta={delta:g} (lossy)"
-        configs.append(BenchConfig(label, "draft", args.k, None, None, target_mem, draft_mem, tolerance=delta))
-    if args.table != "seed" and args.fixed_k and args.k != args.fixed_k:
-        configs.append(
-            BenchConfig(
-                f"spec {int8} + draft k={args.fixed_k}", "draft", args.fixed_k, None, None, target_mem, draft_mem
-            )
-        )
+        configs = [*baselines, speculative("draft", args.k, runtime), speculative("cascade", args.k, runtime)]
+        configs.append(speculative("ngram", args.k, runtime))
+        if args.fixed_k and args.k != args.fixed_k:
+            configs.append(speculative("draft", args.fixed_k, runtime))
+    # lossy, opt-in: rows that show what the speed costs in quality
+    configs += [speculative("draft", args.k, runtime, tolerance=delta) for delta in args.tolerance]
     return configs
 
 
@@ -158,22 +175,25 @@ def run_bench(args: argparse.Namespace) -> int:
     console.print("loading models and calibrating ...")
     runtime = Runtime(RuntimeConfig.from_args(args))
     tokenizer = runtime.tokenizer
-    target_path, draft_path = runtime.target.model_path, runtime.draft.model_path
-    # llama.cpp runs in worker processes: its threads and torch's slow each other down in one process.
+    target_path = runtime.target.model_path
+    # Plain llama.cpp runs in a worker process, alone, as a user of llama.cpp would run it.
     llama_target = LlamaCppProcess(target_path, args.n_ctx)
-    llama_draft = LlamaCppProcess(draft_path, args.n_ctx)
+    configs = _configs(args, runtime, llama_target, console)
     probe = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompts[0]["prompt"]}]))
     console.print("measuring the backend cost table ...")
     costs = {
         f"llama.cpp {target_path.name}": llama_target.costs(probe),
         f"{runtime.target.name} {target_path.name}": window_costs(runtime.target, probe),
-        f"llama.cpp {draft_path.name}": llama_draft.costs(probe),
-        f"{runtime.draft.name} {draft_path.name}": window_costs(runtime.draft, probe),
     }
+    registry_draft = resolve_model(DEFAULT_DRAFT, show_progress=False)
+    llama_draft = LlamaCppProcess(registry_draft, args.n_ctx)  # the registry's draft on llama.cpp, for reference
+    costs[f"llama.cpp {registry_draft.name}"] = llama_draft.costs(probe)
     llama_draft_memory = llama_draft.memory
     llama_draft.close()  # the cost table is all it is needed for
+    drafts = {id(rt.draft): rt.draft for rt in [runtime, *(c.runtime for c in configs if c.runtime)] if rt.draft}
+    for draft in drafts.values():  # every draft a row uses, on the backend it runs on
+        costs.setdefault(f"{draft.name} {draft.model_path.name}", window_costs(draft, probe))
 
-    configs = _configs(args, runtime, llama_target, console)
     runs: list[dict] = []
     total = len(prompts) * len(modes) * len(configs)
     with Progress(console=console, transient=True) as progress:
@@ -226,7 +246,7 @@ def run_bench(args: argparse.Namespace) -> int:
             f"target {runtime.target.name} weights": runtime.target.memory_bytes(),
             f"draft {runtime.draft.name} weights": runtime.draft.memory_bytes(),
             "target llama.cpp weights": llama_target.memory,
-            "draft llama.cpp weights": llama_draft_memory,
+            f"draft llama.cpp {registry_draft.name} weights": llama_draft_memory,
             "peak_rss": peak_rss,
         },
         "summary": summary,
