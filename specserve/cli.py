@@ -207,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--table", choices=("default", "seed"), default="default", help="seed: the seed paper's rows")
     bench.add_argument(
         "--quantized-draft",
-        default="quantized:Q4_0/Q4_0",  # body and LM head at Q4_0: 9.7 vs 16.0 ms per draft token, 0.01 less agreement
-        help="draft of the seed table's quantized row",
+        default=DEFAULT_DRAFT_SPEC,
+        help="drafts of the seed table's quantized rows, comma-separated (e.g. quantized:Q4_0/Q4_0,quantized:Q2_K,"
+        "self:Q2_K); the first also drives the cascade row",
     )
     bench.add_argument("--quantized-draft-backend", choices=BACKENDS, default="llama.cpp")
     bench.add_argument(

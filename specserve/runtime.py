@@ -111,7 +111,8 @@ class Runtime:
         from specserve.cluster.router import ClientOptions, VerifierPool
 
         config = self.config
-        self.tokenizer = Tokenizer(resolve_model(config.draft or config.target, show_progress))
+        local = resolve_draft_spec(config.draft, config.target, show_progress) if config.draft else None
+        self.tokenizer = Tokenizer(local or resolve_model(config.target, show_progress))
         options = ClientOptions(auth_token=config.auth_token, tls_ca=config.tls_ca)
         self.target = VerifierPool(list(config.verifiers), self.tokenizer.digest, options)
         self.tokenizer.chat_template = self.target.chat_template or self.tokenizer.chat_template  # the target's

@@ -29,5 +29,6 @@ def run_generation(generation: Generation) -> dict:
         "accepted": s.accepted,
         "tokens_per_pass": s.tokens_per_pass,
         "chosen_k": s.chosen_k,
+        "windows": s.windows,  # (drafted, accepted) per target pass: acceptance over time
         "token_ids": generation.tokens,
     }

@@ -1,4 +1,5 @@
-"""PNG for a bench report: throughput per configuration, and the backend cost curves."""
+"""PNG for a bench report: throughput per configuration, the backend cost curves, and how adaptive k and
+acceptance move over one request of each prompt kind."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot_report(report: dict, path: Path) -> Path:
     groups = [key for key in report["summary"] if not key.endswith("/all")]
     configs = list(next(iter(report["summary"].values())))
-    fig, (bars, costs) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (bars, costs, timeline) = plt.subplots(1, 3, figsize=(22, 5.5), gridspec_kw={"width_ratios": [3, 2, 2]})
 
     width = 0.8 / len(configs)
     for i, config in enumerate(configs):
@@ -39,7 +40,38 @@ def plot_report(report: dict, path: Path) -> Path:
     costs.set_ylabel("cost relative to 1 token")
     costs.set_title("Backend cost of a verify window")
     costs.legend(fontsize=7)
+    _plot_adaptive(report, timeline)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_adaptive(report: dict, ax: plt.Axes) -> None:
+    """Chosen k per step (solid) and acceptance over the last 8 windows that drafted (dashed), for the
+    first greedy request of each prompt kind under the first adaptive speculative row."""
+    adaptive = [r for r in report["runs"] if r["config"].endswith("k=auto") and r.get("windows")]
+    if not adaptive:
+        ax.set_visible(False)
+        return
+    config = adaptive[0]["config"]
+    acceptance_axis = ax.twinx()
+    kinds: dict[str, dict] = {}
+    for run in adaptive:
+        if run["config"] == config and run["mode"] == "greedy":
+            kinds.setdefault(run["kind"], run)
+    for color, (kind, run) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], kinds.items(), strict=False):
+        ax.step(range(len(run["chosen_k"])), run["chosen_k"], where="post", color=color, label=kind)
+        steps, rates, recent = [], [], []
+        for step, (drafted, accepted) in enumerate(run["windows"]):
+            if drafted:
+                recent = [*recent[-7:], (drafted, accepted)]
+                steps.append(step)
+                rates.append(sum(a for _, a in recent) / sum(d for d, _ in recent))
+        acceptance_axis.plot(steps, rates, linestyle="--", color=color, alpha=0.7)
+    ax.set_xlabel("step (target pass)")
+    ax.set_ylabel("chosen k (solid)")
+    acceptance_axis.set_ylabel("acceptance, last 8 drafting windows (dashed)")
+    acceptance_axis.set_ylim(0, 1.05)
+    ax.set_title(f"Adaptive k, greedy: {config}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")

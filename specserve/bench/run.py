@@ -151,12 +151,13 @@ def _configs(args: argparse.Namespace, runtime: Runtime, llama_target: LlamaCppP
     if args.table == "seed":
         console.print("loading the seed table's drafts ...")
         plain = _runtime_with_draft(args, runtime, DEFAULT_DRAFT, "torch-int8")
-        quantized = _runtime_with_draft(args, runtime, args.quantized_draft, args.quantized_draft_backend)
+        backend = args.quantized_draft_backend
+        quantized = [_runtime_with_draft(args, runtime, spec, backend) for spec in args.quantized_draft.split(",")]
         configs = [
             *baselines,
             speculative("draft", args.k, plain),
-            speculative("draft", args.k, quantized),
-            speculative("cascade", args.k, quantized),
+            *(speculative("draft", args.k, rt) for rt in quantized),
+            speculative("cascade", args.k, quantized[0]),
         ]
     else:
         configs = [*baselines, speculative("draft", args.k, runtime), speculative("cascade", args.k, runtime)]

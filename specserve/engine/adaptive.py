@@ -5,8 +5,14 @@ With per-token acceptance probability a, a window of k drafts yields E(k) = (1 -
 + round_trip. k = 0 is plain decoding (E = 1, T = verify(1)), so choosing argmax E/T never does worse than
 plain decoding by the model's own measurements.
 
-All quantities are measured online: acceptance from verify outcomes, draft cost per drafted token, and the
-verify cost of each window size (seeded with a prior, then exponentially averaged).
+All quantities are measured online: acceptance from verify outcomes (for sampled requests the expected
+acceptance sum min(p, q), which is far less noisy than the outcomes), draft cost per drafted token, and
+the verify cost of each window size (seeded by start-up calibration, then exponentially averaged).
+
+A draft that has not seen part of the context (the prompt, or tokens decoded at k = 0) must first catch
+up on it; a window that starts drafting is charged its share of that one-off cost over the tokens the
+reply may still produce. After a stretch at k = 0, a 1-token probe re-measures acceptance now and then,
+less often each time it fails.
 """
 
 from __future__ import annotations

@@ -21,10 +21,14 @@ class GenerationStats:
     verify_s: float = 0.0
     total_s: float = 0.0
     token_times: list[float] = field(default_factory=list)  # seconds since start, per emitted token
-    last_window: tuple[int, int] = (0, 0)  # drafted, accepted in the latest verify window
+    windows: list[tuple[int, int]] = field(default_factory=list)  # drafted, accepted per verify window
+
+    @property
+    def last_window(self) -> tuple[int, int]:
+        return self.windows[-1] if self.windows else (0, 0)
 
     def record_window(self, drafted: int, accepted: int) -> None:
-        self.last_window = (drafted, accepted)
+        self.windows.append((drafted, accepted))
         self.target_passes += 1
         self.drafted += drafted
         self.accepted += accepted
