@@ -51,13 +51,15 @@ class LlamaCppBackend:
                     self._ctx = self._llama._ctx
                 else:
                     self._llama = _llama  # keeps the shared model alive as long as this sequence
-                    self._ctx = LlamaContext(model=_llama._model, params=_llama.context_params, verbose=False)
+                    # Its context (KV cache and buffers, ~120 MB at n_ctx 4096) comes with the first eval, so
+                    # a request waiting in the server's queue holds none.
+                    self._ctx = None
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {model_path}: {exc}") from None
         self.model_path = Path(model_path)
         self.weights = self._llama
         self.n_vocab: int = self._llama.n_vocab()
-        self.n_ctx: int = self._ctx.n_ctx()
+        self.n_ctx: int = self._llama.n_ctx()
         self._n_batch = n_batch
         self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._n_past = 0
@@ -74,7 +76,7 @@ class LlamaCppBackend:
             chunk = tokens[start : start + self._n_batch]
             is_last_chunk = start + len(chunk) == len(tokens)
             self._batch.set_batch(chunk, n_past=self._n_past, logits_all=all_logits)
-            self._ctx.decode(self._batch)
+            self._context().decode(self._batch)
             self._n_past += len(chunk)
             n_out = len(chunk) if all_logits else 1
             if all_logits or is_last_chunk:
@@ -82,6 +84,12 @@ class LlamaCppBackend:
                 flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (n_out * self.n_vocab,))
                 rows.append(flat.reshape(n_out, self.n_vocab).copy())
         return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def _context(self) -> LlamaContext:
+        if self._ctx is None:
+            with quiet_stderr():
+                self._ctx = LlamaContext(model=self._llama._model, params=self._llama.context_params, verbose=False)
+        return self._ctx
 
     def new_sequence(self) -> LlamaCppBackend:
         return LlamaCppBackend(self.model_path, n_batch=self._n_batch, _llama=self._llama)
@@ -94,11 +102,12 @@ class LlamaCppBackend:
 
     def truncate(self, length: int) -> None:
         if length < self._n_past:
-            self._ctx.kv_cache_seq_rm(0, length, -1)
+            self._context().kv_cache_seq_rm(0, length, -1)
             self._n_past = length
 
     def reset(self) -> None:
-        self._ctx.kv_cache_clear()
+        if self._ctx is not None:
+            self._ctx.kv_cache_clear()
         self._n_past = 0
 
     def memory_bytes(self) -> int:
