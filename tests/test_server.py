@@ -86,7 +86,13 @@ def test_health_is_503_while_loading_then_ok():
 
 def test_chat_completion_matches_plain_decoding(client):
     messages = [{"role": "user", "content": PROMPT}]
-    spec = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages, max_tokens=32)
+    # fixed k: with k=auto a 32-token reply may rightly not draft (the draft's prompt catch-up would not pay)
+    spec = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=messages,
+        max_tokens=32,
+        extra_body={"speculation": {"method": "draft", "k": 4}},
+    )
     plain = client.chat.completions.create(
         model=spec.model, messages=messages, max_tokens=32, seed=1, extra_body={"speculation": {"method": "none"}}
     )  # a seed makes it a different cache key, so this one really runs without speculation
