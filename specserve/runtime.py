@@ -102,7 +102,7 @@ class Runtime:
             self.draft = load_backend(config.draft_backend, draft_path, config.n_ctx, show_progress)
         self.methods = ["none", "ngram"] + (list(MODEL_METHODS) if self.draft is not None else [])
         self._target_prefixes = PrefixCache(align=PREFILL_CHUNK)  # exact reuse: whole prefill chunks only
-        self._draft_prefixes = PrefixCache()
+        self._draft_prefixes = PrefixCache() if self.draft is not None and self.draft.copies_prefix else None
         self._adaptive_templates, self.batch_costs = self._calibrate()
         self.load_s = time.perf_counter() - t0
 
@@ -122,7 +122,8 @@ class Runtime:
             self.draft = load_backend(config.draft_backend, self.tokenizer.path, config.n_ctx, show_progress)
         self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
         # KV lives on the verifiers: no local prefix reuse, and batches are formed there, not planned here.
-        self._target_prefixes, self._draft_prefixes, self.batch_costs = None, PrefixCache(), None
+        self._target_prefixes, self.batch_costs = None, None
+        self._draft_prefixes = PrefixCache() if self.draft is not None and self.draft.copies_prefix else None
         verify = self.target.window_cost_s  # measured by the verifier at start-up
         templates = {"ngram": AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0)}
         if self.draft is not None:
@@ -212,8 +213,10 @@ class Runtime:
             return NgramProposer()
         if method in MODEL_METHODS:
             sequence = self.draft.new_sequence()
-            reused = self._draft_prefixes.fork(prompt_tokens, sequence)
-            self._draft_prefixes.remember(prompt_tokens, sequence)
+            reused = 0
+            if self._draft_prefixes is not None:
+                reused = self._draft_prefixes.fork(prompt_tokens, sequence)
+                self._draft_prefixes.remember(prompt_tokens, sequence)
             q_top_k = REMOTE_Q_TOP_K if self.config.verifiers else 0  # a remote verifier gets q sparsely
             draft = DraftModelProposer(sequence, cached=prompt_tokens[:reused], q_top_k=q_top_k)
             return CascadeProposer(draft) if method == "cascade" else draft

@@ -18,6 +18,7 @@ class Backend(Protocol):
     n_vocab: int
     n_ctx: int
     weights: object  # the model this sequence runs on, shared by all its sequences
+    copies_prefix: bool  # whether `copy_prefix` can copy anything (else remembering sequences only pins memory)
 
     @property
     def n_past(self) -> int:

@@ -26,6 +26,7 @@ class LlamaCppBackend:
     them would cost as much as running them in turn)."""
 
     name = "llama.cpp"
+    copies_prefix = False  # contexts do not share KV memory
 
     def __init__(
         self,

@@ -314,6 +314,7 @@ class TorchInt8Backend:
     """One sequence (its own KV cache) on an int8 Qwen2 model; `new_sequence` adds more on the same weights."""
 
     name = "torch-int8"
+    copies_prefix = True
 
     def __init__(
         self,
