@@ -11,7 +11,7 @@ from specserve import SpecserveError
 from specserve.backends.base import Backend
 from specserve.backends.calibrate import batch_seconds, window_seconds
 from specserve.cache.prefix import PrefixCache
-from specserve.engine.adaptive import AdaptiveK, BatchCosts
+from specserve.engine.adaptive import AdaptiveK, BatchCosts, SharedAcceptance
 from specserve.engine.loop import PREFILL_CHUNK, Generation
 from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
@@ -125,11 +125,17 @@ class Runtime:
         self._target_prefixes, self.batch_costs = None, None
         self._draft_prefixes = PrefixCache() if self.draft is not None and self.draft.copies_prefix else None
         verify = self.target.window_cost_s  # measured by the verifier at start-up
-        templates = {"ngram": AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0)}
+        templates = {
+            "ngram": AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0, shared=SharedAcceptance())
+        }
         if self.draft is not None:
             draft = window_seconds(self.draft, self.tokenizer.encode(_CALIBRATION_TEXT), (1, 32), repeats=3)
             templates["draft"] = AdaptiveK(
-                REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft[1], catch_up_s=draft[32] / 32
+                REMOTE_K_MAX,
+                verify_cost_s=dict(verify),
+                draft_cost_s=draft[1],
+                catch_up_s=draft[32] / 32,
+                shared=SharedAcceptance(),
             )
         self._adaptive_templates = templates
 
@@ -140,14 +146,16 @@ class Runtime:
             "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
         )
         verify = window_seconds(self.target, context, tuple(range(1, K_MAX + 2)), repeats=2)
-        templates = {"ngram": AdaptiveK(K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0)}
+        # Each method's requests share one running acceptance estimate (the next request's starting point).
+        templates = {"ngram": AdaptiveK(K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0, shared=SharedAcceptance())}
         if self.draft is not None:
             draft = window_seconds(self.draft, context, (1, 32), repeats=3)
             catch_up = draft[32] / 32  # per token of a catch-up (a prompt, or a stretch decoded without drafting)
             templates["draft"] = AdaptiveK(
-                K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft[1], catch_up_s=catch_up
+                K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft[1], catch_up_s=catch_up, shared=SharedAcceptance()
             )
-            templates["cascade"] = copy.deepcopy(templates["draft"])  # learns its (lower) draft cost online
+            # its own copy of everything: it learns its (lower) draft cost and its acceptance online
+            templates["cascade"] = copy.deepcopy(templates["draft"])
         rows = (1, 2, 4, 8, 16, 32, 64, 128)
         costs = BatchCosts(batch_seconds(self.target, context, rows, window=K_MAX + 1))
         if self.draft is not None:
@@ -163,7 +171,7 @@ class Runtime:
         if k == "auto":
             if method not in self._adaptive_templates:
                 return 0
-            adaptive = copy.deepcopy(self._adaptive_templates[method])
+            adaptive = self._adaptive_templates[method].fresh()
             adaptive.round_trip_s = getattr(self.target, "round_trip_s", 0.0)  # remote verifiers: network time
             return adaptive
         return int(k)

@@ -136,3 +136,20 @@ def test_learned_confidence_cutoff_drops_tokens_the_draft_is_unsure_of():
     for _ in range(200):
         generous.observe_confidence([0.05, 0.15, 0.25, 0.35], accepted=4)
     assert generous.min_confidence() == 0.0
+
+
+def test_a_new_request_starts_from_the_runtimes_recent_acceptance():
+    """Requests of one runtime share a running acceptance estimate: after code that drafts well, the next
+    request starts high (and drafts from its first window); after text the draft misses, it starts low."""
+    from specserve.engine.adaptive import SharedAcceptance
+
+    template = AdaptiveK(draft_cost_s=0.01, verify_cost_s={1: 0.03, 5: 0.035}, shared=SharedAcceptance())
+    first = template.fresh()
+    for _ in range(30):
+        first.observe(drafted=4, accepted=4, draft_s=0.04, verify_s=0.035)
+    second = template.fresh()
+    assert second.acceptance > 0.9 and second.shared is first.shared
+    assert template.acceptance == 0.7  # the template itself keeps its prior
+    for _ in range(100):  # a rejection is one trial: it takes more of them to move the estimate
+        second.observe(drafted=4, accepted=0, draft_s=0.04, verify_s=0.035)
+    assert template.fresh().acceptance < 0.3

@@ -18,6 +18,7 @@ less often each time it fails.
 from __future__ import annotations
 
 import bisect
+import copy
 from dataclasses import dataclass, field
 
 _EMA = 0.1  # weight of a new observation
@@ -31,6 +32,20 @@ STEADY_SYNC_ROWS = 2
 
 
 @dataclass
+class SharedAcceptance:
+    """Acceptance over all the requests of one runtime and method: where a new request's estimate starts,
+    instead of a fixed prior (a server that serves code should start the next code request drafting)."""
+
+    value: float = 0.7
+    weight_per_trial: float = 0.02  # ~50 recent draft positions make up the estimate
+
+    def observe(self, successes: float, trials: int) -> None:
+        if trials:
+            weight = min(self.weight_per_trial * trials, 0.5)
+            self.value += weight * (successes / trials - self.value)
+
+
+@dataclass
 class AdaptiveK:
     k_max: int = 8
     acceptance: float = 0.7  # prior; the first windows quickly replace it
@@ -40,11 +55,26 @@ class AdaptiveK:
     catch_up_s: float = 0.0  # per token the draft evaluates to catch up on a context it has not seen
     _accepted: float = 2.1  # pseudo-counts behind `acceptance` (a prior worth 3 trials)
     _tried: float = 3.0
+    shared: SharedAcceptance | None = None  # the runtime's estimate this request starts from and feeds
     _steps_at_zero: int = 0
     _probe_every: int = _PROBE_EVERY
     # Per confidence bucket: pseudo-counts of accepted / tried draft tokens (prior: acceptance = confidence).
     _conf_accepted: list[float] = field(default_factory=lambda: [(b + 0.5) / _CONFIDENCE_BUCKETS for b in range(10)])
     _conf_tried: list[float] = field(default_factory=lambda: [1.0] * _CONFIDENCE_BUCKETS)
+
+    def fresh(self) -> AdaptiveK:
+        """A controller for a new request: these costs, and acceptance starting from the shared estimate
+        (worth as much evidence as the fixed prior was)."""
+        shared, self.shared = self.shared, None  # shared, not copied
+        try:
+            new = copy.deepcopy(self)
+        finally:
+            self.shared = shared
+        new.shared = shared
+        if shared is not None:
+            new.acceptance = shared.value
+            new._accepted = shared.value * new._tried
+        return new
 
     def verify_cost(self, window: int) -> float:
         """Estimated seconds to verify a window; never below a smaller window's cost (noise can make a
@@ -157,9 +187,12 @@ class AdaptiveK:
             return
         # Positions are tried in order until the first rejection: `accepted` successes (or their expectation)
         # out of accepted + (1 if a rejection happened) trials. Decay old evidence so the estimate can move.
+        trials = accepted + (accepted < drafted)
         self._accepted = (1 - _EMA) * self._accepted + successes
-        self._tried = (1 - _EMA) * self._tried + accepted + (accepted < drafted)
+        self._tried = (1 - _EMA) * self._tried + trials
         self.acceptance = self._accepted / self._tried
+        if self.shared is not None:
+            self.shared.observe(successes, trials)
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
