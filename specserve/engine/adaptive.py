@@ -9,10 +9,11 @@ All quantities are measured online: acceptance from verify outcomes (for sampled
 acceptance sum min(p, q), which is far less noisy than the outcomes), draft cost per drafted token, and
 the verify cost of each window size (seeded by start-up calibration, then exponentially averaged).
 
-A draft that has not seen part of the context (the prompt, or tokens decoded at k = 0) must first catch
-up on it; a window that starts drafting is charged its share of that one-off cost over the tokens the
-reply may still produce. After a stretch at k = 0, a 1-token probe re-measures acceptance now and then,
-less often each time it fails.
+A draft that has not seen tokens decoded at k = 0 must first catch up on them; a window that starts
+drafting again is charged its share of that one-off cost over the tokens the reply may still produce
+(the draft's prompt prefill is not charged: it is the price of choosing a model drafter for a request).
+After a stretch at k = 0, a 1-token probe re-measures acceptance now and then, less often each time it
+fails.
 """
 
 from __future__ import annotations

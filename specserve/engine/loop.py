@@ -108,7 +108,7 @@ def _plan(generations: list[Generation], costs: BatchCosts) -> tuple[list[int | 
     limits = [g.draft_limit() for g in sequences]
     model_drafted = [_model_drafted(g.proposer) for g in sequences]
     acceptance = [g.adaptive.acceptance for g in sequences]
-    sync = [g.proposer.sync_rows(g.context) if g.proposer is not None else 0 for g in sequences]
+    sync = [g.charged_sync_rows() for g in sequences]
     remaining = [g.remaining for g in sequences]
     plan = plan_batch(acceptance, limits, model_drafted, costs, fixed_rows, sync, remaining)
     for i, k in zip(members, plan, strict=True):
@@ -194,6 +194,16 @@ class Generation:
         """Tokens the reply may still produce (max_tokens allowing)."""
         return self.params.max_tokens - len(self.tokens)
 
+    def charged_sync_rows(self) -> int:
+        """`Proposer.sync_rows` less the part of the prompt the draft has not seen: evaluating the prompt is
+        the price of choosing a model drafter for a request (as the target's prefill is), whereas catching
+        up on tokens decoded without drafting is a cost adaptive k's own choices add and must weigh."""
+        if self.proposer is None:
+            return 0
+        sync = self.proposer.sync_rows(self.context)
+        unseen_prompt = max(0, len(self.prompt) - (len(self.context) - sync))
+        return sync - unseen_prompt
+
     def draft_limit(self) -> int:
         """The most drafts the next window may hold: k (or k_max), the context and max_tokens allowing."""
         room = self.target.n_ctx - self.target.n_past - 1  # window slots left after the pending token
@@ -210,7 +220,7 @@ class Generation:
         if self._prefilled < len(self.prompt):
             return DraftRequest(None, self.context, 0, self.params, self._rng)
         limit = self.draft_limit()
-        sync = self.proposer.sync_rows(self.context) if self.proposer is not None else 0
+        sync = self.charged_sync_rows()
         if self.proposer is None:
             k = 0
         elif self.adaptive is None:
@@ -220,7 +230,10 @@ class Generation:
         else:
             k = self.adaptive.probe(planned_k, self.remaining) if limit and probe else min(planned_k, limit)
         self.stats.chosen_k.append(k)
-        self._backlog = max(sync - STEADY_SYNC_ROWS, 0) if k else 0
+        if k:  # all of the catch-up, prompt included, is draft time that is not drafting
+            self._backlog = max(self.proposer.sync_rows(self.context) - STEADY_SYNC_ROWS, 0)
+        else:
+            self._backlog = 0
         # Tolerance needs the draft's probability of each token even when drafting greedily.
         min_confidence = self.adaptive.min_confidence() if self.adaptive else 0.0
         return DraftRequest(
