@@ -87,12 +87,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     tolerance = None
     if args.tolerance is not None or args.tolerance_target is not None:
-        from specserve.engine.verify import ToleranceController
+        from specserve.engine.verify import tolerance_rule
 
         delta = 1.0 if args.tolerance is None else args.tolerance
         if not delta >= 0 or not 0 < (args.tolerance_target or 1.0) <= 1:
             raise SpecserveError("--tolerance must be >= 0 and --tolerance-target in (0, 1]")
-        tolerance = delta if args.tolerance_target is None else ToleranceController(args.tolerance_target, delta)
+        tolerance = tolerance_rule(delta, args.tolerance_target)
     generation = runtime.generate(tokens, params, method=args.method, k=args.k, tolerance=tolerance)
     for emitted in generation:
         sys.stdout.write(emitted.text)

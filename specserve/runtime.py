@@ -102,7 +102,7 @@ class Runtime:
             self.draft = load_backend(config.draft_backend, draft_path, config.n_ctx, show_progress)
         self.methods = ["none", "ngram"] + (list(MODEL_METHODS) if self.draft is not None else [])
         self._target_prefixes = PrefixCache(align=PREFILL_CHUNK)  # exact reuse: whole prefill chunks only
-        self._draft_prefixes = PrefixCache() if self.draft is not None and self.draft.copies_prefix else None
+        self._draft_prefixes = self._draft_prefix_cache()
         self._adaptive_templates, self.batch_costs = self._calibrate()
         self.load_s = time.perf_counter() - t0
 
@@ -123,46 +123,42 @@ class Runtime:
         self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
         # KV lives on the verifiers: no local prefix reuse, and batches are formed there, not planned here.
         self._target_prefixes, self.batch_costs = None, None
-        self._draft_prefixes = PrefixCache() if self.draft is not None and self.draft.copies_prefix else None
+        self._draft_prefixes = self._draft_prefix_cache()
         verify = self.target.window_cost_s  # measured by the verifier at start-up
-        templates = {
-            "ngram": AdaptiveK(REMOTE_K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0, shared=SharedAcceptance())
-        }
-        if self.draft is not None:
-            draft = window_seconds(self.draft, self.tokenizer.encode(_CALIBRATION_TEXT), (1, 32), repeats=3)
-            templates["draft"] = AdaptiveK(
-                REMOTE_K_MAX,
-                verify_cost_s=dict(verify),
-                draft_cost_s=draft[1],
-                catch_up_s=draft[32] / 32,
-                shared=SharedAcceptance(),
-            )
-        self._adaptive_templates = templates
+        self._adaptive_templates = self._templates(REMOTE_K_MAX, verify, self.tokenizer.encode(_CALIBRATION_TEXT))
 
-    def _calibrate(self) -> tuple[dict[str, AdaptiveK], BatchCosts]:
-        """Seed adaptive k with this machine's costs: every verify window size and a draft step for one
-        sequence, and passes of many rows for batches of concurrent sequences."""
-        context = self.tokenizer.encode(
-            "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
-        )
-        verify = window_seconds(self.target, context, tuple(range(1, K_MAX + 2)), repeats=2)
-        # Each method's requests share one running acceptance estimate (the next request's starting point).
-        templates = {"ngram": AdaptiveK(K_MAX, verify_cost_s=dict(verify), draft_cost_s=0.0, shared=SharedAcceptance())}
+    def _draft_prefix_cache(self) -> PrefixCache | None:
+        """Recent draft sequences to copy prompt prefixes from, when the draft backend can copy them (else
+        remembering them would only pin their memory)."""
+        return PrefixCache() if self.draft is not None and self.draft.copies_prefix else None
+
+    def _templates(self, k_max: int, verify: dict[int, float], context: list[int]) -> dict[str, AdaptiveK]:
+        """Adaptive k per method, seeded with the verify window costs and a draft step and catch-up measured
+        here; each method's requests share one running acceptance estimate (the next request's start)."""
+        templates = {"ngram": AdaptiveK(k_max, verify_cost_s=dict(verify), draft_cost_s=0.0, shared=SharedAcceptance())}
         if self.draft is not None:
             draft = window_seconds(self.draft, context, (1, 32), repeats=3)
             catch_up = draft[32] / 32  # per token of a catch-up (a prompt, or a stretch decoded without drafting)
             templates["draft"] = AdaptiveK(
-                K_MAX, verify_cost_s=dict(verify), draft_cost_s=draft[1], catch_up_s=catch_up, shared=SharedAcceptance()
+                k_max, verify_cost_s=dict(verify), draft_cost_s=draft[1], catch_up_s=catch_up, shared=SharedAcceptance()
             )
             # its own copy of everything: it learns its (lower) draft cost and its acceptance online
             templates["cascade"] = copy.deepcopy(templates["draft"])
+        return templates
+
+    def _calibrate(self) -> tuple[dict[str, AdaptiveK], BatchCosts]:
+        """Seed adaptive k with this machine's costs: every verify window size and a draft step for one
+        sequence, and passes of many rows for batches of concurrent sequences."""
+        context = self.tokenizer.encode(_CALIBRATION_TEXT)
+        verify = window_seconds(self.target, context, tuple(range(1, K_MAX + 2)), repeats=2)
+        templates = self._templates(K_MAX, verify, context)
         rows = (1, 2, 4, 8, 16, 32, 64, 128)
         costs = BatchCosts(batch_seconds(self.target, context, rows, window=K_MAX + 1))
         if self.draft is not None:
             # llama.cpp runs a batch's sequences one after another: two points give its (linear) cost
             draft_rows = rows[:2] if self.draft.name == "llama.cpp" else rows[:6]
             costs.draft_s = batch_seconds(self.draft, context, draft_rows, window=1)
-            costs.catch_up_s = catch_up
+            costs.catch_up_s = templates["draft"].catch_up_s
         return templates, costs
 
     def draft_length(self, method: str, k: int | str | None) -> int | AdaptiveK:

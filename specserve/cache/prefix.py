@@ -12,14 +12,7 @@ from __future__ import annotations
 import collections
 
 from specserve.backends.base import Backend
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+from specserve.engine.proposers import common_prefix
 
 
 class PrefixCache:

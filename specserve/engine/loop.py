@@ -194,13 +194,15 @@ class Generation:
         """Tokens the reply may still produce (max_tokens allowing)."""
         return self.params.max_tokens - len(self.tokens)
 
-    def charged_sync_rows(self) -> int:
-        """`Proposer.sync_rows` less the part of the prompt the draft has not seen: evaluating the prompt is
-        the price of choosing a model drafter for a request (as the target's prefill is), whereas catching
-        up on tokens decoded without drafting is a cost adaptive k's own choices add and must weigh."""
+    def charged_sync_rows(self, sync: int | None = None) -> int:
+        """`Proposer.sync_rows` (or `sync`, when already known) less the part of the prompt the draft has not
+        seen: evaluating the prompt is the price of choosing a model drafter for a request (as the target's
+        prefill is), whereas catching up on tokens decoded without drafting is a cost adaptive k's own
+        choices add and must weigh."""
         if self.proposer is None:
             return 0
-        sync = self.proposer.sync_rows(self.context)
+        if sync is None:
+            sync = self.proposer.sync_rows(self.context)
         unseen_prompt = max(0, len(self.prompt) - (len(self.context) - sync))
         return sync - unseen_prompt
 
@@ -220,20 +222,18 @@ class Generation:
         if self._prefilled < len(self.prompt):
             return DraftRequest(None, self.context, 0, self.params, self._rng)
         limit = self.draft_limit()
-        sync = self.charged_sync_rows()
+        sync = self.proposer.sync_rows(self.context) if self.proposer is not None else 0
         if self.proposer is None:
             k = 0
         elif self.adaptive is None:
             k = limit
         elif planned_k is None:
-            k = self.adaptive.choose(limit, sync, self.remaining)
+            k = self.adaptive.choose(limit, self.charged_sync_rows(sync), self.remaining)
         else:
             k = self.adaptive.probe(planned_k, self.remaining) if limit and probe else min(planned_k, limit)
         self.stats.chosen_k.append(k)
-        if k:  # all of the catch-up, prompt included, is draft time that is not drafting
-            self._backlog = max(self.proposer.sync_rows(self.context) - STEADY_SYNC_ROWS, 0)
-        else:
-            self._backlog = 0
+        # all of the catch-up, prompt included, is draft time that is not drafting
+        self._backlog = max(sync - STEADY_SYNC_ROWS, 0) if k else 0
         # Tolerance needs the draft's probability of each token even when drafting greedily.
         min_confidence = self.adaptive.min_confidence() if self.adaptive else 0.0
         return DraftRequest(

@@ -76,6 +76,14 @@ class NgramProposer:
         return 0  # no model to catch up
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, one extends the other: compared in C
+        return n
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+
+
 class DraftModelProposer:
     """A small model with the target's tokenizer drafts k tokens autoregressively.
 
@@ -95,12 +103,9 @@ class DraftModelProposer:
         self._cached = []
 
     def _kept(self, context: list[int]) -> int:
-        """How much of the draft's cache stays valid for this context."""
-        limit = min(len(self._cached), len(context))
-        common = limit
-        if self._cached[:limit] != context[:limit]:  # usual case: one side extends the other (compared in C)
-            common = next(i for i, (a, b) in enumerate(zip(self._cached, context, strict=False)) if a != b)
-        return min(common, len(context) - 1)  # the logits after the last context token: evaluate it again
+        """How much of the draft's cache stays valid for this context; never all of it, since the logits
+        after the last context token come from evaluating that token again."""
+        return min(common_prefix(self._cached, context), len(context) - 1)
 
     def sync_rows(self, context: list[int]) -> int:
         """Tokens the next draft pass must evaluate before its first proposal: 1-2 while drafting every

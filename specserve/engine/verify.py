@@ -125,8 +125,8 @@ def verify_tolerance(
       - a float: just q(t_i), the probability of the drafted token (enough for this rule; cheaper to ship);
       - None: a point mass (deterministic proposers such as n-gram lookup), so log q = 0 and the rule becomes
         p(t) >= exp(-delta).
-    For greedy requests the draft proposer today passes None; with tolerance on, the loop has to pass the
-    draft's `tolerance_distribution` (or q(t)) instead, otherwise every token is judged against a point mass.
+    With tolerance on, the loop asks the draft for its `tolerance_distribution` even when drafting greedily
+    (`DraftRequest.with_probs`); otherwise every greedy draft token would be judged against a point mass.
 
     Two deliberate details: a token the target's sampling transform excludes (p = 0, e.g. outside top-k) is
     never accepted, whatever delta; and for greedy requests the target's own argmax is always accepted.
@@ -205,3 +205,8 @@ class ToleranceController:
             shortfall = self.target_acceptance * drafted - accepted  # > 0: too few accepted, loosen
             self._delta = min(max(self._delta + self.step * shortfall, self.min_delta), self.max_delta)
         return self._delta
+
+
+def tolerance_rule(delta: float, target_acceptance: float | None) -> float | ToleranceController:
+    """What a request asks for: a fixed delta, or (with a target acceptance) a controller starting there."""
+    return delta if target_acceptance is None else ToleranceController(target_acceptance, delta)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from specserve.engine.sampling import SamplingParams
-from specserve.engine.verify import ToleranceController
+from specserve.engine.verify import ToleranceController, tolerance_rule
 from specserve.runtime import K_MAX
 
 
@@ -25,9 +25,7 @@ class Speculation(BaseModel):
     def tolerance(self) -> float | ToleranceController | None:
         if self.acceptance == "exact":
             return None
-        if self.target_acceptance is not None:
-            return ToleranceController(self.target_acceptance, delta=self.delta)
-        return self.delta
+        return tolerance_rule(self.delta, self.target_acceptance)
 
 
 class StreamOptions(BaseModel):
