@@ -119,3 +119,27 @@ def test_greedy_accepts_exactly_the_matching_prefix(draft, target_choice):
         expected += 1
     assert verdict.accepted == expected
     assert verdict.next_token == target_choice[expected]
+
+
+def _nucleus_by_full_sort(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The textbook nucleus: a stable sort of the whole vocabulary, keep the prefix reaching top_p."""
+    order = np.argsort(-probs, kind="stable")
+    ranked = probs[order]
+    return np.sort(order[np.cumsum(ranked) - ranked < top_p])
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([40, 3000, 20000]),
+    st.sampled_from([0.0, 0.3, 1.0, 4.0]),  # 0: all tied; rounded logits below give ties at the line
+    st.floats(0.01, 0.999),
+)
+def test_nucleus_from_candidates_equals_a_full_sort(seed, vocab, scale, top_p):
+    """top-p sorts only the most likely tokens; the kept set must be exactly a full stable sort's, ties
+    included (draft and target must agree on it, or sampled verification is no longer exact)."""
+    rng = np.random.default_rng(seed)
+    logits = np.round(rng.standard_normal(vocab) * scale, 1)
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    plain = probabilities(logits, SamplingParams(temperature=1.0))
+    kept = np.flatnonzero(probabilities(logits, params))
+    assert np.array_equal(kept, _nucleus_by_full_sort(plain, top_p))
