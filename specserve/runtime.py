@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from specserve import SpecserveError
 from specserve.backends.base import Backend
 from specserve.backends.calibrate import batch_seconds, window_seconds
 from specserve.cache.prefix import PrefixCache
-from specserve.engine.adaptive import AdaptiveK, BatchCosts, SharedAcceptance
+from specserve.engine.adaptive import AdaptiveK, BatchCosts, MachineSpeed, SharedAcceptance
 from specserve.engine.loop import PREFILL_CHUNK, Generation
 from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
@@ -134,23 +133,33 @@ class Runtime:
 
     def _templates(self, k_max: int, verify: dict[int, float], context: list[int]) -> dict[str, AdaptiveK]:
         """Adaptive k per method, seeded with the verify window costs and a draft step and catch-up measured
-        here; each method's requests share one running acceptance estimate (the next request's start)."""
-        templates = {"ngram": AdaptiveK(k_max, verify_cost_s=dict(verify), draft_cost_s=0.0, shared=SharedAcceptance())}
+        here. All follow one measured machine speed; each method's requests share one running acceptance
+        estimate (the next request's start)."""
+        speed = MachineSpeed()
+
+        def template(draft_cost_s: float, catch_up_s: float = 0.0) -> AdaptiveK:
+            return AdaptiveK(
+                k_max,
+                verify_cost_s=verify,
+                draft_cost_s=draft_cost_s,
+                catch_up_s=catch_up_s,
+                shared=SharedAcceptance(),
+                speed=speed,
+            )
+
+        templates = {"ngram": template(0.0)}
         if self.draft is not None:
             draft = window_seconds(self.draft, context, (1, 32), repeats=3)
             catch_up = draft[32] / 32  # per token of a catch-up (a prompt, or a stretch decoded without drafting)
-            templates["draft"] = AdaptiveK(
-                k_max, verify_cost_s=dict(verify), draft_cost_s=draft[1], catch_up_s=catch_up, shared=SharedAcceptance()
-            )
-            # its own copy of everything: it learns its (lower) draft cost and its acceptance online
-            templates["cascade"] = copy.deepcopy(templates["draft"])
+            # the cascade learns its own (lower) draft cost and acceptance online
+            templates["draft"], templates["cascade"] = template(draft[1], catch_up), template(draft[1], catch_up)
         return templates
 
     def _calibrate(self) -> tuple[dict[str, AdaptiveK], BatchCosts]:
         """Seed adaptive k with this machine's costs: every verify window size and a draft step for one
         sequence, and passes of many rows for batches of concurrent sequences."""
         context = self.tokenizer.encode(_CALIBRATION_TEXT)
-        verify = window_seconds(self.target, context, tuple(range(1, K_MAX + 2)), repeats=2)
+        verify = window_seconds(self.target, context, tuple(range(1, K_MAX + 2)), repeats=3)
         templates = self._templates(K_MAX, verify, context)
         rows = (1, 2, 4, 8, 16, 32, 64, 128)
         costs = BatchCosts(batch_seconds(self.target, context, rows, window=K_MAX + 1))

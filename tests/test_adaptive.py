@@ -153,3 +153,32 @@ def test_a_new_request_starts_from_the_runtimes_recent_acceptance():
     for _ in range(100):  # a rejection is one trial: it takes more of them to move the estimate
         second.observe(drafted=4, accepted=0, draft_s=0.04, verify_s=0.035)
     assert template.fresh().acceptance < 0.3
+
+
+def test_window_sizes_that_do_not_run_follow_the_machines_speed():
+    """Calibrated in a slow phase (46 ms a token), then the machine speeds up while the request drafts
+    windows of 3: plain decoding's cost must follow, or drafting is compared with a stale, slower k = 0."""
+    from specserve.engine.adaptive import MachineSpeed
+
+    speed = MachineSpeed()
+    model = AdaptiveK(acceptance=0.5, draft_cost_s=0.010, verify_cost_s={1: 0.046, 3: 0.050, 9: 0.070}, speed=speed)
+    for _ in range(60):
+        model.observe(drafted=2, accepted=1, draft_s=0.014, verify_s=0.035)
+    assert speed.factor == pytest.approx(0.7, rel=0.02)
+    assert model.verify_cost(1) == pytest.approx(0.046 * 0.7, rel=0.02)
+    assert model.draft_cost_s == pytest.approx(0.010, rel=0.05)  # 14 ms now is 10 ms at calibration speed
+    # the speed is the runtime's: the next request starts from it
+    template = AdaptiveK(verify_cost_s={1: 0.046}, speed=speed)
+    assert template.fresh().verify_cost(1) == pytest.approx(0.046 * 0.7, rel=0.02)
+    # one stall of a busy machine moves the factor by a bounded ratio, not by its length
+    model.observe(drafted=0, accepted=0, draft_s=0.0, verify_s=10 * 0.046)
+    assert speed.factor < 0.95  # 0.7 * 10 ** 0.1 (a weight of 0.1): a 10x stall costs under 30%
+
+
+def test_batch_costs_follow_the_machines_speed_at_every_size():
+    from specserve.engine.adaptive import BatchCosts
+
+    costs = BatchCosts(verify_s={1: 0.03, 4: 0.05, 16: 0.09}, draft_s={1: 0.01, 4: 0.012})
+    for _ in range(60):
+        costs.observe(4, 0.10)  # only 4-row passes run, at twice the calibrated time
+    assert costs.verify(16) == pytest.approx(0.18, rel=0.02) and costs.draft(1) == pytest.approx(0.02, rel=0.02)

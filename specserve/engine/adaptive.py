@@ -5,9 +5,10 @@ With per-token acceptance probability a, a window of k drafts yields E(k) = (1 -
 + round_trip. k = 0 is plain decoding (E = 1, T = verify(1)), so choosing argmax E/T never does worse than
 plain decoding by the model's own measurements.
 
-All quantities are measured online: acceptance from verify outcomes (for sampled requests the expected
-acceptance sum min(p, q), which is far less noisy than the outcomes), draft cost per drafted token, and
-the verify cost of each window size (seeded by start-up calibration, then exponentially averaged).
+All quantities are measured: acceptance online from verify outcomes (for sampled requests the expected
+acceptance sum min(p, q), which is far less noisy than the outcomes), draft cost per drafted token online,
+and the verify cost of each window size at start-up. Costs then follow the machine through one speed
+factor (`MachineSpeed`) that every window updates, so all window sizes move together.
 
 A draft that has not seen tokens decoded at k = 0 must first catch up on them; a window that starts
 drafting again is charged its share of that one-off cost over the tokens the reply may still produce
@@ -47,13 +48,35 @@ class SharedAcceptance:
 
 
 @dataclass
+class MachineSpeed:
+    """Time things take now over the time they took at start-up calibration. Cost tables keep their
+    calibrated shape (how much more a bigger window costs) and all move with this one factor: a shared
+    machine's speed drifts by 1.5x within minutes, and a per-size average refreshed only when that size
+    runs left plain decoding priced at an old, slower speed while drafting ran at the new one, so drafting
+    looked better than it was (sampled random text: 0.86x of plain decoding)."""
+
+    factor: float = 1.0
+    observations: int = 1  # the calibration counts as one; 0 when the tables are only a relative prior
+
+    def observe(self, measured_s: float, calibrated_s: float) -> None:
+        if measured_s <= 0 or calibrated_s <= 0:
+            return
+        self.observations += 1
+        weight = max(_EMA, 1 / self.observations)  # a running mean at first, then an exponential average
+        # geometric: one stall of a busy machine moves the factor by a bounded ratio, not by its length
+        self.factor *= (measured_s / calibrated_s / self.factor) ** weight
+
+
+@dataclass
 class AdaptiveK:
     k_max: int = 8
     acceptance: float = 0.7  # prior; the first windows quickly replace it
+    # Costs in seconds at calibration speed; `speed.factor` scales them to now.
     draft_cost_s: float | None = None  # per drafted token
-    verify_cost_s: dict[int, float] = field(default_factory=dict)  # window size -> seconds
-    round_trip_s: float = 0.0  # network time per verify call when the target is remote
+    verify_cost_s: dict[int, float] = field(default_factory=dict)  # window size -> seconds (calibrated)
+    round_trip_s: float = 0.0  # network time per verify call when the target is remote (measured live)
     catch_up_s: float = 0.0  # per token the draft evaluates to catch up on a context it has not seen
+    speed: MachineSpeed | None = None  # shared by the requests of a runtime; None: this controller's own
     _accepted: float = 2.1  # pseudo-counts behind `acceptance` (a prior worth 3 trials)
     _tried: float = 3.0
     shared: SharedAcceptance | None = None  # the runtime's estimate this request starts from and feeds
@@ -63,47 +86,37 @@ class AdaptiveK:
     _conf_accepted: list[float] = field(default_factory=lambda: [(b + 0.5) / _CONFIDENCE_BUCKETS for b in range(10)])
     _conf_tried: list[float] = field(default_factory=lambda: [1.0] * _CONFIDENCE_BUCKETS)
 
+    def __post_init__(self) -> None:
+        if self.speed is None:  # without calibrated costs the first measurement sets the scale
+            self.speed = MachineSpeed(observations=1 if self.verify_cost_s else 0)
+
     def fresh(self) -> AdaptiveK:
-        """A controller for a new request: these costs, and acceptance starting from the shared estimate
-        (worth as much evidence as the fixed prior was)."""
-        shared, self.shared = self.shared, None  # shared, not copied
-        try:
-            new = copy.deepcopy(self)
-        finally:
-            self.shared = shared
-        new.shared = shared
-        if shared is not None:
-            new.acceptance = shared.value
-            new._accepted = shared.value * new._tried
+        """A controller for a new request: these costs and the shared speed, and acceptance starting from
+        the shared estimate (worth as much evidence as the fixed prior was)."""
+        new = copy.deepcopy(self, memo={id(self.shared): self.shared, id(self.speed): self.speed})
+        if self.shared is not None:
+            new.acceptance = self.shared.value
+            new._accepted = self.shared.value * new._tried
         return new
 
-    def verify_cost(self, window: int) -> float:
-        """Estimated seconds to verify a window; never below a smaller window's cost (noise can make a
-        bigger window look cheaper, and that would make drafting look free)."""
-        known = sorted(self.verify_cost_s)
-        if not known:
+    def _calibrated_verify(self, window: int) -> float:
+        if not self.verify_cost_s:
             return 1.0 + 0.1 * (window - 1)  # relative prior: windows are cheap on a memory-bound backend
-        below = [w for w in known if w <= window]
-        above = [w for w in known if w > window]
-        if not below:
-            return self.verify_cost_s[above[0]]  # smaller than anything measured: its nearest measurement
-        floor = max(self.verify_cost_s[w] for w in below)
-        if below[-1] == window or not above:
-            return floor  # measured, or beyond the largest measured window: flat
-        lower, upper = below[-1], above[0]  # linear between the nearest measured sizes
-        frac = (window - lower) / (upper - lower)
-        estimate = self.verify_cost_s[lower] + frac * (self.verify_cost_s[upper] - self.verify_cost_s[lower])
-        return max(floor, estimate)
+        return _interpolate(self.verify_cost_s, window)
+
+    def verify_cost(self, window: int) -> float:
+        """Estimated seconds to verify a window now."""
+        return self.speed.factor * self._calibrated_verify(window)
 
     def expected_rate(self, k: int, backlog: int = 0, remaining: int = 1 << 30) -> float:
         """Expected tokens per second for a window of k drafts. `backlog`: tokens the draft must first catch
         up on beyond its steady 1-2 (`plan_batch` explains the charge), `remaining`: tokens the reply may
         still have."""
         tokens = expected_tokens(self.acceptance, k)
-        seconds = k * (self.draft_cost_s or 0.0) + self.verify_cost(k + 1) + self.round_trip_s
+        seconds = k * (self.draft_cost_s or 0.0) + self._calibrated_verify(k + 1)
         if k > 0:
             seconds += backlog * self.catch_up_s * tokens / max(remaining, 1)
-        return tokens / seconds
+        return tokens / (self.speed.factor * seconds + self.round_trip_s)
 
     def choose(self, limit: int, sync_rows: int = 1, remaining: int = 1 << 30) -> int:
         """The best k for the next window; `sync_rows` as `Proposer.sync_rows` gives them."""
@@ -116,12 +129,12 @@ class AdaptiveK:
 
     def min_confidence(self) -> float:
         """Draft confidence below which another draft token does not pay (llama.cpp's draft-p-min, learned):
-        one more draft costs `draft_cost_s`, which at the current rate would buy draft_cost_s * rate tokens;
+        one more draft costs `draft_cost_s` (now), which at the current rate would buy that many seconds' tokens;
         it yields a token with the acceptance measured for its confidence bucket."""
         if not self.draft_cost_s:
             return 0.0
         best_k = max(range(self.k_max + 1), key=self.expected_rate)
-        break_even = self.draft_cost_s * self.expected_rate(best_k)
+        break_even = self.speed.factor * self.draft_cost_s * self.expected_rate(best_k)
         threshold = 0.0
         for bucket in range(_CONFIDENCE_BUCKETS):  # cut the low buckets whose measured acceptance is too low
             if self._conf_accepted[bucket] / self._conf_tried[bucket] >= break_even:
@@ -171,13 +184,12 @@ class AdaptiveK:
         if verify_s is None or draft_s is None:
             self._observe_acceptance(drafted, accepted, successes)
             return
-        window = drafted + 1
         verify_s = max(verify_s - self.round_trip_s, 0.0)  # a remote window's wall time includes the network
-        old = self.verify_cost_s.get(window)
-        self.verify_cost_s[window] = verify_s if old is None else (1 - _EMA) * old + _EMA * verify_s
+        self.speed.observe(verify_s, self._calibrated_verify(drafted + 1))
         if drafted == 0:
             return
-        per_token = max(draft_s - backlog * self.catch_up_s, 0.0) / drafted
+        # kept at calibration speed, like the other costs
+        per_token = max(draft_s / self.speed.factor - backlog * self.catch_up_s, 0.0) / drafted
         self.draft_cost_s = (
             per_token if self.draft_cost_s is None else (1 - _EMA) * self.draft_cost_s + _EMA * per_token
         )
@@ -226,22 +238,24 @@ def _interpolate(table: dict[int, float], x: int) -> float:
 class BatchCosts:
     """Seconds of one batched pass by total rows: the target (verify) and one draft step; and what a draft
     pays per token to catch up on a context it has not seen (a prompt, or a stretch decoded without
-    drafting). Measured at start-up; verify passes are then exponentially averaged with what batched steps
-    take (a draft step's wall time mixes catch-up and drafting, so the draft table stays as measured)."""
+    drafting). Measured at start-up; batched steps then keep `speed` up to date (`MachineSpeed`)."""
 
     verify_s: dict[int, float]
     draft_s: dict[int, float] = field(default_factory=dict)  # empty: no draft model
     catch_up_s: float = 0.0  # per token
+    speed: MachineSpeed = field(default_factory=MachineSpeed)
 
     def verify(self, rows: int) -> float:
-        return _interpolate(self.verify_s, rows)
+        return self.speed.factor * _interpolate(self.verify_s, rows)
 
     def draft(self, rows: int) -> float:
-        return _interpolate(self.draft_s, rows) if rows and self.draft_s else 0.0
+        return self.speed.factor * _interpolate(self.draft_s, rows) if rows and self.draft_s else 0.0
+
+    def catch_up(self, tokens: float) -> float:
+        return self.speed.factor * self.catch_up_s * tokens
 
     def observe(self, verify_rows: int, verify_s: float) -> None:
-        old = self.verify_s.get(verify_rows)
-        self.verify_s[verify_rows] = verify_s if old is None else (1 - _EMA) * old + _EMA * verify_s
+        self.speed.observe(verify_s, _interpolate(self.verify_s, verify_rows))
 
 
 def plan_batch(
@@ -288,7 +302,7 @@ def plan_batch(
                 drafters += 1
                 first_rows += min(sync_rows[i], STEADY_SYNC_ROWS)
                 backlog = max(sync_rows[i] - STEADY_SYNC_ROWS, 0)
-                catch_up += backlog * costs.catch_up_s * gain / max(remaining[i], 1)
+                catch_up += costs.catch_up(backlog * gain / max(remaining[i], 1))
             seconds = added(rows) + costs.draft(first_rows) + (k - 1) * costs.draft(drafters) + catch_up
             rate = tokens / seconds
             if rate > best_rate:
