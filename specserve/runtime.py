@@ -133,26 +133,27 @@ class Runtime:
 
     def _templates(self, k_max: int, verify: dict[int, float], context: list[int]) -> dict[str, AdaptiveK]:
         """Adaptive k per method, seeded with the verify window costs and a draft step and catch-up measured
-        here. All follow one measured machine speed; each method's requests share one running acceptance
-        estimate (the next request's start)."""
-        speed = MachineSpeed()
+        here (a first pass of 2 rows, one of 1 row per further token). All follow measured speeds of the
+        target and the draft; each method's requests share one running acceptance estimate (the next
+        request's start)."""
+        verify_speed = MachineSpeed()
 
-        def template(draft_cost_s: float, catch_up_s: float = 0.0) -> AdaptiveK:
+        def template(draft: dict[int, float]) -> AdaptiveK:
             return AdaptiveK(
                 k_max,
                 verify_cost_s=verify,
-                draft_cost_s=draft_cost_s,
-                catch_up_s=catch_up_s,
+                draft_cost_s=draft.get(1, 0.0),
+                draft_first_s=draft.get(2),
+                catch_up_s=draft[32] / 32 if draft else 0.0,  # per token (a prompt, or tokens decoded at k = 0)
                 shared=SharedAcceptance(),
-                speed=speed,
+                verify_speed=verify_speed,
+                draft_speed=MachineSpeed(),  # per method: a cascade's draft passes differ from the draft's
             )
 
-        templates = {"ngram": template(0.0)}
+        templates = {"ngram": template({})}
         if self.draft is not None:
-            draft = window_seconds(self.draft, context, (1, 32), repeats=3)
-            catch_up = draft[32] / 32  # per token of a catch-up (a prompt, or a stretch decoded without drafting)
-            # the cascade learns its own (lower) draft cost and acceptance online
-            templates["draft"], templates["cascade"] = template(draft[1], catch_up), template(draft[1], catch_up)
+            draft = window_seconds(self.draft, context, (1, 2, 32), repeats=3)
+            templates["draft"], templates["cascade"] = template(draft), template(draft)
         return templates
 
     def _calibrate(self) -> tuple[dict[str, AdaptiveK], BatchCosts]:
@@ -168,15 +169,17 @@ class Runtime:
             draft_rows = rows[:2] if self.draft.name == "llama.cpp" else rows[:6]
             costs.draft_s = batch_seconds(self.draft, context, draft_rows, window=1)
             costs.catch_up_s = templates["draft"].catch_up_s
+            costs.draft_speed = templates["draft"].draft_speed  # kept up to date by single requests
         return templates, costs
 
-    def draft_length(self, method: str, k: int | str | None) -> int | AdaptiveK:
-        """A fixed k, or a fresh adaptive controller seeded with the calibrated costs."""
+    def draft_length(self, method: str, k: int | str | None, greedy: bool = True) -> int | AdaptiveK:
+        """A fixed k, or a fresh adaptive controller seeded with the calibrated costs (and the recent
+        acceptance of greedy or of sampled requests)."""
         k = self.config.k if k is None else k
         if k == "auto":
             if method not in self._adaptive_templates:
                 return 0
-            adaptive = self._adaptive_templates[method].fresh()
+            adaptive = self._adaptive_templates[method].fresh(greedy)
             adaptive.round_trip_s = getattr(self.target, "round_trip_s", 0.0)  # remote verifiers: network time
             return adaptive
         return int(k)
@@ -215,7 +218,7 @@ class Runtime:
             prompt_tokens,
             params,
             proposer,
-            self.draft_length(method, k) if proposer else 0,
+            self.draft_length(method, k, params.greedy) if proposer else 0,
             cached_prefix=reused,
             tolerance=tolerance,
             batch_costs=self.batch_costs,

@@ -11,20 +11,19 @@ def window_seconds(
     backend: Backend, context: list[int], windows: tuple[int, ...], repeats: int = 3
 ) -> dict[int, float]:
     """Seconds to append each window size to a warm sequence (the cache is restored after): the fastest of
-    the repeats, since a shared machine's noise only ever adds time."""
+    the repeats, since a shared machine's noise only ever adds time. Each repeat runs every size in turn,
+    so a change of the machine's speed while calibrating touches all sizes alike: adaptive k keeps this
+    shape (how much more a bigger window costs) for good."""
     backend.reset()
     backend.eval(context, all_logits=False)
     base = backend.n_past
-    result: dict[int, float] = {}
-    for size in windows:
-        window = (context * size)[:size]
-        samples = []
-        for _ in range(repeats):
+    result = dict.fromkeys(windows, float("inf"))
+    for _ in range(repeats):
+        for size in windows:
             start = time.perf_counter()
-            backend.eval(window)
-            samples.append(time.perf_counter() - start)
+            backend.eval((context * size)[:size])
+            result[size] = min(result[size], time.perf_counter() - start)
             backend.truncate(base)
-        result[size] = min(samples)
     backend.reset()
     return result
 

@@ -1,14 +1,16 @@
 """Adaptive draft length: pick k per step to maximise expected tokens per second.
 
 With per-token acceptance probability a, a window of k drafts yields E(k) = (1 - a^(k+1)) / (1 - a) tokens
-(accepted drafts plus the target's correction or bonus token) and costs T(k) = k * draft_cost + verify(k+1)
-+ round_trip. k = 0 is plain decoding (E = 1, T = verify(1)), so choosing argmax E/T never does worse than
-plain decoding by the model's own measurements.
+(accepted drafts plus the target's correction or bonus token) and costs T(k) = draft(k) + verify(k+1)
++ round_trip, where draft(k) is a first draft pass over the target's last token(s) and k - 1 more. k = 0 is
+plain decoding (E = 1, T = verify(1)), so choosing argmax E/T never does worse than plain decoding by the
+model's own measurements.
 
 All quantities are measured: acceptance online from verify outcomes (for sampled requests the expected
-acceptance sum min(p, q), which is far less noisy than the outcomes), draft cost per drafted token online,
-and the verify cost of each window size at start-up. Costs then follow the machine through one speed
-factor (`MachineSpeed`) that every window updates, so all window sizes move together.
+acceptance sum min(p, q), which is far less noisy than the outcomes); the costs of draft passes and of each
+verify window size at start-up. Costs then follow what windows really take through two speed factors
+(`MachineSpeed`), one for the target and one for the draft, shared by a runtime's requests: every window
+updates them, so all window sizes move together and the next request starts from them.
 
 A draft that has not seen tokens decoded at k = 0 must first catch up on them; a window that starts
 drafting again is charged its share of that one-off cost over the tokens the reply may still produce
@@ -36,24 +38,32 @@ STEADY_SYNC_ROWS = 2
 @dataclass
 class SharedAcceptance:
     """Acceptance over all the requests of one runtime and method: where a new request's estimate starts,
-    instead of a fixed prior (a server that serves code should start the next code request drafting)."""
+    instead of a fixed prior (a server that serves code should start the next code request drafting).
+    Greedy and sampled requests keep apart: a draft agrees with the target's argmax more often than its
+    samples survive rejection sampling, and a sampled request starting from greedy's rate drafts at a loss."""
 
-    value: float = 0.7
+    greedy: float = 0.7
+    sampled: float = 0.7
     weight_per_trial: float = 0.02  # ~50 recent draft positions make up the estimate
 
-    def observe(self, successes: float, trials: int) -> None:
+    def value(self, greedy: bool) -> float:
+        return self.greedy if greedy else self.sampled
+
+    def observe(self, greedy: bool, successes: float, trials: int) -> None:
         if trials:
             weight = min(self.weight_per_trial * trials, 0.5)
-            self.value += weight * (successes / trials - self.value)
+            mode = "greedy" if greedy else "sampled"
+            setattr(self, mode, getattr(self, mode) + weight * (successes / trials - getattr(self, mode)))
 
 
 @dataclass
 class MachineSpeed:
-    """Time things take now over the time they took at start-up calibration. Cost tables keep their
-    calibrated shape (how much more a bigger window costs) and all move with this one factor: a shared
-    machine's speed drifts by 1.5x within minutes, and a per-size average refreshed only when that size
-    runs left plain decoding priced at an old, slower speed while drafting ran at the new one, so drafting
-    looked better than it was (sampled random text: 0.86x of plain decoding)."""
+    """Time one model's passes take in the loop now over the time they took at start-up calibration. Cost
+    tables keep their calibrated shape (how much more a bigger window costs) and all move with this one
+    factor: a shared machine's speed drifts by 1.5x within minutes, and a per-size average refreshed only
+    when that size runs left plain decoding priced at an old, slower speed while drafting ran at the new
+    one, so drafting looked better than it was (sampled random text: 0.86x of plain decoding). The factor
+    also takes in what the loop adds to a bare pass (a draft token's distribution and confidence)."""
 
     factor: float = 1.0
     observations: int = 1  # the calibration counts as one; 0 when the tables are only a relative prior
@@ -71,15 +81,18 @@ class MachineSpeed:
 class AdaptiveK:
     k_max: int = 8
     acceptance: float = 0.7  # prior; the first windows quickly replace it
-    # Costs in seconds at calibration speed; `speed.factor` scales them to now.
-    draft_cost_s: float | None = None  # per drafted token
-    verify_cost_s: dict[int, float] = field(default_factory=dict)  # window size -> seconds (calibrated)
+    # Costs in seconds as calibrated; the speed factors scale them to now. Draft: None until measured.
+    draft_cost_s: float | None = None  # one draft pass of one row: each drafted token after the first
+    draft_first_s: float | None = None  # a window's first draft pass (the steady 2 rows); None: draft_cost_s
+    verify_cost_s: dict[int, float] = field(default_factory=dict)  # window size -> seconds
     round_trip_s: float = 0.0  # network time per verify call when the target is remote (measured live)
     catch_up_s: float = 0.0  # per token the draft evaluates to catch up on a context it has not seen
-    speed: MachineSpeed | None = None  # shared by the requests of a runtime; None: this controller's own
+    verify_speed: MachineSpeed | None = None  # shared by the requests of a runtime; None: this one's own
+    draft_speed: MachineSpeed = field(default_factory=MachineSpeed)
     _accepted: float = 2.1  # pseudo-counts behind `acceptance` (a prior worth 3 trials)
     _tried: float = 3.0
     shared: SharedAcceptance | None = None  # the runtime's estimate this request starts from and feeds
+    greedy: bool = True  # which of the shared estimates
     _steps_at_zero: int = 0
     _probe_every: int = _PROBE_EVERY
     # Per confidence bucket: pseudo-counts of accepted / tried draft tokens (prior: acceptance = confidence).
@@ -87,16 +100,18 @@ class AdaptiveK:
     _conf_tried: list[float] = field(default_factory=lambda: [1.0] * _CONFIDENCE_BUCKETS)
 
     def __post_init__(self) -> None:
-        if self.speed is None:  # without calibrated costs the first measurement sets the scale
-            self.speed = MachineSpeed(observations=1 if self.verify_cost_s else 0)
+        if self.verify_speed is None:  # without calibrated costs the first measurement sets the scale
+            self.verify_speed = MachineSpeed(observations=1 if self.verify_cost_s else 0)
 
-    def fresh(self) -> AdaptiveK:
-        """A controller for a new request: these costs and the shared speed, and acceptance starting from
-        the shared estimate (worth as much evidence as the fixed prior was)."""
-        new = copy.deepcopy(self, memo={id(self.shared): self.shared, id(self.speed): self.speed})
+    def fresh(self, greedy: bool = True) -> AdaptiveK:
+        """A controller for a new (greedy or sampled) request: these costs and the shared speeds, and
+        acceptance starting from the shared estimate (worth as much evidence as the fixed prior was)."""
+        shared = (self.shared, self.verify_speed, self.draft_speed)
+        new = copy.deepcopy(self, memo={id(x): x for x in shared})
+        new.greedy = greedy
         if self.shared is not None:
-            new.acceptance = self.shared.value
-            new._accepted = self.shared.value * new._tried
+            new.acceptance = self.shared.value(greedy)
+            new._accepted = new.acceptance * new._tried
         return new
 
     def _calibrated_verify(self, window: int) -> float:
@@ -106,17 +121,28 @@ class AdaptiveK:
 
     def verify_cost(self, window: int) -> float:
         """Estimated seconds to verify a window now."""
-        return self.speed.factor * self._calibrated_verify(window)
+        return self.verify_speed.factor * self._calibrated_verify(window)
 
-    def expected_rate(self, k: int, backlog: int = 0, remaining: int = 1 << 30) -> float:
+    def _calibrated_draft(self, k: int) -> float:
+        if k <= 0 or self.draft_cost_s is None:
+            return 0.0  # nothing measured yet: drafting is tried, and its first window measures it
+        return (self.draft_first_s or self.draft_cost_s) + (k - 1) * self.draft_cost_s
+
+    def draft_cost(self, k: int) -> float:
+        """Estimated seconds to draft a window of k tokens now."""
+        return self.draft_speed.factor * self._calibrated_draft(k)
+
+    def expected_rate(
+        self, k: int, backlog: int = 0, remaining: int = 1 << 30, acceptance: float | None = None
+    ) -> float:
         """Expected tokens per second for a window of k drafts. `backlog`: tokens the draft must first catch
         up on beyond its steady 1-2 (`plan_batch` explains the charge), `remaining`: tokens the reply may
-        still have."""
-        tokens = expected_tokens(self.acceptance, k)
-        seconds = k * (self.draft_cost_s or 0.0) + self._calibrated_verify(k + 1)
+        still have, `acceptance`: instead of the estimate."""
+        tokens = expected_tokens(self.acceptance if acceptance is None else acceptance, k)
+        seconds = self.draft_cost(k) + self.verify_cost(k + 1) + self.round_trip_s
         if k > 0:
-            seconds += backlog * self.catch_up_s * tokens / max(remaining, 1)
-        return tokens / (self.speed.factor * seconds + self.round_trip_s)
+            seconds += self.draft_speed.factor * backlog * self.catch_up_s * tokens / max(remaining, 1)
+        return tokens / seconds
 
     def choose(self, limit: int, sync_rows: int = 1, remaining: int = 1 << 30) -> int:
         """The best k for the next window; `sync_rows` as `Proposer.sync_rows` gives them."""
@@ -125,16 +151,28 @@ class AdaptiveK:
             return 0
         backlog = max(sync_rows - STEADY_SYNC_ROWS, 0)
         best = max(range(limit + 1), key=lambda k: self.expected_rate(k, backlog, remaining))
+        if best:  # draft only if some window pays at a cautious acceptance; then the best at the estimate
+            cautious = self.cautious_acceptance()
+            plain = self.expected_rate(0)
+            if all(self.expected_rate(k, backlog, remaining, cautious) < plain for k in range(1, limit + 1)):
+                best = 0
         return self.probe(best, remaining)
+
+    def cautious_acceptance(self) -> float:
+        """The acceptance estimate less one standard error of it. Drafting must pay even at this rate: where
+        it only breaks even at the estimate (sampled text the draft half guesses), the noise of a few dozen
+        trials decides, and drafting that turns out wrong costs more than it gains when right."""
+        a = self.acceptance
+        return max(a - (a * (1 - a) / max(self._tried, 1.0)) ** 0.5, 0.0)
 
     def min_confidence(self) -> float:
         """Draft confidence below which another draft token does not pay (llama.cpp's draft-p-min, learned):
-        one more draft costs `draft_cost_s` (now), which at the current rate would buy that many seconds' tokens;
+        one more draft costs a draft pass, which at the current rate would buy that many seconds' tokens;
         it yields a token with the acceptance measured for its confidence bucket."""
         if not self.draft_cost_s:
             return 0.0
         best_k = max(range(self.k_max + 1), key=self.expected_rate)
-        break_even = self.speed.factor * self.draft_cost_s * self.expected_rate(best_k)
+        break_even = self.draft_speed.factor * self.draft_cost_s * self.expected_rate(best_k)
         threshold = 0.0
         for bucket in range(_CONFIDENCE_BUCKETS):  # cut the low buckets whose measured acceptance is too low
             if self._conf_accepted[bucket] / self._conf_tried[bucket] >= break_even:
@@ -185,14 +223,14 @@ class AdaptiveK:
             self._observe_acceptance(drafted, accepted, successes)
             return
         verify_s = max(verify_s - self.round_trip_s, 0.0)  # a remote window's wall time includes the network
-        self.speed.observe(verify_s, self._calibrated_verify(drafted + 1))
+        self.verify_speed.observe(verify_s, self._calibrated_verify(drafted + 1))
         if drafted == 0:
             return
-        # kept at calibration speed, like the other costs
-        per_token = max(draft_s / self.speed.factor - backlog * self.catch_up_s, 0.0) / drafted
-        self.draft_cost_s = (
-            per_token if self.draft_cost_s is None else (1 - _EMA) * self.draft_cost_s + _EMA * per_token
-        )
+        drafting_s = draft_s - self.draft_speed.factor * backlog * self.catch_up_s
+        if self.draft_cost_s is None:  # not calibrated: the first window sets the scale
+            self.draft_cost_s = max(drafting_s, 0.0) / drafted
+        else:
+            self.draft_speed.observe(drafting_s, self._calibrated_draft(drafted))
         self._observe_acceptance(drafted, accepted, successes)
 
     def _observe_acceptance(self, drafted: int, accepted: int, successes: float) -> None:
@@ -205,7 +243,7 @@ class AdaptiveK:
         self._tried = (1 - _EMA) * self._tried + trials
         self.acceptance = self._accepted / self._tried
         if self.shared is not None:
-            self.shared.observe(successes, trials)
+            self.shared.observe(self.greedy, successes, trials)
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -238,24 +276,27 @@ def _interpolate(table: dict[int, float], x: int) -> float:
 class BatchCosts:
     """Seconds of one batched pass by total rows: the target (verify) and one draft step; and what a draft
     pays per token to catch up on a context it has not seen (a prompt, or a stretch decoded without
-    drafting). Measured at start-up; batched steps then keep `speed` up to date (`MachineSpeed`)."""
+    drafting). Measured at start-up; the speed factors (`MachineSpeed`) scale them to now: batched steps
+    update the target's, and the draft's is the one single requests keep up to date (a batched draft step's
+    wall time mixes catch-up and drafting)."""
 
     verify_s: dict[int, float]
     draft_s: dict[int, float] = field(default_factory=dict)  # empty: no draft model
     catch_up_s: float = 0.0  # per token
-    speed: MachineSpeed = field(default_factory=MachineSpeed)
+    verify_speed: MachineSpeed = field(default_factory=MachineSpeed)
+    draft_speed: MachineSpeed = field(default_factory=MachineSpeed)
 
     def verify(self, rows: int) -> float:
-        return self.speed.factor * _interpolate(self.verify_s, rows)
+        return self.verify_speed.factor * _interpolate(self.verify_s, rows)
 
     def draft(self, rows: int) -> float:
-        return self.speed.factor * _interpolate(self.draft_s, rows) if rows and self.draft_s else 0.0
+        return self.draft_speed.factor * _interpolate(self.draft_s, rows) if rows and self.draft_s else 0.0
 
     def catch_up(self, tokens: float) -> float:
-        return self.speed.factor * self.catch_up_s * tokens
+        return self.draft_speed.factor * self.catch_up_s * tokens
 
     def observe(self, verify_rows: int, verify_s: float) -> None:
-        self.speed.observe(verify_s, _interpolate(self.verify_s, verify_rows))
+        self.verify_speed.observe(verify_s, _interpolate(self.verify_s, verify_rows))
 
 
 def plan_batch(
