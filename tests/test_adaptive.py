@@ -202,9 +202,21 @@ def test_drafting_that_only_breaks_even_at_the_estimate_is_not_risked():
     estimated acceptance of 0.65 a 1-token window is worth 5% more than plain decoding by the estimate,
     but a dozen trials cannot tell 0.65 from 0.55, at which it loses. At 0.9 drafting pays either way."""
     costs = dict(draft_cost_s=0.0086, draft_first_s=0.0154, verify_cost_s={1: 0.032, 2: 0.0346, 3: 0.0389, 5: 0.044})
-    marginal = AdaptiveK(acceptance=0.65, _accepted=0.65 * 15, _tried=15, **costs)
+    marginal = AdaptiveK(acceptance=0.65, _accepted=0.65 * 15, _tried=15, _own_trials=15, **costs)
     assert marginal.expected_rate(1) > marginal.expected_rate(0)
     assert marginal.choose(4) == 0
-    assert AdaptiveK(acceptance=0.9, _accepted=0.9 * 15, _tried=15, **costs).choose(4) > 0
+    assert AdaptiveK(acceptance=0.9, _accepted=0.9 * 15, _tried=15, _own_trials=15, **costs).choose(4) > 0
+    # before measuring anything of its own a request goes by the runtime's estimate: it must try
+    assert AdaptiveK(acceptance=0.65, _accepted=0.65 * 15, _tried=15, **costs).choose(4) > 0
     # a request starting from the runtime's code acceptance (0.9 on a 3-trial prior) drafts from the start
     assert AdaptiveK(acceptance=0.9, _accepted=0.9 * 3, **costs).choose(8) > 0
+
+
+def test_a_probe_that_would_catch_up_on_a_long_prompt_waits_for_a_long_reply():
+    """A probe drafts one token, but first the draft evaluates everything it has not seen: on a short reply
+    to a 300-token prompt that costs more than the probe could win back; on a long reply it is worth it."""
+    model = AdaptiveK(acceptance=0.01, draft_cost_s=0.009, catch_up_s=0.0024, verify_cost_s={1: 0.032, 2: 0.035})
+    short = [model.choose(8, remaining=48, probe_rows=300) for _ in range(40)]
+    assert short == [0] * 40
+    long = [model.choose(8, remaining=500, probe_rows=300) for _ in range(40)]
+    assert 1 in long

@@ -181,7 +181,8 @@ Q_DENSE = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 
 def test_sampling_through_the_protocol_follows_the_target_distribution():
     """Drafts drawn from a top-3 truncated q (zero where p has mass), sent sparse over gRPC, verified remotely
-    with a fixed seed per session: the emitted token is distributed as p (the engine's TV and chi-square test)."""
+    with a fixed seed per session: the emitted token is distributed as p (the engine's TV and chi-square test),
+    and each reply carries the window's expected acceptance for adaptive k."""
     verifier = InProcessVerifier(P)
     pool = VerifierPool([verifier.address], "fixed")
     try:
@@ -200,6 +201,8 @@ def test_sampling_through_the_protocol_follows_the_target_distribution():
             windows = [Window([1], [int(d)], [q], True, p, unused) for d, p in zip(drafts, params, strict=True)]
             for draft, verdict in zip(drafts, RemoteTarget.run_many(sessions, windows), strict=True):
                 counts[draft if verdict.accepted else verdict.next_token] += 1
+                # the low-noise acceptance estimate travels too: one tried position, sum min(p, q)
+                assert verdict.expected_accepted == pytest.approx(np.minimum(P, q).sum(), rel=1e-6)
         empirical = counts / n
         tv = 0.5 * np.abs(empirical - P).sum()
         assert tv < 0.02, f"TV {tv:.4f}: {np.round(empirical, 3)} vs {P}"

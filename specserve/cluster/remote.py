@@ -166,7 +166,8 @@ class RemoteTarget:
         if not reply.has_verdict:
             return None
         self._cache.extend(window.drafts[: reply.accepted])
-        return Verdict(reply.accepted, reply.next_token)
+        expected = reply.expected_accepted if reply.HasField("expected_accepted") else None
+        return Verdict(reply.accepted, reply.next_token, expected)
 
     def _failover(self, stream: _Stream, exc: StreamFailed, attempt: int) -> None:
         evicted = exc.code == grpc.StatusCode.FAILED_PRECONDITION

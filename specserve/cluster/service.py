@@ -270,6 +270,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         reply = pb.Reply(server_s=time.perf_counter() - start)
         if verdict is not None:
             reply.has_verdict, reply.accepted, reply.next_token = True, verdict.accepted, verdict.next_token
+            if verdict.expected_accepted is not None:
+                reply.expected_accepted = verdict.expected_accepted
         return reply
 
     async def _run(self, session: _Session, window: Window, context: grpc.aio.ServicerContext) -> Verdict | None:

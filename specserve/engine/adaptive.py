@@ -29,6 +29,7 @@ _EMA = 0.1  # weight of a new observation
 _PROBE_EVERY = 16  # steps at k = 0 before drafting one short window again to re-measure acceptance
 _PROBE_EVERY_MAX = 64  # ... doubling after each probe that did not bring drafting back (each one costs a
 # draft pass over every token since the last one, and on unpredictable text they keep failing)
+_CAUTIOUS_AFTER = 4  # tried draft positions of its own before a request weighs its estimate's noise
 _CONFIDENCE_BUCKETS = 10  # acceptance is tracked per tenth of the draft's own confidence in its token
 # Rows a drafting sequence's first draft pass holds in the steady state: the target's token, and the last
 # draft token when the whole window was accepted. Anything beyond is catch-up.
@@ -72,7 +73,8 @@ class MachineSpeed:
         if measured_s <= 0 or calibrated_s <= 0:
             return
         self.observations += 1
-        weight = max(_EMA, 1 / self.observations)  # a running mean at first, then an exponential average
+        # without a calibration the first measurement sets the scale; then an exponential average
+        weight = 1.0 if self.observations == 1 else _EMA
         # geometric: one stall of a busy machine moves the factor by a bounded ratio, not by its length
         self.factor *= (measured_s / calibrated_s / self.factor) ** weight
 
@@ -93,6 +95,7 @@ class AdaptiveK:
     _tried: float = 3.0
     shared: SharedAcceptance | None = None  # the runtime's estimate this request starts from and feeds
     greedy: bool = True  # which of the shared estimates
+    _own_trials: int = 0  # draft positions this request has tried
     _steps_at_zero: int = 0
     _probe_every: int = _PROBE_EVERY
     # Per confidence bucket: pseudo-counts of accepted / tried draft tokens (prior: acceptance = confidence).
@@ -144,8 +147,9 @@ class AdaptiveK:
             seconds += self.draft_speed.factor * backlog * self.catch_up_s * tokens / max(remaining, 1)
         return tokens / seconds
 
-    def choose(self, limit: int, sync_rows: int = 1, remaining: int = 1 << 30) -> int:
-        """The best k for the next window; `sync_rows` as `Proposer.sync_rows` gives them."""
+    def choose(self, limit: int, sync_rows: int = 1, remaining: int = 1 << 30, probe_rows: int = 0) -> int:
+        """The best k for the next window; `sync_rows` as `Proposer.sync_rows` gives them, less the prompt,
+        `probe_rows` with it (what a probe would evaluate)."""
         limit = min(limit, self.k_max)
         if limit <= 0:
             return 0
@@ -156,13 +160,17 @@ class AdaptiveK:
             plain = self.expected_rate(0)
             if all(self.expected_rate(k, backlog, remaining, cautious) < plain for k in range(1, limit + 1)):
                 best = 0
-        return self.probe(best, remaining)
+        return self.probe(best, remaining, probe_rows)
 
     def cautious_acceptance(self) -> float:
-        """The acceptance estimate less one standard error of it. Drafting must pay even at this rate: where
-        it only breaks even at the estimate (sampled text the draft half guesses), the noise of a few dozen
-        trials decides, and drafting that turns out wrong costs more than it gains when right."""
+        """The acceptance estimate less one standard error of it, once this request has measured some.
+        Drafting must keep paying at this rate: where it only breaks even at the estimate (sampled text the
+        draft half guesses), the noise of a few dozen trials decides, and drafting that turns out wrong
+        costs more than it gains when right. Before that the estimate is the runtime's recent one, and
+        a request must draft to find out how its own text goes."""
         a = self.acceptance
+        if self._own_trials < _CAUTIOUS_AFTER:
+            return a
         return max(a - (a * (1 - a) / max(self._tried, 1.0)) ** 0.5, 0.0)
 
     def min_confidence(self) -> float:
@@ -187,18 +195,24 @@ class AdaptiveK:
             self._conf_tried[bucket] += 1
             self._conf_accepted[bucket] += position < accepted
 
-    def probe_due(self, remaining: int = 1 << 30) -> bool:
-        """Whether `probe(0, remaining)` would draft now."""
-        return self._steps_at_zero + 1 >= self._probe_every and remaining > _PROBE_EVERY
+    def probe_due(self, remaining: int = 1 << 30, probe_rows: int = 0) -> bool:
+        """Whether `probe(0, remaining, probe_rows)` would draft now. A probe first evaluates `probe_rows`
+        (all the draft has not seen, the prompt too if it never drafted): it may cost at most a 16th of
+        the time the reply still needs (a first probe on a 48-token reply to a 300-token prompt cost more
+        than it could win)."""
+        if self._steps_at_zero + 1 < self._probe_every or remaining <= _PROBE_EVERY:
+            return False
+        catch_up = self.draft_speed.factor * probe_rows * self.catch_up_s
+        return catch_up <= remaining * self.verify_cost(1) / _PROBE_EVERY
 
-    def probe(self, k: int, remaining: int = 1 << 30) -> int:
+    def probe(self, k: int, remaining: int = 1 << 30, probe_rows: int = 0) -> int:
         """After too many steps at k = 0, draft one token: acceptance may have changed, look again cheaply.
         A probe after which k stays 0 doubles the wait for the next one; near the end of a reply there is
         nothing left for a probe to pay off on."""
         if k > 0:
             self._steps_at_zero, self._probe_every = 0, _PROBE_EVERY
             return k
-        due = self.probe_due(remaining)
+        due = self.probe_due(remaining, probe_rows)
         self._steps_at_zero += 1
         if due:
             self._steps_at_zero = 0
@@ -226,11 +240,12 @@ class AdaptiveK:
         self.verify_speed.observe(verify_s, self._calibrated_verify(drafted + 1))
         if drafted == 0:
             return
-        drafting_s = draft_s - self.draft_speed.factor * backlog * self.catch_up_s
-        if self.draft_cost_s is None:  # not calibrated: the first window sets the scale
-            self.draft_cost_s = max(drafting_s, 0.0) / drafted
-        else:
-            self.draft_speed.observe(drafting_s, self._calibrated_draft(drafted))
+        # Draft cost from windows without a catch-up only: one (a prompt: hundreds of ms, its cost per token
+        # known only roughly) would swamp the drafting's own few ms.
+        if not backlog and self.draft_cost_s is None:  # not calibrated: the first window sets the scale
+            self.draft_cost_s = draft_s / drafted
+        elif not backlog:
+            self.draft_speed.observe(draft_s, self._calibrated_draft(drafted))
         self._observe_acceptance(drafted, accepted, successes)
 
     def _observe_acceptance(self, drafted: int, accepted: int, successes: float) -> None:
@@ -239,6 +254,7 @@ class AdaptiveK:
         # Positions are tried in order until the first rejection: `accepted` successes (or their expectation)
         # out of accepted + (1 if a rejection happened) trials. Decay old evidence so the estimate can move.
         trials = accepted + (accepted < drafted)
+        self._own_trials += trials
         self._accepted = (1 - _EMA) * self._accepted + successes
         self._tried = (1 - _EMA) * self._tried + trials
         self.acceptance = self._accepted / self._tried

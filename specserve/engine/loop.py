@@ -111,9 +111,13 @@ def _plan(generations: list[Generation], costs: BatchCosts) -> tuple[list[int | 
     sync = [g.charged_sync_rows() for g in sequences]
     remaining = [g.remaining for g in sequences]
     plan = plan_batch(acceptance, limits, model_drafted, costs, fixed_rows, sync, remaining)
+    if any(plan):  # as for one sequence (`AdaptiveK.choose`): drafting must pay at a cautious acceptance too
+        cautious = [g.adaptive.cautious_acceptance() for g in sequences]
+        if not any(plan_batch(cautious, limits, model_drafted, costs, fixed_rows, sync, remaining)):
+            plan = [0] * len(plan)
     for i, k in zip(members, plan, strict=True):
         planned[i] = k
-    if any(plan) or not any(g.adaptive.probe_due(g.remaining) for g in sequences):
+    if any(plan) or not any(g.adaptive.probe_due(g.remaining, g.probe_rows()) for g in sequences):
         return planned, True
     sure = plan_batch([0.99] * len(members), limits, model_drafted, costs, fixed_rows, sync, remaining)
     return planned, any(sure)
@@ -206,6 +210,10 @@ class Generation:
         unseen_prompt = max(0, len(self.prompt) - (len(self.context) - sync))
         return sync - unseen_prompt
 
+    def probe_rows(self) -> int:
+        """Tokens a probe would evaluate first: all the draft has not seen, the prompt too."""
+        return self.proposer.sync_rows(self.context) if self.proposer is not None else 0
+
     def draft_limit(self) -> int:
         """The most drafts the next window may hold: k (or k_max), the context and max_tokens allowing."""
         room = self.target.n_ctx - self.target.n_past - 1  # window slots left after the pending token
@@ -228,9 +236,9 @@ class Generation:
         elif self.adaptive is None:
             k = limit
         elif planned_k is None:
-            k = self.adaptive.choose(limit, self.charged_sync_rows(sync), self.remaining)
+            k = self.adaptive.choose(limit, self.charged_sync_rows(sync), self.remaining, sync)
         else:
-            k = self.adaptive.probe(planned_k, self.remaining) if limit and probe else min(planned_k, limit)
+            k = self.adaptive.probe(planned_k, self.remaining, sync) if limit and probe else min(planned_k, limit)
         self.stats.chosen_k.append(k)
         # all of the catch-up, prompt included, is draft time that is not drafting
         self._backlog = max(sync - STEADY_SYNC_ROWS, 0) if k else 0

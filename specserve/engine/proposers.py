@@ -120,6 +120,18 @@ class DraftModelProposer:
         self._cached = list(context)
         return context[common:]
 
+    def evaluate(self, context: list[int], then: list[int]) -> np.ndarray:
+        """Bring the draft's cache to `context` followed by `then` (tokens someone else proposed); the logits
+        of every evaluated row, the last len(then) + 1 of them predicting each of `then` and the token after."""
+        rows = self.backend.eval([*self._sync(context), *then], all_logits=True)
+        self._cached.extend(then)
+        return rows
+
+    def rollback(self, length: int) -> None:
+        """Forget all but the first `length` cached tokens (those that were rejected)."""
+        self.backend.truncate(length)
+        del self._cached[length:]
+
     def propose(
         self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
     ) -> Proposal:
@@ -220,16 +232,14 @@ class CascadeProposer:
         if k <= 0 or not guess:
             return self.draft.propose(context, k, params, rng, with_probs)
         draft = self.draft
-        rows = draft.backend.eval([*draft._sync(context), *guess], all_logits=True)[-(len(guess) + 1) :]
+        rows = draft.evaluate(context, guess)[-(len(guess) + 1) :]
         verdict = verify(rows, guess, [None] * len(guess), params, rng)
         tokens = [*guess[: verdict.accepted], verdict.next_token][:k]
         if params.greedy:
             probs = [tolerance_distribution(row, params) if with_probs else None for row in rows[: len(tokens)]]
         else:
             probs = [probabilities(row, params) for row in rows[: len(tokens)]]
-        kept = len(context) + verdict.accepted  # draft cache: context + accepted guesses
-        draft.backend.truncate(kept)
-        draft._cached = [*context, *guess[: verdict.accepted]]
+        draft.rollback(len(context) + verdict.accepted)  # draft cache: context + accepted guesses
         if len(tokens) < k:  # the draft model continues alone from the correction token
             more = draft.propose([*context, *tokens], k - len(tokens), params, rng, with_probs)
             tokens, probs = tokens + more.tokens, probs + more.probs
