@@ -177,11 +177,12 @@ def test_window_sizes_that_do_not_run_follow_the_machines_speed():
     )
     for _ in range(60):
         model.observe(drafted=2, accepted=1, draft_s=1.5 * 0.022, verify_s=0.035)
-    assert model.verify_speed.factor == pytest.approx(0.7, rel=0.02)
-    assert model.verify_cost(1) == pytest.approx(0.046 * 0.7, rel=0.02)
+    # (the size that runs takes a small part of the change as its own error: see the next test)
+    assert model.verify_speed.factor == pytest.approx(0.7, rel=0.05)
+    assert model.verify_cost(1) == pytest.approx(0.046 * 0.7, rel=0.05)
     assert model.draft_cost(1) == pytest.approx(0.018, rel=0.02) and model.draft_cost(4) > 3 * 0.015
     # the speeds are the runtime's: the next request starts from them
-    assert model.fresh().verify_cost(1) == pytest.approx(0.046 * 0.7, rel=0.02)
+    assert model.fresh().verify_cost(1) == pytest.approx(0.046 * 0.7, rel=0.05)
     assert model.fresh().draft_speed is model.draft_speed
     # one stall of a busy machine moves a factor by a bounded ratio, not by its length
     model.observe(drafted=0, accepted=0, draft_s=0.0, verify_s=10 * 0.046)
@@ -216,7 +217,20 @@ def test_a_probe_that_would_catch_up_on_a_long_prompt_waits_for_a_long_reply():
     """A probe drafts one token, but first the draft evaluates everything it has not seen: on a short reply
     to a 300-token prompt that costs more than the probe could win back; on a long reply it is worth it."""
     model = AdaptiveK(acceptance=0.01, draft_cost_s=0.009, catch_up_s=0.0024, verify_cost_s={1: 0.032, 2: 0.035})
-    short = [model.choose(8, remaining=48, probe_rows=300) for _ in range(40)]
+    short = [model.choose(8, sync_rows=300, remaining=48) for _ in range(40)]
     assert short == [0] * 40
-    long = [model.choose(8, remaining=500, probe_rows=300) for _ in range(40)]
+    long = [model.choose(8, sync_rows=300, remaining=500) for _ in range(40)]
     assert 1 in long
+
+
+def test_a_window_size_calibrated_wrong_is_corrected_by_what_it_costs():
+    """Calibration measured 1 token at 42 ms and 5 at 46 (a noisy moment); in fact they take 31 and 44.
+    Whatever the machine's speed does meanwhile, the ratio of their estimated costs comes right."""
+    model = AdaptiveK(acceptance=0.5, draft_cost_s=0.009, verify_cost_s={1: 0.042, 5: 0.046})
+    speeds = [1.0, 1.4, 0.9]  # the machine drifts while this runs
+    for i in range(600):
+        drift = speeds[i // 200]
+        model.observe(drafted=0, accepted=0, draft_s=0.0, verify_s=0.031 * drift)
+        model.observe(drafted=4, accepted=2, draft_s=0.04, verify_s=0.044 * drift)
+    assert model.verify_cost(5) / model.verify_cost(1) == pytest.approx(44 / 31, rel=0.05)
+    assert model.verify_cost(1) == pytest.approx(0.031 * 0.9, rel=0.05)

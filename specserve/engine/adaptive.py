@@ -12,9 +12,8 @@ verify window size at start-up. Costs then follow what windows really take throu
 (`MachineSpeed`), one for the target and one for the draft, shared by a runtime's requests: every window
 updates them, so all window sizes move together and the next request starts from them.
 
-A draft that has not seen tokens decoded at k = 0 must first catch up on them; a window that starts
-drafting again is charged its share of that one-off cost over the tokens the reply may still produce
-(the draft's prompt prefill is not charged: it is the price of choosing a model drafter for a request).
+A draft that has not seen the prompt or tokens decoded at k = 0 must first catch up on them; a window that
+starts drafting is charged its share of that one-off cost over the tokens the reply may still produce.
 After a stretch at k = 0, a 1-token probe re-measures acceptance now and then, less often each time it
 fails.
 """
@@ -29,6 +28,7 @@ _EMA = 0.1  # weight of a new observation
 _PROBE_EVERY = 16  # steps at k = 0 before drafting one short window again to re-measure acceptance
 _PROBE_EVERY_MAX = 64  # ... doubling after each probe that did not bring drafting back (each one costs a
 # draft pass over every token since the last one, and on unpredictable text they keep failing)
+_SHAPE_EMA = 0.01  # weight of a window's cost against its size's calibrated cost, beside the speed factor
 _CAUTIOUS_AFTER = 4  # tried draft positions of its own before a request weighs its estimate's noise
 _CONFIDENCE_BUCKETS = 10  # acceptance is tracked per tenth of the draft's own confidence in its token
 # Rows a drafting sequence's first draft pass holds in the steady state: the target's token, and the last
@@ -109,7 +109,7 @@ class AdaptiveK:
     def fresh(self, greedy: bool = True) -> AdaptiveK:
         """A controller for a new (greedy or sampled) request: these costs and the shared speeds, and
         acceptance starting from the shared estimate (worth as much evidence as the fixed prior was)."""
-        shared = (self.shared, self.verify_speed, self.draft_speed)
+        shared = (self.shared, self.verify_speed, self.draft_speed, self.verify_cost_s)
         new = copy.deepcopy(self, memo={id(x): x for x in shared})
         new.greedy = greedy
         if self.shared is not None:
@@ -147,9 +147,8 @@ class AdaptiveK:
             seconds += self.draft_speed.factor * backlog * self.catch_up_s * tokens / max(remaining, 1)
         return tokens / seconds
 
-    def choose(self, limit: int, sync_rows: int = 1, remaining: int = 1 << 30, probe_rows: int = 0) -> int:
-        """The best k for the next window; `sync_rows` as `Proposer.sync_rows` gives them, less the prompt,
-        `probe_rows` with it (what a probe would evaluate)."""
+    def choose(self, limit: int, sync_rows: int = 1, remaining: int = 1 << 30) -> int:
+        """The best k for the next window; `sync_rows` as `Proposer.sync_rows` gives them."""
         limit = min(limit, self.k_max)
         if limit <= 0:
             return 0
@@ -160,7 +159,7 @@ class AdaptiveK:
             plain = self.expected_rate(0)
             if all(self.expected_rate(k, backlog, remaining, cautious) < plain for k in range(1, limit + 1)):
                 best = 0
-        return self.probe(best, remaining, probe_rows)
+        return self.probe(best, remaining, sync_rows)
 
     def cautious_acceptance(self) -> float:
         """The acceptance estimate less one standard error of it, once this request has measured some.
@@ -195,24 +194,24 @@ class AdaptiveK:
             self._conf_tried[bucket] += 1
             self._conf_accepted[bucket] += position < accepted
 
-    def probe_due(self, remaining: int = 1 << 30, probe_rows: int = 0) -> bool:
-        """Whether `probe(0, remaining, probe_rows)` would draft now. A probe first evaluates `probe_rows`
+    def probe_due(self, remaining: int = 1 << 30, sync_rows: int = 0) -> bool:
+        """Whether `probe(0, remaining, sync_rows)` would draft now. A probe first evaluates `sync_rows`
         (all the draft has not seen, the prompt too if it never drafted): it may cost at most a 16th of
         the time the reply still needs (a first probe on a 48-token reply to a 300-token prompt cost more
         than it could win)."""
         if self._steps_at_zero + 1 < self._probe_every or remaining <= _PROBE_EVERY:
             return False
-        catch_up = self.draft_speed.factor * probe_rows * self.catch_up_s
+        catch_up = self.draft_speed.factor * sync_rows * self.catch_up_s
         return catch_up <= remaining * self.verify_cost(1) / _PROBE_EVERY
 
-    def probe(self, k: int, remaining: int = 1 << 30, probe_rows: int = 0) -> int:
+    def probe(self, k: int, remaining: int = 1 << 30, sync_rows: int = 0) -> int:
         """After too many steps at k = 0, draft one token: acceptance may have changed, look again cheaply.
         A probe after which k stays 0 doubles the wait for the next one; near the end of a reply there is
         nothing left for a probe to pay off on."""
         if k > 0:
             self._steps_at_zero, self._probe_every = 0, _PROBE_EVERY
             return k
-        due = self.probe_due(remaining, probe_rows)
+        due = self.probe_due(remaining, sync_rows)
         self._steps_at_zero += 1
         if due:
             self._steps_at_zero = 0
@@ -237,7 +236,13 @@ class AdaptiveK:
             self._observe_acceptance(drafted, accepted, successes)
             return
         verify_s = max(verify_s - self.round_trip_s, 0.0)  # a remote window's wall time includes the network
-        self.verify_speed.observe(verify_s, self._calibrated_verify(drafted + 1))
+        window, calibrated = drafted + 1, self._calibrated_verify(drafted + 1)
+        if window in self.verify_cost_s and verify_s > 0:
+            # A size's own error (calibration noise: 42 ms for 1 token on a machine that then ran it in 31,
+            # 44 for 3) corrects slowly; the machine's drift is the speed factor's, which moves faster.
+            ratio = verify_s / (self.verify_speed.factor * calibrated)
+            self.verify_cost_s[window] = calibrated * ratio**_SHAPE_EMA
+        self.verify_speed.observe(verify_s, calibrated)
         if drafted == 0:
             return
         # Draft cost from windows without a catch-up only: one (a prompt: hundreds of ms, its cost per token

@@ -108,7 +108,7 @@ def _plan(generations: list[Generation], costs: BatchCosts) -> tuple[list[int | 
     limits = [g.draft_limit() for g in sequences]
     model_drafted = [_model_drafted(g.proposer) for g in sequences]
     acceptance = [g.adaptive.acceptance for g in sequences]
-    sync = [g.charged_sync_rows() for g in sequences]
+    sync = [g.sync_rows() for g in sequences]
     remaining = [g.remaining for g in sequences]
     plan = plan_batch(acceptance, limits, model_drafted, costs, fixed_rows, sync, remaining)
     if any(plan):  # as for one sequence (`AdaptiveK.choose`): drafting must pay at a cautious acceptance too
@@ -117,7 +117,7 @@ def _plan(generations: list[Generation], costs: BatchCosts) -> tuple[list[int | 
             plan = [0] * len(plan)
     for i, k in zip(members, plan, strict=True):
         planned[i] = k
-    if any(plan) or not any(g.adaptive.probe_due(g.remaining, g.probe_rows()) for g in sequences):
+    if any(plan) or not any(g.adaptive.probe_due(g.remaining, rows) for g, rows in zip(sequences, sync, strict=True)):
         return planned, True
     sure = plan_batch([0.99] * len(members), limits, model_drafted, costs, fixed_rows, sync, remaining)
     return planned, any(sure)
@@ -198,20 +198,10 @@ class Generation:
         """Tokens the reply may still produce (max_tokens allowing)."""
         return self.params.max_tokens - len(self.tokens)
 
-    def charged_sync_rows(self, sync: int | None = None) -> int:
-        """`Proposer.sync_rows` (or `sync`, when already known) less the part of the prompt the draft has not
-        seen: evaluating the prompt is the price of choosing a model drafter for a request (as the target's
-        prefill is), whereas catching up on tokens decoded without drafting is a cost adaptive k's own
-        choices add and must weigh."""
-        if self.proposer is None:
-            return 0
-        if sync is None:
-            sync = self.proposer.sync_rows(self.context)
-        unseen_prompt = max(0, len(self.prompt) - (len(self.context) - sync))
-        return sync - unseen_prompt
-
-    def probe_rows(self) -> int:
-        """Tokens a probe would evaluate first: all the draft has not seen, the prompt too."""
+    def sync_rows(self) -> int:
+        """Tokens the draft must evaluate before it drafts again (`Proposer.sync_rows`), the prompt too
+        when it has not drafted yet: adaptive k charges them (a draft that starts and then finds nothing to
+        accept has paid for the prompt for nothing: 4 ms a token of a 64-token reply on random words)."""
         return self.proposer.sync_rows(self.context) if self.proposer is not None else 0
 
     def draft_limit(self) -> int:
@@ -230,13 +220,13 @@ class Generation:
         if self._prefilled < len(self.prompt):
             return DraftRequest(None, self.context, 0, self.params, self._rng)
         limit = self.draft_limit()
-        sync = self.proposer.sync_rows(self.context) if self.proposer is not None else 0
+        sync = self.sync_rows()
         if self.proposer is None:
             k = 0
         elif self.adaptive is None:
             k = limit
         elif planned_k is None:
-            k = self.adaptive.choose(limit, self.charged_sync_rows(sync), self.remaining, sync)
+            k = self.adaptive.choose(limit, sync, self.remaining)
         else:
             k = self.adaptive.probe(planned_k, self.remaining, sync) if limit and probe else min(planned_k, limit)
         self.stats.chosen_k.append(k)
