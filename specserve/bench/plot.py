@@ -49,12 +49,15 @@ def plot_report(report: dict, path: Path) -> Path:
 
 def _plot_adaptive(report: dict, ax: plt.Axes) -> None:
     """Chosen k per step (solid) and acceptance over the last 8 windows that drafted (dashed), for the
-    first greedy request of each prompt kind under the first adaptive speculative row."""
+    first greedy request of each prompt kind under the adaptive speculative row that drafted most."""
     adaptive = [r for r in report["runs"] if r["config"].endswith("k=auto") and r.get("windows")]
     if not adaptive:
         ax.set_visible(False)
         return
-    config = adaptive[0]["config"]
+    drafted: dict[str, int] = {}
+    for run in adaptive:
+        drafted[run["config"]] = drafted.get(run["config"], 0) + run["drafted"]
+    config = max(drafted, key=drafted.get)
     acceptance_axis = ax.twinx()
     kinds: dict[str, dict] = {}
     for run in adaptive:
