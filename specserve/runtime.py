@@ -137,6 +137,7 @@ class Runtime:
         target and the draft; each method's requests share one running acceptance estimate (the next
         request's start)."""
         verify_speed = MachineSpeed()
+        verify = dict(verify)  # one table for the runtime's controllers, which refine it (not the caller's)
 
         def template(draft: dict[int, float]) -> AdaptiveK:
             return AdaptiveK(
