@@ -53,8 +53,12 @@ class SharedAcceptance:
     def observe(self, greedy: bool, successes: float, trials: int) -> None:
         if trials:
             weight = min(self.weight_per_trial * trials, 0.5)
-            mode = "greedy" if greedy else "sampled"
-            setattr(self, mode, getattr(self, mode) + weight * (successes / trials - getattr(self, mode)))
+            current = self.value(greedy)
+            updated = current + weight * (successes / trials - current)
+            if greedy:
+                self.greedy = updated
+            else:
+                self.sampled = updated
 
 
 @dataclass
@@ -135,6 +139,10 @@ class AdaptiveK:
         """Estimated seconds to draft a window of k tokens now."""
         return self.draft_speed.factor * self._calibrated_draft(k)
 
+    def catch_up_cost(self, tokens: float) -> float:
+        """Estimated seconds for the draft to evaluate `tokens` it has not seen, now."""
+        return self.draft_speed.factor * self.catch_up_s * tokens
+
     def expected_rate(
         self, k: int, backlog: int = 0, remaining: int = 1 << 30, acceptance: float | None = None
     ) -> float:
@@ -144,7 +152,7 @@ class AdaptiveK:
         tokens = expected_tokens(self.acceptance if acceptance is None else acceptance, k)
         seconds = self.draft_cost(k) + self.verify_cost(k + 1) + self.round_trip_s
         if k > 0:
-            seconds += self.draft_speed.factor * backlog * self.catch_up_s * tokens / max(remaining, 1)
+            seconds += self.catch_up_cost(backlog * tokens / max(remaining, 1))
         return tokens / seconds
 
     def choose(self, limit: int, sync_rows: int = 1, remaining: int = 1 << 30) -> int:
@@ -201,8 +209,7 @@ class AdaptiveK:
         than it could win)."""
         if self._steps_at_zero + 1 < self._probe_every or remaining <= _PROBE_EVERY:
             return False
-        catch_up = self.draft_speed.factor * sync_rows * self.catch_up_s
-        return catch_up <= remaining * self.verify_cost(1) / _PROBE_EVERY
+        return self.catch_up_cost(sync_rows) <= remaining * self.verify_cost(1) / _PROBE_EVERY
 
     def probe(self, k: int, remaining: int = 1 << 30, sync_rows: int = 0) -> int:
         """After too many steps at k = 0, draft one token: acceptance may have changed, look again cheaply.
