@@ -162,6 +162,46 @@ def test_a_new_request_starts_from_the_runtimes_recent_acceptance():
     assert template.fresh().acceptance < 0.3
 
 
+def test_a_request_the_target_is_unsure_of_does_not_draft_on_the_last_requests_acceptance():
+    """After code that drafts well (target confidence 0.95), a request whose text the target finds
+    unpredictable (0.3) starts at the acceptance of its own confidence, not the code's: it does not pay the
+    draft's prompt prefill. A confident request drafts at once; when its text turns unpredictable midway
+    (its own windows not yet tried), its estimate follows."""
+    from specserve.engine.adaptive import SharedAcceptance
+
+    template = AdaptiveK(
+        draft_cost_s=0.008, draft_first_s=0.012, verify_cost_s={1: 0.03, 5: 0.035, 9: 0.04}, catch_up_s=0.002
+    )
+    template.shared = SharedAcceptance()
+    code = template.fresh(greedy=False)
+    code.observe_target_confidence(0.95)
+    for _ in range(40):
+        code.observe_target_confidence(0.95)
+        code.observe(drafted=4, accepted=4, draft_s=0.04, verify_s=0.035, expected_accepted=3.8)
+    assert template.fresh(greedy=False).acceptance > 0.85  # what a request of unknown confidence would start at
+
+    prompt_rows = 90  # the draft has not seen the prompt yet
+    unsure = template.fresh(greedy=False)
+    unsure.observe_target_confidence(0.3)  # the prompt's last position
+    assert unsure.acceptance < 0.4
+    assert unsure.choose(8, prompt_rows, remaining=64) == 0
+    sure = template.fresh(greedy=False)
+    sure.observe_target_confidence(0.97)
+    assert sure.acceptance > 0.85 and sure.choose(8, prompt_rows, remaining=64) > 0
+    drifting = template.fresh(greedy=False)
+    drifting.observe_target_confidence(0.95)
+    assert drifting.acceptance > 0.85
+    for _ in range(20):
+        drifting.observe_target_confidence(0.3)
+    assert drifting.acceptance < 0.4
+
+    # what requests measure at low confidence is the runtime's estimate there, apart from the code's
+    for _ in range(30):
+        unsure.observe(drafted=2, accepted=0, draft_s=0.02, verify_s=0.035, expected_accepted=0.2)
+    assert template.shared.value(False, 0.3) < 0.25 and template.shared.value(False, 0.95) > 0.85
+    assert template.shared.value(True, 0.3) == pytest.approx(0.35)  # greedy apart, at its prior
+
+
 def test_window_sizes_that_do_not_run_follow_the_machines_speed():
     """Calibrated in a slow phase (46 ms a token), then the machine speeds up while the request drafts
     windows of 2: plain decoding's cost must follow, or drafting is compared with a stale, slower k = 0.
@@ -219,7 +259,7 @@ def test_a_probe_that_would_catch_up_on_a_long_prompt_waits_for_a_long_reply():
     model = AdaptiveK(acceptance=0.01, draft_cost_s=0.009, catch_up_s=0.0024, verify_cost_s={1: 0.032, 2: 0.035})
     short = [model.choose(8, sync_rows=300, remaining=48) for _ in range(40)]
     assert short == [0] * 40
-    long = [model.choose(8, sync_rows=300, remaining=500) for _ in range(40)]
+    long = [model.choose(8, sync_rows=300, remaining=1000) for _ in range(40)]
     assert 1 in long
 
 

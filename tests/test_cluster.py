@@ -190,7 +190,7 @@ Q_DENSE = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 def test_sampling_through_the_protocol_follows_the_target_distribution():
     """Drafts drawn from a top-3 truncated q (zero where p has mass), sent sparse over gRPC, verified remotely
     with a fixed seed per session: the emitted token is distributed as p (the engine's TV and chi-square test),
-    and each reply carries the window's expected acceptance for adaptive k."""
+    and each reply carries the window's expected acceptance and the target's confidence for adaptive k."""
     verifier = InProcessVerifier(P)
     pool = VerifierPool([verifier.address], "fixed")
     try:
@@ -211,6 +211,8 @@ def test_sampling_through_the_protocol_follows_the_target_distribution():
                 counts[draft if verdict.accepted else verdict.next_token] += 1
                 # the low-noise acceptance estimate travels too: one tried position, sum min(p, q)
                 assert verdict.expected_accepted == pytest.approx(np.minimum(P, q).sum(), rel=1e-6)
+                # and the target's confidence where the window began (its top probability at temperature 1)
+                assert verdict.confidence == pytest.approx(P.max(), rel=1e-5)
         empirical = counts / n
         tv = 0.5 * np.abs(empirical - P).sum()
         assert tv < 0.02, f"TV {tv:.4f}: {np.round(empirical, 3)} vs {P}"

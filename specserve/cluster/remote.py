@@ -167,7 +167,8 @@ class RemoteTarget:
             return None
         self._cache.extend(window.drafts[: reply.accepted])
         expected = reply.expected_accepted if reply.HasField("expected_accepted") else None
-        return Verdict(reply.accepted, reply.next_token, expected)
+        confidence = reply.confidence if reply.HasField("confidence") else None
+        return Verdict(reply.accepted, reply.next_token, expected, confidence)
 
     def _failover(self, stream: _Stream, exc: StreamFailed, attempt: int) -> None:
         evicted = exc.code == grpc.StatusCode.FAILED_PRECONDITION

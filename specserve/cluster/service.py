@@ -272,6 +272,8 @@ class VerifierService(pb_grpc.VerifierServicer):
             reply.has_verdict, reply.accepted, reply.next_token = True, verdict.accepted, verdict.next_token
             if verdict.expected_accepted is not None:
                 reply.expected_accepted = verdict.expected_accepted
+            if verdict.confidence is not None:
+                reply.confidence = verdict.confidence
         return reply
 
     async def _run(self, session: _Session, window: Window, context: grpc.aio.ServicerContext) -> Verdict | None:

@@ -96,15 +96,17 @@ class ClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("has_verdict", "accepted", "next_token", "server_s", "expected_accepted")
+    __slots__ = ("has_verdict", "accepted", "next_token", "server_s", "expected_accepted", "confidence")
     HAS_VERDICT_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SERVER_S_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     has_verdict: bool
     accepted: int
     next_token: int
     server_s: float
     expected_accepted: float
-    def __init__(self, has_verdict: _Optional[bool] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., server_s: _Optional[float] = ..., expected_accepted: _Optional[float] = ...) -> None: ...
+    confidence: float
+    def __init__(self, has_verdict: _Optional[bool] = ..., accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., server_s: _Optional[float] = ..., expected_accepted: _Optional[float] = ..., confidence: _Optional[float] = ...) -> None: ...

@@ -12,6 +12,9 @@ verify window size at start-up. Costs then follow what windows really take throu
 (`MachineSpeed`), one for the target and one for the draft, shared by a runtime's requests: every window
 updates them, so all window sizes move together and the next request starts from them.
 
+A new request's acceptance starts from the runtime's recent acceptance on text the target is about as sure
+of (`SharedAcceptance`), until its own draft windows measure it.
+
 A draft that has not seen the prompt or tokens decoded at k = 0 must first catch up on them; a window that
 starts drafting is charged its share of that one-off cost over the tokens the reply may still produce.
 After a stretch at k = 0, a 1-token probe re-measures acceptance now and then, less often each time it
@@ -28,9 +31,12 @@ _EMA = 0.1  # weight of a new observation
 _PROBE_EVERY = 16  # steps at k = 0 before drafting one short window again to re-measure acceptance
 _PROBE_EVERY_MAX = 64  # ... doubling after each probe that did not bring drafting back (each one costs a
 # draft pass over every token since the last one, and on unpredictable text they keep failing)
+_PROBE_BUDGET = 0.03  # the most of the reply's remaining plain-decoding time a probe's catch-up may cost:
+# the slowdown speculation is allowed on text it cannot help with
 _SHAPE_EMA = 0.01  # weight of a window's cost against its size's calibrated cost, beside the speed factor
 _CAUTIOUS_AFTER = 4  # tried draft positions of its own before a request weighs its estimate's noise
 _CONFIDENCE_BUCKETS = 10  # acceptance is tracked per tenth of the draft's own confidence in its token
+# (and, runtime-wide, per tenth of the target's confidence: `SharedAcceptance`)
 # Rows a drafting sequence's first draft pass holds in the steady state: the target's token, and the last
 # draft token when the whole window was accepted. Anything beyond is catch-up.
 STEADY_SYNC_ROWS = 2
@@ -41,24 +47,40 @@ class SharedAcceptance:
     """Acceptance over all the requests of one runtime and method: where a new request's estimate starts,
     instead of a fixed prior (a server that serves code should start the next code request drafting).
     Greedy and sampled requests keep apart: a draft agrees with the target's argmax more often than its
-    samples survive rejection sampling, and a sampled request starting from greedy's rate drafts at a loss."""
+    samples survive rejection sampling, and a sampled request starting from greedy's rate drafts at a loss.
 
-    greedy: float = 0.7
-    sampled: float = 0.7
-    weight_per_trial: float = 0.02  # ~50 recent draft positions make up the estimate
+    Each is also kept per tenth of the target's confidence (a request's running top probability, see
+    `AdaptiveK.observe_target_confidence`), which the target reports for free with every window: text the
+    target itself finds unpredictable is text a draft guesses badly (sampled random words: confidence 0.4-0.5,
+    acceptance 0.25-0.45; code: 0.9 and 0.8), and a request on such text should not pay a draft's prompt
+    prefill because the requests before it were code. A tenth nobody has drafted in yet starts at its own
+    confidence, which measured acceptance stayed near or below (greedy and sampled, every prompt kind)."""
 
-    def value(self, greedy: bool) -> float:
-        return self.greedy if greedy else self.sampled
+    weight_per_trial: float = 0.02  # ~50 recent draft positions make up an estimate
+    prior: float = 0.7  # for requests whose target confidence is unknown
+    prior_trials: float = 2.0  # a confidence tenth's prior is worth this many draft positions
+    # (greedy, tenth of target confidence or None for all) -> [acceptance, draft positions seen]
+    _estimates: dict[tuple[bool, int | None], list[float]] = field(default_factory=dict)
 
-    def observe(self, greedy: bool, successes: float, trials: int) -> None:
-        if trials:
-            weight = min(self.weight_per_trial * trials, 0.5)
-            current = self.value(greedy)
-            updated = current + weight * (successes / trials - current)
-            if greedy:
-                self.greedy = updated
-            else:
-                self.sampled = updated
+    def value(self, greedy: bool, confidence: float | None = None) -> float:
+        return self._estimate(greedy, confidence)[0]
+
+    def observe(self, greedy: bool, successes: float, trials: int, confidence: float | None = None) -> None:
+        if not trials:
+            return
+        for scope in {None, confidence}:  # every observation counts for all, and for its confidence tenth
+            estimate = self._estimate(greedy, scope)
+            estimate[1] += trials
+            # a running mean while the prior still weighs, then a moving average of recent requests
+            weight = min(max(trials / estimate[1], self.weight_per_trial * trials), 0.5)
+            estimate[0] += weight * (successes / trials - estimate[0])
+
+    def _estimate(self, greedy: bool, confidence: float | None) -> list[float]:
+        if confidence is None:
+            return self._estimates.setdefault((greedy, None), [self.prior, 1 / self.weight_per_trial])
+        tenth = min(int(confidence * _CONFIDENCE_BUCKETS), _CONFIDENCE_BUCKETS - 1)
+        prior = (tenth + 0.5) / _CONFIDENCE_BUCKETS
+        return self._estimates.setdefault((greedy, tenth), [prior, self.prior_trials])
 
 
 @dataclass
@@ -99,6 +121,8 @@ class AdaptiveK:
     _tried: float = 3.0
     shared: SharedAcceptance | None = None  # the runtime's estimate this request starts from and feeds
     greedy: bool = True  # which of the shared estimates
+    target_confidence: float | None = None  # running mean of `observe_target_confidence`'s values
+    _confidences: int = 0
     _own_trials: int = 0  # draft positions this request has tried
     _steps_at_zero: int = 0
     _probe_every: int = _PROBE_EVERY
@@ -120,6 +144,23 @@ class AdaptiveK:
             new.acceptance = self.shared.value(greedy)
             new._accepted = new.acceptance * new._tried
         return new
+
+    def observe_target_confidence(self, confidence: float | None) -> None:
+        """The target's confidence where a window began (`Verdict.confidence`; the prompt's last position
+        first). Until this request has drafted, its acceptance estimate is the runtime's for text the target
+        finds as predictable: a request decides on drafting (and paying the draft's prompt prefill) from
+        what its own text looks like, not from what the requests before it were."""
+        if confidence is None:
+            return
+        self._confidences += 1
+        if self.target_confidence is None:
+            self.target_confidence = confidence
+        else:  # a mean over the first tokens, then a moving average of the recent ones
+            weight = max(1 / self._confidences, _EMA)
+            self.target_confidence += weight * (confidence - self.target_confidence)
+        if self._own_trials == 0 and self.shared is not None:
+            self.acceptance = self.shared.value(self.greedy, self.target_confidence)
+            self._accepted = self.acceptance * self._tried
 
     def _calibrated_verify(self, window: int) -> float:
         if not self.verify_cost_s:
@@ -204,12 +245,12 @@ class AdaptiveK:
 
     def probe_due(self, remaining: int = 1 << 30, sync_rows: int = 0) -> bool:
         """Whether `probe(0, remaining, sync_rows)` would draft now. A probe first evaluates `sync_rows`
-        (all the draft has not seen, the prompt too if it never drafted): it may cost at most a 16th of
+        (all the draft has not seen, the prompt too if it never drafted): it may cost at most 3% of
         the time the reply still needs (a first probe on a 48-token reply to a 300-token prompt cost more
         than it could win)."""
         if self._steps_at_zero + 1 < self._probe_every or remaining <= _PROBE_EVERY:
             return False
-        return self.catch_up_cost(sync_rows) <= remaining * self.verify_cost(1) / _PROBE_EVERY
+        return self.catch_up_cost(sync_rows) <= _PROBE_BUDGET * remaining * self.verify_cost(1)
 
     def probe(self, k: int, remaining: int = 1 << 30, sync_rows: int = 0) -> int:
         """After too many steps at k = 0, draft one token: acceptance may have changed, look again cheaply.
@@ -271,7 +312,7 @@ class AdaptiveK:
         self._tried = (1 - _EMA) * self._tried + trials
         self.acceptance = self._accepted / self._tried
         if self.shared is not None:
-            self.shared.observe(self.greedy, successes, trials)
+            self.shared.observe(self.greedy, successes, trials, self.target_confidence)
 
 
 def expected_tokens(acceptance: float, k: int) -> float:

@@ -257,12 +257,15 @@ class Generation:
             if verdict is None:
                 return []
             stats.prefill_s = time.perf_counter() - self._start
+            if self.adaptive:
+                self.adaptive.observe_target_confidence(verdict.confidence)
             return self._accept([], verdict.next_token)
 
         drafted = self._proposal.tokens
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         if self.adaptive:
+            self.adaptive.observe_target_confidence(verdict.confidence)
             self.adaptive.observe_confidence(self._proposal.confidence, verdict.accepted)
             own = not batched
             self.adaptive.observe(

@@ -64,6 +64,15 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
         candidates = min(2 * candidates, size)
 
 
+def top_probability(logits: np.ndarray, params: SamplingParams) -> float:
+    """How sure the model is of its next token: the largest probability of one row of logits at the request's
+    temperature (1 for greedy requests, whose temperature-0 distribution is a point mass), before top-k/top-p
+    cut the tail. Cheap (one exp over the vocabulary), so the target reports it for every window."""
+    row = np.asarray(logits, dtype=np.float32)
+    temperature = 1.0 if params.greedy else params.temperature
+    return float(1.0 / np.exp((row - row.max()) / temperature).sum())
+
+
 def keep_top_k(probs: np.ndarray, k: int) -> np.ndarray:
     """Keep the k most likely tokens of a 1-D distribution, renormalized. A remote draft samples from this,
     so the sparse distribution it sends the verifier is exactly the one it drew from."""

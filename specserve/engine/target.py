@@ -14,13 +14,13 @@ Sessions of one local model are evaluated together in one batched pass (`target_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
 from specserve.backends.base import Backend
-from specserve.engine.sampling import SamplingParams
+from specserve.engine.sampling import SamplingParams, top_probability
 from specserve.engine.verify import Verdict, verify, verify_tolerance
 
 
@@ -103,5 +103,5 @@ def target_pass(sessions: list[LocalTarget], windows: list[Window]) -> list[Verd
         else:
             verdict = verify_tolerance(rows, window.drafts, window.probs, window.params, window.tolerance, window.rng)
         session.backend.truncate(kept + verdict.accepted)  # KV rollback of the rejected drafts
-        verdicts.append(verdict)
+        verdicts.append(replace(verdict, confidence=top_probability(rows[0], window.params)))
     return verdicts

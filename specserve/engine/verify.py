@@ -30,6 +30,9 @@ class Verdict:
     # Sampled verification: the sum over the tried positions of their acceptance probability
     # sum_x min(p(x), q(x)), an estimate of `accepted` with far less noise than the coin flips (None: unknown)
     expected_accepted: float | None = None
+    # The target's top probability at the window's first position (`top_probability`): how predictable the
+    # text is there, a row every window has whatever its drafts did (None: unknown)
+    confidence: float | None = None
 
 
 def verify_greedy(target_logits: np.ndarray, draft_tokens: list[int]) -> Verdict:
