@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from specserve.models.quantize import resolve_draft_spec
 from specserve.models.registry import DEFAULT_TARGET
 from specserve.models.tokenizer import Tokenizer, check_compatible
 
+log = logging.getLogger("specserve.runtime")
 BACKENDS = ("torch-int8", "llama.cpp")
 DRAFT_METHODS = ("draft", "cascade", "ngram", "none")
 MODEL_METHODS = ("draft", "cascade")  # methods that need the draft model
@@ -36,6 +38,11 @@ DEFAULT_K: int | str = "auto"  # adaptive draft length (engine/adaptive.py); an 
 K_MAX = 8
 REMOTE_K_MAX = 16  # with a network round trip per window, longer windows pay (adaptive k decides)
 REMOTE_Q_TOP_K = 64  # a remote draft samples from its top 64 tokens: the sparse q it sends the verifier
+# A shared machine changes phase: not only its speed but the relative cost of window sizes (adaptive.py,
+# `MachineSpeed.drifted`). A runtime whose measured speed drifts that far measures its costs again, at most
+# this often (it takes ~0.5 s of the models' time, which every running request waits for).
+COST_REFRESH_MIN_S = 30.0
+_REFRESH_VERIFY_SIZES = (1, 2, 3, 5, K_MAX + 1)  # interpolated between (a full table takes twice as long)
 _CALIBRATION_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
 
 
@@ -103,6 +110,8 @@ class Runtime:
         self._target_prefixes = PrefixCache(align=PREFILL_CHUNK)  # exact reuse: whole prefill chunks only
         self._draft_prefixes = self._draft_prefix_cache()
         self._adaptive_templates, self.batch_costs = self._calibrate()
+        self._costs_measured_at = time.monotonic()
+        self.cost_refreshes = 0  # times `refresh_costs` measured again
         self.load_s = time.perf_counter() - t0
 
     def _init_remote(self, show_progress: bool) -> None:
@@ -172,6 +181,34 @@ class Runtime:
             costs.catch_up_s = templates["draft"].catch_up_s
             costs.draft_speed = templates["draft"].draft_speed  # kept up to date by single requests
         return templates, costs
+
+    def refresh_costs(self) -> bool:
+        """Measure the window costs adaptive k plans with again when the machine's speed has drifted from
+        them (`MachineSpeed.drifted`), at most every COST_REFRESH_MIN_S: the issue's "cost table, measured at
+        start-up and refreshed". Call it between steps, from the thread that runs them (it uses the models).
+        Requests already running keep their draft costs until they end; the verify table is shared."""
+        if self.config.verifiers or time.monotonic() - self._costs_measured_at < COST_REFRESH_MIN_S:
+            return False  # a remote verifier measures its own costs
+        templates = self._adaptive_templates
+        anchor = templates["ngram"]  # every template shares the verify table and speed
+        drafts = [templates[m] for m in MODEL_METHODS if m in templates]
+        if not anchor.verify_speed.drifted() and not any(t.draft_speed.drifted() for t in drafts):
+            return False
+        context = self.tokenizer.encode(_CALIBRATION_TEXT)
+        verify = window_seconds(self.target, context, _REFRESH_VERIFY_SIZES, repeats=2)
+        anchor.verify_cost_s.clear()
+        anchor.verify_cost_s.update(verify)
+        anchor.verify_speed.recalibrated()
+        if drafts:
+            draft = window_seconds(self.draft, context, (1, 2, 32), repeats=2)
+            for template in drafts:
+                template.draft_cost_s, template.draft_first_s = draft[1], draft[2]
+                template.catch_up_s = self.batch_costs.catch_up_s = draft[32] / 32
+                template.draft_speed.recalibrated()
+        self._costs_measured_at = time.monotonic()
+        self.cost_refreshes += 1
+        log.info("window costs measured again: %s", {k: round(1000 * v, 1) for k, v in verify.items()})
+        return True
 
     def draft_length(self, method: str, k: int | str | None, greedy: bool = True) -> int | AdaptiveK:
         """A fixed k, or a fresh adaptive controller seeded with the calibrated costs (and the recent

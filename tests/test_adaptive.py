@@ -199,7 +199,7 @@ def test_a_request_the_target_is_unsure_of_does_not_draft_on_the_last_requests_a
     for _ in range(30):
         unsure.observe(drafted=2, accepted=0, draft_s=0.02, verify_s=0.035, expected_accepted=0.2)
     assert template.shared.value(False, 0.3) < 0.25 and template.shared.value(False, 0.95) > 0.85
-    assert template.shared.value(True, 0.3) == pytest.approx(0.35)  # greedy apart, at its prior
+    assert template.shared.value(True, 0.3) == pytest.approx(0.35**2)  # greedy apart, at its prior
 
 
 def test_window_sizes_that_do_not_run_follow_the_machines_speed():
@@ -274,3 +274,54 @@ def test_a_window_size_calibrated_wrong_is_corrected_by_what_it_costs():
         model.observe(drafted=4, accepted=2, draft_s=0.04, verify_s=0.044 * drift)
     assert model.verify_cost(5) / model.verify_cost(1) == pytest.approx(44 / 31, rel=0.05)
     assert model.verify_cost(1) == pytest.approx(0.031 * 0.9, rel=0.05)
+
+
+def test_a_machine_running_a_quarter_off_its_calibration_has_drifted():
+    from specserve.engine.adaptive import MachineSpeed
+
+    speed = MachineSpeed()
+    assert not speed.drifted()
+    for _ in range(5):
+        speed.observe(0.9, 1.0)  # 10% off: noise and small drift, the factor absorbs it
+    assert not speed.drifted()
+    for _ in range(30):
+        speed.observe(0.7, 1.0)  # another phase of the shared machine
+    assert speed.drifted()
+    speed.recalibrated()
+    assert speed.factor == 1.0 and not speed.drifted()
+
+
+@pytest.mark.models
+def test_a_runtime_whose_speed_drifted_measures_its_costs_again(runtime):
+    """The cost table is measured at start-up and refreshed: when the target runs 40% faster than it was
+    calibrated (another phase of the shared machine), the next refresh measures the window sizes again, at
+    most every COST_REFRESH_MIN_S; a steady machine is left alone. Output stays the target's."""
+    import time
+
+    from specserve.runtime import _REFRESH_VERIFY_SIZES, COST_REFRESH_MIN_S
+
+    templates = runtime._adaptive_templates
+    anchor = templates["ngram"]
+    for template in templates.values():
+        template.verify_speed.recalibrated()
+        template.draft_speed.recalibrated()
+    runtime._costs_measured_at = time.monotonic() - COST_REFRESH_MIN_S
+    assert not runtime.refresh_costs()  # steady: nothing to measure
+    anchor.verify_speed.factor, anchor.verify_speed.observations = 0.6, 20
+    assert runtime.refresh_costs()
+    assert tuple(sorted(anchor.verify_cost_s)) == _REFRESH_VERIFY_SIZES
+    assert all(templates[m].verify_cost_s is anchor.verify_cost_s for m in templates)  # still one shared table
+    assert all(0 < seconds < 5 for seconds in anchor.verify_cost_s.values())
+    assert anchor.verify_speed.factor == 1.0 and templates["draft"].draft_cost_s > 0
+    anchor.verify_speed.factor, anchor.verify_speed.observations = 0.6, 20
+    assert not runtime.refresh_costs()  # just measured: not again so soon
+    anchor.verify_speed.recalibrated()
+
+    prompt = "Write a Python function that adds two numbers."
+    ids = runtime.encode_prompt(messages=[{"role": "user", "content": prompt}])
+    params = SamplingParams(max_tokens=24)
+    plain = runtime.generate(ids, params, method="none")
+    list(plain)
+    drafted = runtime.generate(ids, params, method="draft", k="auto")
+    list(drafted)
+    assert drafted.tokens == plain.tokens

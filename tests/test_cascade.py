@@ -96,7 +96,15 @@ def test_cascade_greedy_equals_draft_greedy_and_uses_fewer_draft_passes():
     greedy = SamplingParams()
     rng = np.random.default_rng(0)
     cascade_model, alone_model = TableModel(), TableModel()
-    cascade = CascadeProposer(DraftModelProposer(cascade_model), NgramProposer()).propose(context, 4, greedy, rng)
-    alone = DraftModelProposer(alone_model).propose(context, 4, greedy, rng)
+    for model in cascade_model, alone_model:  # drafting every step: the draft has seen all but the last token
+        model.tokens = context[:-1]
+    cascade_draft = DraftModelProposer(cascade_model, cached=context[:-1])
+    cascade = CascadeProposer(cascade_draft, NgramProposer()).propose(context, 4, greedy, rng)
+    alone = DraftModelProposer(alone_model, cached=context[:-1]).propose(context, 4, greedy, rng)
     assert cascade.tokens == alone.tokens == [2, 0, 1, 2]
     assert (cascade_model.passes, alone_model.passes) == (1, 4)  # guess checked in one pass, plus the bonus
+
+    # A draft that must first catch up (on a prompt) does so without logits: one more pass, no LM head rows
+    fresh_model = TableModel()
+    fresh = CascadeProposer(DraftModelProposer(fresh_model), NgramProposer()).propose(context, 4, greedy, rng)
+    assert fresh.tokens == cascade.tokens and fresh_model.passes == 2

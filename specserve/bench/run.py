@@ -49,6 +49,7 @@ class BenchConfig:
         if self.worker is not None:
             return self.worker.generate(ids, params)
         runtime = self.runtime or runtime
+        runtime.refresh_costs()  # between requests, as the server's scheduler does between steps
         return run_generation(runtime.generate(ids, params, method=self.method, k=self.k, tolerance=self.tolerance))
 
 
@@ -243,6 +244,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "k": args.k,
         "sampled_temperature": SAMPLED_TEMPERATURE,
         "cost_table": costs,
+        # times a runtime measured its window costs again after the machine's speed drifted (per runtime)
+        "cost_refreshes": {c.label: c.runtime.cost_refreshes for c in configs if c.runtime},
         "memory_bytes": {
             f"target {runtime.target.name} weights": runtime.target.memory_bytes(),
             f"draft {runtime.draft.name} weights": runtime.draft.memory_bytes(),

@@ -53,8 +53,9 @@ class SharedAcceptance:
     `AdaptiveK.observe_target_confidence`), which the target reports for free with every window: text the
     target itself finds unpredictable is text a draft guesses badly (sampled random words: confidence 0.4-0.5,
     acceptance 0.25-0.45; code: 0.9 and 0.8), and a request on such text should not pay a draft's prompt
-    prefill because the requests before it were code. A tenth nobody has drafted in yet starts at its own
-    confidence, which measured acceptance stayed near or below (greedy and sampled, every prompt kind)."""
+    prefill because the requests before it were code. A tenth nobody has drafted in yet starts at the
+    square of its confidence: what acceptance measured over whole replies (per prompt, k = 4: code, edits,
+    prose, random words, greedy and sampled) ran close to; the confidence itself was too hopeful for prose."""
 
     weight_per_trial: float = 0.02  # ~50 recent draft positions make up an estimate
     prior: float = 0.7  # for requests whose target confidence is unknown
@@ -79,7 +80,7 @@ class SharedAcceptance:
         if confidence is None:
             return self._estimates.setdefault((greedy, None), [self.prior, 1 / self.weight_per_trial])
         tenth = min(int(confidence * _CONFIDENCE_BUCKETS), _CONFIDENCE_BUCKETS - 1)
-        prior = (tenth + 0.5) / _CONFIDENCE_BUCKETS
+        prior = ((tenth + 0.5) / _CONFIDENCE_BUCKETS) ** 2
         return self._estimates.setdefault((greedy, tenth), [prior, self.prior_trials])
 
 
@@ -103,6 +104,17 @@ class MachineSpeed:
         weight = 1.0 if self.observations == 1 else _EMA
         # geometric: one stall of a busy machine moves the factor by a bounded ratio, not by its length
         self.factor *= (measured_s / calibrated_s / self.factor) ** weight
+
+    def drifted(self) -> bool:
+        """Whether the machine runs 25% off the calibration: not a stall but another phase of a shared
+        machine, in which bigger and smaller windows no longer cost what they did relative to each other
+        (int8 target here: 1 token 42 ms, 9 tokens 57 in one phase; 29 and 59 in the next). Time to measure
+        the costs again (`Runtime.refresh_costs`)."""
+        return self.observations > 1 and not 0.8 <= self.factor <= 1.25
+
+    def recalibrated(self) -> None:
+        """The cost tables were just measured again: they are now's speed."""
+        self.factor, self.observations = 1.0, 1
 
 
 @dataclass

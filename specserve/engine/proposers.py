@@ -121,9 +121,12 @@ class DraftModelProposer:
         return context[common:]
 
     def evaluate(self, context: list[int], then: list[int]) -> np.ndarray:
-        """Bring the draft's cache to `context` followed by `then` (tokens someone else proposed); the logits
-        of every evaluated row, the last len(then) + 1 of them predicting each of `then` and the token after."""
-        rows = self.backend.eval([*self._sync(context), *then], all_logits=True)
+        """Bring the draft's cache to `context` followed by `then` (tokens someone else proposed); return
+        len(then) + 1 rows of logits, predicting each of `then` and the token after."""
+        pending = self._sync(context)
+        if len(pending) > 1:  # a catch-up (a prompt): no logits, the LM head on every row cost twice its pass
+            self.backend.eval(pending[:-1], all_logits=False)
+        rows = self.backend.eval([pending[-1], *then], all_logits=True)
         self._cached.extend(then)
         return rows
 
@@ -232,7 +235,7 @@ class CascadeProposer:
         if k <= 0 or not guess:
             return self.draft.propose(context, k, params, rng, with_probs)
         draft = self.draft
-        rows = draft.evaluate(context, guess)[-(len(guess) + 1) :]
+        rows = draft.evaluate(context, guess)
         verdict = verify(rows, guess, [None] * len(guess), params, rng)
         tokens = [*guess[: verdict.accepted], verdict.next_token][:k]
         if params.greedy:

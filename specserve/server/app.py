@@ -76,7 +76,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        scheduler = Scheduler(metrics, max_batch=max_batch, max_queue=max_queue)
+        def refresh_costs() -> None:  # on the scheduler thread, between steps
+            if state["runtime"] is not None:
+                state["runtime"].refresh_costs()
+
+        scheduler = Scheduler(metrics, max_batch=max_batch, max_queue=max_queue, between_steps=refresh_costs)
         state["scheduler"] = scheduler
         if state["runtime"] is None:
             threading.Thread(target=load, name="specserve-load", daemon=True).start()

@@ -13,6 +13,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -42,8 +43,17 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, metrics: Metrics, max_batch: int = 8, max_queue: int = 64):
+    def __init__(
+        self,
+        metrics: Metrics,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        between_steps: Callable[[], object] | None = None,
+    ):
+        """`between_steps`: called on the scheduler thread after every step (the runtime's cost refresh,
+        which needs the models while no step runs)."""
         self.metrics, self.max_batch, self.max_queue = metrics, max_batch, max_queue
+        self.between_steps = between_steps
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._wake = threading.Condition()
@@ -117,6 +127,11 @@ class Scheduler:
                     job.post(events)
                 if job.generation.done:
                     job.post(None)
+            if self.between_steps is not None:
+                try:
+                    self.between_steps()
+                except Exception:  # housekeeping: the requests go on without it
+                    log.exception("between-steps work failed")
 
     def _account(self, batch: list[Job], prefilling: list[bool], result: Step) -> None:
         t0, t1, t2, t3 = result.times
