@@ -90,6 +90,7 @@ class Runtime:
     def __init__(self, config: RuntimeConfig, show_progress: bool = True, target: Backend | None = None):
         """`target`: an already loaded target backend to share (e.g. the bench comparing drafts)."""
         self.config = config
+        self.cost_refreshes = 0  # times `refresh_costs` measured again
         t0 = time.perf_counter()
         if config.verifiers:
             self._init_remote(show_progress)
@@ -111,7 +112,6 @@ class Runtime:
         self._draft_prefixes = self._draft_prefix_cache()
         self._adaptive_templates, self.batch_costs = self._calibrate()
         self._costs_measured_at = time.monotonic()
-        self.cost_refreshes = 0  # times `refresh_costs` measured again
         self.load_s = time.perf_counter() - t0
 
     def _init_remote(self, show_progress: bool) -> None:
@@ -186,7 +186,8 @@ class Runtime:
         """Measure the window costs adaptive k plans with again when the machine's speed has drifted from
         them (`MachineSpeed.drifted`), at most every COST_REFRESH_MIN_S: the issue's "cost table, measured at
         start-up and refreshed". Call it between steps, from the thread that runs them (it uses the models).
-        Requests already running keep their draft costs until they end; the verify table is shared."""
+        Requests already running keep their draft costs until they end; the verify table is shared. Batch
+        plans keep their tables (concurrent rows), which follow their speed factors as before."""
         if self.config.verifiers or time.monotonic() - self._costs_measured_at < COST_REFRESH_MIN_S:
             return False  # a remote verifier measures its own costs
         templates = self._adaptive_templates
