@@ -325,3 +325,4 @@ def test_a_runtime_whose_speed_drifted_measures_its_costs_again(runtime):
     drafted = runtime.generate(ids, params, method="draft", k="auto")
     list(drafted)
     assert drafted.tokens == plain.tokens
+    assert 0.0 < drafted.adaptive.target_confidence <= 1.0  # every verdict reported the target's confidence

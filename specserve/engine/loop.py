@@ -240,13 +240,15 @@ class Generation:
 
     def open_window(self, proposal: Proposal) -> Window:
         """Phase 2: what the target pass appends and verifies for this generation."""
+        adaptive = self.adaptive is not None  # only adaptive k reads the target's confidence
         if self._prefilled < len(self.prompt):
             chunk = self.prompt[self._prefilled : self._prefilled + PREFILL_CHUNK]
             last = self._prefilled + len(chunk) == len(self.prompt)
-            return Window(chunk, [], [], last, self.params, self._rng)
+            return Window(chunk, [], [], last, self.params, self._rng, with_confidence=adaptive)
         self._proposal = proposal
         delta = self.tolerance.delta if isinstance(self.tolerance, ToleranceController) else self.tolerance
-        return Window([self.context[-1]], proposal.tokens, proposal.probs, True, self.params, self._rng, delta)
+        drafts, probs = proposal.tokens, proposal.probs
+        return Window([self.context[-1]], drafts, probs, True, self.params, self._rng, delta, adaptive)
 
     def close_window(self, verdict: Verdict | None, draft_s: float, verify_s: float, batched: bool) -> list[Emitted]:
         """Phase 3: take the target's verdict on the window, emit. Times are the step's; in a batch they are

@@ -33,6 +33,7 @@ class Window:
     params: SamplingParams
     rng: np.random.Generator
     tolerance: float | None = None  # lossy opt-in: verify with this delta instead of exactly (engine/verify.py)
+    with_confidence: bool = True  # report `Verdict.confidence` (adaptive k reads it; plain decoding skips its cost)
 
 
 class TargetSession(Protocol):
@@ -103,5 +104,7 @@ def target_pass(sessions: list[LocalTarget], windows: list[Window]) -> list[Verd
         else:
             verdict = verify_tolerance(rows, window.drafts, window.probs, window.params, window.tolerance, window.rng)
         session.backend.truncate(kept + verdict.accepted)  # KV rollback of the rejected drafts
-        verdicts.append(replace(verdict, confidence=top_probability(rows[0], window.params)))
+        if window.with_confidence:
+            verdict = replace(verdict, confidence=top_probability(rows[0], window.params))
+        verdicts.append(verdict)
     return verdicts
