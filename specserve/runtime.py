@@ -43,6 +43,7 @@ REMOTE_Q_TOP_K = 64  # a remote draft samples from its top 64 tokens: the sparse
 # this often (it takes ~0.5 s of the models' time, which every running request waits for).
 COST_REFRESH_MIN_S = 30.0
 _REFRESH_VERIFY_SIZES = (1, 2, 3, 5, K_MAX + 1)  # interpolated between (a full table takes twice as long)
+_DRAFT_PASS_ROWS = (1, 2, 32)  # draft passes measured: a drafted token, a window's first pass, a catch-up
 _CALIBRATION_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
 
 
@@ -149,12 +150,13 @@ class Runtime:
         verify = dict(verify)  # one table for the runtime's controllers, which refine it (not the caller's)
 
         def template(draft: dict[int, float]) -> AdaptiveK:
+            draft_cost, draft_first, catch_up = _draft_costs(draft)
             return AdaptiveK(
                 k_max,
                 verify_cost_s=verify,
-                draft_cost_s=draft.get(1, 0.0),
-                draft_first_s=draft.get(2),
-                catch_up_s=draft[32] / 32 if draft else 0.0,  # per token (a prompt, or tokens decoded at k = 0)
+                draft_cost_s=draft_cost,
+                draft_first_s=draft_first,
+                catch_up_s=catch_up,
                 shared=SharedAcceptance(),
                 verify_speed=verify_speed,
                 draft_speed=MachineSpeed(),  # per method: a cascade's draft passes differ from the draft's
@@ -162,7 +164,7 @@ class Runtime:
 
         templates = {"ngram": template({})}
         if self.draft is not None:
-            draft = window_seconds(self.draft, context, (1, 2, 32), repeats=3)
+            draft = window_seconds(self.draft, context, _DRAFT_PASS_ROWS, repeats=3)
             templates["draft"], templates["cascade"] = template(draft), template(draft)
         return templates
 
@@ -201,11 +203,11 @@ class Runtime:
         anchor.verify_cost_s.update(verify)
         anchor.verify_speed.recalibrated()
         if drafts:
-            draft = window_seconds(self.draft, context, (1, 2, 32), repeats=2)
+            draft = window_seconds(self.draft, context, _DRAFT_PASS_ROWS, repeats=2)
             for template in drafts:
-                template.draft_cost_s, template.draft_first_s = draft[1], draft[2]
-                template.catch_up_s = self.batch_costs.catch_up_s = draft[32] / 32
+                template.draft_cost_s, template.draft_first_s, template.catch_up_s = _draft_costs(draft)
                 template.draft_speed.recalibrated()
+            self.batch_costs.catch_up_s = drafts[0].catch_up_s
         self._costs_measured_at = time.monotonic()
         self.cost_refreshes += 1
         log.info("window costs measured again: %s", {k: round(1000 * v, 1) for k, v in verify.items()})
@@ -276,3 +278,11 @@ class Runtime:
             draft = DraftModelProposer(sequence, cached=prompt_tokens[:reused], q_top_k=q_top_k)
             return CascadeProposer(draft) if method == "cascade" else draft
         return None
+
+
+def _draft_costs(measured: dict[int, float]) -> tuple[float, float | None, float]:
+    """AdaptiveK's draft costs from passes of `_DRAFT_PASS_ROWS` rows (empty: no draft model): a drafted
+    token, a window's first pass, and a catch-up per token (a prompt, or tokens decoded at k = 0)."""
+    if not measured:
+        return 0.0, None, 0.0
+    return measured[1], measured[2], measured[32] / 32
