@@ -108,8 +108,8 @@ class MachineSpeed:
     def drifted(self) -> bool:
         """Whether the machine runs 25% off the calibration: not a stall but another phase of a shared
         machine, in which bigger and smaller windows no longer cost what they did relative to each other
-        (int8 target here: 1 token 42 ms, 9 tokens 57 in one phase; 29 and 59 in the next). Time to measure
-        the costs again (`Runtime.refresh_costs`)."""
+        (int8 target in the bench's cost tables: 1 token 41-45 ms and 8 tokens 1.2-1.3x that in one phase;
+        30 ms and 1.7x in the next). Time to measure the costs again (`Runtime.refresh_costs`)."""
         return self.observations > 1 and not 0.8 <= self.factor <= 1.25
 
     def recalibrated(self) -> None:
