@@ -5,10 +5,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 CACHE := $(or $(SPECSERVE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/specserve)
-WHEELS := $(CACHE)/wheels
 LLAMA_VERSION := 0.3.36
+# The wheel is built for this CPU (without llama.cpp's crashing AMX kernels, see specserve/hardware.py) and
+# cached under a key of version, build flags and ISA flags: a cache from another CPU is never reused.
+LLAMA_CMAKE_ARGS := $(shell $(PYTHON) -m specserve.hardware llama-cmake-args)
+LLAMA_KEY := $(shell $(PYTHON) -m specserve.hardware llama-key $(LLAMA_VERSION))
+WHEELS := $(CACHE)/wheels/llama-cpp-python-$(LLAMA_KEY)
 LLAMA_WHEEL_GLOB := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-$(LLAMA_KEY)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -21,11 +25,15 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel
 	@if ! ls $(LLAMA_WHEEL_GLOB) >/dev/null 2>&1; then \
-		echo "building llama-cpp-python $(LLAMA_VERSION) from source (takes ~6 min on 2 cores; cached in $(WHEELS))"; \
-		$(PY) -m pip wheel --no-deps --progress-bar on -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
+		echo "building llama-cpp-python $(LLAMA_VERSION) for this CPU (~6-10 min on 2 cores; cached in $(WHEELS))"; \
+		echo "CMAKE_ARGS: $(or $(LLAMA_CMAKE_ARGS),(native build))"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --no-cache-dir --no-deps --progress-bar on \
+			-w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
 	fi
+	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEEL_GLOB)
 	$(PY) -m pip install --quiet --find-links $(WHEELS) -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
+	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
 models: setup

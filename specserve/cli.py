@@ -59,8 +59,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help=f"draft model: name, GGUF path, quantized:Q (the registry's draft {DEFAULT_DRAFT} requantized, "
         f"BODY/HEAD types), self:Q (the target requantized), NAME@Q, none (default {DEFAULT_DRAFT_SPEC})",
     )
-    p.add_argument("--target-backend", choices=BACKENDS, default=DEFAULT_TARGET_BACKEND)
-    p.add_argument("--draft-backend", choices=BACKENDS, default=DEFAULT_DRAFT_BACKEND)
+    backends = ("auto", *BACKENDS)
+    p.add_argument(
+        "--target-backend",
+        choices=backends,
+        default=DEFAULT_TARGET_BACKEND,
+        help="auto (default): the fastest exact one measured on this machine (`specserve info`)",
+    )
+    p.add_argument("--draft-backend", choices=backends, default=DEFAULT_DRAFT_BACKEND, help="auto (default) or one")
     p.add_argument("--n-ctx", type=int, default=4096, help="context window in tokens")
 
 
@@ -117,10 +123,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specserve.bench.run import run_bench
 
     if args.wan is not None:
-        from specserve.bench.run import default_prompts_path, load_prompts
+        from specserve.bench.run import load_prompts, prompt_files
         from specserve.bench.wan import run_wan_bench
 
-        prompts = load_prompts(Path(args.prompts) if args.prompts else default_prompts_path(), args.limit)
+        prompts = load_prompts(prompt_files(args.prompts), args.limit)
         return run_wan_bench(args, prompts)
     return run_bench(args)
 
@@ -202,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark target-only vs speculative, side by side")
     bench.add_argument(
-        "--prompts", default=None, help="public (../shared/prompts), project (ours) or JSONL files, comma-separated"
+        "--prompts", default=None, help="project (default: the set in the package), public (../shared) or JSONL files"
     )
     bench.add_argument("--table", choices=("default", "seed"), default="default", help="seed: the seed paper's rows")
     bench.add_argument(
@@ -243,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--methods", default="draft,none", help="speculation methods to compare")
     load.add_argument("--rounds", type=positive_int, default=3, help="requests each client streams in turn")
     load.add_argument("--max-tokens", type=positive_int, default=64)
-    load.add_argument("--prompts", default=None, help="JSONL with {kind, prompt} (default: ../shared/prompts)")
+    load.add_argument("--prompts", default=None, help="project (default), public or JSONL files of {kind, prompt}")
     load.add_argument("--out", default="bench-out/loadtest.json", help="JSON report; the PNG goes beside it")
     load.set_defaults(func=cmd_loadtest)
 

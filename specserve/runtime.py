@@ -10,6 +10,7 @@ from pathlib import Path
 from specserve import SpecserveError
 from specserve.backends.base import Backend
 from specserve.backends.calibrate import batch_seconds, window_seconds
+from specserve.backends.choose import Choice, Measured, choose, exact_window_sizes
 from specserve.cache.prefix import PrefixCache
 from specserve.engine.adaptive import AdaptiveK, BatchCosts, MachineSpeed, SharedAcceptance
 from specserve.engine.loop import PREFILL_CHUNK, Generation
@@ -22,18 +23,13 @@ from specserve.models.registry import DEFAULT_TARGET
 from specserve.models.tokenizer import Tokenizer, check_compatible
 
 log = logging.getLogger("specserve.runtime")
-BACKENDS = ("torch-int8", "llama.cpp")
+BACKENDS = ("torch-q4", "torch-int8", "torch-int8-onednn", "llama.cpp")
 DRAFT_METHODS = ("draft", "cascade", "ngram", "none")
 MODEL_METHODS = ("draft", "cascade")  # methods that need the draft model
-# Chosen by measurement on this 2-core CPU (see the cost table of `specserve bench`): int8 verification
-# costs little more for k+1 tokens than for one, so the target runs on torch int8. The draft decodes one
-# token at a time, where llama.cpp is fastest, and faster still with the 0.5B requantized to Q4_0 with its
-# LM head at Q4_0 too: 9.7 ms per draft token against 15 for the int8 draft and 16 for Q4_K_M, with the
-# same agreement with the target (0.85 vs 0.86). On code this took the seed table from 1.03x to 1.33x
-# of plain llama.cpp.
-DEFAULT_TARGET_BACKEND = "torch-int8"
+# `auto`: chosen per machine by measurement (backends/choose.py), among BACKENDS.
+DEFAULT_TARGET_BACKEND = "auto"
 DEFAULT_DRAFT_SPEC = "quantized:Q4_0/Q4_0"  # models/quantize.py: the registry's draft, requantized on first use
-DEFAULT_DRAFT_BACKEND = "llama.cpp"
+DEFAULT_DRAFT_BACKEND = "auto"
 DEFAULT_K: int | str = "auto"  # adaptive draft length (engine/adaptive.py); an int fixes it
 K_MAX = 8
 REMOTE_K_MAX = 16  # with a network round trip per window, longer windows pay (adaptive k decides)
@@ -42,12 +38,12 @@ REMOTE_Q_TOP_K = 64  # a remote draft samples from its top 64 tokens: the sparse
 # `MachineSpeed.drifted`). A runtime whose measured speed drifts that far measures its costs again, at most
 # this often (it takes ~0.5 s of the models' time, which every running request waits for).
 COST_REFRESH_MIN_S = 30.0
-_REFRESH_VERIFY_SIZES = (1, 2, 3, 5, K_MAX + 1)  # interpolated between (a full table takes twice as long)
 _DRAFT_PASS_ROWS = (1, 2, 32)  # draft passes measured: a drafted token, a window's first pass, a catch-up
 _CALIBRATION_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
 
 
 def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True) -> Backend:
+    """A backend by name (not `auto`: `Runtime` resolves that, see backends/choose.py)."""
     if kind == "llama.cpp":
         from specserve.backends.llamacpp import LlamaCppBackend
 
@@ -56,6 +52,14 @@ def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True) 
         from specserve.backends.torch_int8 import TorchInt8Backend
 
         return TorchInt8Backend(path, n_ctx=n_ctx, show_progress=show_progress)
+    if kind == "torch-int8-onednn":
+        from specserve.backends.torch_int8 import TorchInt8OnednnBackend
+
+        return TorchInt8OnednnBackend(path, n_ctx=n_ctx, show_progress=show_progress)
+    if kind == "torch-q4":
+        from specserve.backends.torch_q4 import TorchQ4Backend
+
+        return TorchQ4Backend(path, n_ctx=n_ctx, show_progress=show_progress)
     raise SpecserveError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -103,17 +107,46 @@ class Runtime:
         if config.draft:
             draft_path = resolve_draft_spec(config.draft, config.target, show_progress)
             check_compatible(self.tokenizer, Tokenizer(draft_path))
-        self.target = target or load_backend(config.target_backend, target_path, config.n_ctx, show_progress)
-        self.target_name = target_path.name
+        self.choice: Choice | None = None  # what `auto` measured and picked (`specserve info`, the bench JSON)
+        if (target is None and config.target_backend == "auto") or (draft_path and config.draft_backend == "auto"):
+            self.choice = choose(target_path, draft_path, K_MAX, show_progress)
+        if target is None:
+            kind, path = self._resolve("target", config.target_backend, target_path)
+            target = load_backend(kind, path, config.n_ctx, show_progress)
+        self.target = target
+        self.target_name = self.target.model_path.name
+        # Windows of up to this many rows are exact on the target (None: any size, by construction).
+        self.exact_window = None if self.target.batch_invariant else self._exact_window()
+        self.k_max = K_MAX if self.exact_window is None else max(0, min(K_MAX, self.exact_window - 1))
         self.draft = None
         if draft_path:
-            self.draft = load_backend(config.draft_backend, draft_path, config.n_ctx, show_progress)
+            kind, path = self._resolve("draft", config.draft_backend, draft_path)
+            self.draft = load_backend(kind, path, config.n_ctx, show_progress)
         self.methods = ["none", "ngram"] + (list(MODEL_METHODS) if self.draft is not None else [])
         self._target_prefixes = PrefixCache(align=PREFILL_CHUNK)  # exact reuse: whole prefill chunks only
         self._draft_prefixes = self._draft_prefix_cache()
         self._adaptive_templates, self.batch_costs = self._calibrate()
         self._costs_measured_at = time.monotonic()
         self.load_s = time.perf_counter() - t0
+
+    def _resolve(self, role: str, kind: str, path: Path) -> tuple[str, Path]:
+        """The backend and file for `role` ("target" or "draft"): as configured, or what `auto` picked."""
+        if kind != "auto":
+            return kind, path
+        measured = self.choice.target if role == "target" else self.choice.draft
+        if measured is None:
+            tried = "; ".join(f"{m.label}: {m.error}" for m in getattr(self.choice, f"{role}s"))
+            raise SpecserveError(f"no {role} backend runs on this machine ({tried})")
+        return measured.backend, Path(measured.model)
+
+    def _exact_window(self) -> int:
+        """The largest window size up to which the target's windows are bitwise one-token steps: as `auto`
+        measured it for this backend and file, else measured now."""
+        chosen = self.choice.target if self.choice else None
+        if chosen and chosen.backend == self.target.name and Path(chosen.model) == self.target.model_path:
+            return chosen.exact_windows()
+        sizes = exact_window_sizes(self.target, self.tokenizer, tuple(range(1, K_MAX + 2)))
+        return Measured(self.target.name, str(self.target.model_path), exact=sizes).exact_windows()
 
     def _init_remote(self, show_progress: bool) -> None:
         """Front-end of remote verifiers (specserve/cluster): the draft and tokenizer here, the target there."""
@@ -126,15 +159,20 @@ class Runtime:
         self.target = VerifierPool(list(config.verifiers), self.tokenizer.digest, options)
         self.tokenizer.chat_template = self.target.chat_template or self.tokenizer.chat_template  # the target's
         self.target_name = self.target.model_name
+        self.choice, self.exact_window = None, None  # the verifiers send only window sizes that are exact there
         self.draft = None
-        if config.draft:
-            self.draft = load_backend(config.draft_backend, self.tokenizer.path, config.n_ctx, show_progress)
+        if local:
+            if config.draft_backend == "auto":
+                self.choice = choose(None, local, K_MAX, show_progress)
+            kind, path = self._resolve("draft", config.draft_backend, local)
+            self.draft = load_backend(kind, path, config.n_ctx, show_progress)
         self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
         # KV lives on the verifiers: no local prefix reuse, and batches are formed there, not planned here.
         self._target_prefixes, self.batch_costs = None, None
         self._draft_prefixes = self._draft_prefix_cache()
         verify = self.target.window_cost_s  # measured by the verifier at start-up
-        self._adaptive_templates = self._templates(REMOTE_K_MAX, verify, self.tokenizer.encode(_CALIBRATION_TEXT))
+        self.k_max = min(REMOTE_K_MAX, max(verify) - 1)
+        self._adaptive_templates = self._templates(self.k_max, verify, self.tokenizer.encode(_CALIBRATION_TEXT))
 
     def _draft_prefix_cache(self) -> PrefixCache | None:
         """Recent draft sequences to copy prompt prefixes from, when the draft backend can copy them (else
@@ -172,13 +210,13 @@ class Runtime:
         """Seed adaptive k with this machine's costs: every verify window size and a draft step for one
         sequence, and passes of many rows for batches of concurrent sequences."""
         context = self.tokenizer.encode(_CALIBRATION_TEXT)
-        verify = window_seconds(self.target, context, tuple(range(1, K_MAX + 2)), repeats=3)
-        templates = self._templates(K_MAX, verify, context)
-        rows = (1, 2, 4, 8, 16, 32, 64, 128)
-        costs = BatchCosts(batch_seconds(self.target, context, rows, window=K_MAX + 1))
+        verify = window_seconds(self.target, context, tuple(range(1, self.k_max + 2)), repeats=3)
+        templates = self._templates(self.k_max, verify, context)
+        rows = (1, 2, 4, 8, 16, 32, 64)  # beyond: extrapolated (engine/adaptive.py)
+        costs = BatchCosts(batch_seconds(self.target, context, rows, window=self.k_max + 1))
         if self.draft is not None:
             # llama.cpp runs a batch's sequences one after another: two points give its (linear) cost
-            draft_rows = rows[:2] if self.draft.name == "llama.cpp" else rows[:6]
+            draft_rows = rows[:6] if self.draft.batch_invariant else rows[:2]
             costs.draft_s = batch_seconds(self.draft, context, draft_rows, window=1)
             costs.catch_up_s = templates["draft"].catch_up_s
             costs.draft_speed = templates["draft"].draft_speed  # kept up to date by single requests
@@ -198,7 +236,7 @@ class Runtime:
         if not anchor.verify_speed.drifted() and not any(t.draft_speed.drifted() for t in drafts):
             return False
         context = self.tokenizer.encode(_CALIBRATION_TEXT)
-        verify = window_seconds(self.target, context, _REFRESH_VERIFY_SIZES, repeats=2)
+        verify = window_seconds(self.target, context, tuple(range(1, self.k_max + 2)), repeats=2)
         anchor.verify_cost_s.clear()
         anchor.verify_cost_s.update(verify)
         anchor.verify_speed.recalibrated()
@@ -223,6 +261,11 @@ class Runtime:
             adaptive = self._adaptive_templates[method].fresh(greedy)
             adaptive.round_trip_s = getattr(self.target, "round_trip_s", 0.0)  # remote verifiers: network time
             return adaptive
+        if self.exact_window is not None and int(k) >= self.exact_window:
+            log.info(
+                "k=%s capped at %d: longer windows are not exact on %s", k, self.exact_window - 1, self.target.name
+            )
+            return self.exact_window - 1
         return int(k)
 
     def encode_prompt(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:

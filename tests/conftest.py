@@ -5,23 +5,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_PROMPTS = ROOT.parent / "shared" / "prompts" / "public.jsonl"
+PROJECT_PROMPTS = ROOT / "specserve" / "bench" / "prompts.jsonl"  # ships with the project: no ../shared needed
 
 
-def load_public_prompts() -> list[dict]:
-    if not SHARED_PROMPTS.is_file():
-        pytest.fail(f"public prompt set not found at {SHARED_PROMPTS} (shared/ must sit beside the project)")
-    return [json.loads(line) for line in SHARED_PROMPTS.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="session")
-def public_prompts() -> list[dict]:
-    return load_public_prompts()
+def project_prompts(per_kind: int | None = None) -> list[dict]:
+    """The project's prompt set (code, prose, random words, code edits), the first `per_kind` of each kind."""
+    prompts = [json.loads(line) for line in PROJECT_PROMPTS.read_text().splitlines() if line.strip()]
+    if per_kind is None:
+        return prompts
+    kept: dict[str, list[dict]] = {}
+    for prompt in prompts:
+        kept.setdefault(prompt["kind"], [])
+        if len(kept[prompt["kind"]]) < per_kind:
+            kept[prompt["kind"]].append(prompt)
+    return [p for group in kept.values() for p in group]
 
 
 @pytest.fixture(scope="session")
 def runtime():
-    """The default pair on the default backends (int8 target and draft)."""
+    """The default pair on the default backends (`auto`: what this machine measured fastest)."""
     from specserve.runtime import Runtime, RuntimeConfig
 
     return Runtime(RuntimeConfig(), show_progress=False)

@@ -1,4 +1,4 @@
-"""Backends: KV rollback is exact, and int8 windows compute exactly what one-token steps compute."""
+"""Backends: KV rollback is exact, and the torch backends' windows compute exactly what one-token steps do."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,16 @@ pytestmark = pytest.mark.models
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 WINDOW = [262, 470, 15801, 1445, 77, 12, 16, 8]  # arbitrary tokens: rollback must not care what they are
+
+
+@pytest.fixture(scope="module", params=["torch-q4", "torch-int8"])
+def torch_backend(request, runtime):
+    """A batch-invariant backend on the draft model (small, so each loads in seconds once cached)."""
+    from specserve.runtime import load_backend
+
+    if runtime.draft.name == request.param:
+        return runtime.draft
+    return load_backend(request.param, runtime.draft.model_path, n_ctx=1024, show_progress=False)
 
 
 def _rollback_vs_fresh(backend, prompt_ids):
@@ -22,29 +32,64 @@ def _rollback_vs_fresh(backend, prompt_ids):
     return after_rollback, fresh
 
 
-def test_int8_rollback_equals_fresh_sequence_bitwise(runtime):
-    ids = runtime.tokenizer.encode(PROMPT)
-    after_rollback, fresh = _rollback_vs_fresh(runtime.target, ids)
+def test_rollback_equals_fresh_sequence_bitwise(torch_backend, runtime):
+    after_rollback, fresh = _rollback_vs_fresh(torch_backend, runtime.tokenizer.encode(PROMPT))
     assert np.array_equal(after_rollback, fresh)
 
 
-def test_int8_window_logits_are_bitwise_equal_to_one_token_steps(runtime):
-    target = runtime.target
-    ids = runtime.tokenizer.encode(PROMPT)
-    target.reset()
-    target.eval(ids, all_logits=False)
-    base = target.n_past
-    window = target.eval(WINDOW)
-    target.truncate(base)
-    steps = np.stack([target.eval([t])[0] for t in WINDOW])
+def test_window_logits_are_bitwise_equal_to_one_token_steps(torch_backend, runtime):
+    backend = torch_backend
+    assert backend.batch_invariant
+    backend.reset()
+    backend.eval(runtime.tokenizer.encode(PROMPT), all_logits=False)
+    base = backend.n_past
+    window = backend.eval(WINDOW)
+    backend.truncate(base)
+    steps = np.stack([backend.eval([t])[0] for t in WINDOW])
     mismatch = np.flatnonzero(~(window == steps).all(axis=1))
     assert mismatch.size == 0, f"rows {mismatch.tolist()} differ, max |diff| {np.abs(window - steps).max()}"
 
 
+def test_batched_sequences_equal_each_sequence_alone_bitwise(torch_backend, runtime):
+    """Concurrent requests share one forward pass: a prefill, a window and a one-token step of three
+    sequences in one call give exactly the logits each would get alone."""
+    backend = torch_backend
+    prompts = [runtime.tokenizer.encode(p) for p in (PROMPT, "import numpy as np\n", "# Sort a list\n" * 3)]
+    seqs = [backend.new_sequence() for _ in prompts]
+    for seq, ids in zip(seqs[:2], prompts[:2], strict=True):
+        seq.eval(ids, all_logits=False)
+    work = [(seqs[0], WINDOW, True), (seqs[1], [WINDOW[0]], True), (seqs[2], prompts[2], False)]
+    batched = backend.eval_batch(work)
+    for (seq, tokens, all_logits), together in zip(work, batched, strict=True):
+        alone_seq = backend.new_sequence()
+        history = prompts[seqs.index(seq)]
+        if tokens is not history:
+            alone_seq.eval(history, all_logits=False)
+        alone = alone_seq.eval(tokens, all_logits)
+        assert together.shape == alone.shape
+        assert np.array_equal(together, alone)
+
+
+def test_q4_target_agrees_with_llamacpp_on_the_same_weights(runtime):
+    """torch-q4 runs the Q4_0 requantization llama.cpp would run: the same model, so its greedy choices on
+    real text agree with llama.cpp's on that file (they differ only in rounding order)."""
+    from specserve import kernels
+    from specserve.backends.llamacpp import LlamaCppBackend
+    from specserve.backends.torch_q4 import q4_source
+    from specserve.runtime import load_backend
+
+    q4 = load_backend("torch-q4", runtime.draft.model_path, n_ctx=512, show_progress=False)
+    source = q4_source(runtime.draft.model_path, kernels.ops().tile_width())
+    llama = LlamaCppBackend(source, n_ctx=512)
+    ids = runtime.tokenizer.encode(PROMPT + "\n\ndef factorial(n):\n    if n == 0:\n        return 1\n")
+    ours, theirs = q4.eval(ids), llama.eval(ids)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+    assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()
+
+
 def test_llamacpp_rollback_leaves_no_trace_of_rejected_tokens(target_path, runtime):
-    """llama.cpp rounds differently by batch shape (logits move by ~0.5 between a 3- and an 8-token batch
-    here), so compare like shapes: the same window with different rejected tokens must give identical
-    logits after rollback."""
+    """llama.cpp rounds differently by batch shape, so compare like shapes: the same window with different
+    rejected tokens must give identical logits after rollback."""
     from specserve.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(target_path, n_ctx=512)
@@ -66,26 +111,6 @@ def test_context_overflow_is_an_error(runtime):
     runtime.target.reset()
     with pytest.raises(ContextOverflowError):
         runtime.target.eval([198] * (runtime.target.n_ctx + 1), all_logits=False)
-
-
-def test_int8_batched_sequences_equal_each_sequence_alone_bitwise(runtime):
-    """Concurrent requests share one forward pass: a prefill, a window and a one-token step of three
-    sequences in one call give exactly the logits each would get alone."""
-    target = runtime.target
-    prompts = [runtime.tokenizer.encode(p) for p in (PROMPT, "import numpy as np\n", "# Sort a list\n" * 3)]
-    seqs = [target.new_sequence() for _ in prompts]
-    for seq, ids in zip(seqs[:2], prompts[:2], strict=True):
-        seq.eval(ids, all_logits=False)
-    work = [(seqs[0], WINDOW, True), (seqs[1], [WINDOW[0]], True), (seqs[2], prompts[2], False)]
-    batched = target.eval_batch(work)
-    for (seq, tokens, all_logits), together in zip(work, batched, strict=True):
-        alone_seq = target.new_sequence()
-        history = prompts[seqs.index(seq)]
-        if tokens is not history:
-            alone_seq.eval(history, all_logits=False)
-        alone = alone_seq.eval(tokens, all_logits)
-        assert together.shape == alone.shape
-        assert np.array_equal(together, alone)
 
 
 def test_llamacpp_sequences_are_independent(target_path, runtime):

@@ -8,6 +8,7 @@ sequences of one model in one pass (how concurrent requests share a forward pass
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +20,10 @@ class Backend(Protocol):
     n_ctx: int
     weights: object  # the model this sequence runs on, shared by all its sequences
     copies_prefix: bool  # whether `copy_prefix` can copy anything (else remembering sequences only pins memory)
+    # Whether every row's logits are independent of the other rows of its pass, by construction (else which
+    # window sizes are exact is measured: backends/choose.py)
+    batch_invariant: bool
+    model_path: Path  # the file this backend runs
 
     @property
     def n_past(self) -> int:

@@ -27,6 +27,7 @@ class LlamaCppBackend:
 
     name = "llama.cpp"
     copies_prefix = False  # contexts do not share KV memory
+    batch_invariant = False  # kernels switch with the row count; which windows stay exact is measured
 
     def __init__(
         self,
@@ -34,8 +35,11 @@ class LlamaCppBackend:
         n_ctx: int = 4096,
         n_threads: int | None = None,
         n_batch: int = 512,
+        flash_attn: bool = True,
         _llama: llama_cpp.Llama | None = None,
     ):
+        """`flash_attn`: llama.cpp's fused attention, which computes each row alike whatever the window
+        (without it, a 2-row window already rounds differently from two 1-row steps, see choose.py)."""
         threads = n_threads or os.cpu_count() or 1
         try:
             with quiet_stderr():
@@ -47,6 +51,7 @@ class LlamaCppBackend:
                         n_ubatch=n_batch,
                         n_threads=threads,
                         n_threads_batch=threads,
+                        flash_attn=flash_attn,
                         verbose=False,
                     )
                     self._ctx = self._llama._ctx

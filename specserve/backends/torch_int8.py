@@ -18,10 +18,9 @@ channel and cached in the specserve cache dir, so only the first load pays for d
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -30,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from specserve.backends.base import ContextOverflowError
-from specserve.models.fetch import ModelError, cache_dir
+from specserve.backends.qwen2 import Layer, Qwen2Backend, Qwen2Config, Qwen2Model, read_config
+from specserve.models.fetch import cache_dir
 
 # Activations are quantized to 8 bits (FBGEMM u8), so weights keep to 7 bits: AVX2's vpmaddubsw adds two
 # u8*s8 products into a saturating int16, and 255*63*2 < 32767 keeps it exact.
 _WEIGHT_QMAX = 63
-_WINDOW_ROWWISE_MAX = 32  # windows up to this size use the row-by-row (batch-invariant) attention
 _CACHE_FORMAT = 2
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor, torch.quantize_per_channel.*")
@@ -51,7 +49,7 @@ class Int8Linear:
         qtensor = torch._make_per_channel_quantized_tensor(
             padded, scale.double(), torch.zeros(n_out, dtype=torch.long), 0
         )
-        self._packed = torch.ops.quantized.linear_prepack(qtensor, None)
+        self._packed = torch.ops.quantized.linear_prepack(qtensor, None)  # for torch's current int8 engine
         self.bias = bias
         self.nbytes = qweight.numel() + scale.numel() * 4
         self._sentinels = torch.tensor([[1.0, -1.0]]).expand(4096, 2).contiguous()
@@ -73,43 +71,6 @@ class Int8Linear:
         return y
 
 
-@dataclass
-class Qwen2Config:
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    rms_eps: float
-    rope_theta: float
-    n_vocab: int
-    n_ctx_train: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-
-def _read_config(reader: gguf.GGUFReader) -> Qwen2Config:
-    def field(key: str):
-        if key not in reader.fields:
-            raise ModelError(f"GGUF metadata lacks {key}")
-        return reader.fields[key].contents()
-
-    arch = field("general.architecture")
-    if arch != "qwen2":
-        raise ModelError(f"the torch-int8 backend runs qwen2 models; this file is {arch!r} (use --backend llama.cpp)")
-    return Qwen2Config(
-        n_layers=int(field("qwen2.block_count")),
-        d_model=int(field("qwen2.embedding_length")),
-        n_heads=int(field("qwen2.attention.head_count")),
-        n_kv_heads=int(field("qwen2.attention.head_count_kv")),
-        rms_eps=float(field("qwen2.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(field("qwen2.rope.freq_base")),
-        n_vocab=len(reader.fields["tokenizer.ggml.tokens"].data),
-        n_ctx_train=int(field("qwen2.context_length")),
-    )
-
-
 def _int8_cache_path(model_path: Path) -> Path:
     stat = model_path.stat()
     return cache_dir() / "int8" / f"{model_path.stem}-{stat.st_size}-v{_CACHE_FORMAT}.pt"
@@ -118,7 +79,7 @@ def _int8_cache_path(model_path: Path) -> Path:
 def _convert(model_path: Path, show_progress: bool) -> dict:
     """Dequantize every GGUF tensor, requantize matrices to int8; returns a dict that torch.save can store."""
     reader = gguf.GGUFReader(str(model_path))
-    config = _read_config(reader)
+    config = read_config(reader, "torch-int8")
     tensors = {t.name: t for t in reader.tensors}
 
     def load(name: str) -> torch.Tensor:
@@ -159,162 +120,64 @@ def load_int8_state(model_path: Path, show_progress: bool = True) -> dict:
     return state
 
 
-class _Layer:
-    def __init__(self, state: dict, i: int, config: Qwen2Config):
+def _layers(state: dict, config: Qwen2Config) -> list[Layer]:
+    def fused(parts: list[str], bias: list[str] | None = None) -> Int8Linear:
+        # inputs shared (q, k, v; gate, up): one GEMM, the same per-row activation scale, numerically identical
+        weight = torch.cat([state[name][0] for name in parts])
+        scale = torch.cat([state[name][1] for name in parts])
+        return Int8Linear(weight, scale, torch.cat([state[name] for name in bias]) if bias else None)
+
+    layers = []
+    for i in range(config.n_layers):
         p = f"blk.{i}."
-        # q, k, v share one input: one fused GEMM (same per-row activation scale, so numerically identical).
-        qkv_w = torch.cat([state[p + f"attn_{x}.weight"][0] for x in "qkv"])
-        qkv_s = torch.cat([state[p + f"attn_{x}.weight"][1] for x in "qkv"])
-        qkv_b = torch.cat([state[p + f"attn_{x}.bias"] for x in "qkv"])
-        self.qkv = Int8Linear(qkv_w, qkv_s, qkv_b)
-        self.out = Int8Linear(*state[p + "attn_output.weight"], None)
-        gate_up_w = torch.cat([state[p + "ffn_gate.weight"][0], state[p + "ffn_up.weight"][0]])
-        gate_up_s = torch.cat([state[p + "ffn_gate.weight"][1], state[p + "ffn_up.weight"][1]])
-        self.gate_up = Int8Linear(gate_up_w, gate_up_s, None)
-        self.down = Int8Linear(*state[p + "ffn_down.weight"], None)
-        self.attn_norm = state[p + "attn_norm.weight"].clone()
-        self.ffn_norm = state[p + "ffn_norm.weight"].clone()
-
-    @property
-    def nbytes(self) -> int:
-        return self.qkv.nbytes + self.out.nbytes + self.gate_up.nbytes + self.down.nbytes
-
-
-class _Int8Qwen2:
-    """The weights and the forward pass, shared by every sequence of one model."""
-
-    def __init__(self, model_path: Path, n_ctx: int, show_progress: bool):
-        state = load_int8_state(model_path, show_progress)
-        c = self.config = Qwen2Config(**state["config"])
-        self.n_ctx = min(n_ctx, c.n_ctx_train)
-        self.layers = [_Layer(state, i, c) for i in range(c.n_layers)]
-        embed_q, embed_s = state["token_embd.weight"]
-        self._embed_q, self._embed_s = embed_q.clone(), embed_s.clone()
-        self.head = Int8Linear(*state["output.weight"], None)
-        self.out_norm = state["output_norm.weight"].clone()
-        hd = c.head_dim
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-        angles = torch.outer(torch.arange(self.n_ctx, dtype=torch.float64), inv_freq)
-        self._cos = torch.cos(angles).float().repeat(1, 2)
-        self._sin = torch.sin(angles).float().repeat(1, 2)
-        self._scale = 1.0 / math.sqrt(hd)
-
-    def memory_bytes(self) -> int:
-        embed = self._embed_q.numel() + self._embed_s.numel() * 4
-        return embed + self.head.nbytes + sum(layer.nbytes for layer in self.layers)
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_eps) * weight
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # NEOX-style rotation over halves of the head dimension (what llama.cpp uses for qwen2).
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-    def _attention(self, q: torch.Tensor, cache: _KVCache, layer: int, start: int) -> torch.Tensor:
-        """q: [m, n_heads, hd] at positions start..start+m-1; keys/values are already in the cache."""
-        c = self.config
-        m = q.shape[0]
-        rep = c.n_heads // c.n_kv_heads
-        keys, values = cache.k[layer], cache.v[layer]
-        if m <= _WINDOW_ROWWISE_MAX:
-            # Each row sees exactly the keys it would see as a one-token step: same shapes, same rounding.
-            rows = []
-            for i in range(m):
-                end = start + i + 1
-                qi = q[i].view(c.n_kv_heads, rep, c.head_dim)
-                scores = torch.bmm(qi, keys[:, :end].transpose(1, 2)) * self._scale
-                rows.append(torch.bmm(torch.softmax(scores, dim=-1), values[:, :end]).reshape(-1))
-            return torch.stack(rows)
-        end = start + m
-        qg = q.view(m, c.n_kv_heads, rep, c.head_dim).permute(1, 2, 0, 3)  # [kv, rep, m, hd]
-        mask = torch.ones(m, end, dtype=torch.bool).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(
-            qg, keys[:, None, :end], values[:, None, :end], attn_mask=mask, scale=self._scale
+        layers.append(
+            Layer(
+                qkv=fused([p + f"attn_{x}.weight" for x in "qkv"], [p + f"attn_{x}.bias" for x in "qkv"]),
+                out=fused([p + "attn_output.weight"]),
+                gate_up=fused([p + "ffn_gate.weight", p + "ffn_up.weight"]),
+                down=fused([p + "ffn_down.weight"]),
+                attn_norm=state[p + "attn_norm.weight"].clone(),
+                ffn_norm=state[p + "ffn_norm.weight"].clone(),
+            )
         )
-        return out.permute(2, 0, 1, 3).reshape(m, -1)
-
-    @torch.inference_mode()
-    def forward(self, work: list[tuple[_KVCache, list[int], bool]]) -> list[np.ndarray]:
-        """Append tokens to several sequences at once: every row of every sequence goes through the same
-        GEMMs (per-row quantization keeps each row's result independent of its neighbours); attention runs
-        per sequence against its own cache. Returns per sequence logits for all rows or the last one."""
-        c = self.config
-        spans = []  # (cache, start, row offset, row count)
-        offset = 0
-        for cache, tokens, _ in work:
-            start = cache.n_past
-            if start + len(tokens) > self.n_ctx:
-                raise ContextOverflowError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}")
-            cache.reserve(start + len(tokens))
-            spans.append((cache, start, offset, len(tokens)))
-            offset += len(tokens)
-        ids = torch.tensor([t for _, tokens, _ in work for t in tokens], dtype=torch.long)
-        positions = torch.cat([torch.arange(start, start + m) for _, start, _, m in spans])
-        x = self._embed_q[ids].float() * self._embed_s[ids, None]
-        cos, sin = self._cos[positions, None], self._sin[positions, None]
-        rows = len(ids)
-        n_q, n_kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(self._rms_norm(x, layer.attn_norm))
-            q = self._rope(qkv[:, :n_q].view(rows, c.n_heads, c.head_dim), cos, sin)
-            k = self._rope(qkv[:, n_q : n_q + n_kv].view(rows, c.n_kv_heads, c.head_dim), cos, sin)
-            v = qkv[:, n_q + n_kv :].view(rows, c.n_kv_heads, c.head_dim)
-            attended = []
-            for cache, start, row, m in spans:
-                cache.k[i, :, start : start + m] = k[row : row + m].transpose(0, 1)
-                cache.v[i, :, start : start + m] = v[row : row + m].transpose(0, 1)
-                attended.append(self._attention(q[row : row + m], cache, i, start))
-            x = x + layer.out(torch.cat(attended) if len(attended) > 1 else attended[0])
-            gate, up = layer.gate_up(self._rms_norm(x, layer.ffn_norm)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        keep = []  # rows that need logits: the head is the biggest GEMM, skip rows nobody reads
-        counts = []
-        for (cache, start, row, m), (_, _, all_logits) in zip(spans, work, strict=True):
-            cache.n_past = start + m
-            keep.extend(range(row, row + m) if all_logits else [row + m - 1])
-            counts.append(m if all_logits else 1)
-        logits = self.head(self._rms_norm(x[keep], self.out_norm)).numpy()
-        bounds = np.cumsum([0, *counts])
-        result = [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        return result
+    return layers
 
 
-class _KVCache:
-    """One sequence's keys and values, [layers, kv_heads, capacity, head_dim], grown by doubling so that
-    many concurrent sequences cost memory in proportion to their length, not to the context size."""
-
-    _INITIAL = 256
-
-    def __init__(self, config: Qwen2Config, n_ctx: int):
-        self._n_ctx = n_ctx
-        self.k = self.v = torch.zeros(config.n_layers, config.n_kv_heads, 0, config.head_dim)
-        self.capacity = 0
-        self.n_past = 0
-
-    def reserve(self, length: int) -> None:
-        if length <= self.capacity:
-            return
-        capacity = min(self._n_ctx, max(length, self._INITIAL, 2 * self.capacity))
-        layers, heads, _, hd = self.k.shape
-        k, v = torch.zeros(layers, heads, capacity, hd), torch.zeros(layers, heads, capacity, hd)
-        k[:, :, : self.n_past] = self.k[:, :, : self.n_past]
-        v[:, :, : self.n_past] = self.v[:, :, : self.n_past]
-        self.k, self.v, self.capacity = k, v, capacity
-
-    def copy_prefix(self, other: _KVCache, length: int) -> None:
-        self.reserve(length)
-        self.k[:, :, :length] = other.k[:, :, :length]
-        self.v[:, :, :length] = other.v[:, :, :length]
-        self.n_past = length
+@contextlib.contextmanager
+def quantized_engine(engine: str):
+    """Pack weights for this int8 engine (a packed weight keeps its engine; the setting is process-wide)."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
 
 
-class TorchInt8Backend:
-    """One sequence (its own KV cache) on an int8 Qwen2 model; `new_sequence` adds more on the same weights."""
+def load_int8_model(model_path: Path, n_ctx: int, show_progress: bool, engine: str = "fbgemm") -> Qwen2Model:
+    state = load_int8_state(model_path, show_progress)
+    with quantized_engine(engine):
+        return _int8_model(state, n_ctx)
+
+
+def _int8_model(state: dict, n_ctx: int) -> Qwen2Model:
+    config = Qwen2Config(**state["config"])
+    embed_q, embed_s = state["token_embd.weight"][0].clone(), state["token_embd.weight"][1].clone()
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        return embed_q[ids].float() * embed_s[ids, None]
+
+    head = Int8Linear(*state["output.weight"], None)
+    embed_bytes = embed_q.numel() + embed_s.numel() * 4
+    out_norm = state["output_norm.weight"].clone()
+    return Qwen2Model(config, n_ctx, _layers(state, config), embed, head, out_norm, embed_bytes)
+
+
+class TorchInt8Backend(Qwen2Backend):
+    """One sequence on an int8 Qwen2 model (FBGEMM GEMMs); `new_sequence` adds more on the same weights."""
 
     name = "torch-int8"
-    copies_prefix = True
+    engine = "fbgemm"
 
     def __init__(
         self,
@@ -322,46 +185,16 @@ class TorchInt8Backend:
         n_ctx: int = 4096,
         n_threads: int | None = None,
         show_progress: bool = True,
-        _model: _Int8Qwen2 | None = None,
+        _model: Qwen2Model | None = None,
     ):
         if _model is None:
             torch.set_num_threads(n_threads or os.cpu_count() or 1)
-            _model = _Int8Qwen2(Path(model_path), n_ctx, show_progress)
-        self.model_path = Path(model_path)
-        self._model = self.weights = _model
-        self.config = _model.config
-        self.n_vocab = _model.config.n_vocab
-        self.n_ctx = _model.n_ctx
-        self._cache = _KVCache(_model.config, _model.n_ctx)
+            _model = load_int8_model(Path(model_path), n_ctx, show_progress, self.engine)
+        super().__init__(model_path, _model)
 
-    def new_sequence(self) -> TorchInt8Backend:
-        return TorchInt8Backend(self.model_path, _model=self._model)
 
-    @property
-    def n_past(self) -> int:
-        return self._cache.n_past
+class TorchInt8OnednnBackend(TorchInt8Backend):
+    """The same on oneDNN's int8 GEMMs (which use AVX512-VNNI and AMX where FBGEMM does not)."""
 
-    def memory_bytes(self) -> int:
-        return self._model.memory_bytes()
-
-    def truncate(self, length: int) -> None:
-        # Positions past n_past are never read (attention is bounded by position), so no clearing needed.
-        self._cache.n_past = min(self._cache.n_past, length)
-
-    def reset(self) -> None:
-        self._cache.n_past = 0
-
-    def copy_prefix(self, other: TorchInt8Backend, length: int) -> int:
-        if other._model is not self._model:
-            return 0
-        length = min(length, other.n_past)
-        self._cache.copy_prefix(other._cache, length)
-        return length
-
-    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
-        return self._model.forward([(self._cache, tokens, all_logits)])[0]
-
-    def eval_batch(self, work: list[tuple[TorchInt8Backend, list[int], bool]]) -> list[np.ndarray]:
-        if any(seq._model is not self._model for seq, _, _ in work):
-            raise ValueError("eval_batch needs sequences of one model")
-        return self._model.forward([(seq._cache, tokens, all_logits) for seq, tokens, all_logits in work])
+    name = "torch-int8-onednn"
+    engine = "onednn"

@@ -112,7 +112,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 def run_loadtest(args) -> int:
     console = Console()
-    prompts = [p["prompt"] for p in load_prompts(prompt_files(args.prompts or "public"), 0)]
+    prompts = [p["prompt"] for p in load_prompts(prompt_files(args.prompts), 0)]
     methods = args.methods.split(",")
     proc = None
     base = args.url

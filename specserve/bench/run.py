@@ -53,19 +53,19 @@ class BenchConfig:
         return run_generation(runtime.generate(ids, params, method=self.method, k=self.k, tolerance=self.tolerance))
 
 
-def default_prompts_path() -> Path:
-    """The team's public set beside the project (../shared/prompts/public.jsonl)."""
+PROJECT_PROMPTS = Path(__file__).with_name("prompts.jsonl")  # ours: code, prose, random words, code edits
+
+
+def public_prompts_path() -> Path:
+    """The team's public set, where a checkout has it beside the project (../shared/prompts/public.jsonl)."""
     return Path(specserve.__file__).resolve().parents[2] / "shared" / "prompts" / "public.jsonl"
 
 
-PROJECT_PROMPTS = Path(__file__).with_name("prompts.jsonl")  # random words (no speculation should pay) + code edits
-
-
 def prompt_files(spec: str | None) -> list[Path]:
-    """`public` (the team's set), `project` (ours: random-word and code-editing prompts) or file paths,
-    comma-separated."""
-    named = {"public": default_prompts_path(), "project": PROJECT_PROMPTS}
-    return [named.get(part, Path(part)) for part in (spec or "public,project").split(",") if part]
+    """`project` (the default: the set that ships with specserve), `public` (the team's set beside the
+    checkout, when there is one) or file paths, comma-separated."""
+    named = {"public": public_prompts_path(), "project": PROJECT_PROMPTS}
+    return [named.get(part, Path(part)) for part in (spec or "project").split(",") if part]
 
 
 def load_prompts(paths: Path | list[Path], limit: int) -> list[dict]:

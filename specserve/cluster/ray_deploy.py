@@ -31,17 +31,9 @@ class VerifierActor:
     """One `specserve verifier` inside a Ray actor process."""
 
     def __init__(self, host: str, port: int, target: str, backend: str, n_ctx: int, auth_token: str | None):
-        from specserve.backends.calibrate import window_seconds
-        from specserve.cluster.service import CALIBRATED_WINDOWS, VerifierService, start_server
-        from specserve.models.fetch import resolve_model
-        from specserve.models.tokenizer import Tokenizer
-        from specserve.runtime import load_backend
+        from specserve.cluster.service import load_verifier, start_server
 
-        path = resolve_model(target, show_progress=False)
-        tokenizer = Tokenizer(path)
-        root = load_backend(backend, path, n_ctx, show_progress=False)
-        costs = window_seconds(root, tokenizer.encode("def f(x):\n    return x + 1\n"), CALIBRATED_WINDOWS, repeats=2)
-        service = VerifierService(root, tokenizer, path.name, costs, auth_token=auth_token)
+        service = load_verifier(target, backend, n_ctx, auth_token, show_progress=False)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="verifier-loop", daemon=True).start()
         started = asyncio.run_coroutine_threadsafe(start_server(service, f"{host}:{port}"), self.loop)

@@ -327,24 +327,41 @@ async def _serve(service: VerifierService, listen: str, credentials: grpc.Server
     service.worker.stop()
 
 
+def load_verifier(
+    target: str,
+    target_backend: str,
+    n_ctx: int,
+    auth_token: str | None,
+    max_sessions: int = 64,
+    idle_s: float = 300.0,
+    show_progress: bool = True,
+) -> VerifierService:
+    """The target loaded (`auto` picks its backend), its window costs measured: a verifier ready to serve."""
+    from specserve.runtime import Runtime, RuntimeConfig
+
+    config = RuntimeConfig(target=target, draft=None, target_backend=target_backend, n_ctx=n_ctx)
+    runtime = Runtime(config, show_progress=show_progress)
+    probe = runtime.tokenizer.encode(
+        "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
+    )
+    # front-ends draft at most as many tokens as the windows it reports the cost of: exact ones only
+    windows = CALIBRATED_WINDOWS if runtime.exact_window is None else CALIBRATED_WINDOWS[: runtime.exact_window]
+    costs = window_seconds(runtime.target, probe, windows, repeats=2)
+    return VerifierService(
+        runtime.target, runtime.tokenizer, runtime.target_name, costs, max_sessions, idle_s, auth_token
+    )
+
+
 def serve_verifier(args: argparse.Namespace) -> int:
     """Load the target, measure its window costs, serve until SIGTERM/SIGINT."""
-    from specserve.models.fetch import resolve_model
-    from specserve.runtime import load_backend
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if ":" not in args.listen:
         raise SpecserveError(f"--listen takes HOST:PORT, got {args.listen!r}")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SpecserveError("TLS needs both --tls-cert and --tls-key")
     credentials = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
-    path = resolve_model(args.target)
-    tokenizer = Tokenizer(path)
-    root = load_backend(args.target_backend, path, args.n_ctx)
-    probe = tokenizer.encode("def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n")
-    costs = window_seconds(root, probe, CALIBRATED_WINDOWS, repeats=2)
-    service = VerifierService(
-        root, tokenizer, path.name, costs, args.max_sessions, args.idle_timeout, args.auth_token or None
+    service = load_verifier(
+        args.target, args.target_backend, args.n_ctx, args.auth_token or None, args.max_sessions, args.idle_timeout
     )
     asyncio.run(_serve(service, args.listen, credentials))
     return 0

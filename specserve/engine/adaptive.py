@@ -334,23 +334,28 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 
 def _interpolate(table: dict[int, float], x: int) -> float:
-    """Piecewise linear in x through the measured points, linear extrapolation beyond the largest, and never
-    below a smaller x's cost (noise must not make more rows look cheaper)."""
+    """The measured cost at x, piecewise linear between measured points and linear beyond the largest. Not
+    made monotone: a kernel that handles rows in groups can make a bigger window cheaper than a smaller one
+    (llama.cpp's Q4_0 GEMM: 4 rows cost less than 3), and the tables are measured at every window size. But
+    never below the smallest size's cost: a window holds that pass and more, so below it is noise (which
+    would make drafting at no acceptance look like a gain)."""
     xs = sorted(table)  # a handful of keys; cheaper than keeping a sorted copy in sync with the averaging
     i = bisect.bisect_right(xs, x)  # xs[:i] <= x < xs[i:]
+    return max(_between(table, xs, i, x), table[xs[0]])
+
+
+def _between(table: dict[int, float], xs: list[int], i: int, x: int) -> float:
     if i == 0:
         return table[xs[0]]
-    floor = max(table[w] for w in xs[:i])
     lower = xs[i - 1]
     if i == len(xs):  # at or beyond the measurements: keep the last segment's cost per row
         if len(xs) == 1:
             return table[lower] * x / lower
         a = xs[-2]
         slope = max(0.0, (table[lower] - table[a]) / (lower - a))
-        return max(floor, table[lower] + slope * (x - lower))
+        return table[lower] + slope * (x - lower)
     upper = xs[i]
-    estimate = table[lower] + (x - lower) / (upper - lower) * (table[upper] - table[lower])
-    return max(estimate, floor)
+    return table[lower] + (x - lower) / (upper - lower) * (table[upper] - table[lower])
 
 
 @dataclass

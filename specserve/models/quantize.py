@@ -148,6 +148,15 @@ class _LlamaLog:
         return (errors or lines or ["llama_model_quantize failed (no log)"])[-1]
 
 
+def current_quantized(source: Path, qtype: str) -> Path | None:
+    """The cached requantized copy of `source`, if it was made from the file there now."""
+    out = quantized_path(source, qtype)
+    marker = _marker(out)
+    if out.is_file() and marker.is_file() and marker.read_text() == _source_id(Path(source)):
+        return out
+    return None
+
+
 def quantized_model(source: Path, qtype: str, show_progress: bool = True) -> Path:
     """Return a copy of GGUF `source` requantized to `qtype`, making it on first use.
 
@@ -160,10 +169,10 @@ def quantized_model(source: Path, qtype: str, show_progress: bool = True) -> Pat
     source = Path(source)
     if not source.is_file():
         raise ModelError(f"cannot quantize {source}: no such file")
+    if current := current_quantized(source, qtype):
+        return current
     out = quantized_path(source, qtype)
     source_id = _source_id(source)
-    if out.is_file() and _marker(out).is_file() and _marker(out).read_text() == source_id:
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f"{out.name}.{os.getpid()}.partial")  # per process: concurrent runs don't collide
 

@@ -1,0 +1,318 @@
+"""`--target-backend auto` / `--draft-backend auto`: the backends measured on this machine, and the pick.
+
+Every candidate is loaded and timed in a child process of its own, so a kernel that crashes on this CPU
+(llama.cpp's AMX kernels, upstream #20824) or cannot load a model is reported and skipped, not fatal. The
+measurements are cached per machine (CPU model, cores, ISA flags, library versions) and model files, so only
+the first start on a machine pays for them; a different machine measures again.
+
+Targets: llama.cpp on the model's file, llama.cpp on its Q4_0 requantization, torch-q4 (specserve's
+kernels), torch-int8 on FBGEMM, and torch-int8 on oneDNN where the CPU has AVX512-VNNI or AMX. Each is
+timed for windows of 1..K_MAX+1 rows and checked for exactness: a window size is usable for speculation
+only if its logits are bitwise those of one-token steps (otherwise greedy speculation could change the
+output), so a kernel that changes arithmetic at 4 rows limits that target to windows of 3.
+
+Drafts: the same backends on the draft file (a draft needs no exactness; its cost is what counts).
+
+The pick (`pick_target`, `pick_draft`) is the policy, in one place: see their docstrings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from specserve import SpecserveError, hardware
+
+if TYPE_CHECKING:
+    from specserve.backends.base import Backend
+    from specserve.models.tokenizer import Tokenizer
+
+# Acceptance rates the target is judged at (plain decoding, prose-like and code-like text): a target is
+# picked for the mean time per token over these, so neither plain decoding nor drafting alone decides.
+REFERENCE_ACCEPTANCE = (0.0, 0.6, 0.85)
+# A target may be slower on plain decoding than llama.cpp on the model's own file by at most this much.
+PLAIN_TOLERANCE = 1.05
+DRAFT_ROWS = (1, 2, 32)  # draft passes timed: a drafted token, a window's first pass, a catch-up
+_CHECK_TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+_WINDOW_TEXT = "\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+_MEASURE_TIMEOUT_S = 1800  # a first int8 conversion of a 1.5B model takes minutes on 2 cores
+_FORMAT = 1
+
+
+@dataclass
+class Measured:
+    """One backend on one model file, as measured in its own process."""
+
+    backend: str
+    model: str  # the file it ran
+    seconds: dict[int, float] = field(default_factory=dict)  # rows appended -> seconds (fastest of 3)
+    exact: list[int] = field(default_factory=list)  # window sizes bitwise equal to one-token steps
+    memory: int = 0
+    error: str | None = None  # why it cannot be used here
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {Path(self.model).name}"
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and bool(self.seconds)
+
+    def exact_windows(self) -> int:
+        """The largest n such that windows of 1..n rows are all exact."""
+        n = 0
+        while n + 1 in self.exact:
+            n += 1
+        return n
+
+
+@dataclass
+class Choice:
+    target: Measured | None
+    draft: Measured | None
+    reason: str
+    targets: list[Measured]
+    drafts: list[Measured]
+    scores: dict[str, float]  # target label -> mean ms per token over REFERENCE_ACCEPTANCE
+    cached: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def draft_window_seconds(draft: Measured, k: int) -> float:
+    """A window of k drafts: a first pass of 2 rows, then one row per further token."""
+    if k <= 0:
+        return 0.0
+    return draft.seconds[2] + (k - 1) * draft.seconds[1]
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    return sum(acceptance**i for i in range(k + 1))
+
+
+def mean_ms_per_token(target: Measured, draft: Measured | None, k_max: int) -> float:
+    """Mean over REFERENCE_ACCEPTANCE of the best time per token, over exact windows up to k_max drafts."""
+    limit = min(k_max, target.exact_windows() - 1, max(target.seconds) - 1)
+    times = []
+    for a in REFERENCE_ACCEPTANCE:
+        best = target.seconds[1]
+        for k in range(1, limit + 1):
+            draft_s = draft_window_seconds(draft, k) if draft is not None else 0.0
+            best = min(best, (draft_s + target.seconds[k + 1]) / expected_tokens(a, k))
+        times.append(best)
+    return 1000 * sum(times) / len(times)
+
+
+def pick_draft(drafts: list[Measured]) -> tuple[Measured | None, str]:
+    """The draft that drafts a window of 4 fastest (a first pass of 2 rows and three of 1)."""
+    usable = [d for d in drafts if d.usable]
+    if not usable:
+        return None, "no draft backend runs here"
+    best = min(usable, key=lambda d: draft_window_seconds(d, 4))
+    return best, f"{best.label}: a window of 4 drafts in {1000 * draft_window_seconds(best, 4):.0f} ms"
+
+
+def pick_target(
+    targets: list[Measured], draft: Measured | None, k_max: int, reference: Measured | None
+) -> tuple[Measured | None, str, dict[str, float]]:
+    """The target with the least mean time per token over REFERENCE_ACCEPTANCE (with this draft, at exact
+    window sizes only), among those at most PLAIN_TOLERANCE slower on plain decoding than `reference`
+    (llama.cpp on the model's own file: what a user would run instead)."""
+    usable = [t for t in targets if t.usable]
+    scores = {t.label: round(mean_ms_per_token(t, draft, k_max), 2) for t in usable}
+    if not usable:
+        return None, "no target backend runs here", scores
+    fast_enough = usable
+    if reference is not None and reference.usable:
+        fast_enough = [t for t in usable if t.seconds[1] <= PLAIN_TOLERANCE * reference.seconds[1]] or usable
+    best = min(fast_enough, key=lambda t: scores[t.label])
+    reason = (
+        f"{best.label}: {scores[best.label]:.1f} ms/token on average at acceptance "
+        f"{', '.join(f'{a:g}' for a in REFERENCE_ACCEPTANCE)}; plain decoding {1000 * best.seconds[1]:.1f} ms/token"
+    )
+    if reference is not None and reference.usable and best is not reference:
+        reason += f" (llama.cpp on the model's file: {1000 * reference.seconds[1]:.1f})"
+    return best, reason, scores
+
+
+# --- measuring, in child processes ---------------------------------------------------------------------
+
+
+def _child_command(backend: str, model: Path, rows: tuple[int, ...], exact: bool) -> list[str]:
+    command = [sys.executable, "-m", "specserve.backends.choose", "--backend", backend, "--model", str(model)]
+    command += ["--rows", ",".join(map(str, rows))]
+    return command + (["--exact"] if exact else [])
+
+
+def measure_in_child(backend: str, model: Path, rows: tuple[int, ...], exact: bool) -> Measured:
+    """Run `measure` in a fresh process: a crash there is a result here."""
+    result = Measured(backend, str(model))
+    try:
+        done = subprocess.run(
+            _child_command(backend, model, rows, exact), capture_output=True, text=True, timeout=_MEASURE_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        result.error = f"no result within {_MEASURE_TIMEOUT_S} s"
+        return result
+    if done.returncode < 0:
+        result.error = f"crashed with {signal.Signals(-done.returncode).name}"
+        return result
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        errors = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        result.error = (errors or [f"exit status {done.returncode}"])[-1].removeprefix("specserve: error: ")
+        return result
+    data = json.loads(lines[-1])
+    result.seconds = {int(k): v for k, v in data["seconds"].items()}
+    result.exact, result.memory = data["exact"], data["memory"]
+    return result
+
+
+def exact_window_sizes(backend: Backend, tokenizer: Tokenizer, rows: tuple[int, ...]) -> list[int]:
+    """The window sizes among `rows` whose logits are bitwise those of one-token steps over the same tokens,
+    on two contexts of different lengths (kernels switch by row count, not by the tokens)."""
+    import numpy as np
+
+    context = tokenizer.encode(_CHECK_TEXT)
+    window = (tokenizer.encode(_WINDOW_TEXT) * max(rows))[: max(rows)]
+    exact = list(rows)
+    for prefix in (context, context * 6):
+        backend.reset()
+        backend.eval(prefix, all_logits=False)
+        base = backend.n_past
+        singles = np.concatenate([backend.eval([token]) for token in window])
+        for size in rows:
+            backend.truncate(base)
+            if size in exact and not np.array_equal(backend.eval(window[:size]), singles[:size]):
+                exact.remove(size)
+    backend.reset()
+    return exact
+
+
+def measure(backend: str, model: Path, rows: tuple[int, ...], exact: bool) -> dict:
+    """Load the backend, time appending each row count to a warm sequence, and (`exact`) find the window
+    sizes whose logits are bitwise those of one-token steps."""
+    from specserve.backends.calibrate import window_seconds
+    from specserve.models.tokenizer import Tokenizer
+    from specserve.runtime import load_backend
+
+    loaded = load_backend(backend, model, n_ctx=2048, show_progress=False)
+    tokenizer = Tokenizer(model)
+    seconds = window_seconds(loaded, tokenizer.encode(_CHECK_TEXT), rows, repeats=3)
+    exact_sizes = exact_window_sizes(loaded, tokenizer, rows) if exact else []
+    return {"seconds": seconds, "exact": exact_sizes, "memory": loaded.memory_bytes()}
+
+
+# --- the candidates and the cached choice ----------------------------------------------------------------
+
+
+def _has_onednn_int8(flags: frozenset[str]) -> bool:
+    return "avx512_vnni" in flags or hardware.has_amx(flags)
+
+
+def target_candidates(target: Path, show_progress: bool) -> list[tuple[str, Path]]:
+    from specserve.backends.torch_q4 import HEAD_AND_BODY
+    from specserve.models.quantize import quantized_model
+
+    requantized = quantized_model(target, HEAD_AND_BODY, show_progress)
+    candidates = [("llama.cpp", target), ("llama.cpp", requantized), ("torch-q4", target), ("torch-int8", target)]
+    if _has_onednn_int8(hardware.cpu_flags()):
+        candidates.append(("torch-int8-onednn", target))
+    return candidates
+
+
+def draft_candidates(draft: Path) -> list[tuple[str, Path]]:
+    return [("llama.cpp", draft), ("torch-q4", draft), ("torch-int8", draft)]
+
+
+def _machine_key(*files: Path) -> str:
+    import llama_cpp
+    import torch
+
+    from specserve.kernels import SOURCE
+
+    ids = [f"{f.resolve()} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files]
+    kernel = str(SOURCE.stat().st_size) + str(SOURCE.stat().st_mtime_ns)
+    parts = (hardware.cpu_model(), str(os.cpu_count()), torch.__version__, llama_cpp.__version__, kernel, *ids)
+    return hardware.build_key(*parts, str(_FORMAT))
+
+
+def _cache_path(key: str) -> Path:
+    from specserve.models.fetch import cache_dir
+
+    return cache_dir() / "auto" / f"{key}.json"
+
+
+def _load_cached(path: Path) -> tuple[list[Measured], list[Measured]] | None:
+    try:
+        data = json.loads(path.read_text())
+        targets = [Measured(**{**m, "seconds": {int(k): v for k, v in m["seconds"].items()}}) for m in data["targets"]]
+        drafts = [Measured(**{**m, "seconds": {int(k): v for k, v in m["seconds"].items()}}) for m in data["drafts"]]
+        return targets, drafts
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def choose(target: Path | None, draft: Path | None, k_max: int, show_progress: bool = True) -> Choice:
+    """Measure (or read the cached measurements of) the candidates on this machine and pick. No `target`:
+    a front-end of remote verifiers, which picks only its draft's backend."""
+    key = _machine_key(*(f for f in (target, draft) if f))
+    path = _cache_path(key)
+    cached = _load_cached(path) if path.is_file() else None
+    if cached is None:
+        say = (lambda text: print(text, file=sys.stderr, flush=True)) if show_progress else (lambda text: None)
+        say(f"measuring the backends on this CPU (once per machine; cached in {path.parent}):")
+        targets, drafts = [], []
+        window_rows = tuple(range(1, k_max + 2))
+        for backend, model in target_candidates(target, show_progress) if target else []:
+            targets.append(_timed(say, "target", measure_in_child(backend, model, window_rows, exact=True)))
+        for backend, model in draft_candidates(draft) if draft else []:
+            drafts.append(_timed(say, "draft", measure_in_child(backend, model, DRAFT_ROWS, exact=False)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"targets": [asdict(t) for t in targets], "drafts": [asdict(d) for d in drafts]}))
+    else:
+        targets, drafts = cached
+    chosen_draft, draft_reason = pick_draft(drafts) if draft else (None, "no draft model")
+    reference = next((t for t in targets if t.backend == "llama.cpp" and Path(t.model) == target), None)
+    chosen, reason, scores = pick_target(targets, chosen_draft, k_max, reference) if target else (None, "remote", {})
+    return Choice(chosen, chosen_draft, f"target {reason}; draft {draft_reason}", targets, drafts, scores, bool(cached))
+
+
+def _timed(say, role: str, m: Measured) -> Measured:
+    if m.usable:
+        exact = f", windows exact up to {m.exact_windows()} rows" if role == "target" else ""
+        say(f"  {role} {m.label}: {1000 * m.seconds[1]:.1f} ms for 1 row{exact}")
+    else:
+        say(f"  {role} {m.label}: not usable here ({m.error})")
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="measure one backend on one model (a child of `choose`)")
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--rows", required=True, type=lambda t: tuple(int(x) for x in t.split(",")))
+    parser.add_argument("--exact", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        result = measure(args.backend, args.model, args.rows, args.exact)
+    except SpecserveError as exc:
+        print(f"specserve: error: {exc}", file=sys.stderr)
+        return 1
+    result["load_and_measure_s"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""`auto`: the pick among measured backends, and measuring a backend in a process of its own."""
+
+import pytest
+
+from specserve.backends.choose import Measured, mean_ms_per_token, measure_in_child, pick_draft, pick_target
+
+
+def table(one_ms, *ratios):
+    return {n: one_ms / 1000 * r for n, r in enumerate((1.0, *ratios), start=1)}
+
+
+DRAFT = Measured("torch-q4", "draft.gguf", seconds={1: 0.018, 2: 0.019, 32: 0.2})
+# shapes as measured on the AMD kind (AVX2, 2 cores)
+LLAMA_FILE = Measured("llama.cpp", "t.gguf", table(85, 1.55, 2.2, 2.3, 3.0, 3.3, 3.7, 5.6, 5.9), exact=[1, 2, 3])
+LLAMA_Q4_0 = Measured("llama.cpp", "t-Q4_0.gguf", table(75, 1.6, 2.3, 2.2, 3.0, 3.5, 4.1, 4.1, 4.8), exact=list(range(1, 10)))
+Q4 = Measured("torch-q4", "t.gguf", table(60, 1.05, 1.1, 1.25, 1.5, 1.7, 1.9, 2.1, 2.4), exact=list(range(1, 10)))
+INT8 = Measured("torch-int8", "t.gguf", table(104, 1.0, 1.03, 1.1, 1.15, 1.16, 1.1, 1.24, 1.39), exact=list(range(1, 10)))
+
+
+def test_the_target_with_cheap_exact_windows_and_fast_single_rows_wins():
+    best, reason, scores = pick_target([LLAMA_FILE, LLAMA_Q4_0, Q4, INT8], DRAFT, 8, LLAMA_FILE)
+    assert best is Q4, scores
+    assert "torch-q4" in reason and "llama.cpp on the model's file: 85.0" in reason
+
+
+def test_a_target_slower_than_plain_llamacpp_on_plain_decoding_is_not_picked():
+    """int8's windows are nearly free, but every reply drafting cannot help runs 104 ms/token instead of 85."""
+    cheap_draft = Measured("x", "d", seconds={1: 0.001, 2: 0.001, 32: 0.01})
+    assert mean_ms_per_token(INT8, cheap_draft, 8) < mean_ms_per_token(LLAMA_FILE, cheap_draft, 8)
+    best, _, _ = pick_target([LLAMA_FILE, INT8], cheap_draft, 8, LLAMA_FILE)
+    assert best is LLAMA_FILE
+
+
+def test_inexact_windows_are_not_counted():
+    """Windows beyond the exact ones would be cheap here, but speculation may not use them."""
+    fake_cheap = Measured("llama.cpp", "t.gguf", table(85, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0), exact=[1])
+    assert mean_ms_per_token(fake_cheap, DRAFT, 8) == pytest.approx(85.0)
+
+
+def test_broken_candidates_are_skipped():
+    crashed = Measured("llama.cpp", "t.gguf", error="crashed with SIGSEGV")
+    best, _, scores = pick_target([crashed, Q4], DRAFT, 8, crashed)
+    assert best is Q4 and crashed.label not in scores
+    assert pick_target([crashed], DRAFT, 8, crashed)[0] is None
+
+
+def test_the_draft_that_drafts_a_window_fastest_wins():
+    llama_draft = Measured("llama.cpp", "d.gguf", seconds={1: 0.022, 2: 0.039, 32: 0.33})
+    best, reason = pick_draft([llama_draft, DRAFT, Measured("torch-int8", "d.gguf", error="no")])
+    assert best is DRAFT and "73 ms" in reason  # 19 + 3 x 18
+
+
+@pytest.mark.small_model
+def test_a_backend_that_cannot_run_a_model_is_reported_not_fatal(smollm2_path):
+    """SmolLM2 is a llama model: the torch backends run qwen2 only, llama.cpp runs it."""
+    refused = measure_in_child("torch-q4", smollm2_path, (1, 2), exact=True)
+    assert not refused.usable and "qwen2" in refused.error
+    measured = measure_in_child("llama.cpp", smollm2_path, (1, 2, 3), exact=True)
+    assert measured.usable and set(measured.seconds) == {1, 2, 3} and 1 in measured.exact

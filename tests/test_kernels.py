@@ -1,0 +1,121 @@
+"""specserve's kernels on this machine's instruction set: right, batch-invariant, and bitwise the same as the
+portable C++ spelling of the same arithmetic (so the AVX2 and AVX512-VNNI paths, each tested on the CPU that
+has it, agree with each other too)."""
+
+import numpy as np
+import pytest
+import torch
+
+from specserve import kernels
+
+
+@pytest.fixture(scope="module")
+def native():
+    return kernels.ops()
+
+
+@pytest.fixture(scope="module")
+def generic():
+    return kernels.ops(generic=True)
+
+
+def q4_0_blocks(rng, n, k):
+    """Random Q4_0 weights in GGUF's block layout: fp16 scale, then 16 bytes of nibbles per 32 values."""
+    blocks = rng.integers(0, 256, (n, k // 32, 18), dtype=np.uint8)
+    scales = rng.uniform(-0.02, 0.02, (n, k // 32)).astype(np.float16)
+    blocks[:, :, :2] = scales.view(np.uint8).reshape(n, k // 32, 2)
+    return blocks.reshape(n, -1)
+
+
+def dequantize(blocks, n, k):
+    b = blocks.reshape(n, k // 32, 18)
+    d = b[:, :, :2].copy().view(np.float16).astype(np.float64)
+    q = b[:, :, 2:]
+    values = np.concatenate([q & 15, q >> 4], axis=-1).astype(np.float64) - 8  # low nibbles first
+    return (values * d).reshape(n, k)
+
+
+def test_the_machine_path_is_the_best_this_cpu_has(native):
+    from specserve.hardware import cpu_flags
+
+    flags = cpu_flags()
+    expected = "avx512-vnni" if {"avx512_vnni", "avx512bw"} <= flags else "avx2" if "avx2" in flags else "generic"
+    assert native.isa() == expected
+    assert native.tile_width() == (16 if expected == "avx512-vnni" else 8)
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 96), (1536, 8960), (2048, 1536)])
+def test_q4_linear_matches_the_dequantized_product(native, n, k):
+    rng = np.random.default_rng(n + k)
+    blocks = q4_0_blocks(rng, n, k)
+    weight, scales = kernels.pack_q4_0(blocks, native.tile_width())
+    x = torch.from_numpy(rng.standard_normal((5, k)).astype(np.float32))
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    y = native.linear(x, weight, scales, bias, n).double().numpy()
+    reference = x.double().numpy() @ dequantize(blocks, n, k).T + bias.double().numpy()
+    # activations are quantized to 8 bits per block of 32 (as llama.cpp's Q8_0): ~0.5% relative error
+    assert np.linalg.norm(y - reference) < 0.01 * np.linalg.norm(reference)
+
+
+def test_q4_linear_rows_do_not_depend_on_each_other(native):
+    rng = np.random.default_rng(1)
+    n, k = 256, 512
+    weight, scales = kernels.pack_q4_0(q4_0_blocks(rng, n, k), native.tile_width())
+    x = torch.from_numpy(rng.standard_normal((17, k)).astype(np.float32) * 4)
+    singles = torch.cat([native.linear(x[i : i + 1].contiguous(), weight, scales, None, n) for i in range(17)])
+    for rows in range(1, 18):
+        assert torch.equal(native.linear(x[:rows].contiguous(), weight, scales, None, n), singles[:rows]), rows
+
+
+def test_every_kernel_is_bitwise_the_portable_arithmetic(native, generic):
+    rng = np.random.default_rng(2)
+    n, k = 512, 1024
+    weight, scales = kernels.pack_q4_0(q4_0_blocks(rng, n, k), native.tile_width())
+    x = torch.from_numpy(rng.standard_normal((7, k)).astype(np.float32) * 3)
+    bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    assert torch.equal(native.linear(x, weight, scales, bias, n), generic.linear(x, weight, scales, bias, n))
+    norm = torch.rand(k)
+    assert torch.equal(native.rms_norm(x, norm, 1e-6), generic.rms_norm(x, norm, 1e-6))
+    gate_up = torch.from_numpy(rng.uniform(-90, 30, (3, 2 * 1000)).astype(np.float32))
+    assert torch.equal(native.silu_mul(gate_up), generic.silu_mul(gate_up))
+    q, keys, values = torch.randn(4, 12 * 64), torch.randn(2, 40, 64), torch.randn(2, 40, 64)
+    assert torch.equal(native.attention(q, keys, values, 20, 0.125), generic.attention(q, keys, values, 20, 0.125))
+
+
+def test_silu_mul_is_accurate_over_the_whole_range(native):
+    g = torch.linspace(-80, 30, 4000).reshape(1, -1)
+    up = torch.rand_like(g) + 0.5
+    got = native.silu_mul(torch.cat([g, up], dim=1)).double()
+    want = torch.nn.functional.silu(g.double()) * up.double()
+    assert ((got - want).abs() / want.abs().clamp_min(1e-30)).max() < 1e-6
+
+
+def test_attention_equals_softmax_attention(native):
+    torch.manual_seed(0)
+    heads, kv, hd, start, rows = 12, 2, 64, 30, 5
+    q, keys, values = torch.randn(rows, heads * hd), torch.randn(kv, 64, hd), torch.randn(kv, 64, hd)
+    got = native.attention(q, keys, values, start, 1 / hd**0.5)
+    for r in range(rows):
+        for h in range(heads):
+            k_, v_ = keys[h // (heads // kv), : start + r + 1], values[h // (heads // kv), : start + r + 1]
+            p = torch.softmax(k_ @ q[r, h * hd : (h + 1) * hd] / hd**0.5, dim=0)
+            assert torch.allclose(got[r, h * hd : (h + 1) * hd], p @ v_, atol=1e-5)
+
+
+def test_rope_writes_the_cache_and_rotates_halves(native):
+    hd, heads, kv = 8, 2, 1
+    qkv = torch.randn(3, (heads + 2 * kv) * hd)
+    angles = torch.rand(10, hd // 2)
+    cos, sin = torch.cos(angles).repeat(1, 2).contiguous(), torch.sin(angles).repeat(1, 2).contiguous()
+    keys, values = torch.zeros(kv, 10, hd), torch.zeros(kv, 10, hd)
+    q = native.rope_and_cache(qkv, cos, sin, keys, values, 4, heads)
+
+    def rotate(x, pos):
+        half = hd // 2
+        return x * cos[pos] + torch.cat((-x[half:], x[:half])) * sin[pos]
+
+    for r in range(3):
+        assert torch.allclose(q[r, :hd], rotate(qkv[r, :hd], 4 + r), atol=1e-6)
+        assert torch.allclose(keys[0, 4 + r], rotate(qkv[r, heads * hd : (heads + 1) * hd], 4 + r), atol=1e-6)
+        assert torch.equal(values[0, 4 + r], qkv[r, (heads + 1) * hd :])
+    assert not keys[0, :4].any() and not keys[0, 7:].any()
