@@ -1,11 +1,10 @@
-"""`specserve` command line: generate, bench, loadtest, fetch, serve, verifier, ray."""
+"""`specserve` command line: generate, bench, loadtest, info, fetch, serve, verifier, ray."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def _share_cores_politely() -> None:
@@ -28,6 +27,7 @@ from specserve.runtime import (  # noqa: E402
     DEFAULT_K,
     DEFAULT_TARGET_BACKEND,
     DRAFT_METHODS,
+    K_MAX,
     MODEL_METHODS,
 )
 
@@ -131,6 +131,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from specserve.backends.choose import choose
+    from specserve.info import check_backends, collect, print_info
+    from specserve.models.fetch import resolve_model
+    from specserve.models.quantize import resolve_draft_spec
+
+    console = Console(width=max(Console().width, 140))  # the cost tables are wide: do not wrap them
+    if args.check:
+        model = resolve_draft_spec(DEFAULT_DRAFT_SPEC, DEFAULT_TARGET)  # the smallest of the default models
+        failures = check_backends(model, BACKENDS, console)
+        if failures:
+            raise SpecserveError(f"{failures} backend(s) failed a one-token eval on this CPU (above)")
+        return 0
+    target = resolve_model(args.target)
+    draft = resolve_draft_spec(args.draft, args.target) if args.draft not in ("none", "") else None
+    choice = choose(target, draft, K_MAX)
+    info = collect(choice)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print_info(info, choice, console)
+    return 0
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from specserve.bench.loadtest import run_loadtest
 
@@ -201,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-k", type=draft_length, default=DEFAULT_K, help="draft tokens per target pass, or auto")
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="this CPU, the libraries, the backends measured here and the one `auto` picks")
+    info.add_argument("--json", action="store_true", help="print the report as JSON (as the bench JSON has it)")
+    info.add_argument("--check", action="store_true", help="one real token on every backend, each in its own process")
+    _add_model_args(info)
+    info.set_defaults(func=cmd_info)
 
     fetch = sub.add_parser("fetch", help="fetch, assemble and verify registered models")
     fetch.add_argument("models", nargs="*", help="registry names (" + ", ".join(MODELS) + "); default: the pair")

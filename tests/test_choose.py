@@ -12,9 +12,13 @@ def table(one_ms, *ratios):
 DRAFT = Measured("torch-q4", "draft.gguf", seconds={1: 0.018, 2: 0.019, 32: 0.2})
 # shapes as measured on the AMD kind (AVX2, 2 cores)
 LLAMA_FILE = Measured("llama.cpp", "t.gguf", table(85, 1.55, 2.2, 2.3, 3.0, 3.3, 3.7, 5.6, 5.9), exact=[1, 2, 3])
-LLAMA_Q4_0 = Measured("llama.cpp", "t-Q4_0.gguf", table(75, 1.6, 2.3, 2.2, 3.0, 3.5, 4.1, 4.1, 4.8), exact=list(range(1, 10)))
+LLAMA_Q4_0 = Measured(
+    "llama.cpp", "t-Q4_0.gguf", table(75, 1.6, 2.3, 2.2, 3.0, 3.5, 4.1, 4.1, 4.8), exact=list(range(1, 10))
+)
 Q4 = Measured("torch-q4", "t.gguf", table(60, 1.05, 1.1, 1.25, 1.5, 1.7, 1.9, 2.1, 2.4), exact=list(range(1, 10)))
-INT8 = Measured("torch-int8", "t.gguf", table(104, 1.0, 1.03, 1.1, 1.15, 1.16, 1.1, 1.24, 1.39), exact=list(range(1, 10)))
+INT8 = Measured(
+    "torch-int8", "t.gguf", table(104, 1.0, 1.03, 1.1, 1.15, 1.16, 1.1, 1.24, 1.39), exact=list(range(1, 10))
+)
 
 
 def test_the_target_with_cheap_exact_windows_and_fast_single_rows_wins():

@@ -6,7 +6,9 @@ import sys
 from specserve import hardware
 
 AVX2_ONLY = frozenset("fpu sse4_2 avx avx2 fma f16c bmi2".split())  # the AMD kind's extensions
-WITH_AMX = frozenset("sse4_2 avx avx2 fma f16c bmi2 avx_vnni avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_int8".split())
+WITH_AMX = frozenset(
+    "sse4_2 avx avx2 fma f16c bmi2 avx_vnni avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_int8".split()
+)
 
 
 def test_a_cpu_without_amx_keeps_the_native_build():

@@ -23,11 +23,11 @@ def plot_report(report: dict, path: Path) -> Path:
         drawn = bars.bar(xs, values, width, label=config)
         bars.bar_label(
             drawn,
-            labels=[f"{report['summary'][g][config]['speedup_vs_fastest_target_only']:.2f}x" for g in groups],
+            labels=[f"{report['summary'][g][config]['speedup_vs_llamacpp']:.2f}x" for g in groups],
             fontsize=7,
         )
     bars.set_xticks(range(len(groups)), groups)
-    bars.set_ylabel("decode tokens/s (label: speed-up vs fastest target-only)")
+    bars.set_ylabel("decode tokens/s (label: speed-up vs plain llama.cpp on the model's file)")
     bars.set_title(f"{report['max_tokens']} new tokens per prompt, {report['machine']['cores']} cores")
     bars.legend(fontsize=8, loc="upper right")
 

@@ -2,15 +2,19 @@
 
 Configurations run interleaved per prompt, so a noisy neighbour slows all of them alike. Per-token latency
 is a request's decode time divided by its tokens after the first (ms/token); mean and p90 are over requests.
-Speed-ups are ratios of aggregate decode tokens/s against the *fastest* target-only configuration.
+Speed-ups are ratios of aggregate decode tokens/s against plain llama.cpp on the model's own file, alone in
+its own process: what a user would run instead. Plain llama.cpp on the Q4_0 requantization (the weights
+torch-q4 runs) is a row too, so the table separates what requantizing gives from what speculation gives.
+
+Fidelity: a faster target that is a requantization is a slightly different model. Per target variant, the
+report gives its top-1 agreement with llama.cpp on the model's file, teacher-forced on that baseline's own
+output for every prompt of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from rich.table import Table
 
 import specserve
 from specserve.bench.measure import COST_WINDOWS, run_generation, window_costs
-from specserve.bench.worker import LlamaCppProcess
+from specserve.bench.worker import BackendProcess
 from specserve.engine.sampling import SamplingParams
 from specserve.models.fetch import resolve_model
 from specserve.models.registry import DEFAULT_DRAFT
@@ -34,12 +38,12 @@ SAMPLED_TEMPERATURE = 0.8
 
 @dataclass
 class BenchConfig:
-    """One column of the comparison: a decoding method on the int8 runtime, or plain llama.cpp in a worker."""
+    """One column of the comparison: a decoding method on the bench's runtime, or plain decoding in a worker."""
 
     label: str
     method: str = "none"
     k: int | str = 0
-    worker: LlamaCppProcess | None = None
+    worker: BackendProcess | None = None
     runtime: Runtime | None = None  # another model pair (e.g. a quantized draft); default: the bench's
     target_memory: int = 0
     draft_memory: int = 0
@@ -132,20 +136,22 @@ def _draft_label(runtime: Runtime) -> str:
     return f"{runtime.config.draft} ({runtime.draft.name})"
 
 
-def _configs(args: argparse.Namespace, runtime: Runtime, llama_target: LlamaCppProcess, console: Console):
+BASELINE = "plain llama.cpp, model's file"  # what speed-ups are relative to
+
+
+def _configs(args: argparse.Namespace, runtime: Runtime, workers: dict[str, BackendProcess], console: Console):
     """The columns of the comparison. `--table seed` reproduces the seed's rows on our pair: baseline
     (target only), speculative with the plain draft, speculative + quantized draft, plus our cascade."""
-    int8 = runtime.target.name
+    target = runtime.target.name
     target_mem = runtime.target.memory_bytes()
     baselines = [
-        BenchConfig("target-only llama.cpp", worker=llama_target, target_memory=llama_target.memory),
-        BenchConfig(f"target-only {int8}", target_memory=target_mem),
-    ]
+        BenchConfig(label, worker=worker, target_memory=worker.memory) for label, worker in workers.items()
+    ] + [BenchConfig(f"target-only {target}", target_memory=target_mem)]
 
     def speculative(method: str, k: int | str, rt: Runtime, tolerance: float | None = None) -> BenchConfig:
         drafter = "n-gram" if method == "ngram" else _draft_label(rt)
         lossy = f", tolerance delta={tolerance:g} (lossy)" if tolerance is not None else ""
-        label = f"spec {int8} + {'cascade ' if method == 'cascade' else ''}{drafter} k={k}{lossy}"
+        label = f"spec {target} + {'cascade ' if method == 'cascade' else ''}{drafter} k={k}{lossy}"
         draft_mem = rt.draft.memory_bytes() if method != "ngram" else 0
         return BenchConfig(label, method, k, None, rt, target_mem, draft_mem, tolerance)
 
@@ -170,38 +176,72 @@ def _configs(args: argparse.Namespace, runtime: Runtime, llama_target: LlamaCppP
     return configs
 
 
+def fidelity(runtime: Runtime, runs: list[dict], prompts: dict[str, list[int]], workers: list[BackendProcess]) -> dict:
+    """Per target variant: the share of positions where its greedy choice is the token plain llama.cpp on
+    the model's file chose, over that baseline's outputs (teacher-forced, so one early difference does not
+    decide the rest)."""
+    reference = [(r["prompt"], r["token_ids"]) for r in runs if r["config"] == BASELINE and r["token_ids"]]
+    variants: dict[str, list[int]] = {}
+    local = runtime.target.new_sequence()
+    for prompt, tokens in reference:
+        ids = prompts[prompt]
+        logits = local.eval(ids + tokens, all_logits=True)[len(ids) - 1 : -1]
+        local.reset()
+        agree = variants.setdefault(f"{runtime.target.name} {runtime.target.model_path.name}", [0, 0])
+        agree[0] += int((np.argmax(logits, axis=-1) == np.array(tokens)).sum())
+        agree[1] += len(tokens)
+        for worker in workers:
+            agree = variants.setdefault(worker.label, [0, 0])
+            agree[0] += sum(a == b for a, b in zip(worker.argmax(ids, tokens), tokens, strict=True))
+            agree[1] += len(tokens)
+    return {label: {"top1_agreement": round(a / n, 4), "tokens": n} for label, (a, n) in variants.items() if n}
+
+
+def _fidelity_workers(runtime: Runtime, n_ctx: int) -> list[BackendProcess]:
+    """Every other target variant `auto` measured here (each loaded in its own process)."""
+    if runtime.choice is None:
+        return []
+    reference = (("llama.cpp", runtime.target.model_path), (runtime.target.name, runtime.target.model_path))
+    variants = [m for m in runtime.choice.targets if m.usable and (m.backend, Path(m.model)) not in reference]
+    return [BackendProcess(m.backend, Path(m.model), n_ctx) for m in variants]
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    from specserve.backends.torch_q4 import HEAD_AND_BODY
+    from specserve.info import collect
+    from specserve.models.quantize import quantized_model
+
     console = Console(stderr=True)
     prompts = load_prompts(prompt_files(args.prompts), args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     console.print("loading models and calibrating ...")
     runtime = Runtime(RuntimeConfig.from_args(args))
     tokenizer = runtime.tokenizer
-    target_path = runtime.target.model_path
-    # Plain llama.cpp runs in a worker process, alone, as a user of llama.cpp would run it.
-    llama_target = LlamaCppProcess(target_path, args.n_ctx)
-    configs = _configs(args, runtime, llama_target, console)
+    target_path = resolve_model(args.target)
+    # Plain llama.cpp runs in worker processes, alone, as a user of llama.cpp would run it.
+    workers = {
+        BASELINE: BackendProcess("llama.cpp", target_path, args.n_ctx),
+        "plain llama.cpp, Q4_0 requantized": BackendProcess(
+            "llama.cpp", quantized_model(target_path, HEAD_AND_BODY), args.n_ctx
+        ),
+    }
+    configs = _configs(args, runtime, workers, console)
     probe = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompts[0]["prompt"]}]))
     console.print("measuring the backend cost table ...")
-    costs = {
-        f"llama.cpp {target_path.name}": llama_target.costs(probe),
-        f"{runtime.target.name} {target_path.name}": window_costs(runtime.target, probe),
-    }
-    registry_draft = resolve_model(DEFAULT_DRAFT, show_progress=False)
-    llama_draft = LlamaCppProcess(registry_draft, args.n_ctx)  # the registry's draft on llama.cpp, for reference
-    costs[f"llama.cpp {registry_draft.name}"] = llama_draft.costs(probe)
-    llama_draft_memory = llama_draft.memory
-    llama_draft.close()  # the cost table is all it is needed for
+    costs = {worker.label: worker.costs(probe) for worker in workers.values()}
+    costs[f"{runtime.target.name} {runtime.target.model_path.name}"] = window_costs(runtime.target, probe)
     drafts = {id(rt.draft): rt.draft for rt in [runtime, *(c.runtime for c in configs if c.runtime)] if rt.draft}
     for draft in drafts.values():  # every draft a row uses, on the backend it runs on
         costs.setdefault(f"{draft.name} {draft.model_path.name}", window_costs(draft, probe))
 
     runs: list[dict] = []
+    encoded: dict[str, list[int]] = {}
     total = len(prompts) * len(modes) * len(configs)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=total)
         for prompt in prompts:
             ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompt["prompt"]}]))
+            encoded[prompt["prompt"]] = ids
             for mode in modes:
                 temperature = 0.0 if mode == "greedy" else SAMPLED_TEMPERATURE
                 params = SamplingParams(temperature=temperature, seed=1, max_tokens=args.max_tokens)
@@ -210,13 +250,25 @@ def run_bench(args: argparse.Namespace) -> int:
                     result = config.run(runtime, ids, params)
                     result.update(config=config.label, mode=mode, kind=prompt["kind"], prompt=prompt["prompt"])
                     if config.worker is None and config.method == "none":
-                        exact_tokens = result["token_ids"]  # the int8 target's own output: the quality reference
+                        exact_tokens = result["token_ids"]  # the target's own output: the quality reference
                     if args.tolerance and config.worker is None and exact_tokens is not None:
                         result["same_as_target"] = result["token_ids"] == exact_tokens
                         result["target_logprob"] = target_logprob(runtime, ids, result["token_ids"])
-                    result["output"] = tokenizer.decode(result.pop("token_ids"))
+                    result["output"] = tokenizer.decode(result["token_ids"])
                     runs.append(result)
                     progress.advance(task)
+    memory = {label: worker.memory for label, worker in workers.items()}
+    for worker in workers.values():
+        worker.close()
+
+    console.print("measuring each target variant's agreement with llama.cpp on the model's file ...")
+    greedy = [r for r in runs if r["mode"] == "greedy"] or runs
+    others = _fidelity_workers(runtime, args.n_ctx)
+    agreement = fidelity(runtime, greedy, encoded, others)
+    for worker in others:
+        worker.close()
+    for run in runs:
+        run.pop("token_ids")
 
     summary: dict = {}
     for mode in modes:
@@ -230,33 +282,33 @@ def run_bench(args: argparse.Namespace) -> int:
                     rows[config.label] = _summarize(selected)
                     rows[config.label]["target_memory"] = config.target_memory
                     rows[config.label]["draft_memory"] = config.draft_memory
-            fastest_plain = max(rows[c.label]["tokens_per_s"] for c in configs if c.method == "none")
             for row in rows.values():
-                row["speedup_vs_fastest_target_only"] = round(row["tokens_per_s"] / fastest_plain, 3)
+                row["speedup_vs_llamacpp"] = round(row["tokens_per_s"] / rows[BASELINE]["tokens_per_s"], 3)
             summary[f"{mode}/{kind}"] = rows
 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": collect(runtime.choice),
+        "commit": _commit(),
         "prompts": [str(p) for p in prompt_files(args.prompts)],
         "table": args.table,
         "max_tokens": args.max_tokens,
         "k": args.k,
         "sampled_temperature": SAMPLED_TEMPERATURE,
+        "backends": {"target": costs_label(runtime.target), "draft": costs_label(runtime.draft)},
         "cost_table": costs,
+        "fidelity": agreement,
         # times a runtime measured its window costs again after the machine's speed drifted (per runtime)
         "cost_refreshes": {c.label: c.runtime.cost_refreshes for c in configs if c.runtime},
         "memory_bytes": {
             f"target {runtime.target.name} weights": runtime.target.memory_bytes(),
-            f"draft {runtime.draft.name} weights": runtime.draft.memory_bytes(),
-            "target llama.cpp weights": llama_target.memory,
-            f"draft llama.cpp {registry_draft.name} weights": llama_draft_memory,
+            f"draft {runtime.draft.name} weights": runtime.draft.memory_bytes() if runtime.draft else 0,
+            **{f"{label} weights": value for label, value in memory.items()},
             "peak_rss": peak_rss,
         },
         "summary": summary,
         "runs": runs,
     }
-    llama_target.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -267,6 +319,19 @@ def run_bench(args: argparse.Namespace) -> int:
     print_report(report, console)
     console.print(f"JSON: {out}   plot: {png}")
     return 0
+
+
+def costs_label(backend) -> str | None:
+    return f"{backend.name} {backend.model_path.name}" if backend is not None else None
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    done = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or None
 
 
 def print_report(report: dict, console: Console) -> None:
@@ -289,7 +354,7 @@ def print_report(report: dict, console: Console) -> None:
             "tokens/pass",
             "draft GiB",
             "target GiB",
-            "speedup",
+            "vs llama.cpp",
         ):
             table.add_column(col, justify="left" if col == "configuration" else "right")
         with_quality = any("target_logprob" in r for r in rows.values())
@@ -309,9 +374,19 @@ def print_report(report: dict, console: Console) -> None:
                 f"{r['tokens_per_pass']:.2f}",
                 f"{r['draft_memory'] / 2**30:.2f}" if r["draft_memory"] else "-",
                 f"{r['target_memory'] / 2**30:.2f}",
-                f"{r['speedup_vs_fastest_target_only']:.2f}x",
+                f"{r['speedup_vs_llamacpp']:.2f}x",
                 *quality,
             )
         console.print(table)
+    if report.get("fidelity"):
+        table = Table(title="Fidelity: top-1 agreement with llama.cpp on the model's file (teacher-forced)")
+        table.add_column("target variant")
+        table.add_column("agreement", justify="right")
+        table.add_column("tokens", justify="right")
+        for label, row in report["fidelity"].items():
+            table.add_row(label, f"{row['top1_agreement']:.1%}", str(row["tokens"]))
+        console.print(table)
+    cpu = report["machine"]["cpu"]
+    console.print(f"CPU: {cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['isa'])}; backends {report['backends']}")
     mem = report["memory_bytes"]
     console.print("memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()))
