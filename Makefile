@@ -17,7 +17,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup models redis serve test test-quick lint bench proto clean
+.PHONY: setup models redis serve test test-quick lint bench info proto clean
 
 setup: $(STAMP)
 
@@ -50,7 +50,10 @@ redis:
 serve: models
 	$(VENV)/bin/specserve serve --host $(HOST) --port $(PORT)
 
+# First a real one-token eval of every backend, each in its own process: a kernel that crashes on this CPU
+# fails here in seconds, by name, not inside a test fixture.
 test: models redis
+	$(VENV)/bin/specserve info --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-quick: setup redis
@@ -66,6 +69,9 @@ proto: setup
 
 bench: models
 	$(VENV)/bin/specserve bench
+
+info: models
+	$(VENV)/bin/specserve info
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache

@@ -259,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="D1,D2",
         help="add lossy tolerance rows with these deltas, with their quality cost (same-as-target rate, log-prob)",
     )
+    bench.add_argument(
+        "--no-fidelity",
+        dest="fidelity",
+        action="store_false",
+        help="skip the fidelity table (each target variant's agreement with llama.cpp on the model's file)",
+    )
     bench.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each kind")
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("-k", type=draft_length, default=DEFAULT_K, help="draft length of the speculative rows")

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from specserve.bench.run import BASELINE
 from specserve.models.registry import DEFAULT_DRAFT
 
 pytestmark = pytest.mark.models
@@ -26,6 +27,7 @@ def test_seed_table_with_tolerance_row(tmp_path):
         "greedy",
         "--tolerance",
         "2",
+        "--no-fidelity",  # the default table's test checks it
         "--out",
         str(out),
     ]
@@ -34,7 +36,7 @@ def test_seed_table_with_tolerance_row(tmp_path):
     report = json.loads(out.read_text())
     rows = report["summary"]["greedy/all"]
     labels = list(rows)
-    assert labels[0] == "target-only llama.cpp" and any("quantized:Q4_0" in label for label in labels)
+    assert labels[0] == BASELINE and any("quantized:Q4_0" in label for label in labels)
     assert any(f"{DEFAULT_DRAFT} (torch-int8)" in label for label in labels)  # the seed's plain draft row
     assert any(DEFAULT_DRAFT in name for name in report["cost_table"])
     assert any("cascade" in label for label in labels) and any("tolerance" in label for label in labels)
@@ -43,18 +45,30 @@ def test_seed_table_with_tolerance_row(tmp_path):
     lossy = next(r for label, r in rows.items() if "tolerance" in label)
     assert lossy["target_logprob"] < 0 and lossy["acceptance_rate"] is not None
     assert out.with_suffix(".png").stat().st_size > 10_000
-    assert "speedup" in done.stdout
+    assert "vs llama.cpp" in done.stdout
 
 
-def test_default_table_names_every_drafter_and_its_cost(tmp_path):
+def test_default_table_names_every_drafter_its_cost_the_machine_and_the_fidelity(tmp_path, runtime):
+    """Runs on the project's own prompt set: no ../shared needed."""
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "specserve.cli", "bench", "--prompts", "public", "--limit", "1"]
+    command = [sys.executable, "-m", "specserve.cli", "bench", "--limit", "1"]
     command += ["--max-tokens", "8", "--modes", "greedy", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    labels = list(report["summary"]["greedy/all"])
-    assert labels[:2] == ["target-only llama.cpp", "target-only torch-int8"]
+    rows = report["summary"]["greedy/all"]
+    labels = list(rows)
+    target = runtime.target.name
+    assert labels[:3] == [BASELINE, "plain llama.cpp, Q4_0 requantized", f"target-only {target}"]
+    assert rows[BASELINE]["speedup_vs_llamacpp"] == 1.0
     assert any("n-gram" in label for label in labels) and any("k=4" in label for label in labels)
-    assert any("quantized:Q4_0/Q4_0 (llama.cpp)" in label for label in labels)  # the default draft
+    assert any(f"quantized:Q4_0/Q4_0 ({runtime.draft.name})" in label for label in labels)  # the default draft
     assert any("Q4_0-head-Q4_0" in name for name in report["cost_table"])  # and its cost row
+    assert {p.rsplit("/", 1)[-1] for p in report["prompts"]} == {"prompts.jsonl"}
+    assert report["machine"]["cpu"]["isa"] and report["machine"]["choice"]["target"]["backend"] == target
+    assert report["backends"]["target"].startswith(target)
+    # every target variant measured here, with its agreement with llama.cpp on the model's file
+    variants = {m["backend"] for m in report["machine"]["choice"]["targets"] if m["error"] is None}
+    assert {label.split()[0] for label in report["fidelity"]} == variants
+    assert all(0.5 < row["top1_agreement"] <= 1.0 for row in report["fidelity"].values())
+    assert "Fidelity" in done.stdout

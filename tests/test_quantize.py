@@ -13,8 +13,15 @@ from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 def _load_and_eval(path: Path, tokens: list[int]) -> tuple[int, np.ndarray]:
     from specserve.backends.llamacpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(path, n_ctx=64, n_threads=1)  # 2 threads stall badly on a busy 2-core box
+    backend = LlamaCppBackend(path, n_ctx=256, n_threads=1)  # 2 threads stall badly on a busy 2-core box
     return backend.n_vocab, backend.eval(tokens)
+
+
+REAL_TEXT = (
+    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome. "
+    "Water boils at one hundred degrees Celsius at sea level, and it freezes at zero degrees. "
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
+)
 
 
 @pytest.mark.small_model
@@ -26,12 +33,13 @@ def test_quantized_smollm2_loads_and_runs(smollm2_path, isolated_cache, qtype):
     assert not list(out.parent.glob("*.partial")), "the temporary file must be renamed away"
     from specserve.models.tokenizer import Tokenizer
 
-    tokens = Tokenizer(smollm2_path).encode("The capital of France is Paris. The capital of Germany is")
+    tokens = Tokenizer(smollm2_path).encode(REAL_TEXT)
     n_vocab, logits = _load_and_eval(out, tokens)
     source_vocab, source_logits = _load_and_eval(smollm2_path, tokens)
     assert n_vocab == source_vocab
     assert logits.shape == (len(tokens), n_vocab) and np.isfinite(logits).all()
-    # Same model up to quantization noise: the next-token choice on real text mostly agrees.
+    # Same model up to quantization noise: the next-token choice on real text mostly agrees (66 tokens:
+    # 0.97-0.99 at Q8_0, 0.79 at Q4_0 on this 135M model).
     assert (logits.argmax(-1) == source_logits.argmax(-1)).mean() >= 0.6
 
 

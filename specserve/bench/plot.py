@@ -28,7 +28,9 @@ def plot_report(report: dict, path: Path) -> Path:
         )
     bars.set_xticks(range(len(groups)), groups)
     bars.set_ylabel("decode tokens/s (label: speed-up vs plain llama.cpp on the model's file)")
-    bars.set_title(f"{report['max_tokens']} new tokens per prompt, {report['machine']['cores']} cores")
+    bars.set_title(
+        f"{report['max_tokens']} new tokens per prompt, {report['machine']['cpu']['cores']} cores, {report['machine']['cpu']['model']}"
+    )
     bars.legend(fontsize=8, loc="upper right")
 
     for name, row in report["cost_table"].items():

@@ -261,12 +261,14 @@ def run_bench(args: argparse.Namespace) -> int:
     for worker in workers.values():
         worker.close()
 
-    console.print("measuring each target variant's agreement with llama.cpp on the model's file ...")
-    greedy = [r for r in runs if r["mode"] == "greedy"] or runs
-    others = _fidelity_workers(runtime, args.n_ctx)
-    agreement = fidelity(runtime, greedy, encoded, others)
-    for worker in others:
-        worker.close()
+    agreement = {}
+    if args.fidelity:
+        console.print("measuring each target variant's agreement with llama.cpp on the model's file ...")
+        greedy = [r for r in runs if r["mode"] == "greedy"] or runs
+        others = _fidelity_workers(runtime, args.n_ctx)
+        agreement = fidelity(runtime, greedy, encoded, others)
+        for worker in others:
+            worker.close()
     for run in runs:
         run.pop("token_ids")
 
