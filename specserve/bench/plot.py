@@ -28,9 +28,8 @@ def plot_report(report: dict, path: Path) -> Path:
         )
     bars.set_xticks(range(len(groups)), groups)
     bars.set_ylabel("decode tokens/s (label: speed-up vs plain llama.cpp on the model's file)")
-    bars.set_title(
-        f"{report['max_tokens']} new tokens per prompt, {report['machine']['cpu']['cores']} cores, {report['machine']['cpu']['model']}"
-    )
+    cpu = report["machine"]["cpu"]
+    bars.set_title(f"{report['max_tokens']} new tokens per prompt, {cpu['model']}, {cpu['cores']} cores")
     bars.legend(fontsize=8, loc="upper right")
 
     for name, row in report["cost_table"].items():
