@@ -1,8 +1,11 @@
 """llama.cpp backend (llama-cpp-python, low-level batch API).
 
 One `llama_decode` appends a window and returns logits for every position in it; rollback is
-`llama_memory_seq_rm` from the kept length on. Fastest single-token decoding on this CPU, but the cost of
-a k-token window grows almost linearly (compute-bound), see `specserve bench`'s cost table.
+`llama_memory_seq_rm` from the kept length on. On 2 cores llama.cpp is compute-bound once a pass has several
+rows, so a window of k tokens costs far more than one (`specserve info` prints the table). Its kernels also
+change with the row count (repacked GEMMs take rows in groups of 4), so a window may round differently from
+single steps: which window sizes are exact is measured per machine and file (backends/choose.py), and
+speculation stays within them.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from specserve.models.tokenizer import quiet_stderr
 
 class LlamaCppBackend:
     """One sequence (one llama.cpp context) on a model; `new_sequence` opens another context on the same
-    weights. llama.cpp is compute-bound here, so sequences are evaluated one after another (batching
-    them would cost as much as running them in turn)."""
+    weights. Sequences are evaluated one after another: llama.cpp is compute-bound for many rows, so
+    batching them would cost as much as running them in turn, and each keeps its own window shapes."""
 
     name = "llama.cpp"
     copies_prefix = False  # contexts do not share KV memory

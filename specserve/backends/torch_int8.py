@@ -1,16 +1,14 @@
-"""PyTorch int8 backend: a compact Qwen2 forward pass on FBGEMM int8 GEMMs, batch-invariant.
+"""torch-int8 backend: the Qwen2 forward (backends/qwen2.py) on torch's int8 GEMMs, batch-invariant.
 
-Why this exists: on this 2-core CPU llama.cpp is compute-bound for windows of several tokens (5 tokens
-cost ~3x one), while FBGEMM's int8 GEMM is memory-bound (5 rows cost ~1.2x one row), so a speculative
-window can be verified for little more than a single token.
+FBGEMM's int8 GEMM (and oneDNN's, `torch-int8-onednn`) is efficient for many rows, so a verify window costs
+little more than one row; but its weights are 8 bits, so one row reads ~1.7x the bytes of a 4-bit file.
+Which of the backends wins depends on the machine: `auto` measures (backends/choose.py).
 
-Exactness: FBGEMM's dynamic linear picks one activation scale per *tensor*, so a row's result would
-depend on the other rows in the batch, and a verify window would round differently from one-token
-decoding. We pin the scale instead: each row is divided by its own absmax and two sentinel columns
-(+1, -1) are appended (with zero weights), so every batch spans exactly [-1, 1], quantizes with the same
-parameters, accumulates in exact int32, and is rescaled per row. Attention for windows runs row by row
-over exactly the keys a one-token step would see. Result: window logits are bitwise equal to one-token
-logits (tests/test_backends.py checks this), so greedy speculation reproduces the target exactly.
+Exactness: a dynamic int8 linear picks one activation scale per *tensor*, so a row's result would depend on
+the other rows in the batch, and a verify window would round differently from one-token decoding. We pin
+the scale instead: each row is divided by its own absmax and two sentinel columns (+1, -1) are appended
+(with zero weights), so every batch spans exactly [-1, 1], quantizes with the same parameters, accumulates
+in exact int32, and is rescaled per row.
 
 Weights come from the GGUF file (dequantized with the `gguf` package), are requantized to int8 per output
 channel and cached in the specserve cache dir, so only the first load pays for dequantization.

@@ -176,34 +176,40 @@ def _configs(args: argparse.Namespace, runtime: Runtime, workers: dict[str, Back
     return configs
 
 
-def fidelity(runtime: Runtime, runs: list[dict], prompts: dict[str, list[int]], workers: list[BackendProcess]) -> dict:
-    """Per target variant: the share of positions where its greedy choice is the token plain llama.cpp on
-    the model's file chose, over that baseline's outputs (teacher-forced, so one early difference does not
-    decide the rest)."""
-    reference = [(r["prompt"], r["token_ids"]) for r in runs if r["config"] == BASELINE and r["token_ids"]]
-    variants: dict[str, list[int]] = {}
+def fidelity(runtime: Runtime, runs: list[dict], prompts: dict[str, list[int]], n_ctx: int) -> dict:
+    """Per target variant (the bench's target and every other one `auto` measured here, each loaded in a
+    process of its own, one at a time): the share of positions where its greedy choice is the token plain
+    llama.cpp on the model's file chose, over that baseline's outputs (teacher-forced, so one early
+    difference does not decide the rest)."""
+    reference = [(prompts[r["prompt"]], r["token_ids"]) for r in runs if r["config"] == BASELINE and r["token_ids"]]
+    total = sum(len(tokens) for _, tokens in reference)
     local = runtime.target.new_sequence()
-    for prompt, tokens in reference:
-        ids = prompts[prompt]
-        logits = local.eval(ids + tokens, all_logits=True)[len(ids) - 1 : -1]
+
+    def local_argmax(ids: list[int], tokens: list[int]) -> list[int]:
         local.reset()
-        agree = variants.setdefault(f"{runtime.target.name} {runtime.target.model_path.name}", [0, 0])
-        agree[0] += int((np.argmax(logits, axis=-1) == np.array(tokens)).sum())
-        agree[1] += len(tokens)
-        for worker in workers:
-            agree = variants.setdefault(worker.label, [0, 0])
-            agree[0] += sum(a == b for a, b in zip(worker.argmax(ids, tokens), tokens, strict=True))
-            agree[1] += len(tokens)
-    return {label: {"top1_agreement": round(a / n, 4), "tokens": n} for label, (a, n) in variants.items() if n}
+        return np.argmax(local.eval(ids + tokens, all_logits=True)[len(ids) - 1 : -1], axis=-1).tolist()
 
+    def agreement(argmax) -> dict:
+        agree = sum(a == b for ids, tokens in reference for a, b in zip(argmax(ids, tokens), tokens, strict=True))
+        return {"top1_agreement": round(agree / max(total, 1), 4), "tokens": total}
 
-def _fidelity_workers(runtime: Runtime, n_ctx: int) -> list[BackendProcess]:
-    """Every other target variant `auto` measured here (each loaded in its own process)."""
-    if runtime.choice is None:
-        return []
-    reference = (("llama.cpp", runtime.target.model_path), (runtime.target.name, runtime.target.model_path))
-    variants = [m for m in runtime.choice.targets if m.usable and (m.backend, Path(m.model)) not in reference]
-    return [BackendProcess(m.backend, Path(m.model), n_ctx) for m in variants]
+    result = {f"{runtime.target.name} {runtime.target.model_path.name}": agreement(local_argmax)}
+    skip = {("llama.cpp", runtime.target.model_path), (runtime.target.name, runtime.target.model_path)}
+    for m in runtime.choice.targets if runtime.choice else []:
+        if not m.usable or (m.backend, Path(m.model)) in skip:
+            continue
+        try:
+            worker = BackendProcess(m.backend, Path(m.model), n_ctx)
+        except specserve.SpecserveError as exc:
+            result[m.label] = {"error": str(exc)}
+            continue
+        try:
+            result[worker.label] = agreement(worker.argmax)
+        except specserve.SpecserveError as exc:
+            result[worker.label] = {"error": str(exc)}
+        finally:
+            worker.close()
+    return result
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -265,10 +271,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.fidelity:
         console.print("measuring each target variant's agreement with llama.cpp on the model's file ...")
         greedy = [r for r in runs if r["mode"] == "greedy"] or runs
-        others = _fidelity_workers(runtime, args.n_ctx)
-        agreement = fidelity(runtime, greedy, encoded, others)
-        for worker in others:
-            worker.close()
+        agreement = fidelity(runtime, greedy, encoded, args.n_ctx)
     for run in runs:
         run.pop("token_ids")
 
@@ -386,7 +389,10 @@ def print_report(report: dict, console: Console) -> None:
         table.add_column("agreement", justify="right")
         table.add_column("tokens", justify="right")
         for label, row in report["fidelity"].items():
-            table.add_row(label, f"{row['top1_agreement']:.1%}", str(row["tokens"]))
+            if "error" in row:
+                table.add_row(label, f"[red]{row['error']}[/red]", "")
+            else:
+                table.add_row(label, f"{row['top1_agreement']:.1%}", str(row["tokens"]))
         console.print(table)
     cpu = report["machine"]["cpu"]
     console.print(f"CPU: {cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['isa'])}; backends {report['backends']}")

@@ -9,7 +9,7 @@
 // The same arithmetic has three spellings: AVX512-VNNI, AVX2 and portable C++ (SPECSERVE_GENERIC, or a CPU
 // with neither). Integer dot products are exact in all three, and the float operations (int -> float,
 // scale product, fused multiply-add, the reduction trees) are the same, so all three give bitwise the same
-// results; a test compares this machine's path with the portable one.
+// results; kernels/__init__.py checks this machine's path against the portable one before using it.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
