@@ -10,7 +10,7 @@ from pathlib import Path
 from specserve import SpecserveError
 from specserve.backends.base import Backend
 from specserve.backends.calibrate import batch_seconds, window_seconds
-from specserve.backends.choose import Choice, Measured, choose, exact_window_sizes
+from specserve.backends.choose import Choice, choose, exact_prefix, exact_window_sizes
 from specserve.cache.prefix import PrefixCache
 from specserve.engine.adaptive import AdaptiveK, BatchCosts, MachineSpeed, SharedAcceptance
 from specserve.engine.loop import PREFILL_CHUNK, Generation
@@ -145,8 +145,7 @@ class Runtime:
         chosen = self.choice.target if self.choice else None
         if chosen and chosen.backend == self.target.name and Path(chosen.model) == self.target.model_path:
             return chosen.exact_windows()
-        sizes = exact_window_sizes(self.target, self.tokenizer, tuple(range(1, K_MAX + 2)))
-        return Measured(self.target.name, str(self.target.model_path), exact=sizes).exact_windows()
+        return exact_prefix(exact_window_sizes(self.target, self.tokenizer, tuple(range(1, K_MAX + 2))))
 
     def _init_remote(self, show_progress: bool) -> None:
         """Front-end of remote verifiers (specserve/cluster): the draft and tokenizer here, the target there."""

@@ -19,6 +19,7 @@ The pick (`pick_target`, `pick_draft`) is the policy, in one place: see their do
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -67,11 +68,15 @@ class Measured:
         return self.error is None and bool(self.seconds)
 
     def exact_windows(self) -> int:
-        """The largest n such that windows of 1..n rows are all exact."""
-        n = 0
-        while n + 1 in self.exact:
-            n += 1
-        return n
+        return exact_prefix(self.exact)
+
+
+def exact_prefix(sizes: list[int]) -> int:
+    """The largest n such that windows of 1..n rows are all exact."""
+    n = 0
+    while n + 1 in sizes:
+        n += 1
+    return n
 
 
 @dataclass
@@ -241,7 +246,7 @@ def _machine_key(*files: Path) -> str:
     from specserve.kernels import SOURCE
 
     ids = [f"{f.resolve()} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files]
-    kernel = str(SOURCE.stat().st_size) + str(SOURCE.stat().st_mtime_ns)
+    kernel = hashlib.sha256(SOURCE.read_bytes()).hexdigest()  # not its mtime: every clone has a new one
     parts = (hardware.cpu_model(), str(os.cpu_count()), torch.__version__, llama_cpp.__version__, kernel, *ids)
     return hardware.build_key(*parts, str(_FORMAT))
 

@@ -12,6 +12,7 @@ pass get bitwise what each would get alone (tests/test_backends.py checks both).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,24 @@ def read_config(reader: gguf.GGUFReader, backend: str) -> Qwen2Config:
     )
 
 
+def cached_state(path: Path, version: int, build: Callable[[], dict]) -> dict:
+    """Tensors converted from a GGUF file, memory-mapped from `path` if it holds this format `version`,
+    else built and saved there (under a temporary name first: a crash never leaves a truncated cache)."""
+    if path.exists():
+        try:
+            state = torch.load(path, mmap=True, weights_only=False)
+            if state.get("format") == version:
+                return state
+        except (RuntimeError, EOFError, OSError):
+            pass  # a truncated cache file: build it again
+    state = {**build(), "format": version}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(state, partial)
+    partial.replace(path)
+    return state
+
+
 class Linear(Protocol):
     """y = x W^T (+ b) for x float [rows, in]; the result of each row must not depend on the other rows."""
 
@@ -83,6 +102,27 @@ class Layer:
     @property
     def nbytes(self) -> int:
         return self.qkv.nbytes + self.out.nbytes + self.gate_up.nbytes + self.down.nbytes
+
+
+def build_layers(
+    config: Qwen2Config, linear: Callable[[list[str], list[str] | None], Linear], norm: Callable[[str], torch.Tensor]
+) -> list[Layer]:
+    """The decoder layers from GGUF tensor names: `linear(weights, biases)` stacks matrices that share an
+    input (q, k, v; gate, up) into one, so a layer makes four passes over its input rows."""
+    layers = []
+    for i in range(config.n_layers):
+        p = f"blk.{i}."
+        layers.append(
+            Layer(
+                qkv=linear([p + f"attn_{x}.weight" for x in "qkv"], [p + f"attn_{x}.bias" for x in "qkv"]),
+                out=linear([p + "attn_output.weight"], None),
+                gate_up=linear([p + "ffn_gate.weight", p + "ffn_up.weight"], None),
+                down=linear([p + "ffn_down.weight"], None),
+                attn_norm=norm(p + "attn_norm.weight"),
+                ffn_norm=norm(p + "ffn_norm.weight"),
+            )
+        )
+    return layers
 
 
 class KVCache:
@@ -177,19 +217,32 @@ class Qwen2Model:
 
 class Qwen2Backend:
     """One sequence (its own KV cache) on a Qwen2 model; `new_sequence` adds more on the same weights.
-    Subclasses name the backend and load the model."""
+    Subclasses name the backend and load the model (`load_model`)."""
 
     name = "torch"
     copies_prefix = True
     batch_invariant = True  # per-row activation scales, row-by-row attention (module docstring)
 
-    def __init__(self, model_path: Path, model: Qwen2Model):
+    def __init__(
+        self,
+        model_path: Path,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        show_progress: bool = True,
+        _model: Qwen2Model | None = None,
+    ):
+        if _model is None:
+            torch.set_num_threads(n_threads or os.cpu_count() or 1)
+        model = _model or self.load_model(Path(model_path), n_ctx, show_progress)
         self.model_path = Path(model_path)
         self._model = self.weights = model
         self.config = model.config
         self.n_vocab = model.config.n_vocab
         self.n_ctx = model.n_ctx
         self._cache = KVCache(model.config, model.n_ctx)
+
+    def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Model:
+        raise NotImplementedError
 
     def new_sequence(self) -> Qwen2Backend:
         return type(self)(self.model_path, _model=self._model)

@@ -17,7 +17,6 @@ channel and cached in the specserve cache dir, so only the first load pays for d
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from specserve.backends.qwen2 import Layer, Qwen2Backend, Qwen2Config, Qwen2Model, read_config
+from specserve.backends.qwen2 import (
+    Qwen2Backend,
+    Qwen2Config,
+    Qwen2Model,
+    build_layers,
+    cached_state,
+    read_config,
+)
 from specserve.models.fetch import cache_dir
 
 # Activations are quantized to 8 bits (FBGEMM u8), so weights keep to 7 bits: AVX2's vpmaddubsw adds two
@@ -84,7 +90,7 @@ def _convert(model_path: Path, show_progress: bool) -> dict:
         t = tensors[name]
         return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
 
-    state: dict = {"config": config.__dict__, "format": _CACHE_FORMAT}
+    state: dict = {"config": config.__dict__}
     names = [n for n in tensors if n.endswith(".weight") or n.endswith(".bias")]
     if "output.weight" not in tensors:
         names.append("output.weight")  # tied embeddings: the head reuses token_embd
@@ -102,43 +108,7 @@ def _convert(model_path: Path, show_progress: bool) -> dict:
 
 
 def load_int8_state(model_path: Path, show_progress: bool = True) -> dict:
-    path = _int8_cache_path(model_path)
-    if path.exists():
-        try:
-            state = torch.load(path, mmap=True, weights_only=False)
-            if state.get("format") == _CACHE_FORMAT:
-                return state
-        except (RuntimeError, EOFError, OSError):
-            pass  # a truncated cache file: rebuild it
-    state = _convert(model_path, show_progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    partial.replace(path)
-    return state
-
-
-def _layers(state: dict, config: Qwen2Config) -> list[Layer]:
-    def fused(parts: list[str], bias: list[str] | None = None) -> Int8Linear:
-        # inputs shared (q, k, v; gate, up): one GEMM, the same per-row activation scale, numerically identical
-        weight = torch.cat([state[name][0] for name in parts])
-        scale = torch.cat([state[name][1] for name in parts])
-        return Int8Linear(weight, scale, torch.cat([state[name] for name in bias]) if bias else None)
-
-    layers = []
-    for i in range(config.n_layers):
-        p = f"blk.{i}."
-        layers.append(
-            Layer(
-                qkv=fused([p + f"attn_{x}.weight" for x in "qkv"], [p + f"attn_{x}.bias" for x in "qkv"]),
-                out=fused([p + "attn_output.weight"]),
-                gate_up=fused([p + "ffn_gate.weight", p + "ffn_up.weight"]),
-                down=fused([p + "ffn_down.weight"]),
-                attn_norm=state[p + "attn_norm.weight"].clone(),
-                ffn_norm=state[p + "ffn_norm.weight"].clone(),
-            )
-        )
-    return layers
+    return cached_state(_int8_cache_path(model_path), _CACHE_FORMAT, lambda: _convert(model_path, show_progress))
 
 
 @contextlib.contextmanager
@@ -160,6 +130,14 @@ def load_int8_model(model_path: Path, n_ctx: int, show_progress: bool, engine: s
 
 def _int8_model(state: dict, n_ctx: int) -> Qwen2Model:
     config = Qwen2Config(**state["config"])
+
+    def linear(names: list[str], biases: list[str] | None) -> Int8Linear:
+        # one GEMM over a shared input: the same per-row activation scale, so numerically identical
+        weight = torch.cat([state[name][0] for name in names])
+        scale = torch.cat([state[name][1] for name in names])
+        return Int8Linear(weight, scale, torch.cat([state[name] for name in biases]) if biases else None)
+
+    layers = build_layers(config, linear, lambda name: state[name].clone())
     embed_q, embed_s = state["token_embd.weight"][0].clone(), state["token_embd.weight"][1].clone()
 
     def embed(ids: torch.Tensor) -> torch.Tensor:
@@ -168,7 +146,7 @@ def _int8_model(state: dict, n_ctx: int) -> Qwen2Model:
     head = Int8Linear(*state["output.weight"], None)
     embed_bytes = embed_q.numel() + embed_s.numel() * 4
     out_norm = state["output_norm.weight"].clone()
-    return Qwen2Model(config, n_ctx, _layers(state, config), embed, head, out_norm, embed_bytes)
+    return Qwen2Model(config, n_ctx, layers, embed, head, out_norm, embed_bytes)
 
 
 class TorchInt8Backend(Qwen2Backend):
@@ -177,18 +155,8 @@ class TorchInt8Backend(Qwen2Backend):
     name = "torch-int8"
     engine = "fbgemm"
 
-    def __init__(
-        self,
-        model_path: Path,
-        n_ctx: int = 4096,
-        n_threads: int | None = None,
-        show_progress: bool = True,
-        _model: Qwen2Model | None = None,
-    ):
-        if _model is None:
-            torch.set_num_threads(n_threads or os.cpu_count() or 1)
-            _model = load_int8_model(Path(model_path), n_ctx, show_progress, self.engine)
-        super().__init__(model_path, _model)
+    def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Model:
+        return load_int8_model(model_path, n_ctx, show_progress, self.engine)
 
 
 class TorchInt8OnednnBackend(TorchInt8Backend):

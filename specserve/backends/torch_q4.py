@@ -14,7 +14,6 @@ The packed weights are cached next to the requantized file (`cache_dir()/q4/`), 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import gguf
@@ -23,7 +22,14 @@ import torch
 from rich.progress import Progress
 
 from specserve import kernels
-from specserve.backends.qwen2 import Layer, Qwen2Backend, Qwen2Config, Qwen2Model, read_config
+from specserve.backends.qwen2 import (
+    Qwen2Backend,
+    Qwen2Config,
+    Qwen2Model,
+    build_layers,
+    cached_state,
+    read_config,
+)
 from specserve.models.fetch import ModelError, cache_dir
 
 _CACHE_FORMAT = 1
@@ -65,7 +71,7 @@ def _packed_path(source: Path, tile: int) -> Path:
 def _pack(source: Path, tile: int, show_progress: bool) -> dict:
     reader = gguf.GGUFReader(str(source))
     config = read_config(reader, "torch-q4")
-    state: dict = {"config": config.__dict__, "format": _CACHE_FORMAT}
+    state: dict = {"config": config.__dict__}
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task(f"packing {source.name} for the Q4 kernels", total=len(reader.tensors))
         for t in reader.tensors:
@@ -81,56 +87,26 @@ def _pack(source: Path, tile: int, show_progress: bool) -> dict:
     return state
 
 
-def _load_state(source: Path, tile: int, show_progress: bool) -> dict:
-    path = _packed_path(source, tile)
-    if path.exists():
-        try:
-            state = torch.load(path, mmap=True, weights_only=False)
-            if state.get("format") == _CACHE_FORMAT:
-                return state
-        except (RuntimeError, EOFError, OSError):
-            pass  # a truncated cache file: pack again
-    state = _pack(source, tile, show_progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    torch.save(state, partial)
-    partial.replace(path)
-    return state
-
-
 def load_q4_model(model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Model:
     tile = kernels.ops().tile_width()
     source = q4_source(model_path, tile, show_progress)
-    state = _load_state(source, tile, show_progress)
+    state = cached_state(_packed_path(source, tile), _CACHE_FORMAT, lambda: _pack(source, tile, show_progress))
     config = Qwen2Config(**state["config"])
 
-    def linear(names: list[str], biases: list[str] | None = None) -> Q4Linear:
-        # matrices that share an input (q, k, v; gate, up) stacked: one pass over the input rows
+    def linear(names: list[str], biases: list[str] | None) -> Q4Linear:
         nibbles = torch.cat([state[name][0] for name in names])
         scales = torch.cat([state[name][1] for name in names])
         bias = torch.cat([state[name] for name in biases]) if biases else None
         return Q4Linear(nibbles, scales, sum(state[name][2] for name in names), bias)
 
-    layers = []
-    for i in range(config.n_layers):
-        p = f"blk.{i}."
-        layers.append(
-            Layer(
-                qkv=linear([p + f"attn_{x}.weight" for x in "qkv"], [p + f"attn_{x}.bias" for x in "qkv"]),
-                out=linear([p + "attn_output.weight"]),
-                gate_up=linear([p + "ffn_gate.weight", p + "ffn_up.weight"]),
-                down=linear([p + "ffn_down.weight"]),
-                attn_norm=state[p + "attn_norm.weight"],
-                ffn_norm=state[p + "ffn_norm.weight"],
-            )
-        )
+    layers = build_layers(config, linear, state.__getitem__)
     embed_blocks = state["token_embd.weight"].numpy()
 
     def embed(ids: torch.Tensor) -> torch.Tensor:
         rows = embed_blocks[ids.numpy()]
         return torch.from_numpy(np.array(gguf.quants.dequantize(rows, gguf.GGMLQuantizationType.Q4_0), np.float32))
 
-    head = linear(["output.weight"])
+    head = linear(["output.weight"], None)
     return Qwen2Model(config, n_ctx, layers, embed, head, state["output_norm.weight"], embed_blocks.nbytes)
 
 
@@ -139,15 +115,5 @@ class TorchQ4Backend(Qwen2Backend):
 
     name = "torch-q4"
 
-    def __init__(
-        self,
-        model_path: Path,
-        n_ctx: int = 4096,
-        n_threads: int | None = None,
-        show_progress: bool = True,
-        _model: Qwen2Model | None = None,
-    ):
-        if _model is None:
-            torch.set_num_threads(n_threads or os.cpu_count() or 1)
-            _model = load_q4_model(Path(model_path), n_ctx, show_progress)
-        super().__init__(model_path, _model)
+    def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Model:
+        return load_q4_model(model_path, n_ctx, show_progress)
