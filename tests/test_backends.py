@@ -70,17 +70,19 @@ def test_batched_sequences_equal_each_sequence_alone_bitwise(torch_backend, runt
         assert np.array_equal(together, alone)
 
 
-def test_q4_target_agrees_with_llamacpp_on_the_same_weights(runtime):
-    """torch-q4 runs the Q4_0 requantization llama.cpp would run: the same model, so its greedy choices on
-    real text agree with llama.cpp's on that file (they differ only in rounding order)."""
+@pytest.mark.parametrize("model", ["draft", "target"])
+def test_torch_q4_agrees_with_llamacpp_on_the_same_weights(model, runtime, target_path):
+    """torch-q4 runs the weights llama.cpp runs (the file's own Q4_K and Q6_K blocks, or its Q4_0
+    requantization where the file has other types): the same model, so its greedy choices on real text agree
+    with llama.cpp's on that file; they differ only in rounding order."""
     from specserve import kernels
     from specserve.backends.llamacpp import LlamaCppBackend
     from specserve.backends.torch_q4 import q4_source
     from specserve.runtime import load_backend
 
-    q4 = load_backend("torch-q4", runtime.draft.model_path, n_ctx=512, show_progress=False)
-    source = q4_source(runtime.draft.model_path, kernels.ops().tile_width())
-    llama = LlamaCppBackend(source, n_ctx=512)
+    path = runtime.draft.model_path if model == "draft" else target_path
+    q4 = load_backend("torch-q4", path, n_ctx=512, show_progress=False)
+    llama = LlamaCppBackend(q4_source(path, kernels.ops().tile_width()), n_ctx=512, flash_attn=False)
     ids = runtime.tokenizer.encode(PROMPT + "\n\ndef factorial(n):\n    if n == 0:\n        return 1\n")
     ours, theirs = q4.eval(ids), llama.eval(ids)
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9

@@ -27,6 +27,18 @@ def test_the_target_with_cheap_exact_windows_and_fast_single_rows_wins():
     assert "torch-q4" in reason and "llama.cpp on the model's file: 85.0" in reason
 
 
+def scaled(m: Measured, model: str, factor: float) -> Measured:
+    return Measured(m.backend, model, {n: v * factor for n, v in m.seconds.items()}, m.exact)
+
+
+def test_the_models_own_weights_win_unless_a_requantization_is_clearly_faster():
+    """A requantized file is another model (the bench's fidelity table): worth it only for real speed."""
+    slightly = scaled(Q4, "t-Q4_0.gguf", 0.97)
+    assert pick_target([LLAMA_FILE, Q4, slightly], DRAFT, 8, LLAMA_FILE)[0] is Q4
+    clearly = scaled(Q4, "t-Q4_0.gguf", 0.85)
+    assert pick_target([LLAMA_FILE, Q4, clearly], DRAFT, 8, LLAMA_FILE)[0] is clearly
+
+
 def test_a_target_slower_than_plain_llamacpp_on_plain_decoding_is_not_picked():
     """int8's windows are nearly free, but every reply drafting cannot help runs 104 ms/token instead of 85."""
     cheap_draft = Measured("x", "d", seconds={1: 0.001, 2: 0.001, 32: 0.01})

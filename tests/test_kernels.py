@@ -2,6 +2,7 @@
 portable C++ spelling of the same arithmetic (so the AVX2 and AVX512-VNNI paths, each tested on the CPU that
 has it, agree with each other too)."""
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -19,20 +20,7 @@ def generic():
     return kernels.ops(generic=True)
 
 
-def q4_0_blocks(rng, n, k):
-    """Random Q4_0 weights in GGUF's block layout: fp16 scale, then 16 bytes of nibbles per 32 values."""
-    blocks = rng.integers(0, 256, (n, k // 32, 18), dtype=np.uint8)
-    scales = rng.uniform(-0.02, 0.02, (n, k // 32)).astype(np.float16)
-    blocks[:, :, :2] = scales.view(np.uint8).reshape(n, k // 32, 2)
-    return blocks.reshape(n, -1)
-
-
-def dequantize(blocks, n, k):
-    b = blocks.reshape(n, k // 32, 18)
-    d = b[:, :, :2].copy().view(np.float16).astype(np.float64)
-    q = b[:, :, 2:]
-    values = np.concatenate([q & 15, q >> 4], axis=-1).astype(np.float64) - 8  # low nibbles first
-    return (values * d).reshape(n, k)
+KINDS = list(kernels.PACKERS)  # Q4_0 and the K-quants of a Q4_K_M file
 
 
 def test_the_machine_path_is_the_best_this_cpu_has(native):
@@ -44,37 +32,46 @@ def test_the_machine_path_is_the_best_this_cpu_has(native):
     assert native.tile_width() == (16 if expected == "avx512-vnni" else 8)
 
 
-@pytest.mark.parametrize(("n", "k"), [(64, 96), (1536, 8960), (2048, 1536)])
-def test_q4_linear_matches_the_dequantized_product(native, n, k):
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("n", "k"), [(64, 512), (1536, 8960), (2048, 1536)])
+def test_linear_matches_the_dequantized_product(native, kind, n, k):
     rng = np.random.default_rng(n + k)
-    blocks = q4_0_blocks(rng, n, k)
-    weight, scales = kernels.pack_q4_0(blocks, native.tile_width())
+    blocks = kernels.random_blocks(rng, kind, n, k)
     x = torch.from_numpy(rng.standard_normal((5, k)).astype(np.float32))
     bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
-    y = native.linear(x, weight, scales, bias, n).double().numpy()
-    reference = x.double().numpy() @ dequantize(blocks, n, k).T + bias.double().numpy()
-    # activations are quantized to 8 bits per block of 32 (as llama.cpp's Q8_0): ~0.5% relative error
+    y = kernels.packed_linear(native, kind, blocks)(x, bias, n).double().numpy()
+    weight = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind]).astype(np.float64)  # gguf's reading
+    reference = x.double().numpy() @ weight.T + bias.double().numpy()
+    # activations are quantized to 8 bits per block as llama.cpp does (Q8_0, Q8_K): ~0.5% relative error
     assert np.linalg.norm(y - reference) < 0.01 * np.linalg.norm(reference)
 
 
-def test_q4_linear_rows_do_not_depend_on_each_other(native):
+@pytest.mark.parametrize("kind", KINDS)
+def test_linear_rows_do_not_depend_on_each_other(native, kind):
     rng = np.random.default_rng(1)
     n, k = 256, 512
-    weight, scales = kernels.pack_q4_0(q4_0_blocks(rng, n, k), native.tile_width())
+    linear = kernels.packed_linear(native, kind, kernels.random_blocks(rng, kind, n, k))
     x = torch.from_numpy(rng.standard_normal((17, k)).astype(np.float32) * 4)
-    singles = torch.cat([native.linear(x[i : i + 1].contiguous(), weight, scales, None, n) for i in range(17)])
+    singles = torch.cat([linear(x[i : i + 1].contiguous(), None, n) for i in range(17)])
     for rows in range(1, 18):
-        assert torch.equal(native.linear(x[:rows].contiguous(), weight, scales, None, n), singles[:rows]), rows
+        assert torch.equal(linear(x[:rows].contiguous(), None, n), singles[:rows]), rows
 
 
-def test_every_kernel_is_bitwise_the_portable_arithmetic(native, generic):
+@pytest.mark.parametrize("kind", KINDS)
+def test_linear_is_bitwise_the_portable_arithmetic(native, generic, kind):
     rng = np.random.default_rng(2)
     n, k = 512, 1024
-    weight, scales = kernels.pack_q4_0(q4_0_blocks(rng, n, k), native.tile_width())
+    blocks = kernels.random_blocks(rng, kind, n, k)
     x = torch.from_numpy(rng.standard_normal((7, k)).astype(np.float32) * 3)
     bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
-    assert torch.equal(native.linear(x, weight, scales, bias, n), generic.linear(x, weight, scales, bias, n))
-    norm = torch.rand(k)
+    fast, portable = (kernels.packed_linear(ops, kind, blocks)(x, bias, n) for ops in (native, generic))
+    assert torch.equal(fast, portable)
+
+
+def test_every_other_kernel_is_bitwise_the_portable_arithmetic(native, generic):
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((7, 1024)).astype(np.float32) * 3)
+    norm = torch.rand(1024)
     assert torch.equal(native.rms_norm(x, norm, 1e-6), generic.rms_norm(x, norm, 1e-6))
     gate_up = torch.from_numpy(rng.uniform(-90, 30, (3, 2 * 1000)).astype(np.float32))
     assert torch.equal(native.silu_mul(gate_up), generic.silu_mul(gate_up))

@@ -1,19 +1,22 @@
-"""torch-q4 backend: a Qwen2 model with Q4_0 weights on specserve's own kernels (specserve/kernels).
+"""torch-q4 backend: a Qwen2 model on specserve's own kernels (specserve/kernels), on the file's own weights.
 
-The weights are the model's GGUF file requantized to Q4_0, LM head included (llama.cpp's quantize API,
-`models/quantize.py`; a Q4_0 file is used as it is): the same weights llama.cpp runs for that file, at 4.5
-bits each, so one row reads about as many bytes as llama.cpp does. Activations are quantized per block of
-32 as llama.cpp's Q8_0; the dot product of a block is exact in int32 and the blocks are summed in a fixed
-order, so windows and concurrent sequences are bitwise what single tokens alone give.
+The kernels take the weight types of llama.cpp's 4-bit files as they are: Q4_0, and the K-quants of a
+Q4_K_M file (Q4_K, with Q6_K for the LM head and some layers). So on the model's own Q4_K_M file this runs
+the very weights llama.cpp runs, reading as many bytes per token; activations are quantized as llama.cpp
+quantizes them for each type (Q8_0 per 32 values, Q8_K per 256). A file with other types is requantized to
+Q4_0, LM head included (llama.cpp's quantize API, `models/quantize.py`): a slightly different model, whose
+agreement with the original `specserve bench` reports. `auto` may pick a Q4_0 requantization of a Q4_K_M
+file too, where it is enough faster (backends/choose.py).
 
-A requantization is a slightly different model from a Q4_K_M file: `specserve bench` reports its top-1
-agreement with the original on llama.cpp.
+Every block's dot product is exact in int32 and the blocks are summed in a fixed order, so windows and
+concurrent sequences are bitwise what single tokens alone give.
 
-The packed weights are cached next to the requantized file (`cache_dir()/q4/`), so later loads only map them.
+The packed weights are cached (`cache_dir()/q4/`), so later loads only map them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -30,35 +33,59 @@ from specserve.backends.qwen2 import (
     cached_state,
     read_config,
 )
-from specserve.models.fetch import ModelError, cache_dir
+from specserve.models.fetch import cache_dir
 
-_CACHE_FORMAT = 1
-HEAD_AND_BODY = "Q4_0/Q4_0"  # what a file of another type is requantized to
+_CACHE_FORMAT = 2
+HEAD_AND_BODY = "Q4_0/Q4_0"  # what a file of other types is requantized to
+Q = gguf.GGMLQuantizationType
 
 
-class Q4Linear:
-    """y = x W^T (+ b) on the Q4_0 kernel; W packed for the kernel's tile width."""
+@dataclass
+class KernelLinear:
+    """y = x W^T (+ b) on the kernel for W's type; W's parts packed for the kernel's tile width, stacked by
+    output (tile-major, so matrices of one type stack by concatenation)."""
 
-    def __init__(self, nibbles: torch.Tensor, scales: torch.Tensor, n: int, bias: torch.Tensor | None):
-        self.nibbles, self.scales, self.n, self.bias = nibbles, scales, n, bias
-        self.nbytes = nibbles.numel() + scales.numel() * 2
-        self._linear = kernels.ops().linear
+    kind: str  # the GGUF type name: Q4_0, Q4_K or Q6_K
+    parts: tuple[torch.Tensor, ...]
+    n: int
+    bias: torch.Tensor | None
+
+    def __post_init__(self) -> None:
+        self._linear = kernels.linear_op(kernels.ops(), self.kind)
+        self.nbytes = sum(p.numel() * p.element_size() for p in self.parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x, self.nibbles, self.scales, self.bias, self.n)
+        return self._linear(x, *self.parts, self.bias, self.n)
+
+
+@dataclass
+class Concat:
+    """Matrices of different types that share an input (Q4_K_M keeps v at Q6_K beside q and k at Q4_K)."""
+
+    linears: list[KernelLinear]
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(linear.nbytes for linear in self.linears)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([linear(x) for linear in self.linears], dim=1)
+
+
+def runs_as_is(reader: gguf.GGUFReader) -> bool:
+    """Whether the kernels take every matrix's type (the embedding only needs its rows dequantized, unless
+    it is the LM head too)."""
+    names = {t.name for t in reader.tensors}
+    head = "output.weight" if "output.weight" in names else "token_embd.weight"
+    matrices = [t for t in reader.tensors if len(t.shape) == 2 and (t.name != "token_embd.weight" or t.name == head)]
+    return all(t.tensor_type.name in kernels.PACKERS for t in matrices)
 
 
 def q4_source(model_path: Path, tile: int, show_progress: bool = True) -> Path:
-    """The Q4_0 file the backend runs: the file itself if every matrix is Q4_0, else its requantization.
-    Reading a GGUF's metadata takes seconds (its vocabulary), so an already packed file is not opened."""
-    from specserve.models.quantize import current_quantized, quantized_model
+    """The file the backend runs: the file itself if the kernels take its types, else its Q4_0
+    requantization. Reading a GGUF's metadata takes seconds (its vocabulary), so a packed file is not opened."""
+    from specserve.models.quantize import quantized_model
 
-    for packed in (model_path, current_quantized(model_path, HEAD_AND_BODY)):
-        if packed is not None and _packed_path(packed, tile).is_file():
-            return packed
-    reader = gguf.GGUFReader(str(model_path))
-    matrices = [t for t in reader.tensors if len(t.shape) == 2]
-    if all(t.tensor_type == gguf.GGMLQuantizationType.Q4_0 for t in matrices):
+    if _packed_path(model_path, tile).is_file() or runs_as_is(gguf.GGUFReader(str(model_path))):
         return model_path
     return quantized_model(model_path, HEAD_AND_BODY, show_progress)
 
@@ -73,14 +100,20 @@ def _pack(source: Path, tile: int, show_progress: bool) -> dict:
     config = read_config(reader, "torch-q4")
     state: dict = {"config": config.__dict__}
     with Progress(disable=not show_progress, transient=True) as progress:
-        task = progress.add_task(f"packing {source.name} for the Q4 kernels", total=len(reader.tensors))
+        task = progress.add_task(f"packing {source.name} for specserve's kernels", total=len(reader.tensors))
+        tied = "output.weight" not in {t.name for t in reader.tensors}  # the head is the embedding
         for t in reader.tensors:
-            if t.name == "token_embd.weight":
-                state[t.name] = torch.from_numpy(np.array(t.data))  # rows dequantized on lookup
+            if t.name == "token_embd.weight":  # rows dequantized on lookup
+                state[t.name] = (t.tensor_type.name, torch.from_numpy(np.array(t.data)))
+                if tied:
+                    state["output.weight"] = (
+                        t.tensor_type.name,
+                        kernels.PACKERS[t.tensor_type.name](np.asarray(t.data), tile),
+                        int(t.data.shape[0]),
+                    )
             elif len(t.shape) == 2:
-                if t.tensor_type != gguf.GGMLQuantizationType.Q4_0:
-                    raise ModelError(f"{source.name}: {t.name} is {t.tensor_type.name}, not Q4_0")
-                state[t.name] = (*kernels.pack_q4_0(np.asarray(t.data), tile), int(t.data.shape[0]))
+                parts = kernels.PACKERS[t.tensor_type.name](np.asarray(t.data), tile)
+                state[t.name] = (t.tensor_type.name, parts, int(t.data.shape[0]))
             else:
                 state[t.name] = torch.from_numpy(np.array(t.data, dtype=np.float32))
             progress.advance(task)
@@ -93,25 +126,34 @@ def load_q4_model(model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Mod
     state = cached_state(_packed_path(source, tile), _CACHE_FORMAT, lambda: _pack(source, tile, show_progress))
     config = Qwen2Config(**state["config"])
 
-    def linear(names: list[str], biases: list[str] | None) -> Q4Linear:
-        nibbles = torch.cat([state[name][0] for name in names])
-        scales = torch.cat([state[name][1] for name in names])
-        bias = torch.cat([state[name] for name in biases]) if biases else None
-        return Q4Linear(nibbles, scales, sum(state[name][2] for name in names), bias)
+    def linear(names: list[str], biases: list[str] | None) -> KernelLinear | Concat:
+        groups: list[list[int]] = []  # runs of neighbouring matrices of one type: stacked into one
+        for i, name in enumerate(names):
+            if groups and state[names[groups[-1][-1]]][0] == state[name][0]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        linears = []
+        for group in groups:
+            members = [state[names[i]] for i in group]
+            parts = tuple(torch.cat(tensors) for tensors in zip(*(m[1] for m in members), strict=True))
+            bias = torch.cat([state[biases[i]] for i in group]) if biases else None
+            linears.append(KernelLinear(members[0][0], parts, sum(m[2] for m in members), bias))
+        return linears[0] if len(linears) == 1 else Concat(linears)
 
     layers = build_layers(config, linear, state.__getitem__)
-    embed_blocks = state["token_embd.weight"].numpy()
+    embed_type, embed_blocks = state["token_embd.weight"][0], state["token_embd.weight"][1].numpy()
 
     def embed(ids: torch.Tensor) -> torch.Tensor:
-        rows = embed_blocks[ids.numpy()]
-        return torch.from_numpy(np.array(gguf.quants.dequantize(rows, gguf.GGMLQuantizationType.Q4_0), np.float32))
+        rows = gguf.quants.dequantize(embed_blocks[ids.numpy()], Q[embed_type])
+        return torch.from_numpy(np.array(rows, np.float32))
 
     head = linear(["output.weight"], None)
     return Qwen2Model(config, n_ctx, layers, embed, head, state["output_norm.weight"], embed_blocks.nbytes)
 
 
 class TorchQ4Backend(Qwen2Backend):
-    """One sequence on a Q4_0 Qwen2 model on specserve's kernels; `new_sequence` adds more on the same weights."""
+    """One sequence of a Qwen2 model on specserve's kernels; `new_sequence` adds more on the same weights."""
 
     name = "torch-q4"
 

@@ -361,11 +361,12 @@ def print_report(report: dict, console: Console) -> None:
             "target GiB",
             "vs llama.cpp",
         ):
-            table.add_column(col, justify="left" if col == "configuration" else "right")
+            # numbers and their headers never wrap; the configuration column takes what is left
+            table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=col != "configuration")
         with_quality = any("target_logprob" in r for r in rows.values())
         if with_quality:  # tolerance rows: what the lossy rule costs
-            table.add_column("same as target", justify="right")
-            table.add_column("target log-prob", justify="right")
+            table.add_column("same as target", justify="right", no_wrap=True)
+            table.add_column("target log-prob", justify="right", no_wrap=True)
         for label, r in rows.items():
             quality = [f"{r['same_as_target']:.0%}", f"{r['target_logprob']:.3f}"] if "target_logprob" in r else []
             quality = quality or (["-", "-"] if with_quality else [])

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if !defined(SPECSERVE_GENERIC) && (defined(__AVX2__) || defined(__AVX512F__))
@@ -50,7 +51,6 @@ constexpr int ROW_GROUP = 8;  // rows computed per pass over a tile's weights (r
 constexpr int64_t TILE = 8;
 constexpr int ROW_GROUP = 4;
 #endif
-constexpr int64_t TILE_BYTES = TILE * QK / 2;  // one block of a tile: TILE columns x 32 nibbles
 constexpr int64_t PREFETCH = 4096;            // bytes ahead in the weight stream (measured: 1-4 KiB)
 
 // ---------------------------------------------------------------------------------------------------------
@@ -81,216 +81,431 @@ float half_to_float(uint16_t h) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Activations: Q8_0 per block of 32 (llama.cpp's scheme): d = amax / 127, q = round-to-nearest-even(x / d).
-// `offset` is 8 * sum(q): weights are stored as unsigned nibbles w + 8, and this takes the 8 back out.
+// Activations, quantized to int8 as llama.cpp does for each weight type: per block of 32 (Q8_0, for Q4_0
+// weights) or of 256 (Q8_K, for the K-quants): d = amax / 127, q = round-to-nearest-even(x / d). Sums of q
+// per 16 and 32 values go with them (the weights' offsets and mins multiply them).
 
-void quantize_block(const float* src, int8_t* dst, float* d, int32_t* offset) {
+float absmax(const float* src, int64_t n) {
 #ifdef USE_AVX2
   const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_loadu_ps(src + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-  }
+  for (int64_t i = 0; i < n; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float scale = _mm_cvtss_f32(m) / 127.f;
-  const __m256 inv = _mm256_set1_ps(scale != 0.f ? 1.f / scale : 0.f);
+  return _mm_cvtss_f32(m);
+#else
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(src[i]));
+  return amax;
+#endif
+}
+
+// 32 values times `inv`, rounded to int8; sums[0] and sums[1]: the sums of the first and last 16.
+void quantize_32(const float* src, float inv, int8_t* dst, int32_t* sums) {
+#ifdef USE_AVX2
+  const __m256 mul = _mm256_set1_ps(inv);
   __m256i q[4];
   for (int i = 0; i < 4; ++i)
-    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
-  sum4 = _mm_hadd_epi32(sum4, sum4);
-  sum4 = _mm_hadd_epi32(sum4, sum4);
+    q[i] = _mm256_cvtps_epi32(
+        _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(src + 8 * i), mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (int half = 0; half < 2; ++half) {
+    const __m256i s8 = _mm256_add_epi32(q[2 * half], q[2 * half + 1]);
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    sums[half] = _mm_cvtsi128_si32(_mm_hadd_epi32(s4, s4));
+  }
   // int32 -> int8 keeping element order (the packs interleave 128-bit lanes; the permute undoes it)
   const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
                       _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  *d = scale;
-  *offset = 8 * _mm_cvtsi128_si32(sum4);
 #else
-  float amax = 0.f;
-  for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(src[i]));
-  const float scale = amax / 127.f;
-  const float inv = scale != 0.f ? 1.f / scale : 0.f;
-  int32_t sum = 0;
+  sums[0] = sums[1] = 0;
   for (int i = 0; i < QK; ++i) {
     const int value = static_cast<int>(std::nearbyint(src[i] * inv));
     dst[i] = static_cast<int8_t>(value);
-    sum += value;
+    sums[i / 16] += value;
   }
-  *d = scale;
-  *offset = 8 * sum;
 #endif
 }
 
 struct QuantizedRows {
-  at::Tensor q, d, offset;  // [rows, k] int8, [rows, k/32] float, [rows, k/32] int32
+  at::Tensor q, d, sums;  // [rows, k] int8; [rows, k / block] float; [rows, k / 16] int32
+  int64_t block;
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x) {
-  const int64_t rows = x.size(0), k = x.size(1), nb = k / QK;
+QuantizedRows quantize_rows(const at::Tensor& x, int64_t block) {
+  const int64_t rows = x.size(0), k = x.size(1), nb = k / block;
   QuantizedRows out{at::empty({rows, k}, x.options().dtype(at::kChar)), at::empty({rows, nb}, x.options()),
-                    at::empty({rows, nb}, x.options().dtype(at::kInt))};
+                    at::empty({rows, k / 16}, x.options().dtype(at::kInt)), block};
   const float* src = x.data_ptr<float>();
   int8_t* q = out.q.data_ptr<int8_t>();
   float* d = out.d.data_ptr<float>();
-  int32_t* o = out.offset.data_ptr<int32_t>();
-  at::parallel_for(0, rows * nb, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) quantize_block(src + i * QK, q + i * QK, d + i, o + i);
+  int32_t* sums = out.sums.data_ptr<int32_t>();
+  at::parallel_for(0, rows * nb, 256 / block * 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float scale = absmax(src + i * block, block) / 127.f;
+      const float inv = scale != 0.f ? 1.f / scale : 0.f;
+      for (int64_t j = 0; j < block; j += QK) quantize_32(src + i * block + j, inv, q + i * block + j, sums + (i * block + j) / 16);
+      d[i] = scale;
+    }
   });
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Weights: per tile of TILE output columns and per block b of 32 inputs, TILE_BYTES bytes laid out as
-// [g = 0..3][column][4 bytes]: byte i of group g of a column is its Q4_0 byte 4g+i, whose low nibble is
-// input 4g+i and high nibble input 16+4g+i (llama.cpp's order). Then TILE fp16 scales per (tile, block).
+// Weights, in tiles of TILE output columns (kernels/__init__.py packs them). The 4-bit codes of a block of
+// 32 inputs take TILE * 16 bytes, laid out [g = 0..3][column][4 bytes]: byte i of group g holds input 4g+i
+// in its low nibble and input 16+4g+i in its high nibble (llama.cpp's Q4_0 order). A vector of group g
+// then holds 4 consecutive inputs of every column of the tile, against which one row's 4 inputs are
+// broadcast: one multiply-add instruction per 4 inputs x TILE columns.
 //
-// One row r, one tile, one block: dot[c] = sum_i (w[c][i] + 8) * x[i] - 8 * sum_i x[i], exact in int32;
-// acc[c] = fma(float(dot[c]), scale_w[c] * scale_x, acc[c]) over the blocks in order.
+//   Q4_0  w = d (q - 8), per block of 32: codes, then TILE fp16 d per block.
+//   Q4_K  w = d sc q - dmin m per sub-block of 32 (sc, m: 6-bit integers), d and dmin per super-block of
+//         256: the integer dot products of the 8 sub-blocks times sc (and of the activations' sums times m)
+//         add up exactly, then one float multiply-add each per super-block. As llama.cpp computes it.
+//   Q6_K  w = d sc (q - 32) per sub-block of 16 (sc: int8), q of 6 bits: the low 4 as above, the high 2 in
+//         TILE * 8 more bytes per 32 inputs ([half][column][4 bytes]: bits 2g..2g+1 of byte i are those of
+//         input 4g+i, or 16+4g+i in the second half).
+//
+// Each output is fma'd from exact integers in a fixed order of blocks, whatever the number of rows.
 
-template <int R>
-void tile_rows(const uint8_t* w, const uint16_t* scales, int64_t nb, const int8_t* xq, const float* xd,
-               const int32_t* xo, int64_t k, float* y, int64_t n) {
+// The u8 x s8 products of 4 inputs x TILE columns for one row: int16 pair sums (maddubs, AVX2) or int32
+// sums of 4 (dpbusd, AVX512-VNNI); the helpers below hide which.
 #if defined(USE_AVX512)
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + b * TILE_BYTES;
-    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 128), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 192), _MM_HINT_T0);
-    __m512i lo[4], hi[4];
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {
-      const __m512i p = _mm512_loadu_si512(reinterpret_cast<const void*>(wb + 64 * g));
-      lo[g] = _mm512_and_si512(p, m4);
-      hi[g] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
-    }
-    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * TILE)));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xb = xq + r * k + b * QK;
-      __m512i dot = _mm512_setzero_si512();
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
-        int32_t x_lo, x_hi;
-        std::memcpy(&x_lo, xb + 4 * g, 4);
-        std::memcpy(&x_hi, xb + 16 + 4 * g, 4);
-        dot = _mm512_dpbusd_epi32(dot, lo[g], _mm512_set1_epi32(x_lo));
-        dot = _mm512_dpbusd_epi32(dot, hi[g], _mm512_set1_epi32(x_hi));
-      }
-      dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(xo[r * nb + b]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * n, acc[r]);
+using ivec = __m512i;
+using fvec = __m512;
+inline ivec load_bytes(const uint8_t* p) { return _mm512_loadu_si512(reinterpret_cast<const void*>(p)); }
+inline ivec and_bytes(ivec a, int mask) { return _mm512_and_si512(a, _mm512_set1_epi8(static_cast<char>(mask))); }
+inline ivec shift_right(ivec a, int bits) { return _mm512_srli_epi16(a, bits); }
+inline ivec shift_left(ivec a, int bits) { return _mm512_slli_epi16(a, bits); }
+inline ivec or_bytes(ivec a, ivec b) { return _mm512_or_si512(a, b); }
+inline ivec broadcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+inline ivec zero() { return _mm512_setzero_si512(); }
+inline ivec add32(ivec a, ivec b) { return _mm512_add_epi32(a, b); }
+inline ivec sub32(ivec a, ivec b) { return _mm512_sub_epi32(a, b); }
+inline ivec mul32(ivec a, ivec b) { return _mm512_mullo_epi32(a, b); }
+inline ivec set32(int32_t v) { return _mm512_set1_epi32(v); }
+inline ivec u8_to_32(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline ivec s8_to_32(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline fvec half_to_f(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline fvec fzero() { return _mm512_setzero_ps(); }
+inline fvec fmul_scalar(fvec a, float b) { return _mm512_mul_ps(a, _mm512_set1_ps(b)); }
+inline fvec fma_i(ivec a, fvec b, fvec c) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), b, c); }
+inline fvec fnma_i(ivec a, fvec b, fvec c) { return _mm512_fnmadd_ps(_mm512_cvtepi32_ps(a), b, c); }
+inline void fstore(float* p, fvec v) { _mm512_storeu_ps(p, v); }
+// Sum over N groups of 4 inputs: codes[i] . x(4 bytes at xs[i]), exact int32 per column.
+template <int N, int BITS>
+inline ivec dot_groups(const ivec* codes, const int8_t* const* xs) {
+  ivec acc = zero();
+  for (int i = 0; i < N; ++i) acc = _mm512_dpbusd_epi32(acc, codes[i], broadcast4(xs[i]));
+  return acc;
+}
 #elif defined(USE_AVX2)
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
+using ivec = __m256i;
+using fvec = __m256;
+inline ivec load_bytes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline ivec and_bytes(ivec a, int mask) { return _mm256_and_si256(a, _mm256_set1_epi8(static_cast<char>(mask))); }
+inline ivec shift_right(ivec a, int bits) { return _mm256_srli_epi16(a, bits); }
+inline ivec shift_left(ivec a, int bits) { return _mm256_slli_epi16(a, bits); }
+inline ivec or_bytes(ivec a, ivec b) { return _mm256_or_si256(a, b); }
+inline ivec broadcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+inline ivec zero() { return _mm256_setzero_si256(); }
+inline ivec add32(ivec a, ivec b) { return _mm256_add_epi32(a, b); }
+inline ivec sub32(ivec a, ivec b) { return _mm256_sub_epi32(a, b); }
+inline ivec mul32(ivec a, ivec b) { return _mm256_mullo_epi32(a, b); }
+inline ivec set32(int32_t v) { return _mm256_set1_epi32(v); }
+inline ivec u8_to_32(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline ivec s8_to_32(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline fvec half_to_f(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline fvec fzero() { return _mm256_setzero_ps(); }
+inline fvec fmul_scalar(fvec a, float b) { return _mm256_mul_ps(a, _mm256_set1_ps(b)); }
+inline fvec fma_i(ivec a, fvec b, fvec c) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), b, c); }
+inline fvec fnma_i(ivec a, fvec b, fvec c) { return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(a), b, c); }
+inline void fstore(float* p, fvec v) { _mm256_storeu_ps(p, v); }
+// maddubs adds pairs of u8 x s8 products into int16 lanes, which must not saturate: with codes of BITS bits
+// (below 2^BITS) and |x| <= 128, a lane of `terms` summed pairs holds 2 * terms * (2^BITS - 1) * 128, so
+// 4-bit codes may add all 8 groups in int16 (30720) and 6-bit codes 2 (32256) before widening exactly.
+template <int N, int BITS>
+inline ivec dot_groups(const ivec* codes, const int8_t* const* xs) {
+  constexpr int terms = BITS <= 4 ? 8 : 2;
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + b * TILE_BYTES;
-    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH + 64), _MM_HINT_T0);
-    __m256i lo[4], hi[4];
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {
-      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * g));
-      lo[g] = _mm256_and_si256(p, m4);
-      hi[g] = _mm256_and_si256(_mm256_srli_epi16(p, 4), m4);
-    }
-    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * TILE)));
+  ivec acc = zero();
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xb = xq + r * k + b * QK;
-      // u8 (0..15) x s8 products summed in pairs into int16, then 8 such sums: 16 products of at most
-      // 15 * 128 each, below 32767, so the int16 lanes never saturate
-      __m256i sum = _mm256_setzero_si256();
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
-        int32_t x_lo, x_hi;
-        std::memcpy(&x_lo, xb + 4 * g, 4);
-        std::memcpy(&x_hi, xb + 16 + 4 * g, 4);
-        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(lo[g], _mm256_set1_epi32(x_lo)));
-        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(hi[g], _mm256_set1_epi32(x_hi)));
-      }
-      const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(sum, ones), _mm256_set1_epi32(xo[r * nb + b]));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(ws, _mm256_set1_ps(xd[r * nb + b])), acc[r]);
-    }
+  for (int i = 0; i < N; i += terms) {
+    __m256i pairs = _mm256_maddubs_epi16(codes[i], broadcast4(xs[i]));
+#pragma GCC unroll 8
+    for (int j = i + 1; j < i + terms && j < N; ++j)
+      pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(codes[j], broadcast4(xs[j])));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
   }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * n, acc[r]);
+  return acc;
+}
+#endif
+
+inline void prefetch(const uint8_t* p) {
+#if defined(USE_AVX2)
+  _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH + 64), _MM_HINT_T0);
 #else
-  float acc[R][TILE] = {};
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + b * TILE_BYTES;
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xb = xq + r * k + b * QK;
-      const float dx = xd[r * nb + b];
-      for (int64_t c = 0; c < TILE; ++c) {
-        int32_t dot = 0;
-        for (int g = 0; g < 4; ++g)
-          for (int i = 0; i < 4; ++i) {
-            const uint8_t byte = wb[(g * TILE + c) * 4 + i];
-            dot += (byte & 0x0F) * xb[4 * g + i] + (byte >> 4) * xb[16 + 4 * g + i];
-          }
-        dot -= xo[r * nb + b];
-        acc[r][c] = std::fma(static_cast<float>(dot), half_to_float(scales[b * TILE + c]) * dx, acc[r][c]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < TILE; ++c) y[r * n + c] = acc[r][c];
+  (void)p;
 #endif
 }
 
-// y = x W^T (+ bias): x float [rows, k]; weight and scales as packed by kernels/__init__.py for n outputs.
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& bias, int64_t n) {
+// Activations of R rows as the tiles read them.
+struct Rows {
+  const int8_t* q;     // [R, k]
+  const float* d;      // [R, k / block]
+  const int32_t* sums;  // [R, k / 16]
+  int64_t k, block;
+  const int8_t* at(int r, int64_t i) const { return q + r * k + i; }
+  float scale(int r, int64_t i) const { return d[r * (k / block) + i / block]; }
+  int32_t sum16(int r, int64_t i) const { return sums[r * (k / 16) + i / 16]; }
+};
+
+#if defined(USE_AVX2)
+// The codes of one block of 32 inputs: lo[g] inputs 4g.., hi[g] inputs 16+4g.. (g = 0..3).
+inline void unpack4(const uint8_t* w, ivec* lo, ivec* hi) {
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const ivec p = load_bytes(w + g * TILE * 4);
+    lo[g] = and_bytes(p, 0x0F);
+    hi[g] = and_bytes(shift_right(p, 4), 0x0F);
+  }
+}
+
+// One row's 4 consecutive inputs per group, for the block at input i.
+inline void groups_of(const Rows& x, int r, int64_t i, const int8_t** lo, const int8_t** hi) {
+  for (int g = 0; g < 4; ++g) {
+    lo[g] = x.at(r, i + 4 * g);
+    hi[g] = x.at(r, i + 16 + 4 * g);
+  }
+}
+
+template <int R>
+void tile_q4_0(const uint8_t* w, const uint16_t* scales, const Rows& x, float* y, int64_t n) {
+  const int64_t nb = x.k / QK;
+  fvec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = fzero();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * TILE * 16;
+    prefetch(wb);
+    ivec lo[4], hi[4], codes[8];
+    unpack4(wb, lo, hi);
+    for (int g = 0; g < 4; ++g) codes[g] = lo[g], codes[4 + g] = hi[g];
+    const fvec ws = half_to_f(scales + b * TILE);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xs[8];
+      groups_of(x, r, b * QK, xs, xs + 4);
+      const ivec offset = set32(8 * (x.sum16(r, b * QK) + x.sum16(r, b * QK + 16)));
+      acc[r] = fma_i(sub32(dot_groups<8, 4>(codes, xs), offset), fmul_scalar(ws, x.scale(r, b * QK)), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) fstore(y + r * n, acc[r]);
+}
+
+template <int R>
+void tile_q4_k(const uint8_t* w, const uint8_t* sc, const uint8_t* mins, const uint16_t* dd, const Rows& x, float* y,
+               int64_t n) {
+  const int64_t nsb = x.k / 256;
+  fvec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = fzero();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    ivec total[R], low[R];
+    for (int r = 0; r < R; ++r) total[r] = low[r] = zero();
+    for (int s = 0; s < 8; ++s) {
+      const int64_t block = sb * 8 + s;
+      const uint8_t* wb = w + block * TILE * 16;
+      prefetch(wb);
+      ivec lo[4], hi[4], codes[8];
+      unpack4(wb, lo, hi);
+      for (int g = 0; g < 4; ++g) codes[g] = lo[g], codes[4 + g] = hi[g];
+      const ivec scale = u8_to_32(sc + block * TILE), min = u8_to_32(mins + block * TILE);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xs[8];
+        groups_of(x, r, block * QK, xs, xs + 4);
+        total[r] = add32(total[r], mul32(dot_groups<8, 4>(codes, xs), scale));
+        const int32_t sum = x.sum16(r, block * QK) + x.sum16(r, block * QK + 16);
+        low[r] = add32(low[r], mul32(min, set32(sum)));
+      }
+    }
+    const fvec d = half_to_f(dd + sb * 2 * TILE), dmin = half_to_f(dd + sb * 2 * TILE + TILE);
+    for (int r = 0; r < R; ++r) {
+      const float dx = x.scale(r, sb * 256);
+      acc[r] = fnma_i(low[r], fmul_scalar(dmin, dx), fma_i(total[r], fmul_scalar(d, dx), acc[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) fstore(y + r * n, acc[r]);
+}
+
+template <int R>
+void tile_q6_k(const uint8_t* w, const uint8_t* high, const int8_t* sc, const uint16_t* dd, const Rows& x, float* y,
+               int64_t n) {
+  const int64_t nsb = x.k / 256;
+  fvec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = fzero();
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    ivec total[R];
+    for (int r = 0; r < R; ++r) total[r] = zero();
+    for (int c = 0; c < 8; ++c) {  // blocks of 32 inputs: Q6_K sub-blocks 2c and 2c+1
+      const int64_t block = sb * 8 + c;
+      const uint8_t* wb = w + block * TILE * 16;
+      prefetch(wb);
+      ivec lo[4], hi[4];
+      unpack4(wb, lo, hi);
+      const ivec h_lo = load_bytes(high + block * TILE * 8), h_hi = load_bytes(high + block * TILE * 8 + TILE * 4);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        lo[g] = or_bytes(lo[g], shift_left(and_bytes(shift_right(h_lo, 2 * g), 0x03), 4));
+        hi[g] = or_bytes(hi[g], shift_left(and_bytes(shift_right(h_hi, 2 * g), 0x03), 4));
+      }
+      const ivec scale_lo = s8_to_32(sc + (2 * block) * TILE), scale_hi = s8_to_32(sc + (2 * block + 1) * TILE);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xl[4];
+        const int8_t* xh[4];
+        groups_of(x, r, block * QK, xl, xh);
+        const ivec dot_lo = sub32(dot_groups<4, 6>(lo, xl), set32(32 * x.sum16(r, block * QK)));
+        const ivec dot_hi = sub32(dot_groups<4, 6>(hi, xh), set32(32 * x.sum16(r, block * QK + 16)));
+        total[r] = add32(total[r], add32(mul32(dot_lo, scale_lo), mul32(dot_hi, scale_hi)));
+      }
+    }
+    const fvec d = half_to_f(dd + sb * TILE);
+    for (int r = 0; r < R; ++r) acc[r] = fma_i(total[r], fmul_scalar(d, x.scale(r, sb * 256)), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) fstore(y + r * n, acc[r]);
+}
+
+#else  // portable: the same integers and the same float operations, one column at a time
+
+// The codes of input i (0..31) of column c in a block.
+inline int code4(const uint8_t* w, int64_t c, int i) {
+  const int j = i % 16, g = j / 4;
+  const uint8_t byte = w[(g * TILE + c) * 4 + j % 4];
+  return i < 16 ? byte & 0x0F : byte >> 4;
+}
+
+inline int code6(const uint8_t* w, const uint8_t* high, int64_t c, int i) {
+  const int j = i % 16, g = j / 4;
+  const uint8_t h = high[((i / 16) * TILE + c) * 4 + j % 4];
+  return code4(w, c, i) | (((h >> (2 * g)) & 3) << 4);
+}
+
+inline int32_t dot_block(const uint8_t* w, int64_t c, const int8_t* x) {
+  int32_t dot = 0;
+  for (int i = 0; i < QK; ++i) dot += code4(w, c, i) * x[i];
+  return dot;
+}
+
+template <int R>
+void tile_q4_0(const uint8_t* w, const uint16_t* scales, const Rows& x, float* y, int64_t n) {
+  const int64_t nb = x.k / QK;
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < TILE; ++c) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int32_t offset = 8 * (x.sum16(r, b * QK) + x.sum16(r, b * QK + 16));
+        const int32_t dot = dot_block(w + b * TILE * 16, c, x.at(r, b * QK)) - offset;
+        acc = std::fma(static_cast<float>(dot), half_to_float(scales[b * TILE + c]) * x.scale(r, b * QK), acc);
+      }
+      y[r * n + c] = acc;
+    }
+}
+
+template <int R>
+void tile_q4_k(const uint8_t* w, const uint8_t* sc, const uint8_t* mins, const uint16_t* dd, const Rows& x, float* y,
+               int64_t n) {
+  const int64_t nsb = x.k / 256;
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < TILE; ++c) {
+      float acc = 0.f;
+      for (int64_t sb = 0; sb < nsb; ++sb) {
+        int32_t total = 0, low = 0;
+        for (int s = 0; s < 8; ++s) {
+          const int64_t block = sb * 8 + s;
+          total += dot_block(w + block * TILE * 16, c, x.at(r, block * QK)) * sc[block * TILE + c];
+          low += mins[block * TILE + c] * (x.sum16(r, block * QK) + x.sum16(r, block * QK + 16));
+        }
+        const float dx = x.scale(r, sb * 256);
+        const float d = half_to_float(dd[sb * 2 * TILE + c]), dmin = half_to_float(dd[sb * 2 * TILE + TILE + c]);
+        acc = std::fma(-static_cast<float>(low), dmin * dx, std::fma(static_cast<float>(total), d * dx, acc));
+      }
+      y[r * n + c] = acc;
+    }
+}
+
+template <int R>
+void tile_q6_k(const uint8_t* w, const uint8_t* high, const int8_t* sc, const uint16_t* dd, const Rows& x, float* y,
+               int64_t n) {
+  const int64_t nsb = x.k / 256;
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < TILE; ++c) {
+      float acc = 0.f;
+      for (int64_t sb = 0; sb < nsb; ++sb) {
+        int32_t total = 0;
+        for (int b = 0; b < 8; ++b) {
+          const int64_t block = sb * 8 + b;
+          const int8_t* xb = x.at(r, block * QK);
+          for (int half = 0; half < 2; ++half) {
+            int32_t dot = 0;
+            for (int i = 16 * half; i < 16 * half + 16; ++i)
+              dot += code6(w + block * TILE * 16, high + block * TILE * 8, c, i) * xb[i];
+            dot -= 32 * x.sum16(r, block * QK + 16 * half);
+            total += dot * sc[(2 * block + half) * TILE + c];
+          }
+        }
+        acc = std::fma(static_cast<float>(total), half_to_float(dd[sb * TILE + c]) * x.scale(r, sb * 256), acc);
+      }
+      y[r * n + c] = acc;
+    }
+}
+#endif
+
+// Calls tile(t, first_row, R) for every tile and every group of rows: near-equal groups of at most
+// ROW_GROUP, R a compile-time constant (the kernels keep R rows' sums in registers).
+template <class F>
+void with_rows(int64_t count, F&& f) {
+  switch (count) {
+#ifdef USE_AVX512
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+#endif
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+template <class Tile>
+at::Tensor gemm(const at::Tensor& x, int64_t n, int64_t block, const std::optional<at::Tensor>& bias, Tile&& tile) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float [rows, k]");
-  const int64_t rows = x.size(0), k = x.size(1), nb = k / QK, tiles = n / TILE;
-  TORCH_CHECK(k % QK == 0 && n % TILE == 0, "k must be a multiple of 32 and n of the tile width");
-  TORCH_CHECK(weight.numel() == n * k / 2 && scales.numel() == n * nb, "weights do not match n and k");
+  const int64_t rows = x.size(0), k = x.size(1), tiles = n / TILE;
+  TORCH_CHECK(k % block == 0 && n % TILE == 0, "k must be a multiple of the block and n of the tile width");
   TORCH_CHECK(!bias || bias->numel() == n, "bias does not match n");
   auto y = at::empty({rows, n}, x.options());
-  const QuantizedRows xq = quantize_rows(x);
-  const uint8_t* w = weight.data_ptr<uint8_t>();
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  const int8_t* q = xq.q.data_ptr<int8_t>();
-  const float* d = xq.d.data_ptr<float>();
-  const int32_t* o = xq.offset.data_ptr<int32_t>();
+  const QuantizedRows xq = quantize_rows(x, block);
   float* out = y.data_ptr<float>();
   const int64_t groups = (rows + ROW_GROUP - 1) / ROW_GROUP;
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* wt = w + t * nb * TILE_BYTES;
-      const uint16_t* st = s + t * nb * TILE;
       for (int64_t g = 0, r0 = 0; g < groups; ++g) {
-        const int64_t count = (rows - r0) / (groups - g);  // groups of near-equal size
-        float* yr = out + r0 * n + t * TILE;
-        const int8_t* qr = q + r0 * k;
-        const float* dr = d + r0 * nb;
-        const int32_t* orr = o + r0 * nb;
-        switch (count) {
-#ifdef USE_AVX512
-          case 8: tile_rows<8>(wt, st, nb, qr, dr, orr, k, yr, n); break;
-          case 7: tile_rows<7>(wt, st, nb, qr, dr, orr, k, yr, n); break;
-          case 6: tile_rows<6>(wt, st, nb, qr, dr, orr, k, yr, n); break;
-          case 5: tile_rows<5>(wt, st, nb, qr, dr, orr, k, yr, n); break;
-#endif
-          case 4: tile_rows<4>(wt, st, nb, qr, dr, orr, k, yr, n); break;
-          case 3: tile_rows<3>(wt, st, nb, qr, dr, orr, k, yr, n); break;
-          case 2: tile_rows<2>(wt, st, nb, qr, dr, orr, k, yr, n); break;
-          default: tile_rows<1>(wt, st, nb, qr, dr, orr, k, yr, n); break;
-        }
+        const int64_t count = (rows - r0) / (groups - g);
+        const Rows part{xq.q.data_ptr<int8_t>() + r0 * k, xq.d.data_ptr<float>() + r0 * (k / block),
+                        xq.sums.data_ptr<int32_t>() + r0 * (k / 16), k, block};
+        with_rows(count, [&](auto R) { tile(t, part, out + r0 * n + t * TILE, R); });
         r0 += count;
       }
     }
@@ -301,6 +516,48 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Te
       for (int64_t c = 0; c < n; ++c) out[r * n + c] += b[c];
   }
   return y;
+}
+
+// y = x W^T (+ bias), x float [rows, k], W packed by kernels/__init__.py for n outputs.
+at::Tensor q4_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(1), nb = k / QK;
+  TORCH_CHECK(codes.numel() == n * k / 2 && scales.numel() == n * nb, "Q4_0 weights do not match n and k");
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  return gemm(x, n, QK, bias, [&](int64_t t, const Rows& rows, float* y, auto R) {
+    tile_q4_0<decltype(R)::value>(w + t * nb * TILE * 16, s + t * nb * TILE, rows, y, n);
+  });
+}
+
+at::Tensor q4_k_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc, const at::Tensor& mins,
+                       const at::Tensor& dd, const std::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(1), nb = k / QK, nsb = k / 256;
+  TORCH_CHECK(codes.numel() == n * k / 2 && sc.numel() == n * nb && mins.numel() == n * nb && dd.numel() == 2 * n * nsb,
+              "Q4_K weights do not match n and k");
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint8_t* s = sc.data_ptr<uint8_t>();
+  const uint8_t* m = mins.data_ptr<uint8_t>();
+  const uint16_t* d = reinterpret_cast<const uint16_t*>(dd.data_ptr<at::Half>());
+  return gemm(x, n, 256, bias, [&](int64_t t, const Rows& rows, float* y, auto R) {
+    tile_q4_k<decltype(R)::value>(w + t * nb * TILE * 16, s + t * nb * TILE, m + t * nb * TILE, d + t * nsb * 2 * TILE,
+                                  rows, y, n);
+  });
+}
+
+at::Tensor q6_k_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& high, const at::Tensor& sc,
+                       const at::Tensor& dd, const std::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(1), nb = k / QK, nsb = k / 256;
+  TORCH_CHECK(codes.numel() == n * k / 2 && high.numel() == n * k / 4 && sc.numel() == n * k / 16 && dd.numel() == n * nsb,
+              "Q6_K weights do not match n and k");
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint8_t* h = high.data_ptr<uint8_t>();
+  const int8_t* s = sc.data_ptr<int8_t>();
+  const uint16_t* d = reinterpret_cast<const uint16_t*>(dd.data_ptr<at::Half>());
+  return gemm(x, n, 256, bias, [&](int64_t t, const Rows& rows, float* y, auto R) {
+    tile_q6_k<decltype(R)::value>(w + t * nb * TILE * 16, h + t * nb * TILE * 8, s + t * nb * 2 * TILE,
+                                  d + t * nsb * TILE, rows, y, n);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -494,7 +751,11 @@ std::string isa() { return ISA_NAME; }
 }  // namespace
 
 TORCH_LIBRARY(SPECSERVE_NAMESPACE, m) {
-  m.def("linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias, int n) -> Tensor", &q4_linear);
+  m.def("linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n) -> Tensor", &q4_0_linear);
+  m.def("linear_q4_k(Tensor x, Tensor codes, Tensor sc, Tensor mins, Tensor dd, Tensor? bias, int n) -> Tensor",
+        &q4_k_linear);
+  m.def("linear_q6_k(Tensor x, Tensor codes, Tensor high, Tensor sc, Tensor dd, Tensor? bias, int n) -> Tensor",
+        &q6_k_linear);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def(
       "rope_and_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
