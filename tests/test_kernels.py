@@ -10,9 +10,10 @@ import torch
 from specserve import kernels
 
 
-@pytest.fixture(scope="module")
-def native():
-    return kernels.ops()
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def native(request):
+    """Each build for this CPU: its own ISA's path (AVX512-VNNI where the CPU has it) and AVX2 alone."""
+    return kernels.build(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +24,21 @@ def generic():
 KINDS = list(kernels.PACKERS)  # Q4_0 and the K-quants of a Q4_K_M file
 
 
-def test_the_machine_path_is_the_best_this_cpu_has(native):
+def test_the_native_build_takes_the_best_path_this_cpu_has():
     from specserve.hardware import cpu_flags
 
     flags = cpu_flags()
     expected = "avx512-vnni" if {"avx512_vnni", "avx512bw"} <= flags else "avx2" if "avx2" in flags else "generic"
+    native = kernels.build("native")
     assert native.isa() == expected
     assert native.tile_width() == (16 if expected == "avx512-vnni" else 8)
+
+
+def test_the_build_in_use_is_the_fastest_measured_here():
+    choice = kernels.choose_build(["native", "avx2"])
+    assert kernels.ops().isa() == kernels.build(choice["chosen"]).isa()
+    if choice["ms"]:  # two distinct ISAs here: both timed
+        assert choice["ms"][choice["chosen"]] == min(choice["ms"].values())
 
 
 @pytest.mark.parametrize("kind", KINDS)

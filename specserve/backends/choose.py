@@ -167,12 +167,15 @@ def _child_command(backend: str, model: Path, rows: tuple[int, ...], exact: bool
 
 
 def measure_in_child(backend: str, model: Path, rows: tuple[int, ...], exact: bool) -> Measured:
-    """Run `measure` in a fresh process: a crash there is a result here."""
+    """Run `measure` in a fresh process: a crash there is a result here. A load alone runs first, in a process
+    of its own, so that a first load's packing or conversion (writing a GiB of cache for the 1.5B) is over
+    before anything is timed."""
     result = Measured(backend, str(model))
     try:
-        done = subprocess.run(
-            _child_command(backend, model, rows, exact), capture_output=True, text=True, timeout=_MEASURE_TIMEOUT_S
-        )
+        for command in (_child_command(backend, model, (), False), _child_command(backend, model, rows, exact)):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=_MEASURE_TIMEOUT_S)
+            if done.returncode != 0:
+                break
     except subprocess.TimeoutExpired:
         result.error = f"no result within {_MEASURE_TIMEOUT_S} s"
         return result
@@ -252,11 +255,12 @@ def _machine_key(*files: Path) -> str:
     import llama_cpp
     import torch
 
-    from specserve.kernels import SOURCE
+    from specserve import kernels
 
     ids = [f"{f.resolve()} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files]
-    kernel = hashlib.sha256(SOURCE.read_bytes()).hexdigest()  # not its mtime: every clone has a new one
-    parts = (hardware.cpu_model(), str(os.cpu_count()), torch.__version__, llama_cpp.__version__, kernel, *ids)
+    # the kernels' source, not its mtime (every clone has a new one), and the build chosen for this CPU
+    kernel = (hashlib.sha256(kernels.SOURCE.read_bytes()).hexdigest(), kernels.ops().isa())
+    parts = (hardware.cpu_model(), str(os.cpu_count()), torch.__version__, llama_cpp.__version__, *kernel, *ids)
     return hardware.build_key(*parts, str(_FORMAT))
 
 
@@ -314,11 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="measure one backend on one model (a child of `choose`)")
     parser.add_argument("--backend", required=True)
     parser.add_argument("--model", required=True, type=Path)
-    parser.add_argument("--rows", required=True, type=lambda t: tuple(int(x) for x in t.split(",")))
+    parser.add_argument("--rows", required=True, type=lambda t: tuple(int(x) for x in t.split(",") if x))
     parser.add_argument("--exact", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        if not args.rows:  # only load: prepare the weights' cache
+            from specserve.runtime import load_backend
+
+            load_backend(args.backend, args.model, n_ctx=256, show_progress=False)
+            return 0
         result = measure(args.backend, args.model, args.rows, args.exact)
     except SpecserveError as exc:
         print(f"specserve: error: {exc}", file=sys.stderr)

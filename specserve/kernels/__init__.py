@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
@@ -100,11 +101,6 @@ def library_path(variant: str = "native") -> Path:
     return path
 
 
-def _load(variant: str):
-    torch.ops.load_library(str(library_path(variant)))
-    return getattr(torch.ops, f"specserve_kernels_{variant}")
-
-
 # bytes per GGUF block and where its fp16 scales sit: (block bytes, values per block, fp16 scale offsets)
 _LAYOUTS = {"Q4_0": (18, 32, (0,)), "Q4_K": (144, 256, (0, 2)), "Q6_K": (210, 256, (208,))}
 
@@ -158,18 +154,72 @@ def agrees(lib, reference) -> bool:
 
 @cache
 def ops(generic: bool = False):
-    """The kernels as torch ops (`ops().linear(...)`): this CPU's best build, checked at first use against
-    the portable spelling (`generic`, also for tests). AVX512-VNNI is used only where it agrees bitwise;
-    else the AVX2 build is, if it agrees; else the portable one."""
-    reference = _load("generic")
+    """The kernels as torch ops (`ops().linear(...)`): of the builds for this CPU that compute bitwise what
+    the portable spelling does (`generic`, also for tests), the fastest, as measured on this machine
+    (`choose_build`). Neither ISA wins everywhere: on AMD Zen 4, whose AVX512 units are 256 bits wide, the
+    AVX2 build streams weights faster than the AVX512-VNNI one."""
+    reference = build("generic")
     if generic:
         return reference
+    agreeing = []
     for variant in ("native", "avx2"):
-        lib = _load(variant)
+        lib = build(variant)
         if agrees(lib, reference):
-            return lib
-        print(f"specserve kernels: the {lib.isa()} build disagrees with the portable arithmetic", file=sys.stderr)
-    return reference
+            agreeing.append(variant)
+        else:
+            print(f"specserve kernels: the {lib.isa()} build disagrees with the portable arithmetic", file=sys.stderr)
+    if not agreeing:
+        return reference
+    return build(choose_build(agreeing)["chosen"])
+
+
+def build(variant: str):
+    """One build of the kernels (see VARIANTS) as a torch ops namespace, compiled on first use."""
+    torch.ops.load_library(str(library_path(variant)))
+    return getattr(torch.ops, f"specserve_kernels_{variant}")
+
+
+BUILD_CHOICE_ROWS = (1, 2, 4)  # the windows that matter most: plain decoding and short drafts
+
+
+def choose_build(variants: list[str]) -> dict:
+    """The fastest of `variants` (builds of distinct ISAs) at streaming a model's worth of the MLP weights of
+    a Q4_K_M file (larger than any cache) for BUILD_CHOICE_ROWS rows: {"chosen", "ms": {variant: total}}.
+    Measured once per machine and build, then read from the cache dir."""
+    import json
+
+    isas = {variant: build(variant).isa() for variant in variants}
+    distinct = list({isa: variant for variant, isa in reversed(isas.items())}.values())
+    if len(distinct) == 1:
+        return {"chosen": distinct[0], "ms": {}}
+    keys = [hashlib.sha256(SOURCE.read_bytes()).hexdigest(), torch.__version__, *sorted(distinct)]
+    path = cache_dir() / "kernels" / f"choice-{build_key(*keys)}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    print("timing the specserve kernel builds on this CPU (once) ...", file=sys.stderr)
+    rng = np.random.default_rng(0)
+    shapes = [("Q4_K", 8960 * 2, 1536), ("Q6_K", 1536, 8960)]  # gate+up and down of one layer of the 1.5B
+    weights = [(kind, n, k, random_blocks(rng, kind, n, k)) for kind, n, k in shapes for _ in range(6)]
+    inputs = {rows: {k: torch.randn(rows, k) for _, _, k in shapes} for rows in BUILD_CHOICE_ROWS}
+    streams = {}
+    for variant in distinct:
+        lib = build(variant)
+        streams[variant] = [(packed_linear(lib, kind, blocks), n, k) for kind, n, k, blocks in weights]
+    best = {variant: {rows: float("inf") for rows in BUILD_CHOICE_ROWS} for variant in distinct}
+    for _ in range(5):  # rounds alternate the builds, so drift in the machine's speed hits them alike
+        for variant, stream in streams.items():
+            for rows in BUILD_CHOICE_ROWS:
+                start = time.perf_counter()
+                for linear, n, k in stream:
+                    linear(inputs[rows][k], None, n)
+                best[variant][rows] = min(best[variant][rows], time.perf_counter() - start)
+    totals = {variant: round(1000 * sum(times.values()), 2) for variant, times in best.items()}
+    result = {"chosen": min(totals, key=totals.get), "ms": totals}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
 
 
 def _tiled(per_column: np.ndarray, tile: int) -> torch.Tensor:
