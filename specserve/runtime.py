@@ -123,7 +123,9 @@ class Runtime:
             kind, path = self._resolve("draft", config.draft_backend, draft_path)
             self.draft = load_backend(kind, path, config.n_ctx, show_progress)
         self.methods = ["none", "ngram"] + (list(MODEL_METHODS) if self.draft is not None else [])
-        self._target_prefixes = PrefixCache(align=PREFILL_CHUNK)  # exact reuse: whole prefill chunks only
+        # Exact reuse: whole prefill chunks only; none where the backend cannot copy KV between sequences
+        # (remembering them would only pin their memory: a llama.cpp context each).
+        self._target_prefixes = PrefixCache(align=PREFILL_CHUNK) if self.target.copies_prefix else None
         self._draft_prefixes = self._draft_prefix_cache()
         self._adaptive_templates, self.batch_costs = self._calibrate()
         self._costs_measured_at = time.monotonic()
