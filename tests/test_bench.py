@@ -4,6 +4,7 @@ and the cascade), a lossy tolerance row with its quality columns, JSON and PNG w
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,7 +69,9 @@ def test_default_table_names_every_drafter_its_cost_the_machine_and_the_fidelity
     assert report["machine"]["cpu"]["isa"] and report["machine"]["choice"]["target"]["backend"] == target
     assert report["backends"]["target"].startswith(target)
     # every target variant measured here, with its agreement with llama.cpp on the model's file
-    variants = {m["backend"] for m in report["machine"]["choice"]["targets"] if m["error"] is None}
-    assert {label.split()[0] for label in report["fidelity"]} == variants
+    variants = {
+        f"{m['backend']} {Path(m['model']).name}" for m in report["machine"]["choice"]["targets"] if m["error"] is None
+    }
+    assert set(report["fidelity"]) == variants
     assert all(0.5 < row["top1_agreement"] <= 1.0 for row in report["fidelity"].values())
     assert "Fidelity" in done.stdout

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot_report(report: dict, path: Path) -> Path:
     groups = [key for key in report["summary"] if not key.endswith("/all")]
     configs = list(next(iter(report["summary"].values())))
-    fig, (bars, costs, timeline) = plt.subplots(1, 3, figsize=(22, 5.5), gridspec_kw={"width_ratios": [3, 2, 2]})
+    fig, (bars, costs, timeline) = plt.subplots(1, 3, figsize=(22, 7), gridspec_kw={"width_ratios": [3, 2, 2]})
 
     width = 0.8 / len(configs)
     for i, config in enumerate(configs):
@@ -26,11 +26,11 @@ def plot_report(report: dict, path: Path) -> Path:
             labels=[f"{report['summary'][g][config]['speedup_vs_llamacpp']:.2f}x" for g in groups],
             fontsize=7,
         )
-    bars.set_xticks(range(len(groups)), groups)
+    bars.set_xticks(range(len(groups)), groups, fontsize=8)
     bars.set_ylabel("decode tokens/s (label: speed-up vs plain llama.cpp on the model's file)")
     cpu = report["machine"]["cpu"]
     bars.set_title(f"{report['max_tokens']} new tokens per prompt, {cpu['model']}, {cpu['cores']} cores")
-    bars.legend(fontsize=8, loc="upper right")
+    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)  # below: bars stay visible
 
     for name, row in report["cost_table"].items():
         ks = [1] + [int(key[1:]) for key in row if key.startswith("k")]
