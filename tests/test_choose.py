@@ -2,7 +2,15 @@
 
 import pytest
 
-from specserve.backends.choose import Measured, mean_ms_per_token, measure_in_child, pick_draft, pick_target
+from specserve.backends.choose import (
+    DRAFT_ROWS,
+    Measured,
+    choose,
+    mean_ms_per_token,
+    measure_in_child,
+    pick_draft,
+    pick_target,
+)
 
 
 def table(one_ms, *ratios):
@@ -73,3 +81,17 @@ def test_a_backend_that_cannot_run_a_model_is_reported_not_fatal(smollm2_path):
     assert not refused.usable and "qwen2" in refused.error
     measured = measure_in_child("llama.cpp", smollm2_path, (1, 2, 3), exact=True)
     assert measured.usable and set(measured.seconds) == {1, 2, 3} and 1 in measured.exact
+
+
+@pytest.mark.small_model
+def test_every_candidate_is_timed_in_two_rounds_and_the_result_cached(smollm2_path, isolated_cache, capsys):
+    """A front-end's draft pick (no target) on SmolLM2: only llama.cpp runs it. It is timed once per round,
+    in turn with the others, and a second start reads the measurements from the cache."""
+    first = choose(None, smollm2_path, k_max=2, show_progress=True)
+    said = capsys.readouterr().err
+    assert not first.cached and first.draft is not None and first.draft.backend == "llama.cpp"
+    assert said.count("draft llama.cpp") == 2 and "timing them all again" in said
+    assert set(first.draft.seconds) == set(DRAFT_ROWS) and all(s > 0 for s in first.draft.seconds.values())
+    assert [m.usable for m in first.drafts] == [True, False, False]  # torch backends run qwen2 only
+    again = choose(None, smollm2_path, k_max=2, show_progress=False)
+    assert again.cached and again.draft.seconds == first.draft.seconds

@@ -304,11 +304,12 @@ def choose(target: Path | None, draft: Path | None, k_max: int, show_progress: b
         for backend, model in draft_candidates(draft) if draft else []:
             drafts.append(_timed(say, "draft", measure_in_child(backend, model, DRAFT_ROWS, exact=False)))
         say("  timing them all again, in turn (a slow spell of the machine hits them alike):")
-        for measured, rows in [(t, window_rows) for t in targets] + [(d, DRAFT_ROWS) for d in drafts]:
+        rounds = [("target", t, window_rows) for t in targets] + [("draft", d, DRAFT_ROWS) for d in drafts]
+        for role, measured, rows in rounds:
             if measured.usable:
                 again = measure_in_child(measured.backend, Path(measured.model), rows, exact=False, load_first=False)
                 _keep_fastest(measured, again)
-                _timed(say, "target" if rows is window_rows else "draft", measured)
+                _timed(say, role, measured)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"targets": [asdict(t) for t in targets], "drafts": [asdict(d) for d in drafts]}))
     else:
