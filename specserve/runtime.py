@@ -123,10 +123,8 @@ class Runtime:
             kind, path = self._resolve("draft", config.draft_backend, draft_path)
             self.draft = load_backend(kind, path, config.n_ctx, show_progress)
         self.methods = ["none", "ngram"] + (list(MODEL_METHODS) if self.draft is not None else [])
-        # Exact reuse: whole prefill chunks only; none where the backend cannot copy KV between sequences
-        # (remembering them would only pin their memory: a llama.cpp context each).
-        self._target_prefixes = PrefixCache(align=PREFILL_CHUNK) if self.target.copies_prefix else None
-        self._draft_prefixes = self._draft_prefix_cache()
+        self._target_prefixes = _prefix_cache(self.target, align=PREFILL_CHUNK)  # exact: whole prefill chunks
+        self._draft_prefixes = _prefix_cache(self.draft)
         self._adaptive_templates, self.batch_costs = self._calibrate()
         self._costs_measured_at = time.monotonic()
         self.load_s = time.perf_counter() - t0
@@ -170,15 +168,10 @@ class Runtime:
         self.methods = ["none", "ngram"] + (["draft"] if self.draft is not None else [])
         # KV lives on the verifiers: no local prefix reuse, and batches are formed there, not planned here.
         self._target_prefixes, self.batch_costs = None, None
-        self._draft_prefixes = self._draft_prefix_cache()
+        self._draft_prefixes = _prefix_cache(self.draft)
         verify = self.target.window_cost_s  # measured by the verifier at start-up
         self.k_max = min(REMOTE_K_MAX, max(verify) - 1)
         self._adaptive_templates = self._templates(self.k_max, verify, self.tokenizer.encode(_CALIBRATION_TEXT))
-
-    def _draft_prefix_cache(self) -> PrefixCache | None:
-        """Recent draft sequences to copy prompt prefixes from, when the draft backend can copy them (else
-        remembering them would only pin their memory)."""
-        return PrefixCache() if self.draft is not None and self.draft.copies_prefix else None
 
     def _templates(self, k_max: int, verify: dict[int, float], context: list[int]) -> dict[str, AdaptiveK]:
         """Adaptive k per method, seeded with the verify window costs and a draft step and catch-up measured
@@ -322,6 +315,12 @@ class Runtime:
             draft = DraftModelProposer(sequence, cached=prompt_tokens[:reused], q_top_k=q_top_k)
             return CascadeProposer(draft) if method == "cascade" else draft
         return None
+
+
+def _prefix_cache(backend: Backend | None, align: int = 1) -> PrefixCache | None:
+    """Recent sequences of `backend` to copy prompt prefixes from; none where it cannot copy KV between
+    sequences (remembering them would only pin their memory: a llama.cpp context each)."""
+    return PrefixCache(align=align) if backend is not None and backend.copies_prefix else None
 
 
 def _draft_costs(measured: dict[int, float]) -> tuple[float, float | None, float]:
