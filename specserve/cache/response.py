@@ -162,7 +162,8 @@ class LRUCache(_Counters):
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._data)
+        with self._lock:  # a put holds one entry over the bound until it evicts: never show that state
+            return len(self._data)
 
     def keys(self) -> list[str]:
         """Keys from least to most recently used (for tests and debugging)."""
