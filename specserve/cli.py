@@ -18,18 +18,25 @@ if any(a == "verifier" or a.startswith(("--verifier", "--wan")) for a in sys.arg
     _share_cores_politely()
 
 from specserve import SpecserveError  # noqa: E402
-from specserve.backends.base import ContextOverflowError  # noqa: E402
-from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS  # noqa: E402
-from specserve.runtime import (  # noqa: E402
+from specserve.config import (  # noqa: E402
+    ABLATIONS,
     BACKENDS,
-    DEFAULT_DRAFT_BACKEND,
     DEFAULT_DRAFT_SPEC,
-    DEFAULT_K,
-    DEFAULT_TARGET_BACKEND,
-    DRAFT_METHODS,
     K_MAX,
+    METHODS,
     MODEL_METHODS,
+    N_CTX,
+    SERVER_MAX_BATCH,
+    SERVER_MAX_QUEUE,
+    VERIFIER_MAX_SESSIONS,
+    EngineConfig,
+    ServerConfig,
+    VerifierConfig,
+    check_tolerance,
+    parse_k,
 )
+from specserve.engine.model import ContextOverflowError  # noqa: E402
+from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS  # noqa: E402
 
 
 def positive_int(value: str) -> int:
@@ -39,16 +46,30 @@ def positive_int(value: str) -> int:
 
 
 def draft_length(text: str) -> int | str:
-    """-k takes `auto` (adaptive, up to 8) or a fixed number of draft tokens per target pass."""
-    if text == "auto":
-        return text
+    """-k takes `auto` (adaptive) or a fixed number of draft tokens per target pass."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
-    if not 0 <= value <= 32:
-        raise argparse.ArgumentTypeError("k must be between 0 and 32")
-    return value
+        return parse_k(text)
+    except SpecserveError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def ablations(text: str) -> frozenset[str]:
+    names = frozenset(t.strip() for t in text.split(",") if t.strip())
+    if unknown := names - set(ABLATIONS):
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(sorted(unknown))}; choose from {', '.join(ABLATIONS)}")
+    return names
+
+
+def engine_config(args: argparse.Namespace, with_draft: bool = True, **overrides) -> EngineConfig:
+    """The engine configuration from the model options every subcommand has (`_add_model_args`)."""
+    fields = {
+        "target": args.target,
+        "draft": args.draft if with_draft and args.draft not in ("none", "") else None,  # --draft none: no draft
+        "target_backend": args.target_backend,
+        "draft_backend": args.draft_backend,
+        "n_ctx": args.n_ctx,
+    }
+    return EngineConfig(**(fields | overrides))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -63,22 +84,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target-backend",
         choices=backends,
-        default=DEFAULT_TARGET_BACKEND,
+        default="auto",
         help="auto (default): the fastest exact one measured on this machine (`specserve info`)",
     )
-    p.add_argument("--draft-backend", choices=backends, default=DEFAULT_DRAFT_BACKEND, help="auto (default) or one")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context window in tokens")
+    p.add_argument("--draft-backend", choices=backends, default="auto", help="auto (default) or one")
+    p.add_argument("--n-ctx", type=positive_int, default=N_CTX, help=f"context window in tokens (default {N_CTX})")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from specserve.engine.sampling import SamplingParams
-    from specserve.runtime import Runtime, RuntimeConfig
+    from specserve.runtime import open_runtime
 
     if args.max_tokens <= 0:
         raise SpecserveError("--max-tokens must be positive")
     if args.temperature < 0:
         raise SpecserveError("--temperature must be >= 0")
-    runtime = Runtime(RuntimeConfig.from_args(args, with_draft=args.method in MODEL_METHODS))
+    delta = 1.0 if args.tolerance is None else args.tolerance
+    if args.tolerance is not None or args.tolerance_target is not None:
+        check_tolerance(delta, args.tolerance_target)
+    runtime = open_runtime(engine_config(args, with_draft=args.method in MODEL_METHODS, k=args.k))
     if args.chat:
         tokens = runtime.encode_prompt(messages=[{"role": "user", "content": args.prompt}])
     else:
@@ -95,9 +119,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.tolerance is not None or args.tolerance_target is not None:
         from specserve.engine.verify import tolerance_rule
 
-        delta = 1.0 if args.tolerance is None else args.tolerance
-        if not delta >= 0 or not 0 < (args.tolerance_target or 1.0) <= 1:
-            raise SpecserveError("--tolerance must be >= 0 and --tolerance-target in (0, 1]")
         tolerance = tolerance_rule(delta, args.tolerance_target)
     generation = runtime.generate(tokens, params, method=args.method, k=args.k, tolerance=tolerance)
     for emitted in generation:
@@ -122,13 +143,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from specserve.bench.run import run_bench
 
+    engine = engine_config(args, k=args.k)
     if args.wan is not None:
         from specserve.bench.run import load_prompts, prompt_files
         from specserve.bench.wan import run_wan_bench
 
         prompts = load_prompts(prompt_files(args.prompts), args.limit)
-        return run_wan_bench(args, prompts)
-    return run_bench(args)
+        return run_wan_bench(args, engine, prompts)
+    return run_bench(args, engine)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -165,22 +187,46 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return run_loadtest(args)
 
 
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    engine = engine_config(
+        args,
+        k=args.k,
+        verifiers=tuple(a for a in (args.verifier or "").split(",") if a),
+        auth_token=args.auth_token or None,
+        tls_ca=args.tls_ca,
+    )
+    return ServerConfig(engine, args.host, args.port, args.max_batch, args.max_queue, args.cache_url)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from specserve.server.app import serve
 
-    return serve(args)
+    return serve(server_config(args))
 
 
 def cmd_verifier(args: argparse.Namespace) -> int:
     from specserve.cluster.service import serve_verifier
 
-    return serve_verifier(args)
+    config = VerifierConfig(
+        engine_config(args, with_draft=False),
+        listen=args.listen,
+        max_sessions=args.max_sessions,
+        idle_timeout_s=args.idle_timeout,
+        auth_token=args.auth_token or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    return serve_verifier(config)
 
 
 def cmd_ray(args: argparse.Namespace) -> int:
     from specserve.cluster import ray_deploy
 
-    return {"up": ray_deploy.ray_up, "status": ray_deploy.ray_status, "down": ray_deploy.ray_down}[args.action](args)
+    if args.action == "up":
+        verifier = VerifierConfig(engine_config(args, with_draft=False), auth_token=args.auth_token or None)
+        engine = engine_config(args, auth_token=args.auth_token or None)
+        return ray_deploy.ray_up(args, verifier, ServerConfig(engine, args.host, args.port))
+    return {"status": ray_deploy.ray_status, "down": ray_deploy.ray_down}[args.action](args)
 
 
 def _add_auth_args(p: argparse.ArgumentParser) -> None:
@@ -208,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         "--draft-method",
         dest="method",
-        choices=DRAFT_METHODS,
+        choices=METHODS,
         default="draft",
         help="draft: small model; ngram: prompt lookup; none: plain decoding",
     )
@@ -226,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="LOSSY: calibrate the tolerance delta online to hold this acceptance rate",
     )
-    gen.add_argument("-k", type=draft_length, default=DEFAULT_K, help="draft tokens per target pass, or auto")
+    gen.add_argument("-k", type=draft_length, default="auto", help="draft tokens per target pass, or auto")
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -267,7 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each kind")
     bench.add_argument("--max-tokens", type=int, default=128)
-    bench.add_argument("-k", type=draft_length, default=DEFAULT_K, help="draft length of the speculative rows")
+    bench.add_argument("-k", type=draft_length, default="auto", help="draft length of the speculative rows")
+    bench.add_argument(
+        "--ablate",
+        type=ablations,
+        default=frozenset(),
+        metavar="NAME[,NAME]",
+        help="add a row per adaptive-k refinement switched off (" + ", ".join(ABLATIONS) + "; engine/policy.py)",
+    )
     bench.add_argument("--fixed-k", type=int, default=4, help="also run the draft model at this fixed k (0: skip)")
     bench.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both")
     bench.add_argument("--out", default="bench-out/bench.json", help="JSON report; the PNG goes beside it")
@@ -296,10 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("-k", type=draft_length, default=DEFAULT_K, help="default draft length, or auto")
-    serve.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together (default 8)")
+    serve.add_argument("-k", type=draft_length, default="auto", help="default draft length, or auto")
     serve.add_argument(
-        "--max-queue", type=positive_int, default=64, help="requests waiting for a batch slot before 429 (default 64)"
+        "--max-batch",
+        type=positive_int,
+        default=SERVER_MAX_BATCH,
+        help=f"requests decoded together (default {SERVER_MAX_BATCH})",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=SERVER_MAX_QUEUE,
+        help=f"requests waiting for a batch slot before 429 (default {SERVER_MAX_QUEUE})",
     )
     serve.add_argument(
         "--cache-url",
@@ -319,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     verifier = sub.add_parser("verifier", help="serve the target model to remote front-ends (gRPC)")
     verifier.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT", help="default 127.0.0.1:50051")
-    verifier.add_argument("--max-sessions", type=positive_int, default=64, help="KV caches kept (LRU eviction)")
+    verifier.add_argument(
+        "--max-sessions", type=positive_int, default=VERIFIER_MAX_SESSIONS, help="KV caches kept (LRU eviction)"
+    )
     verifier.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session expires")
     _add_auth_args(verifier)
     verifier.add_argument("--tls-cert", default=None, help="PEM certificate: serve over TLS (with --tls-key)")

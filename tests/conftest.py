@@ -24,9 +24,10 @@ def project_prompts(per_kind: int | None = None) -> list[dict]:
 @pytest.fixture(scope="session")
 def runtime():
     """The default pair on the default backends (`auto`: what this machine measured fastest)."""
-    from specserve.runtime import Runtime, RuntimeConfig
+    from specserve.config import EngineConfig
+    from specserve.runtime import LocalRuntime
 
-    return Runtime(RuntimeConfig(), show_progress=False)
+    return LocalRuntime(EngineConfig(), show_progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,48 +1,83 @@
-"""Adaptive draft length: the cost model, and k = 0 when drafts are always wrong."""
+"""Adaptive draft length: the cost model, the acceptance estimate, the policy, and k = 0 when drafts are
+always wrong. Cost figures are shapes measured on these machines (noted per test)."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from specserve.engine.adaptive import AdaptiveK
+from specserve.engine.acceptance import Acceptance, DraftConfidence, SharedAcceptance
+from specserve.engine.costs import CostModel, PassCost, Speed, interpolate
+from specserve.engine.policy import AdaptiveK, RequestState, Slot, WindowResult
 from specserve.engine.proposers import Proposal
 from specserve.engine.sampling import SamplingParams
 
 
-def test_cost_model_prefers_long_windows_when_drafts_are_cheap_and_good():
-    model = AdaptiveK(k_max=8, acceptance=0.9, draft_cost_s=0.001, verify_cost_s={1: 0.030, 9: 0.050})
-    assert model.choose(8) >= 6
+def policy(verify: dict, draft: dict | None = None, batched: bool = True, ablate=()) -> AdaptiveK:
+    costs = CostModel(PassCost(dict(verify), batched), PassCost(dict(draft), batched) if draft else None)
+    return AdaptiveK(costs, k_max=8, ablate=frozenset(ablate))
 
 
-def test_cost_model_chooses_plain_decoding_when_drafts_are_expensive_or_bad():
-    assert AdaptiveK(acceptance=0.9, draft_cost_s=0.040, verify_cost_s={1: 0.030, 9: 0.09}).choose(8) == 0
-    assert AdaptiveK(acceptance=0.05, draft_cost_s=0.002, verify_cost_s={1: 0.030, 9: 0.05}).choose(8) == 0
+def request(p: AdaptiveK, acceptance: float | None = None, trials: float = 3.0, own: int = 0) -> RequestState:
+    """A request's state with its acceptance estimate set as if measured over `trials` positions."""
+    state = p.start("draft", greedy=True)
+    if acceptance is not None:
+        estimate = state.acceptance
+        estimate.value, estimate._successes, estimate._trials = acceptance, acceptance * trials, trials
+        estimate.own_trials = own
+    return state
+
+
+def slot(state, limit=8, uses_model=True, sync_rows=2, remaining=1 << 30) -> Slot:
+    return Slot(state, limit, uses_model, sync_rows, remaining)
+
+
+def plan_one(p: AdaptiveK, state: RequestState, **kwargs) -> int:
+    return p.plan([slot(state, **kwargs)], 0)[0]
+
+
+def test_long_windows_when_drafts_are_cheap_and_good():
+    p = policy({1: 0.030, 9: 0.050}, {1: 0.001, 2: 0.001})
+    assert plan_one(p, request(p, 0.9)) >= 6
+
+
+def test_plain_decoding_when_drafts_are_expensive_or_bad():
+    expensive = policy({1: 0.030, 9: 0.09}, {1: 0.040, 2: 0.040})
+    assert plan_one(expensive, request(expensive, 0.9)) == 0
+    bad = policy({1: 0.030, 9: 0.05}, {1: 0.002, 2: 0.002})
+    assert plan_one(bad, request(bad, 0.05)) == 0
 
 
 def test_acceptance_estimate_follows_observed_windows():
-    model = AdaptiveK(acceptance=0.7)
+    estimate = Acceptance()
+    assert estimate.value == 0.7  # the prior
     for _ in range(50):
-        model.observe(drafted=4, accepted=0, draft_s=0.04, verify_s=0.04)
-    assert model.acceptance < 0.05
+        estimate.observe(drafted=4, accepted=0)
+    assert estimate.value < 0.05
     for _ in range(50):
-        model.observe(drafted=4, accepted=4, draft_s=0.04, verify_s=0.04)
-    assert model.acceptance > 0.95
+        estimate.observe(drafted=4, accepted=4)
+    assert estimate.value > 0.95
 
 
-def test_probe_after_a_run_of_plain_steps():
-    model = AdaptiveK(acceptance=0.01, draft_cost_s=0.01, verify_cost_s={1: 0.03, 2: 0.031})
-    choices = [model.choose(8) for _ in range(400)]
+def test_probe_after_a_run_of_plain_steps_and_less_often_after_each_failed_one():
+    p = policy({1: 0.03, 2: 0.031}, {1: 0.01, 2: 0.01})
+    state = request(p, 0.01)
+    choices = [plan_one(p, state) for _ in range(400)]
     assert choices.count(0) >= 390 and 1 in choices  # mostly plain, with an occasional 1-token probe
     probes = [i for i, k in enumerate(choices) if k == 1]
     gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert gaps[0] < gaps[-1] <= 64  # failed probes space the next ones out, up to a bound
+    # ablated: no probes at all
+    off = policy({1: 0.03, 2: 0.031}, {1: 0.01, 2: 0.01}, ablate={"probes"})
+    state = request(off, 0.01)
+    assert [plan_one(off, state) for _ in range(200)] == [0] * 200
 
 
 class AlwaysWrongProposer:
     """Proposes a token the target never picks here (a rare CJK piece), so acceptance is zero."""
 
     name = "always-wrong"
+    uses_model = False
 
     def __init__(self, token: int):
         self.token = token
@@ -60,6 +95,7 @@ class AlwaysWrongProposer:
 @pytest.mark.models
 def test_adaptive_k_falls_to_zero_and_output_stays_the_targets(runtime):
     from specserve.engine.loop import Generation
+    from specserve.engine.target import LocalTarget
 
     ids = runtime.encode_prompt(
         messages=[{"role": "user", "content": "Write a Python function that adds two numbers."}]
@@ -68,9 +104,10 @@ def test_adaptive_k_falls_to_zero_and_output_stays_the_targets(runtime):
     plain = runtime.generate(ids, params, method="none")
     list(plain)
     wrong = AlwaysWrongProposer(token=runtime.tokenizer.encode("龘")[0])
-    adaptive = runtime.draft_length("draft", "auto")
+    target = LocalTarget(runtime.target.new_sequence())
+    tokenizer = runtime.tokenizer
     generation = Generation(
-        runtime.target, runtime.tokenizer.decode_bytes, runtime.tokenizer.stop_ids, ids, params, wrong, adaptive
+        target, tokenizer.decode_bytes, tokenizer.stop_ids, ids, params, wrong, runtime.draft_length("draft", "auto")
     )
     list(generation)
     assert generation.tokens == plain.tokens
@@ -80,95 +117,111 @@ def test_adaptive_k_falls_to_zero_and_output_stays_the_targets(runtime):
 
 
 def test_noisy_costs_never_make_a_window_look_cheaper_than_one_token():
-    model = AdaptiveK(acceptance=0.0, draft_cost_s=0.0, verify_cost_s={1: 0.040, 3: 0.030, 9: 0.035})
-    assert model.verify_cost(3) >= model.verify_cost(1) and model.verify_cost(5) >= model.verify_cost(1)
-    assert model.choose(8) == 0  # with nothing accepted, drafting can only cost time
+    table = {1: 0.040, 3: 0.030, 9: 0.035}
+    assert interpolate(table, 3) >= interpolate(table, 1) and interpolate(table, 5) >= interpolate(table, 1)
+    p = policy(table)
+    assert plan_one(p, request(p, 0.0), uses_model=False) == 0  # with nothing accepted, drafting only costs
 
 
 def test_windows_follow_a_kernel_that_takes_rows_in_groups():
     """llama.cpp's repacked Q4_0 GEMM takes rows in fours (measured: 4 rows cost less than 3): the plan
     follows the measured table, not a monotone version of it, and skips the expensive 3-row window."""
-    costs = {1: 0.060, 2: 0.090, 3: 0.120, 4: 0.095, 5: 0.150, 6: 0.170}
-    model = AdaptiveK(acceptance=0.8, draft_cost_s=0.001, verify_cost_s=costs)
-    assert model.verify_cost(4) == pytest.approx(0.095) and model.verify_cost(4) < model.verify_cost(3)
-    assert model.choose(5) == 3  # a window of 4 rows
+    table = {1: 0.060, 2: 0.090, 3: 0.120, 4: 0.095, 5: 0.150, 6: 0.170}
+    assert interpolate(table, 4) == pytest.approx(0.095) and interpolate(table, 4) < interpolate(table, 3)
+    p = policy(table, {1: 0.001, 2: 0.001})
+    assert plan_one(p, request(p, 0.8), limit=5) == 3  # a window of 4 rows
+
+
+# Measured shape of int8 costs on an AMD machine: a pass of 1 row 31 ms, 16 rows 86 ms, 128 rows 480 ms;
+# a draft step 10 ms for 1 row, 22 ms for 16.
+BATCH_VERIFY = {1: 0.031, 2: 0.036, 4: 0.049, 8: 0.060, 16: 0.086, 32: 0.170, 64: 0.280, 128: 0.480}
+BATCH_DRAFT = {1: 0.010, 2: 0.011, 4: 0.013, 8: 0.016, 16: 0.022, 32: 0.040}
 
 
 def test_batch_plan_drafts_alone_but_not_in_a_big_batch():
-    """Measured shape of this machine's int8 costs: a pass of 1 row 31 ms, 16 rows 86 ms, 80 rows 326 ms;
-    a draft step 18 ms for 1 row, 42 ms for 16. One sequence with 80% acceptance should draft; sixteen of
-    them already decode 16 tokens per 86 ms pass, which drafting cannot beat."""
-    from specserve.engine.adaptive import BatchCosts, plan_batch
-
-    costs = BatchCosts(
-        verify_s={1: 0.031, 2: 0.036, 4: 0.049, 8: 0.060, 16: 0.086, 32: 0.170, 64: 0.280, 128: 0.480},
-        draft_s={1: 0.010, 2: 0.011, 4: 0.013, 8: 0.016, 16: 0.022, 32: 0.040},
-    )
-    assert plan_batch([0.8], [8], [True], costs)[0] > 0
-    assert plan_batch([0.8] * 16, [8] * 16, [True] * 16, costs) == [0] * 16
+    """One sequence with 80% acceptance should draft; sixteen of them already decode 16 tokens per 86 ms
+    pass, which drafting cannot beat."""
+    p = policy(BATCH_VERIFY, BATCH_DRAFT)
+    assert plan_one(p, request(p, 0.8)) > 0
+    assert p.plan([slot(request(p, 0.8)) for _ in range(16)], 0) == [0] * 16
     # model-free drafts (n-gram) cost only verify rows: with 95% acceptance they pay even in a batch of 4
-    assert min(plan_batch([0.95] * 4, [8] * 4, [False] * 4, costs)) > 0
+    assert min(p.plan([slot(request(p, 0.95), uses_model=False) for _ in range(4)], 0)) > 0
     # a sequence that never accepts is left out while the others draft
-    plan = plan_batch([0.9, 0.9, 0.0], [8, 8, 8], [False, False, False], costs)
+    plan = p.plan([slot(request(p, a), uses_model=False) for a in (0.9, 0.9, 0.0)], 0)
     assert plan[2] == 0 and plan[0] > 0
 
 
-def test_batch_plan_charges_a_draft_catch_up_against_the_tokens_left():
+def test_a_backend_that_runs_sequences_in_turn_plans_each_alone():
+    """llama.cpp evaluates a batch's sequences one after another: a pass of 16 one-row sequences costs 16
+    one-row passes, so batching makes plain decoding no cheaper and each sequence drafts as it would alone."""
+    p = policy(BATCH_VERIFY, BATCH_DRAFT, batched=False)
+    alone = plan_one(p, request(p, 0.8))
+    assert alone > 0 and p.plan([slot(request(p, 0.8)) for _ in range(16)], 0) == [alone] * 16
+
+
+def test_a_draft_catch_up_is_charged_against_the_tokens_left():
     """A sequence whose draft has 200 tokens to catch up on (after decoding without drafting) starts
     drafting when the reply has long to go, not in its last tokens; a steady one (2 rows) always drafts."""
-    from specserve.engine.adaptive import BatchCosts, plan_batch
-
-    costs = BatchCosts(
-        verify_s={1: 0.031, 2: 0.036, 4: 0.049, 8: 0.060},
-        draft_s={1: 0.015, 2: 0.017, 4: 0.020},
-        catch_up_s=0.003,
-    )
-    assert plan_batch([0.9], [8], [True], costs, sync_rows=[2], remaining=[4])[0] > 0
-    assert plan_batch([0.9], [8], [True], costs, sync_rows=[200], remaining=[1000])[0] > 0
-    assert plan_batch([0.9], [8], [True], costs, sync_rows=[200], remaining=[8]) == [0]
+    draft = {1: 0.015, 2: 0.017, 4: 0.020, 32: 0.017 + 30 * 0.003}  # a catch-up costs 3 ms a token
+    p = policy({1: 0.031, 2: 0.036, 4: 0.049, 8: 0.060}, draft)
+    assert plan_one(p, request(p, 0.9), sync_rows=2, remaining=4) > 0
+    assert plan_one(p, request(p, 0.9), sync_rows=200, remaining=1000) > 0
+    assert plan_one(p, request(p, 0.9), sync_rows=200, remaining=8) == 0
     # beside a prefill chunk of 128 rows a decode row costs little and drafting does not pay
-    assert plan_batch([0.9], [8], [True], costs, fixed_rows=128) == [0]
+    assert p.plan([slot(request(p, 0.9))], other_rows=128) == [0]
+    # ablated: the catch-up is not charged, and the short reply drafts
+    free = policy({1: 0.031, 2: 0.036, 4: 0.049, 8: 0.060}, draft, ablate={"catch-up"})
+    assert plan_one(free, request(free, 0.9), sync_rows=200, remaining=8) > 0
 
 
 def test_learned_confidence_cutoff_drops_tokens_the_draft_is_unsure_of():
     """Tokens the draft gives < 30% are never accepted, confident ones always: the learned cutoff lands
-    between them, and stays at 0 while every bucket pays."""
-    model = AdaptiveK(acceptance=0.8, draft_cost_s=0.015, verify_cost_s={1: 0.03, 5: 0.04, 9: 0.05})
+    between them, and stays at 0 while every tenth pays."""
+    p = policy({1: 0.03, 5: 0.04, 9: 0.05}, {1: 0.015, 2: 0.015})
+    state = request(p, 0.8)
     # prior (acceptance = confidence): cut where a token's odds are below the break-even draft_cost * rate
-    assert 0.0 < model.min_confidence() <= 0.7
+    assert 0.0 < p.min_confidence(slot(state)) <= 0.7
     for _ in range(200):
-        model.observe_confidence([0.95, 0.9, 0.2], accepted=2)  # the unsure third token is rejected
-        model.observe_confidence([0.25], accepted=0)
-    cutoff = model.min_confidence()
-    assert 0.3 <= cutoff <= 0.9
-    generous = AdaptiveK(acceptance=0.8, draft_cost_s=0.015, verify_cost_s={1: 0.03, 5: 0.04, 9: 0.05})
+        state.draft_confidence.observe([0.95, 0.9, 0.2], accepted=2)  # the unsure third token is rejected
+        state.draft_confidence.observe([0.25], accepted=0)
+    assert 0.3 <= p.min_confidence(slot(state)) <= 0.9
+    generous = DraftConfidence()
     for _ in range(200):
-        generous.observe_confidence([0.05, 0.15, 0.25, 0.35], accepted=4)
-    assert generous.min_confidence() == 0.0
+        generous.observe([0.05, 0.15, 0.25, 0.35], accepted=4)
+    assert generous.cutoff(break_even=0.6) == 0.0
+    off = policy({1: 0.03, 5: 0.04, 9: 0.05}, {1: 0.015, 2: 0.015}, ablate={"draft-p-min"})
+    assert off.min_confidence(slot(request(off, 0.8))) == 0.0
+
+
+def window(state, drafted=4, accepted=4, expected=None, confidence=None) -> WindowResult:
+    return WindowResult(state, 1 + drafted, drafted, accepted, expected, (), confidence, True, 2)
 
 
 def test_a_new_request_starts_from_the_runtimes_recent_acceptance():
-    """Requests of one runtime share a running acceptance estimate: after code that drafts well, the next
-    request starts high (and drafts from its first window); after text the draft misses, it starts low."""
-    from specserve.engine.adaptive import SharedAcceptance
-
-    template = AdaptiveK(draft_cost_s=0.01, verify_cost_s={1: 0.03, 5: 0.035}, shared=SharedAcceptance())
-    first = template.fresh()
+    """Requests of one runtime share a running acceptance estimate per method: after code that drafts well,
+    the next request starts high (and drafts from its first window); after text the draft misses, low."""
+    p = policy({1: 0.03, 5: 0.035}, {1: 0.01, 2: 0.01})
+    first = p.start("draft", greedy=True)
     for _ in range(30):
-        first.observe(drafted=4, accepted=4, draft_s=0.04, verify_s=0.035)
-    second = template.fresh()
-    assert second.acceptance > 0.9 and second.shared is first.shared
-    assert template.acceptance == 0.7  # the template itself keeps its prior
+        p.observe([window(first)], draft_s=0.04, verify_s=0.035)
+    second = p.start("draft", greedy=True)
+    assert second.acceptance.value > 0.9 and second.acceptance.shared is first.acceptance.shared
+    assert p.start("ngram", greedy=True).acceptance.value == 0.7  # another method keeps its own
     for _ in range(100):  # a rejection is one trial: it takes more of them to move the estimate
-        second.observe(drafted=4, accepted=0, draft_s=0.04, verify_s=0.035)
-    assert template.fresh().acceptance < 0.3
+        p.observe([window(second, accepted=0)], draft_s=0.04, verify_s=0.035)
+    assert p.start("draft", greedy=True).acceptance.value < 0.3
     # sampled requests keep their own estimate: greedy agreement says little about rejection sampling
-    sampled = template.fresh(greedy=False)
-    assert sampled.acceptance == 0.7
+    sampled = p.start("draft", greedy=False)
+    assert sampled.acceptance.value == 0.7
     for _ in range(60):
-        sampled.observe(drafted=4, accepted=1, draft_s=0.04, verify_s=0.035, expected_accepted=1.0)
-    assert template.fresh(greedy=False).acceptance == pytest.approx(0.5, abs=0.05)  # 1 of 2 tried
-    assert template.fresh().acceptance < 0.3
+        p.observe([window(sampled, accepted=1, expected=1.0)], draft_s=0.04, verify_s=0.035)
+    assert p.start("draft", greedy=False).acceptance.value == pytest.approx(0.5, abs=0.05)  # 1 of 2 tried
+    assert p.start("draft", greedy=True).acceptance.value < 0.3
+    # ablated: every request starts from the fixed prior
+    off = policy({1: 0.03, 5: 0.035}, {1: 0.01, 2: 0.01}, ablate={"shared-prior"})
+    for _ in range(30):
+        off.observe([window(off.start("draft", True))], draft_s=0.04, verify_s=0.035)
+    assert off.start("draft", True).acceptance.value == 0.7
 
 
 def test_a_request_the_target_is_unsure_of_does_not_draft_on_the_last_requests_acceptance():
@@ -176,119 +229,87 @@ def test_a_request_the_target_is_unsure_of_does_not_draft_on_the_last_requests_a
     unpredictable (0.3) starts at the acceptance of its own confidence, not the code's: it does not pay the
     draft's prompt prefill. A confident request drafts at once; when its text turns unpredictable midway
     (its own windows not yet tried), its estimate follows."""
-    from specserve.engine.adaptive import SharedAcceptance
-
-    template = AdaptiveK(
-        draft_cost_s=0.008, draft_first_s=0.012, verify_cost_s={1: 0.03, 5: 0.035, 9: 0.04}, catch_up_s=0.002
-    )
-    template.shared = SharedAcceptance()
-    code = template.fresh(greedy=False)
-    code.observe_target_confidence(0.95)
+    draft = {1: 0.008, 2: 0.012, 32: 0.012 + 30 * 0.002}
+    p = policy({1: 0.03, 5: 0.035, 9: 0.04}, draft)
+    code = p.start("draft", greedy=False)
+    code.acceptance.observe_target_confidence(0.95)
     for _ in range(40):
-        code.observe_target_confidence(0.95)
-        code.observe(drafted=4, accepted=4, draft_s=0.04, verify_s=0.035, expected_accepted=3.8)
-    assert template.fresh(greedy=False).acceptance > 0.85  # what a request of unknown confidence would start at
+        p.observe([window(code, expected=3.8, confidence=0.95)], draft_s=0.04, verify_s=0.035)
+    assert p.shared_acceptance("draft").value(False) > 0.85  # where a request of unknown confidence starts
 
     prompt_rows = 90  # the draft has not seen the prompt yet
-    unsure = template.fresh(greedy=False)
-    unsure.observe_target_confidence(0.3)  # the prompt's last position
-    assert unsure.acceptance < 0.4
-    assert unsure.choose(8, prompt_rows, remaining=64) == 0
-    sure = template.fresh(greedy=False)
-    sure.observe_target_confidence(0.97)
-    assert sure.acceptance > 0.85 and sure.choose(8, prompt_rows, remaining=64) > 0
-    drifting = template.fresh(greedy=False)
-    drifting.observe_target_confidence(0.95)
-    assert drifting.acceptance > 0.85
+    unsure = p.start("draft", greedy=False)
+    unsure.acceptance.observe_target_confidence(0.3)  # the prompt's last position
+    assert unsure.acceptance.value < 0.4
+    assert plan_one(p, unsure, sync_rows=prompt_rows, remaining=64) == 0
+    sure = p.start("draft", greedy=False)
+    sure.acceptance.observe_target_confidence(0.97)
+    assert sure.acceptance.value > 0.85 and plan_one(p, sure, sync_rows=prompt_rows, remaining=64) > 0
+    drifting = p.start("draft", greedy=False)
+    drifting.acceptance.observe_target_confidence(0.95)
+    assert drifting.acceptance.value > 0.85
     for _ in range(20):
-        drifting.observe_target_confidence(0.3)
-    assert drifting.acceptance < 0.4
+        drifting.acceptance.observe_target_confidence(0.3)
+    assert drifting.acceptance.value < 0.4
 
     # what requests measure at low confidence is the runtime's estimate there, apart from the code's
     for _ in range(30):
-        unsure.observe(drafted=2, accepted=0, draft_s=0.02, verify_s=0.035, expected_accepted=0.2)
-    assert template.shared.value(False, 0.3) < 0.25 and template.shared.value(False, 0.95) > 0.85
-    assert template.shared.value(True, 0.3) == pytest.approx(0.35**2)  # greedy apart, at its prior
+        p.observe([window(unsure, drafted=2, accepted=0, expected=0.2, confidence=0.3)], 0.02, 0.035)
+    shared = p.shared_acceptance("draft")
+    assert shared.value(False, 0.3) < 0.25 and shared.value(False, 0.95) > 0.85
+    assert shared.value(True, 0.3) == pytest.approx(0.35**2)  # greedy apart, at its prior
+    assert SharedAcceptance(by_confidence=False).value(True, 0.3) == 0.7  # ablated: one estimate
 
 
 def test_window_sizes_that_do_not_run_follow_the_machines_speed():
     """Calibrated in a slow phase (46 ms a token), then the machine speeds up while the request drafts
     windows of 2: plain decoding's cost must follow, or drafting is compared with a stale, slower k = 0.
     The draft's windows take 1.5x their calibrated bare passes (the loop's own work): its cost follows."""
-    from specserve.engine.adaptive import MachineSpeed
-
-    model = AdaptiveK(
-        acceptance=0.5,
-        draft_cost_s=0.010,
-        draft_first_s=0.012,
-        verify_cost_s={1: 0.046, 3: 0.050, 9: 0.070},
-        verify_speed=MachineSpeed(),
-    )
+    p = policy({1: 0.046, 3: 0.050, 9: 0.070}, {1: 0.010, 2: 0.012})
+    state = request(p, 0.5)
     for _ in range(60):
-        model.observe(drafted=2, accepted=1, draft_s=1.5 * 0.022, verify_s=0.035)
-    # (the size that runs takes a small part of the change as its own error: see the next test)
-    assert model.verify_speed.factor == pytest.approx(0.7, rel=0.05)
-    assert model.verify_cost(1) == pytest.approx(0.046 * 0.7, rel=0.05)
-    assert model.draft_cost(1) == pytest.approx(0.018, rel=0.02) and model.draft_cost(4) > 3 * 0.015
-    # the speeds are the runtime's: the next request starts from them
-    assert model.fresh().verify_cost(1) == pytest.approx(0.046 * 0.7, rel=0.05)
-    assert model.fresh().draft_speed is model.draft_speed
+        p.observe([window(state, drafted=2, accepted=1)], draft_s=1.5 * 0.022, verify_s=0.035)
+    costs = p.costs
+    assert costs.target.speed.factor == pytest.approx(0.7, rel=0.01)
+    assert costs.verify([1]) == pytest.approx(0.046 * 0.7, rel=0.01)  # a size that did not run
+    assert costs.verify([16]) == pytest.approx(0.7 * interpolate(costs.target.table, 16), rel=0.01)  # beyond
+    assert costs.drafting([2], 1) == pytest.approx(0.018, rel=0.01) and costs.drafting([2], 4) > 3 * 0.015
     # one stall of a busy machine moves a factor by a bounded ratio, not by its length
-    model.observe(drafted=0, accepted=0, draft_s=0.0, verify_s=10 * 0.046)
-    assert model.verify_speed.factor < 0.95  # 0.7 * 10 ** 0.1 (a weight of 0.1): a 10x stall costs under 30%
-
-
-def test_batch_costs_follow_the_machines_speed_at_every_size():
-    from specserve.engine.adaptive import BatchCosts
-
-    costs = BatchCosts(verify_s={1: 0.03, 4: 0.05, 16: 0.09}, draft_s={1: 0.01, 4: 0.012})
-    for _ in range(60):
-        costs.observe(4, 0.10)  # only 4-row passes run, at twice the calibrated time
-    assert costs.verify(16) == pytest.approx(0.18, rel=0.02)
+    p.observe([WindowResult(state, rows=1)], draft_s=0.0, verify_s=10 * 0.046)
+    assert costs.target.speed.factor < 0.95  # 0.7 * 10 ** 0.1 (a weight of 0.1): a 10x stall costs under 30%
+    # ablated: the tables as calibrated
+    off = policy({1: 0.046, 3: 0.050, 9: 0.070}, {1: 0.010, 2: 0.012}, ablate={"speed"})
+    off.observe([window(request(off), drafted=2, accepted=1)], draft_s=0.033, verify_s=0.035)
+    assert off.costs.target.speed.factor == 1.0 and off.costs.draft.speed.factor == 1.0
 
 
 def test_drafting_that_only_breaks_even_at_the_estimate_is_not_risked():
     """Costs measured here (verify 32 ms for 1 token, 35 for 2; a draft pass of 2 rows 15 ms): at an
     estimated acceptance of 0.65 a 1-token window is worth 5% more than plain decoding by the estimate,
     but a dozen trials cannot tell 0.65 from 0.55, at which it loses. At 0.9 drafting pays either way."""
-    costs = dict(draft_cost_s=0.0086, draft_first_s=0.0154, verify_cost_s={1: 0.032, 2: 0.0346, 3: 0.0389, 5: 0.044})
-    marginal = AdaptiveK(acceptance=0.65, _accepted=0.65 * 15, _tried=15, _own_trials=15, **costs)
-    assert marginal.expected_rate(1) > marginal.expected_rate(0)
-    assert marginal.choose(4) == 0
-    assert AdaptiveK(acceptance=0.9, _accepted=0.9 * 15, _tried=15, _own_trials=15, **costs).choose(4) > 0
+    verify, draft = {1: 0.032, 2: 0.0346, 3: 0.0389, 5: 0.044}, {1: 0.0086, 2: 0.0154}
+    p = policy(verify, draft)
+    assert plan_one(p, request(p, 0.65, trials=15, own=15)) == 0
+    assert plan_one(p, request(p, 0.9, trials=15, own=15)) > 0
     # before measuring anything of its own a request goes by the runtime's estimate: it must try
-    assert AdaptiveK(acceptance=0.65, _accepted=0.65 * 15, _tried=15, **costs).choose(4) > 0
-    # a request starting from the runtime's code acceptance (0.9 on a 3-trial prior) drafts from the start
-    assert AdaptiveK(acceptance=0.9, _accepted=0.9 * 3, **costs).choose(8) > 0
+    assert plan_one(p, request(p, 0.65, trials=15)) > 0
+    # ablated: the estimate alone decides, and the marginal request drafts
+    off = policy(verify, draft, ablate={"lower-bound"})
+    assert plan_one(off, request(off, 0.65, trials=15, own=15)) > 0
 
 
 def test_a_probe_that_would_catch_up_on_a_long_prompt_waits_for_a_long_reply():
     """A probe drafts one token, but first the draft evaluates everything it has not seen: on a short reply
     to a 300-token prompt that costs more than the probe could win back; on a long reply it is worth it."""
-    model = AdaptiveK(acceptance=0.01, draft_cost_s=0.009, catch_up_s=0.0024, verify_cost_s={1: 0.032, 2: 0.035})
-    short = [model.choose(8, sync_rows=300, remaining=48) for _ in range(40)]
-    assert short == [0] * 40
-    long = [model.choose(8, sync_rows=300, remaining=1000) for _ in range(40)]
-    assert 1 in long
-
-
-def test_a_window_size_calibrated_wrong_is_corrected_by_what_it_costs():
-    """Calibration measured 1 token at 42 ms and 5 at 46 (a noisy moment); in fact they take 31 and 44.
-    Whatever the machine's speed does meanwhile, the ratio of their estimated costs comes right."""
-    model = AdaptiveK(acceptance=0.5, draft_cost_s=0.009, verify_cost_s={1: 0.042, 5: 0.046})
-    speeds = [1.0, 1.4, 0.9]  # the machine drifts while this runs
-    for i in range(600):
-        drift = speeds[i // 200]
-        model.observe(drafted=0, accepted=0, draft_s=0.0, verify_s=0.031 * drift)
-        model.observe(drafted=4, accepted=2, draft_s=0.04, verify_s=0.044 * drift)
-    assert model.verify_cost(5) / model.verify_cost(1) == pytest.approx(44 / 31, rel=0.05)
-    assert model.verify_cost(1) == pytest.approx(0.031 * 0.9, rel=0.05)
+    p = policy({1: 0.032, 2: 0.035}, {1: 0.009, 2: 0.009, 32: 0.009 + 30 * 0.0024})
+    state = request(p, 0.01)
+    assert [plan_one(p, state, sync_rows=300, remaining=48) for _ in range(40)] == [0] * 40
+    state = request(p, 0.01)
+    assert 1 in [plan_one(p, state, sync_rows=300, remaining=1000) for _ in range(40)]
 
 
 def test_a_machine_running_a_quarter_off_its_calibration_has_drifted():
-    from specserve.engine.adaptive import MachineSpeed
-
-    speed = MachineSpeed()
+    speed = Speed()
     assert not speed.drifted()
     for _ in range(5):
         speed.observe(0.9, 1.0)  # 10% off: noise and small drift, the factor absorbs it
@@ -300,31 +321,34 @@ def test_a_machine_running_a_quarter_off_its_calibration_has_drifted():
     assert speed.factor == 1.0 and not speed.drifted()
 
 
+def test_unknown_features_to_ablate_are_refused():
+    with pytest.raises(ValueError, match="unknown adaptive-k features"):
+        policy({1: 0.03}, ablate={"draft-pmin"})
+
+
 @pytest.mark.models
 def test_a_runtime_whose_speed_drifted_measures_its_costs_again(runtime):
-    """The cost table is measured at start-up and refreshed: when the target runs 40% faster than it was
-    calibrated (another phase of the shared machine), the next refresh measures the window sizes again, at
-    most every COST_REFRESH_MIN_S; a steady machine is left alone. Output stays the target's."""
+    """The cost tables are measured at start-up and refreshed: when the target runs 40% faster than it was
+    calibrated (another phase of the shared machine), the next refresh measures them again, at most every
+    REFRESH_MIN_S; a steady machine is left alone. Output stays the target's."""
     import time
 
-    from specserve.runtime import COST_REFRESH_MIN_S
+    from specserve.engine.costs import REFRESH_MIN_S
 
-    templates = runtime._adaptive_templates
-    anchor = templates["ngram"]
-    for template in templates.values():
-        template.verify_speed.recalibrated()
-        template.draft_speed.recalibrated()
-    runtime._costs_measured_at = time.monotonic() - COST_REFRESH_MIN_S
+    costs = runtime.policy.costs
+    costs.target.speed.recalibrated()
+    costs.draft.speed.recalibrated()
+    costs._measured_at = time.monotonic() - REFRESH_MIN_S
+    refreshes = costs.refreshes
     assert not runtime.refresh_costs()  # steady: nothing to measure
-    anchor.verify_speed.factor, anchor.verify_speed.observations = 0.6, 20
-    assert runtime.refresh_costs()
-    assert sorted(anchor.verify_cost_s) == list(range(1, runtime.k_max + 2))  # every window size, measured
-    assert all(templates[m].verify_cost_s is anchor.verify_cost_s for m in templates)  # still one shared table
-    assert all(0 < seconds < 5 for seconds in anchor.verify_cost_s.values())
-    assert anchor.verify_speed.factor == 1.0 and templates["draft"].draft_cost_s > 0
-    anchor.verify_speed.factor, anchor.verify_speed.observations = 0.6, 20
+    costs.target.speed.factor, costs.target.speed.observations = 0.6, 20
+    assert runtime.refresh_costs() and costs.refreshes == refreshes + 1
+    assert set(range(1, runtime.k_max + 2)) <= set(costs.target.table)  # every window size, measured
+    assert all(0 < seconds < 5 for seconds in costs.target.table.values())
+    assert costs.target.speed.factor == 1.0 and all(s > 0 for s in costs.draft.table.values())
+    costs.target.speed.factor, costs.target.speed.observations = 0.6, 20
     assert not runtime.refresh_costs()  # just measured: not again so soon
-    anchor.verify_speed.recalibrated()
+    costs.target.speed.recalibrated()
 
     prompt = "Write a Python function that adds two numbers."
     ids = runtime.encode_prompt(messages=[{"role": "user", "content": prompt}])
@@ -334,4 +358,4 @@ def test_a_runtime_whose_speed_drifted_measures_its_costs_again(runtime):
     drafted = runtime.generate(ids, params, method="draft", k="auto")
     list(drafted)
     assert drafted.tokens == plain.tokens
-    assert 0.0 < drafted.adaptive.target_confidence <= 1.0  # every verdict reported the target's confidence
+    assert 0.0 < drafted.draft_state.acceptance.target_confidence <= 1.0  # every verdict reported it

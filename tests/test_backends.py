@@ -12,7 +12,7 @@ WINDOW = [262, 470, 15801, 1445, 77, 12, 16, 8]  # arbitrary tokens: rollback mu
 @pytest.fixture(scope="module", params=["torch-q4", "torch-int8"])
 def torch_backend(request, runtime):
     """A batch-invariant backend on the draft model (small, so each loads in seconds once cached)."""
-    from specserve.runtime import load_backend
+    from specserve.backends import load_backend
 
     if runtime.draft.name == request.param:
         return runtime.draft
@@ -76,9 +76,9 @@ def test_torch_q4_agrees_with_llamacpp_on_the_same_weights(model, runtime, targe
     requantization where the file has other types): the same model, so its greedy choices on real text agree
     with llama.cpp's on that file; they differ only in rounding order."""
     from specserve import kernels
+    from specserve.backends import load_backend
     from specserve.backends.llamacpp import LlamaCppBackend
     from specserve.backends.torch_q4 import q4_source
-    from specserve.runtime import load_backend
 
     path = runtime.draft.model_path if model == "draft" else target_path
     q4 = load_backend("torch-q4", path, n_ctx=512, show_progress=False)
@@ -108,7 +108,7 @@ def test_llamacpp_rollback_leaves_no_trace_of_rejected_tokens(target_path, runti
 
 
 def test_context_overflow_is_an_error(runtime):
-    from specserve.backends.base import ContextOverflowError
+    from specserve.engine.model import ContextOverflowError
 
     runtime.target.reset()
     with pytest.raises(ContextOverflowError):

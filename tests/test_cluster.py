@@ -196,7 +196,7 @@ def test_sampling_through_the_protocol_follows_the_target_distribution():
     try:
         q = keep_top_k(Q_DENSE, 3)
         assert np.count_nonzero(q) == 3 and np.isclose(q.sum(), 1.0)
-        sessions = [pool.new_sequence() for _ in range(80)]
+        sessions = [RemoteTarget(pool) for _ in range(80)]
         params = [SamplingParams(temperature=1.0, seed=i) for i in range(len(sessions))]
         unused = np.random.default_rng(0)  # verification randomness lives on the verifier
         first = [Window([1], [], [], True, p, unused) for p in params]
@@ -235,7 +235,7 @@ def test_evicted_session_gets_a_clear_error_and_the_client_replays():
         outbox.put(pb.ClientMessage(window=pb.Window(append=[1, 2], predict=True)))
         replies = stub.Session(iter(outbox.get, None), timeout=30)
         assert next(replies).has_verdict
-        others = [pool.new_sequence() for _ in range(2)]
+        others = [RemoteTarget(pool) for _ in range(2)]
         RemoteTarget.run_many(others, [Window([3], [], [], True, greedy, rng) for _ in others])
         outbox.put(pb.ClientMessage(window=pb.Window(append=[4], predict=True)))
         with pytest.raises(grpc.RpcError) as error:
@@ -246,7 +246,7 @@ def test_evicted_session_gets_a_clear_error_and_the_client_replays():
 
         # A RemoteTarget whose session was evicted re-opens with its context and gets its verdict.
         victim = others[0]
-        third = pool.new_sequence()
+        third = RemoteTarget(pool)
         RemoteTarget.run_many([third], [Window([5, 0, 1], [], [], True, greedy, rng)])  # evicts others[0]
         verdict = RemoteTarget.run_many([victim], [Window([2], [0], [None], True, greedy, rng)])[0]
         assert verdict.accepted == 0 and verdict.next_token == int(np.argmax(P))
@@ -419,6 +419,7 @@ def test_auth_token_required_and_garbage_bytes_do_not_hurt(smollm2_path):
 @pytest.mark.small_model
 def test_tls_with_a_ca_and_a_remote_generation(smollm2_path, tls_files):
     from specserve.engine.loop import Generation
+    from specserve.engine.policy import FixedK
     from specserve.models.tokenizer import Tokenizer
 
     cert, key = tls_files
@@ -432,8 +433,8 @@ def test_tls_with_a_ca_and_a_remote_generation(smollm2_path, tls_files):
             assert info(verifier.address, credentials=grpc.ssl_channel_credentials(f.read())).sessions == 0
         prompt = tokenizer.encode("The capital of France is")
         params = SamplingParams(max_tokens=8)
-        remote = pool.new_sequence()
-        generation = Generation(remote, tokenizer.decode_bytes, tokenizer.stop_ids, prompt, params, None, 0)
+        remote = RemoteTarget(pool)
+        generation = Generation(remote, tokenizer.decode_bytes, tokenizer.stop_ids, prompt, params, None, FixedK(0))
         for _ in generation:
             pass
         assert generation.stats.generated == 8 and generation.text.strip()

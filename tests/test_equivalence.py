@@ -72,17 +72,18 @@ def test_speculative_greedy_equals_target_greedy(runtime, prompt):
 @pytest.fixture(scope="module")
 def llamacpp_runtime(runtime):
     """llama.cpp on the registry's Q4_K_M file (the draft as `auto` picked it)."""
-    from specserve.runtime import Runtime, RuntimeConfig
+    from specserve.config import EngineConfig
+    from specserve.runtime import LocalRuntime
 
-    config = RuntimeConfig(target_backend="llama.cpp", draft_backend=runtime.draft.name)
-    return Runtime(config, show_progress=False)
+    config = EngineConfig(target_backend="llama.cpp", draft_backend=runtime.draft.name)
+    return LocalRuntime(config, show_progress=False)
 
 
 def test_llamacpp_target_speculates_only_in_windows_it_computes_exactly(llamacpp_runtime):
     assert llamacpp_runtime.exact_window is not None and llamacpp_runtime.exact_window >= 1
     assert llamacpp_runtime.k_max == min(8, llamacpp_runtime.exact_window - 1)
     fixed = llamacpp_runtime.draft_length("draft", 8)
-    assert fixed == llamacpp_runtime.exact_window - 1  # a fixed k beyond the exact windows is capped
+    assert fixed.k_max == llamacpp_runtime.exact_window - 1  # a fixed k beyond the exact windows is capped
 
 
 @pytest.mark.parametrize("prompt", project_prompts(per_kind=1)[:2], ids=lambda p: p["kind"])

@@ -5,9 +5,11 @@ import sys
 
 import pytest
 
-from specserve.backends.base import ContextOverflowError
 from specserve.engine.loop import Generation
+from specserve.engine.model import ContextOverflowError
+from specserve.engine.policy import FixedK
 from specserve.engine.sampling import SamplingParams
+from specserve.engine.target import LocalTarget
 
 pytestmark = pytest.mark.models
 CODE_PROMPT = "Write a Python function `is_prime(n)` that returns True if n is prime."
@@ -66,14 +68,20 @@ def test_prompt_longer_than_context_is_a_clear_error(runtime):
 
 
 def test_generation_ends_at_the_context_limit(runtime):
+    from specserve.backends import load_backend
     from specserve.models.fetch import resolve_model
     from specserve.models.registry import DEFAULT_DRAFT
-    from specserve.runtime import load_backend
 
     small = load_backend("torch-int8", resolve_model(DEFAULT_DRAFT, False), n_ctx=48, show_progress=False)
     ids = runtime.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
     generation = Generation(
-        small, runtime.tokenizer.decode_bytes, frozenset(), ids, SamplingParams(max_tokens=500), None, 0
+        LocalTarget(small),
+        runtime.tokenizer.decode_bytes,
+        frozenset(),
+        ids,
+        SamplingParams(max_tokens=500),
+        None,
+        FixedK(0),
     )
     list(generation)
     assert generation.finish_reason == "length"
@@ -106,7 +114,7 @@ def test_cli_generate_streams_text_then_a_stats_line():
 def test_prefix_reuse_is_exact_and_skips_the_shared_prompt(runtime):
     """A second chat with the same long system prompt starts from the first one's KV (whole prefill
     chunks only) and decodes exactly what a fresh sequence decodes."""
-    from specserve.engine.loop import PREFILL_CHUNK
+    from specserve.config import PREFILL_CHUNK
 
     if not runtime.target.copies_prefix:
         pytest.skip(f"the {runtime.target.name} target cannot copy KV between sequences (auto picked it here)")
@@ -119,9 +127,8 @@ def test_prefix_reuse_is_exact_and_skips_the_shared_prompt(runtime):
     reused = runtime.generate(ids, params, method="draft", k=4)
     list(reused)
     assert reused.stats.prefix_reused >= 2 * PREFILL_CHUNK and reused.stats.prefix_reused % PREFILL_CHUNK == 0
-    fresh = Generation(
-        runtime.target.new_sequence(), runtime.tokenizer.decode_bytes, runtime.tokenizer.stop_ids, ids, params, None, 0
-    )
+    target = LocalTarget(runtime.target.new_sequence())
+    fresh = Generation(target, runtime.tokenizer.decode_bytes, runtime.tokenizer.stop_ids, ids, params, None, FixedK(0))
     list(fresh)
     assert fresh.stats.prefix_reused == 0 and fresh.tokens == reused.tokens
 

@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from specserve import SpecserveError, hardware
+from specserve.backends import load_backend
+from specserve.engine.costs import measure_rows
 
 if TYPE_CHECKING:
-    from specserve.backends.base import Backend
+    from specserve.engine.model import Backend
     from specserve.models.tokenizer import Tokenizer
 
 # Acceptance rates the target is judged at (plain decoding, prose-like and code-like text): a target is
@@ -225,13 +227,11 @@ def exact_window_sizes(backend: Backend, tokenizer: Tokenizer, rows: tuple[int, 
 def measure(backend: str, model: Path, rows: tuple[int, ...], exact: bool) -> dict:
     """Load the backend, time appending each row count to a warm sequence, and (`exact`) find the window
     sizes whose logits are bitwise those of one-token steps."""
-    from specserve.backends.calibrate import window_seconds
     from specserve.models.tokenizer import Tokenizer
-    from specserve.runtime import load_backend
 
     loaded = load_backend(backend, model, n_ctx=2048, show_progress=False)
     tokenizer = Tokenizer(model)
-    seconds = window_seconds(loaded, tokenizer.encode(_CHECK_TEXT), rows, repeats=3)
+    seconds = measure_rows(loaded, tokenizer.encode(_CHECK_TEXT), rows, repeats=3)
     exact_sizes = exact_window_sizes(loaded, tokenizer, rows) if exact else []
     return {"seconds": seconds, "exact": exact_sizes, "memory": loaded.memory_bytes()}
 
@@ -347,8 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.load_only:
-            from specserve.runtime import load_backend
-
             load_backend(args.backend, args.model, n_ctx=256, show_progress=False)
             return 0
         result = measure(args.backend, args.model, args.rows, args.exact)

@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaBatch, LlamaContext
 
-from specserve.backends.base import ContextOverflowError
+from specserve.engine.model import ContextOverflowError
 from specserve.models.fetch import ModelError
 from specserve.models.tokenizer import quiet_stderr
 
@@ -31,6 +31,7 @@ class LlamaCppBackend:
     name = "llama.cpp"
     copies_prefix = False  # contexts do not share KV memory
     batch_invariant = False  # kernels switch with the row count; which windows stay exact is measured
+    batches_sequences = False  # each sequence is its own llama.cpp context, evaluated in turn
 
     def __init__(
         self,

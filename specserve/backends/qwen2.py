@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from specserve import kernels
-from specserve.backends.base import ContextOverflowError
+from specserve.engine.model import ContextOverflowError
 from specserve.models.fetch import ModelError
 
 
@@ -222,6 +222,7 @@ class Qwen2Backend:
     name = "torch"
     copies_prefix = True
     batch_invariant = True  # per-row activation scales, row-by-row attention (module docstring)
+    batches_sequences = True  # one forward pass over every sequence's rows
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ output for every prompt of the run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 from collections import Counter
@@ -26,12 +27,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 import specserve
-from specserve.bench.measure import COST_WINDOWS, run_generation, window_costs
+from specserve.bench.measure import COST_WINDOWS, run_generation, summarize, window_costs
 from specserve.bench.worker import BackendProcess
+from specserve.config import EngineConfig
 from specserve.engine.sampling import SamplingParams
 from specserve.models.fetch import resolve_model
 from specserve.models.registry import DEFAULT_DRAFT
-from specserve.runtime import Runtime, RuntimeConfig
+from specserve.runtime import LocalRuntime
 
 SAMPLED_TEMPERATURE = 0.8
 
@@ -44,12 +46,12 @@ class BenchConfig:
     method: str = "none"
     k: int | str = 0
     worker: BackendProcess | None = None
-    runtime: Runtime | None = None  # another model pair (e.g. a quantized draft); default: the bench's
+    runtime: LocalRuntime | None = None  # another model pair (e.g. a quantized draft); default: the bench's
     target_memory: int = 0
     draft_memory: int = 0
     tolerance: float | None = None  # lossy rows: the tolerance delta
 
-    def run(self, runtime: Runtime, ids: list[int], params: SamplingParams) -> dict:
+    def run(self, runtime: LocalRuntime, ids: list[int], params: SamplingParams) -> dict:
         if self.worker is not None:
             return self.worker.generate(ids, params)
         runtime = self.runtime or runtime
@@ -89,29 +91,7 @@ def load_prompts(paths: Path | list[Path], limit: int) -> list[dict]:
     return kept
 
 
-def _summarize(runs: list[dict]) -> dict:
-    ms = [r["ms_per_token"] for r in runs]
-    tokens = sum(r["tokens"] - 1 for r in runs)
-    decode = sum(r["decode_s"] for r in runs)
-    drafted = sum(r["drafted"] for r in runs)
-    quality = {}
-    if all("target_logprob" in r for r in runs):
-        quality = {
-            "same_as_target": round(float(np.mean([r["same_as_target"] for r in runs])), 3),
-            "target_logprob": round(float(np.mean([r["target_logprob"] for r in runs])), 4),
-        }
-    return {
-        **quality,
-        "requests": len(runs),
-        "ms_per_token_mean": round(float(np.mean(ms)), 2),
-        "ms_per_token_p90": round(float(np.percentile(ms, 90)), 2),
-        "tokens_per_s": round(tokens / decode, 2) if decode else 0.0,
-        "acceptance_rate": round(sum(r["accepted"] for r in runs) / drafted, 3) if drafted else None,
-        "tokens_per_pass": round(float(np.mean([r["tokens_per_pass"] for r in runs])), 2),
-    }
-
-
-def target_logprob(runtime: Runtime, prompt: list[int], tokens: list[int]) -> float:
+def target_logprob(runtime: LocalRuntime, prompt: list[int], tokens: list[int]) -> float:
     """Mean log-probability (temperature 1) of generated tokens under the target, teacher-forced: the
     quality measure of lossy (tolerance) rows next to exact ones."""
     if not tokens:
@@ -123,23 +103,20 @@ def target_logprob(runtime: Runtime, prompt: list[int], tokens: list[int]) -> fl
     return float(np.mean(logprobs[np.arange(len(tokens)), tokens]))
 
 
-def _runtime_with_draft(args: argparse.Namespace, runtime: Runtime, spec: str, backend: str) -> Runtime:
-    """The bench's runtime when it already has this draft, else one sharing its target."""
-    if (runtime.config.draft, runtime.config.draft_backend) == (spec, backend):
-        return runtime
-    config = RuntimeConfig.from_args(args)
-    config.draft, config.draft_backend = spec, backend
-    return Runtime(config, target=runtime.target)
+def _runtime_with(runtime: LocalRuntime, **changes) -> LocalRuntime:
+    """The bench's runtime when it already has this configuration, else one sharing its target."""
+    config = dataclasses.replace(runtime.config, **changes)
+    return runtime if config == runtime.config else LocalRuntime(config, target=runtime.target)
 
 
-def _draft_label(runtime: Runtime) -> str:
+def _draft_label(runtime: LocalRuntime) -> str:
     return f"{runtime.config.draft} ({runtime.draft.name})"
 
 
 BASELINE = "plain llama.cpp, model's file"  # what speed-ups are relative to
 
 
-def _configs(args: argparse.Namespace, runtime: Runtime, workers: dict[str, BackendProcess], console: Console):
+def _configs(args: argparse.Namespace, runtime: LocalRuntime, workers: dict[str, BackendProcess], console: Console):
     """The columns of the comparison. `--table seed` reproduces the seed's rows on our pair: baseline
     (target only), speculative with the plain draft, speculative + quantized draft, plus our cascade."""
     target = runtime.target.name
@@ -148,7 +125,7 @@ def _configs(args: argparse.Namespace, runtime: Runtime, workers: dict[str, Back
         BenchConfig(label, worker=worker, target_memory=worker.memory) for label, worker in workers.items()
     ] + [BenchConfig(f"target-only {target}", target_memory=target_mem)]
 
-    def speculative(method: str, k: int | str, rt: Runtime, tolerance: float | None = None) -> BenchConfig:
+    def speculative(method: str, k: int | str, rt: LocalRuntime, tolerance: float | None = None) -> BenchConfig:
         drafter = "n-gram" if method == "ngram" else _draft_label(rt)
         lossy = f", tolerance delta={tolerance:g} (lossy)" if tolerance is not None else ""
         label = f"spec {target} + {'cascade ' if method == 'cascade' else ''}{drafter} k={k}{lossy}"
@@ -157,9 +134,11 @@ def _configs(args: argparse.Namespace, runtime: Runtime, workers: dict[str, Back
 
     if args.table == "seed":
         console.print("loading the seed table's drafts ...")
-        plain = _runtime_with_draft(args, runtime, DEFAULT_DRAFT, "torch-int8")
+        plain = _runtime_with(runtime, draft=DEFAULT_DRAFT, draft_backend="torch-int8")
         backend = args.quantized_draft_backend
-        quantized = [_runtime_with_draft(args, runtime, spec, backend) for spec in args.quantized_draft.split(",")]
+        quantized = [
+            _runtime_with(runtime, draft=spec, draft_backend=backend) for spec in args.quantized_draft.split(",")
+        ]
         configs = [
             *baselines,
             speculative("draft", args.k, plain),
@@ -171,12 +150,15 @@ def _configs(args: argparse.Namespace, runtime: Runtime, workers: dict[str, Back
         configs.append(speculative("ngram", args.k, runtime))
         if args.fixed_k and args.k != args.fixed_k:
             configs.append(speculative("draft", args.fixed_k, runtime))
+        for feature in sorted(args.ablate):  # what each adaptive-k refinement is worth
+            row = speculative("draft", "auto", runtime.ablated(frozenset({feature})))
+            configs.append(dataclasses.replace(row, label=f"{row.label} without {feature}"))
     # lossy, opt-in: rows that show what the speed costs in quality
     configs += [speculative("draft", args.k, runtime, tolerance=delta) for delta in args.tolerance]
     return configs
 
 
-def fidelity(runtime: Runtime, runs: list[dict], prompts: dict[str, list[int]], n_ctx: int) -> dict:
+def fidelity(runtime: LocalRuntime, runs: list[dict], prompts: dict[str, list[int]], n_ctx: int) -> dict:
     """Per target variant (the bench's target and every other one `auto` measured here, each loaded in a
     process of its own, one at a time): the share of positions where its greedy choice is the token plain
     llama.cpp on the model's file chose, over that baseline's outputs (teacher-forced, so one early
@@ -213,7 +195,7 @@ def fidelity(runtime: Runtime, runs: list[dict], prompts: dict[str, list[int]], 
     return result
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     from specserve.backends.torch_q4 import HEAD_AND_BODY
     from specserve.info import collect
     from specserve.models.quantize import quantized_model
@@ -222,7 +204,7 @@ def run_bench(args: argparse.Namespace) -> int:
     prompts = load_prompts(prompt_files(args.prompts), args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     console.print("loading models and calibrating ...")
-    runtime = Runtime(RuntimeConfig.from_args(args))
+    runtime = LocalRuntime(engine)
     tokenizer = runtime.tokenizer
     target_path = resolve_model(args.target)
     # Plain llama.cpp runs in worker processes, alone, as a user of llama.cpp would run it.
@@ -285,7 +267,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     r for r in runs if r["config"] == config.label and r["mode"] == mode and kind in (r["kind"], "all")
                 ]
                 if selected:
-                    rows[config.label] = _summarize(selected)
+                    rows[config.label] = summarize(selected)
                     rows[config.label]["target_memory"] = config.target_memory
                     rows[config.label]["draft_memory"] = config.draft_memory
             for row in rows.values():

@@ -13,6 +13,7 @@ held RTT/2 before it is sent and every reply RTT/2 after it arrives (no tc netem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -23,16 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from specserve import SpecserveError
-from specserve.bench.measure import run_generation
+from specserve.bench.measure import run_generation, summarize
 from specserve.cluster.pipeline import PipelinedDrafter
+from specserve.config import EngineConfig
 from specserve.engine.sampling import SamplingParams
-from specserve.runtime import Runtime, RuntimeConfig
+from specserve.runtime import RemoteRuntime
 
 SHIM = "delay shim in the client transport (each gRPC message held RTT/2 in each direction)"
 BASELINE = "baseline: remote target per token (k=0)"
@@ -68,21 +69,7 @@ def start_local_verifier(args: argparse.Namespace, console: Console) -> tuple[su
     return proc, address
 
 
-def _summarize(runs: list[dict]) -> dict:
-    ms = [r["ms_per_token"] for r in runs]
-    drafted = sum(r["drafted"] for r in runs)
-    ks = [k for r in runs for k in r["chosen_k"]]
-    return {
-        "requests": len(runs),
-        "ms_per_token_mean": round(float(np.mean(ms)), 2),
-        "ms_per_token_p90": round(float(np.percentile(ms, 90)), 2),
-        "acceptance_rate": round(sum(r["accepted"] for r in runs) / drafted, 3) if drafted else None,
-        "tokens_per_pass": round(float(np.mean([r["tokens_per_pass"] for r in runs])), 2),
-        "mean_k": round(float(np.mean(ks)), 2) if ks else 0.0,
-    }
-
-
-def run_wan_bench(args: argparse.Namespace, prompts: list[dict]) -> int:
+def run_wan_bench(args: argparse.Namespace, engine: EngineConfig, prompts: list[dict]) -> int:
     console = Console(stderr=True)
     rtts = parse_rtts(args.wan)
     proc, runtime = None, None
@@ -90,10 +77,8 @@ def run_wan_bench(args: argparse.Namespace, prompts: list[dict]) -> int:
     if not address:
         proc, address = start_local_verifier(args, console)
     try:
-        config = RuntimeConfig.from_args(args)
-        config.verifiers = tuple(address.split(","))
-        runtime = Runtime(config)
-        pool = runtime.target
+        runtime = RemoteRuntime(dataclasses.replace(engine, verifiers=tuple(address.split(","))))
+        pool = runtime.pool
         tokenizer = runtime.tokenizer
         runs: list[dict] = []
         with Progress(console=console, transient=True) as progress:
@@ -117,7 +102,7 @@ def run_wan_bench(args: argparse.Namespace, prompts: list[dict]) -> int:
                         progress.advance(task)
     finally:
         if runtime is not None:
-            runtime.target.close()  # stop health checks before the verifier goes away
+            runtime.pool.close()  # stop health checks before the verifier goes away
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
@@ -132,7 +117,7 @@ def run_wan_bench(args: argparse.Namespace, prompts: list[dict]) -> int:
             rows = {}
             for label, _ in CONFIGS:
                 chosen = [r for r in runs if r["rtt_ms"] == rtt and r["config"] == label]
-                rows[label] = _summarize([r for r in chosen if kind in (r["kind"], "all")])
+                rows[label] = summarize([r for r in chosen if kind in (r["kind"], "all")])
             base = rows[BASELINE]["ms_per_token_mean"]
             for label in (DISAGGREGATED, PIPELINED):
                 rows[label]["speedup"] = round(base / rows[label]["ms_per_token_mean"], 2)

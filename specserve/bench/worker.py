@@ -17,11 +17,13 @@ from specserve.engine.sampling import SamplingParams
 
 
 def _serve(conn, kind: str, model_path: str, n_ctx: int, flash_attn: bool) -> None:
+    from specserve.backends import load_backend
     from specserve.backends.llamacpp import LlamaCppBackend
     from specserve.bench.measure import run_generation, window_costs
     from specserve.engine.loop import Generation
+    from specserve.engine.policy import FixedK
+    from specserve.engine.target import LocalTarget
     from specserve.models.tokenizer import Tokenizer
-    from specserve.runtime import load_backend
 
     path = Path(model_path)
     if kind == "llama.cpp":
@@ -41,7 +43,8 @@ def _serve(conn, kind: str, model_path: str, n_ctx: int, flash_attn: bool) -> No
             conn.send(np.argmax(logits, axis=-1).tolist())
         else:
             ids, params = payload
-            generation = Generation(backend, tokenizer.decode_bytes, tokenizer.stop_ids, ids, params, None, 0)
+            target = LocalTarget(backend)
+            generation = Generation(target, tokenizer.decode_bytes, tokenizer.stop_ids, ids, params, None, FixedK(0))
             conn.send(run_generation(generation))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 
-from specserve.backends.base import Backend
+from specserve.engine.model import Backend
 from specserve.engine.proposers import common_prefix
 
 

@@ -28,6 +28,7 @@ class PipelinedDrafter:
     """Wraps a draft-model proposer (not a subclass: proposals come one request at a time, not batched)."""
 
     name = "draft"
+    uses_model = True
 
     def __init__(self, inner: DraftModelProposer):
         self.inner = inner

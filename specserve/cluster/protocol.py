@@ -13,7 +13,6 @@ from specserve.engine.sampling import SamplingParams
 from specserve.engine.target import Window
 
 AUTH_HEADER = "authorization"  # gRPC metadata keys are lower case
-SPARSE_Q_TOP_K = 64  # a remote draft samples from its top-64 tokens, the distribution it then sends
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import socket
 import threading
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from specserve import SpecserveError
+from specserve.config import ServerConfig, VerifierConfig
 
 NAMESPACE = "specserve"
 FRONTEND = "frontend"
@@ -30,15 +32,15 @@ def _replica_name(i: int) -> str:
 class VerifierActor:
     """One `specserve verifier` inside a Ray actor process."""
 
-    def __init__(self, host: str, port: int, target: str, backend: str, n_ctx: int, auth_token: str | None):
-        from specserve.cluster.service import load_verifier, start_server
+    def __init__(self, config: VerifierConfig):
+        from specserve.cluster.service import build_verifier, start_server
 
-        service = load_verifier(target, backend, n_ctx, auth_token, show_progress=False)
+        service = build_verifier(config, show_progress=False)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="verifier-loop", daemon=True).start()
-        started = asyncio.run_coroutine_threadsafe(start_server(service, f"{host}:{port}"), self.loop)
+        started = asyncio.run_coroutine_threadsafe(start_server(service, config.listen), self.loop)
         self.server, bound = started.result(timeout=60)
-        self._address = f"{host}:{bound}"
+        self._address = f"{config.listen.rsplit(':', 1)[0]}:{bound}"
 
     def address(self) -> str:
         return self._address
@@ -50,13 +52,11 @@ class VerifierActor:
 class FrontendActor:
     """The HTTP front-end (draft model + OpenAI API) inside a Ray actor, verifying on the replicas."""
 
-    def __init__(self, host: str, port: int, argv: list[str]):
-        from specserve.cli import build_parser
+    def __init__(self, config: ServerConfig):
         from specserve.server.app import serve
 
-        args = build_parser().parse_args(["serve", "--host", host, "--port", str(port), *argv])
-        threading.Thread(target=serve, args=(args,), name="frontend", daemon=True).start()
-        self._url = f"http://{host}:{port}/v1"
+        threading.Thread(target=serve, args=(config,), name="frontend", daemon=True).start()
+        self._url = f"http://{config.host}:{config.port}/v1"
 
     def url(self) -> str:
         return self._url
@@ -80,28 +80,24 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def ray_up(args: argparse.Namespace) -> int:
+def ray_up(args: argparse.Namespace, verifier: VerifierConfig, frontend: ServerConfig) -> int:
+    """Start `args.replicas` verifiers like `verifier` (each on its own port) and a front-end like `frontend`
+    verifying on them."""
     ray = _connect(args.address)
     options = {"lifetime": "detached", "max_restarts": -1, "max_task_retries": -1, "num_cpus": args.replica_cpus}
     actor = ray.remote(VerifierActor)
     replicas = []
     for i in range(args.replicas):
         port = args.verifier_port + i if args.verifier_port else _free_port(args.host)
-        replicas.append(
-            actor.options(name=_replica_name(i), **options).remote(
-                args.host, port, args.target, args.target_backend, args.n_ctx, args.auth_token
-            )
-        )
+        config = dataclasses.replace(verifier, listen=f"{args.host}:{port}")
+        replicas.append(actor.options(name=_replica_name(i), **options).remote(config))
     addresses = ray.get([r.address.remote() for r in replicas], timeout=args.timeout)
     print("verifiers: " + ",".join(addresses), flush=True)
-    frontend_argv = ["--verifier", ",".join(addresses), "--draft", args.draft, "--n-ctx", str(args.n_ctx)]
-    frontend_argv += ["--draft-backend", args.draft_backend, "--target", args.target]
-    if args.auth_token:
-        frontend_argv += ["--auth-token", args.auth_token]
+    engine = dataclasses.replace(frontend.engine, verifiers=tuple(addresses))
     frontend = (
         ray.remote(FrontendActor)
         .options(name=FRONTEND, lifetime="detached", max_restarts=-1, num_cpus=0)
-        .remote(args.host, args.port, frontend_argv)
+        .remote(dataclasses.replace(frontend, engine=engine))
     )
     print(f"front-end: {ray.get(frontend.url.remote(), timeout=args.timeout)}", flush=True)
     return 0

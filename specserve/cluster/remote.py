@@ -109,6 +109,10 @@ class RemoteTarget:
         weakref.finalize(self, _close_stream, pool, self._stream_holder)
 
     @property
+    def round_trip_s(self) -> float:
+        return self.pool.round_trip_s
+
+    @property
     def n_past(self) -> int:
         return len(self._cache)
 

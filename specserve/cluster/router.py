@@ -46,7 +46,7 @@ class ClientOptions:
 
 @dataclass(eq=False)  # identity: it is the batch key of its sessions
 class VerifierPool:
-    """Replicas behind `--verifier HOST:PORT[,HOST:PORT...]`; `new_sequence` opens a remote target session."""
+    """Replicas behind `--verifier HOST:PORT[,HOST:PORT...]`; `RemoteTarget(pool)` opens a session on one."""
 
     addresses: list[str]
     tokenizer_digest: str
@@ -86,13 +86,6 @@ class VerifierPool:
         self.window_cost_s = {int(k): v for k, v in first.window_cost_s.items()}
         self._health = threading.Thread(target=self._watch, name="specserve-verifier-health", daemon=True)
         self._health.start()
-
-    # --- the TargetSession factory the runtime uses in place of a local backend ---
-
-    def new_sequence(self):
-        from specserve.cluster.remote import RemoteTarget
-
-        return RemoteTarget(self)
 
     # --- routing ---
 

@@ -9,7 +9,6 @@ when idle; a client whose session is gone gets FAILED_PRECONDITION and replays i
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import hmac
@@ -25,23 +24,22 @@ import grpc
 import numpy as np
 
 from specserve import SpecserveError
-from specserve.backends.base import Backend
-from specserve.backends.calibrate import window_seconds
 from specserve.cluster import verifier_pb2 as pb
 from specserve.cluster import verifier_pb2_grpc as pb_grpc
 from specserve.cluster.protocol import AUTH_HEADER, ProtocolError, params_from_wire, window_from_wire
-from specserve.engine.loop import PREFILL_CHUNK
+from specserve.config import PREFILL_CHUNK, REMOTE_K_MAX, VERIFIER_MAX_BATCH, VERIFIER_MAX_SESSIONS, VerifierConfig
+from specserve.engine.costs import CALIBRATION_TEXT, measure_rows
+from specserve.engine.model import Backend
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.target import LocalTarget, Window, target_pass
 from specserve.engine.verify import Verdict
 from specserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger("specserve.verifier")
-MAX_BATCH = 16  # windows in one target pass
 # Generated tokens are replayed in windows this small: a batch-invariant backend computes them row by row,
 # exactly like the one-token steps and draft windows they first came in (torch_int8: up to 32 rows).
 REPLAY_WINDOW = 16
-CALIBRATED_WINDOWS = tuple(range(1, 18))  # window sizes whose cost front-ends get (k up to 16)
+CALIBRATED_WINDOWS = tuple(range(1, REMOTE_K_MAX + 2))  # window sizes whose cost front-ends get
 
 
 class SessionEvicted(Exception):
@@ -69,7 +67,8 @@ class _Job:
 class TargetWorker:
     """One thread that owns the target model: drains the queue, one batched pass per drain."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_batch: int = VERIFIER_MAX_BATCH) -> None:
+        self.max_batch = max_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="specserve-verifier-worker", daemon=True)
         self._thread.start()
@@ -91,7 +90,7 @@ class TargetWorker:
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
             batch = [job]
-            while len(batch) < MAX_BATCH:
+            while len(batch) < self.max_batch:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -179,14 +178,15 @@ class VerifierService(pb_grpc.VerifierServicer):
         tokenizer: Tokenizer,
         model_name: str,
         window_cost_s: dict[int, float],
-        max_sessions: int = 64,
+        max_sessions: int = VERIFIER_MAX_SESSIONS,
         idle_s: float = 300.0,
         auth_token: str | None = None,
+        max_batch: int = VERIFIER_MAX_BATCH,
     ):
         self.root, self.tokenizer, self.model_name = root, tokenizer, model_name
         self.window_cost_s = window_cost_s
         self.sessions = SessionTable(root, max_sessions, idle_s)
-        self.worker = TargetWorker()
+        self.worker = TargetWorker(max_batch)
         self.auth_token = auth_token
         self.expiry: asyncio.Task | None = None
 
@@ -327,41 +327,31 @@ async def _serve(service: VerifierService, listen: str, credentials: grpc.Server
     service.worker.stop()
 
 
-def load_verifier(
-    target: str,
-    target_backend: str,
-    n_ctx: int,
-    auth_token: str | None,
-    max_sessions: int = 64,
-    idle_s: float = 300.0,
-    show_progress: bool = True,
-) -> VerifierService:
-    """The target loaded (`auto` picks its backend), its window costs measured: a verifier ready to serve."""
-    from specserve.runtime import Runtime, RuntimeConfig
+def build_verifier(config: VerifierConfig, show_progress: bool = True) -> VerifierService:
+    """The target loaded (`auto` picks its backend), its window costs measured: a verifier ready to serve,
+    for `specserve verifier` and Ray's verifier actors alike."""
+    from specserve.runtime import LocalRuntime
 
-    config = RuntimeConfig(target=target, draft=None, target_backend=target_backend, n_ctx=n_ctx)
-    runtime = Runtime(config, show_progress=show_progress)
-    probe = runtime.tokenizer.encode(
-        "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
-    )
+    runtime = LocalRuntime(config.engine, show_progress=show_progress)
     # front-ends draft at most as many tokens as the windows it reports the cost of: exact ones only
     windows = CALIBRATED_WINDOWS if runtime.exact_window is None else CALIBRATED_WINDOWS[: runtime.exact_window]
-    costs = window_seconds(runtime.target, probe, windows, repeats=2)
+    costs = measure_rows(runtime.target, runtime.tokenizer.encode(CALIBRATION_TEXT), windows, repeats=2)
     return VerifierService(
-        runtime.target, runtime.tokenizer, runtime.target_name, costs, max_sessions, idle_s, auth_token
+        runtime.target,
+        runtime.tokenizer,
+        runtime.target_name,
+        costs,
+        config.max_sessions,
+        config.idle_timeout_s,
+        config.auth_token,
+        config.max_batch,
     )
 
 
-def serve_verifier(args: argparse.Namespace) -> int:
+def serve_verifier(config: VerifierConfig) -> int:
     """Load the target, measure its window costs, serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if ":" not in args.listen:
-        raise SpecserveError(f"--listen takes HOST:PORT, got {args.listen!r}")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise SpecserveError("TLS needs both --tls-cert and --tls-key")
-    credentials = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
-    service = load_verifier(
-        args.target, args.target_backend, args.n_ctx, args.auth_token or None, args.max_sessions, args.idle_timeout
-    )
-    asyncio.run(_serve(service, args.listen, credentials))
+    credentials = server_credentials(config.tls_cert, config.tls_key) if config.tls_cert else None
+    service = build_verifier(config)
+    asyncio.run(_serve(service, config.listen, credentials))
     return 0

@@ -15,8 +15,9 @@ The target pass, verification and rollback are one call to the generation's `Tar
 lockstep batches and their windows share one target pass (backends are batch-invariant, so each request
 gets exactly what it would get alone). Iterating a single `Generation` is `step([self])` until done.
 
-With k = 0 (or no proposer) each step is exactly plain decoding: one token per target pass. k is fixed, or
-chosen per step by `AdaptiveK` from measured acceptance and costs (engine/adaptive.py).
+With k = 0 (or no proposer) each step is exactly plain decoding: one token per target pass. k comes from the
+generation's `DraftLengthPolicy` (engine/policy.py): fixed, or planned per step for the whole batch from
+measured acceptance (engine/acceptance.py) and measured costs (engine/costs.py).
 """
 
 from __future__ import annotations
@@ -28,25 +29,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specserve.backends.base import Backend, ContextOverflowError
-from specserve.engine.adaptive import STEADY_SYNC_ROWS, AdaptiveK, BatchCosts, plan_batch
-from specserve.engine.proposers import (
-    DraftModelProposer,
-    DraftRequest,
-    NgramProposer,
-    Proposal,
-    Proposer,
-    propose_batch,
-)
+from specserve.config import PREFILL_CHUNK
+from specserve.engine.model import ContextOverflowError
+from specserve.engine.policy import DraftLengthPolicy, Slot, WindowResult
+from specserve.engine.proposers import DraftRequest, Proposal, Proposer, propose_batch
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.stats import GenerationStats
 from specserve.engine.stops import TextStream
-from specserve.engine.target import LocalTarget, TargetSession, Window, run_windows
+from specserve.engine.target import TargetSession, Window, run_windows
 from specserve.engine.verify import ToleranceController, Verdict
 
-# Prompt tokens per prefill pass: a fixed size (not one that depends on who else is running) keeps a
-# request's numerics the same alone or batched, and bounds how long a new prompt stalls other streams.
-PREFILL_CHUNK = 128
+# Prompt tokens go in chunks of PREFILL_CHUNK per pass: a fixed size (not one that depends on who else is
+# running) keeps a request's numerics the same alone or batched, and bounds how long a new prompt stalls others.
 log = logging.getLogger("specserve.loop")
 
 
@@ -66,9 +60,9 @@ class Step:
 def step(generations: list[Generation]) -> Step:
     """One iteration for each (unfinished) generation: draft, one shared target pass, verify, emit."""
     t0 = time.perf_counter()
-    costs = generations[0].batch_costs if len(generations) > 1 else None
-    planned, probe = _plan(generations, costs) if costs is not None else ([None] * len(generations), True)
-    requests = [g.draft_request(k, probe) for g, k in zip(generations, planned, strict=True)]
+    slots = [g.slot() for g in generations]
+    planned = _plan(generations, slots)
+    requests = [g.draft_request(slot, k) for g, slot, k in zip(generations, slots, planned, strict=True)]
     try:
         proposals = propose_batch(requests)
     except Exception:  # the draft side failed: carry on without it; the target alone gives the same output
@@ -78,49 +72,31 @@ def step(generations: list[Generation]) -> Step:
     windows = [g.open_window(p) for g, p in zip(generations, proposals, strict=True)]
     verdicts = run_windows([g.target for g in generations], windows)
     t2 = time.perf_counter()
-    if costs is not None:  # what this batch shape really cost, for the next plans
-        costs.observe(sum(len(w.append) + len(w.drafts) for w in windows), t2 - t1)
-    batched = len(generations) > 1
-    events = [g.close_window(v, t1 - t0, t2 - t1, batched) for g, v in zip(generations, verdicts, strict=True)]
+    results = [g.result(s, w, v) for g, s, w, v in zip(generations, slots, windows, verdicts, strict=True)]
+    for policy in {id(g.policy): g.policy for g in generations}.values():
+        policy.observe(results, t1 - t0, t2 - t1)
+    events = [g.close_window(v, t1 - t0, t2 - t1) for g, v in zip(generations, verdicts, strict=True)]
     return Step(events, (t0, t1, t2, time.perf_counter()))
 
 
-def _model_drafted(proposer: Proposer | None) -> bool:
-    return proposer is not None and not isinstance(proposer, NgramProposer)
-
-
-def _plan(generations: list[Generation], costs: BatchCosts) -> tuple[list[int | None], bool]:
-    """Draft lengths for the adaptive generations of a batch (`plan_batch`); None for the others, which
-    choose their own (prefill chunks and fixed k count as rows of the shared pass). Second: whether a
-    sequence at k = 0 should still probe its acceptance now and then; not when the batch would not draft
-    even if every draft were accepted (then a probe only costs everyone a draft pass)."""
-    planned: list[int | None] = [None] * len(generations)
-    members = [i for i, g in enumerate(generations) if g.adaptive is not None and not g.prefilling]
-    fixed_rows = 0
-    for g in generations:
-        if g.prefilling:
-            fixed_rows += min(PREFILL_CHUNK, len(g.prompt) - g.prefilled)
-        elif g.adaptive is None:
-            fixed_rows += 1 + (g.draft_limit() if g.proposer is not None else 0)
-    if not members:
-        return planned, True
-    sequences = [generations[i] for i in members]
-    limits = [g.draft_limit() for g in sequences]
-    model_drafted = [_model_drafted(g.proposer) for g in sequences]
-    acceptance = [g.adaptive.acceptance for g in sequences]
-    sync = [g.sync_rows() for g in sequences]
-    remaining = [g.remaining for g in sequences]
-    plan = plan_batch(acceptance, limits, model_drafted, costs, fixed_rows, sync, remaining)
-    if any(plan):  # as for one sequence (`AdaptiveK.choose`): drafting must pay at a cautious acceptance too
-        cautious = [g.adaptive.cautious_acceptance() for g in sequences]
-        if not any(plan_batch(cautious, limits, model_drafted, costs, fixed_rows, sync, remaining)):
-            plan = [0] * len(plan)
-    for i, k in zip(members, plan, strict=True):
-        planned[i] = k
-    if any(plan) or not any(g.adaptive.probe_due(g.remaining, rows) for g, rows in zip(sequences, sync, strict=True)):
-        return planned, True
-    sure = plan_batch([0.99] * len(members), limits, model_drafted, costs, fixed_rows, sync, remaining)
-    return planned, any(sure)
+def _plan(generations: list[Generation], slots: list[Slot | None]) -> list[int]:
+    """Draft lengths for one step. Generations that share a policy are planned together; the rows of the
+    others (prefill chunks, other policies' windows at their most) count as rows of the same pass."""
+    planned = [0] * len(generations)
+    groups: dict[int, list[int]] = {}
+    rows = 0
+    for i, (g, slot) in enumerate(zip(generations, slots, strict=True)):
+        if slot is None:
+            rows += min(PREFILL_CHUNK, len(g.prompt) - g.prefilled)
+        else:
+            rows += 1 + slot.limit
+            groups.setdefault(id(g.policy), []).append(i)
+    for members in groups.values():
+        own = [slots[i] for i in members]
+        other_rows = rows - sum(1 + slot.limit for slot in own)
+        for i, k in zip(members, generations[members[0]].policy.plan(own, other_rows), strict=True):
+            planned[i] = k
+    return planned
 
 
 class Generation:
@@ -129,33 +105,31 @@ class Generation:
 
     def __init__(
         self,
-        target: TargetSession | Backend,
+        target: TargetSession,
         token_bytes: Callable[[list[int]], bytes],
         stop_ids: frozenset[int],
         prompt: list[int],
         params: SamplingParams,
         proposer: Proposer | None,
-        k: int | AdaptiveK,
+        policy: DraftLengthPolicy,
         cached_prefix: int = 0,
         tolerance: float | ToleranceController | None = None,
-        batch_costs: BatchCosts | None = None,
     ):
         """`cached_prefix`: this many prompt tokens are already in the target's cache (prefix reuse);
         otherwise the target session is reset first. Proposers sync themselves to the context.
-        `tolerance`: lossy opt-in verification with a fixed delta, or one a controller calibrates online.
-        `batch_costs`: the model pair's cost of batched passes, shared by the generations of one runtime;
-        with it, `step` plans draft lengths for a whole batch (`plan_batch`)."""
+        `policy`: the draft length per window (engine/policy.py), shared by a runtime's generations so that
+        concurrent ones are planned as one batch. `tolerance`: lossy opt-in verification with a fixed
+        delta, or one a controller calibrates online."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= target.n_ctx:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt)} tokens; the context holds {target.n_ctx} including the reply"
             )
-        self.target = target if hasattr(target, "run_many") else LocalTarget(target)
-        self.prompt, self.params = prompt, params
-        self.adaptive = k if isinstance(k, AdaptiveK) else None
-        self.k = k.k_max if isinstance(k, AdaptiveK) else k  # the most drafts a window may hold
-        self.proposer = proposer if self.k > 0 else None
+        self.target, self.prompt, self.params = target, prompt, params
+        self.policy = policy
+        self.proposer = proposer if policy.k_max > 0 else None
+        self.draft_state = policy.start(self.proposer.name, params.greedy) if self.proposer is not None else None
         self.stop_ids = stop_ids
         self.tokens: list[int] = []  # emitted tokens
         self.context = list(prompt)  # prompt + emitted tokens
@@ -167,9 +141,7 @@ class Generation:
         self._prefilled = cached_prefix  # prompt tokens in the target's KV cache
         self.stats.prefix_reused = cached_prefix
         self._proposal = Proposal([], [])
-        self._backlog = 0  # catch-up tokens the draft evaluates before this window's drafts
         self.tolerance = tolerance
-        self.batch_costs = batch_costs
 
     @property
     def text(self) -> str:
@@ -198,86 +170,76 @@ class Generation:
         """Tokens the reply may still produce (max_tokens allowing)."""
         return self.params.max_tokens - len(self.tokens)
 
-    def sync_rows(self) -> int:
-        """Tokens the draft must evaluate before it drafts again (`Proposer.sync_rows`), the prompt too
-        when it has not drafted yet: adaptive k charges them (a draft that starts and then finds nothing to
-        accept has paid for the prompt for nothing: 4 ms a token of a 64-token reply on random words)."""
-        return self.proposer.sync_rows(self.context) if self.proposer is not None else 0
-
-    def draft_limit(self) -> int:
-        """The most drafts the next window may hold: k (or k_max), the context and max_tokens allowing."""
+    def slot(self) -> Slot | None:
+        """The next window as the policy plans it; None while the prompt is still being prefilled."""
+        if self._prefilled < len(self.prompt):
+            return None
         room = self.target.n_ctx - self.target.n_past - 1  # window slots left after the pending token
-        return max(0, min(self.k, room, self.remaining - 1))
+        limit = max(0, min(self.policy.k_max, room, self.remaining - 1)) if self.proposer is not None else 0
+        # Tokens the draft must evaluate before it drafts again, the prompt too when it has not drafted yet:
+        # a draft that starts and then finds nothing to accept has paid for the prompt for nothing.
+        sync = self.proposer.sync_rows(self.context) if self.proposer is not None else 0
+        uses_model = self.proposer is not None and self.proposer.uses_model
+        return Slot(self.draft_state, limit, uses_model, sync, self.remaining, self.target.round_trip_s)
 
-    def draft_request(self, planned_k: int | None = None, probe: bool = True) -> DraftRequest:
-        """Phase 1: what to draft now. k is 0 while prefilling, for plain decoding, and when adaptive k
-        finds drafting not worth its cost; `planned_k` is the batch plan's choice for an adaptive one, and
-        `probe` False keeps it at 0 even when acceptance is due for a re-measurement."""
+    def draft_request(self, slot: Slot | None, k: int) -> DraftRequest:
+        """Phase 1: what to draft now: k as planned (0 while prefilling and for plain decoding)."""
         if self._start is None:
             self._start = time.perf_counter()
             if self._prefilled == 0:
                 self.target.reset()
-        if self._prefilled < len(self.prompt):
+        if slot is None:
             return DraftRequest(None, self.context, 0, self.params, self._rng)
-        limit = self.draft_limit()
-        sync = self.sync_rows()
-        if self.proposer is None:
-            k = 0
-        elif self.adaptive is None:
-            k = limit
-        elif planned_k is None:
-            k = self.adaptive.choose(limit, sync, self.remaining)
-        else:
-            k = self.adaptive.probe(planned_k, self.remaining, sync) if limit and probe else min(planned_k, limit)
         self.stats.chosen_k.append(k)
-        # all of the catch-up, prompt included, is draft time that is not drafting
-        self._backlog = max(sync - STEADY_SYNC_ROWS, 0) if k else 0
+        min_confidence = self.policy.min_confidence(slot) if k else 0.0
         # Tolerance needs the draft's probability of each token even when drafting greedily.
-        min_confidence = self.adaptive.min_confidence() if self.adaptive else 0.0
         return DraftRequest(
             self.proposer, self.context, k, self.params, self._rng, self.tolerance is not None, min_confidence
         )
 
     def open_window(self, proposal: Proposal) -> Window:
         """Phase 2: what the target pass appends and verifies for this generation."""
-        adaptive = self.adaptive is not None  # only adaptive k reads the target's confidence
+        with_confidence = self.draft_state is not None  # only a policy with state reads the target's confidence
         if self._prefilled < len(self.prompt):
             chunk = self.prompt[self._prefilled : self._prefilled + PREFILL_CHUNK]
             last = self._prefilled + len(chunk) == len(self.prompt)
-            return Window(chunk, [], [], last, self.params, self._rng, with_confidence=adaptive)
+            return Window(chunk, [], [], last, self.params, self._rng, with_confidence=with_confidence)
         self._proposal = proposal
         delta = self.tolerance.delta if isinstance(self.tolerance, ToleranceController) else self.tolerance
         drafts, probs = proposal.tokens, proposal.probs
-        return Window([self.context[-1]], drafts, probs, True, self.params, self._rng, delta, adaptive)
+        return Window([self.context[-1]], drafts, probs, True, self.params, self._rng, delta, with_confidence)
 
-    def close_window(self, verdict: Verdict | None, draft_s: float, verify_s: float, batched: bool) -> list[Emitted]:
-        """Phase 3: take the target's verdict on the window, emit. Times are the step's; in a batch they are
-        not this window's own cost, so adaptive k learns only acceptance from it."""
+    def result(self, slot: Slot | None, window: Window, verdict: Verdict | None) -> WindowResult:
+        """What the policy learns from this generation's part of the step."""
+        rows = len(window.append) + len(window.drafts)
+        if verdict is None:
+            return WindowResult(self.draft_state, rows)
+        drafted = len(window.drafts)
+        return WindowResult(
+            self.draft_state,
+            rows,
+            drafted,
+            verdict.accepted,
+            verdict.expected_accepted,
+            tuple(self._proposal.confidence) if drafted else (),
+            verdict.confidence,
+            slot is not None and slot.uses_model,
+            slot.sync_rows if slot is not None else 0,
+            self.target.round_trip_s,
+        )
+
+    def close_window(self, verdict: Verdict | None, draft_s: float, verify_s: float) -> list[Emitted]:
+        """Phase 3: take the target's verdict on the window, emit."""
         stats = self.stats
         if self._prefilled < len(self.prompt):
             self._prefilled += min(PREFILL_CHUNK, len(self.prompt) - self._prefilled)
             if verdict is None:
                 return []
             stats.prefill_s = time.perf_counter() - self._start
-            if self.adaptive:
-                self.adaptive.observe_target_confidence(verdict.confidence)
             return self._accept([], verdict.next_token)
-
         drafted = self._proposal.tokens
         stats.draft_s += draft_s
         stats.verify_s += verify_s
-        if self.adaptive:
-            self.adaptive.observe_target_confidence(verdict.confidence)
-            self.adaptive.observe_confidence(self._proposal.confidence, verdict.accepted)
-            own = not batched
-            self.adaptive.observe(
-                len(drafted),
-                verdict.accepted,
-                draft_s if own else None,
-                verify_s if own else None,
-                verdict.expected_accepted,
-                self._backlog,
-            )
         stats.record_window(len(drafted), verdict.accepted)
         if isinstance(self.tolerance, ToleranceController):
             self.tolerance.observe(len(drafted), verdict.accepted)
@@ -287,7 +249,7 @@ class Generation:
         """After a draft failure: no drafts in this step, and no draft model from now on (k = 0)."""
         if self._prefilled >= len(self.prompt) and self.stats.chosen_k:
             self.stats.chosen_k[-1] = 0  # this step drafts nothing after all
-        if isinstance(self.proposer, DraftModelProposer) or getattr(self.proposer, "name", "") == "draft":
+        if self.proposer is not None and self.proposer.uses_model:
             self.proposer = None
         return Proposal([], [])
 
@@ -302,7 +264,6 @@ class Generation:
                 break
             self.tokens.append(token)
             self.stats.generated += 1
-            self.stats.token_times.append(time.perf_counter() - self._start)
             out.append(Emitted(token, self._text.push(token), from_draft=i < len(accepted_drafts)))
             if self._text.stopped:
                 self.finish_reason = "stop"

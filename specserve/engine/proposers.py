@@ -11,8 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
-from specserve.backends.base import Backend
-from specserve.engine.sampling import SamplingParams, keep_top_k, probabilities, sample
+from specserve.engine.model import Backend
+from specserve.engine.sampling import SamplingParams, keep_top_k, probabilities, sample, top_probability
 from specserve.engine.verify import tolerance_distribution, verify
 
 
@@ -24,7 +24,8 @@ class Proposal:
 
 
 class Proposer(Protocol):
-    name: str
+    name: str  # the method: "draft", "cascade" or "ngram"
+    uses_model: bool  # whether proposing costs draft-model passes (and a failing draft model can be dropped)
 
     def propose(
         self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
@@ -45,6 +46,7 @@ class NgramProposer:
     followed it. Tries n = max_n down to min_n. No model, so drafting is free."""
 
     name = "ngram"
+    uses_model = False
 
     def __init__(self, max_n: int = 4, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
@@ -92,6 +94,7 @@ class DraftModelProposer:
     """
 
     name = "draft"
+    uses_model = True
 
     def __init__(self, backend: Backend, cached: list[int] | None = None, q_top_k: int = 0):
         self.backend = backend
@@ -165,14 +168,13 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
     logits = {i: rows[-1] for i, rows in zip(live, backend.eval_batch(work), strict=True)}
     while live:
         for i in live:
-            params = requests[i].params
-            if params.greedy:
+            request = requests[i]
+            q = draft_distribution(logits[i], request.params, request.with_probs, request.proposer.q_top_k)
+            if request.params.greedy:
                 token = int(np.argmax(logits[i]))
-                q = tolerance_distribution(logits[i], params) if requests[i].with_probs else None
-                confidence = _top_probability(logits[i])
+                confidence = top_probability(logits[i], request.params)
             else:
-                q = keep_top_k(probabilities(logits[i], params), requests[i].proposer.q_top_k)
-                token = sample(q, requests[i].rng)
+                token = sample(q, request.rng)
                 confidence = float(q[token])
             if confidence < requests[i].min_confidence and proposals[i].tokens:
                 ks[i] = len(proposals[i].tokens)  # not sure enough to be worth verifying: end the window here
@@ -189,10 +191,15 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
     return proposals
 
 
-def _top_probability(logits: np.ndarray) -> float:
-    """Softmax probability of the argmax (temperature 1): the draft's confidence in its greedy token."""
-    top = logits.max()
-    return float(1.0 / np.exp(logits - top).sum())
+def draft_distribution(
+    logits: np.ndarray, params: SamplingParams, with_probs: bool, top_k: int = 0
+) -> np.ndarray | None:
+    """The distribution q a draft token is drawn from, as verification needs it: a greedy draft is a point
+    mass (None) unless `with_probs` asks for its distribution under the tolerance rule; a sampled one is
+    the request's distribution, cut to its `top_k` most likely tokens when that is what it sampled from."""
+    if params.greedy:
+        return tolerance_distribution(logits, params) if with_probs else None
+    return keep_top_k(probabilities(logits, params), top_k)
 
 
 def propose_batch(requests: list[DraftRequest]) -> list[Proposal]:
@@ -217,6 +224,7 @@ class CascadeProposer:
     """
 
     name = "cascade"
+    uses_model = True
 
     def __init__(self, draft: DraftModelProposer, ngram: NgramProposer | None = None):
         self.draft, self.ngram = draft, ngram or NgramProposer()
@@ -238,10 +246,7 @@ class CascadeProposer:
         rows = draft.evaluate(context, guess)
         verdict = verify(rows, guess, [None] * len(guess), params, rng)
         tokens = [*guess[: verdict.accepted], verdict.next_token][:k]
-        if params.greedy:
-            probs = [tolerance_distribution(row, params) if with_probs else None for row in rows[: len(tokens)]]
-        else:
-            probs = [probabilities(row, params) for row in rows[: len(tokens)]]
+        probs = [draft_distribution(row, params, with_probs) for row in rows[: len(tokens)]]
         draft.rollback(len(context) + verdict.accepted)  # draft cache: context + accepted guesses
         if len(tokens) < k:  # the draft model continues alone from the correction token
             more = draft.propose([*context, *tokens], k - len(tokens), params, rng, with_probs)

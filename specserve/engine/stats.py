@@ -20,7 +20,6 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     total_s: float = 0.0
-    token_times: list[float] = field(default_factory=list)  # seconds since start, per emitted token
     windows: list[tuple[int, int]] = field(default_factory=list)  # drafted, accepted per verify window
 
     @property

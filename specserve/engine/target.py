@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from specserve.backends.base import Backend
+from specserve.engine.model import Backend
 from specserve.engine.sampling import SamplingParams, top_probability
 from specserve.engine.verify import Verdict, verify, verify_tolerance
 
@@ -39,6 +39,7 @@ class Window:
 class TargetSession(Protocol):
     n_ctx: int
     batch_key: object  # sessions with equal keys can share one pass (`run_many`)
+    round_trip_s: float  # network seconds a window spends travelling (0 for a local target)
 
     @property
     def n_past(self) -> int:
@@ -74,6 +75,7 @@ class LocalTarget:
         self.backend = backend
         self.n_ctx = backend.n_ctx
         self.batch_key = backend.weights  # sequences of one model share a forward pass
+        self.round_trip_s = 0.0
 
     @property
     def n_past(self) -> int:

@@ -7,7 +7,6 @@ OpenAI's chunk format, and exports metrics and traces.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -25,9 +24,10 @@ from opentelemetry import trace
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specserve import SpecserveError
-from specserve.backends.base import ContextOverflowError
 from specserve.cache import CachedResponse, ResponseCache, cache_key, open_cache
-from specserve.runtime import Runtime, RuntimeConfig
+from specserve.config import SERVER_MAX_BATCH, SERVER_MAX_QUEUE, ServerConfig
+from specserve.engine.model import ContextOverflowError
+from specserve.runtime import Runtime, open_runtime
 from specserve.server.metrics import Metrics
 from specserve.server.scheduler import Job, QueueFull, Scheduler
 from specserve.server.schemas import ChatRequest, CompletionParams, CompletionRequest
@@ -55,8 +55,8 @@ def _error_response(
 def create_app(
     runtime: Runtime | Callable[[], Runtime],
     *,
-    max_batch: int = 8,
-    max_queue: int = 64,
+    max_batch: int = SERVER_MAX_BATCH,
+    max_queue: int = SERVER_MAX_QUEUE,
     cache: ResponseCache | None = None,
     cache_url: str | None = None,
 ) -> FastAPI:
@@ -139,7 +139,7 @@ def create_app(
             raise ApiError(404, f"model {body.model!r} does not exist; this server has {rt.target_name!r}", "model")
         if body.n != 1:
             raise ApiError(400, "only n=1 is supported", "n")
-        n_ctx = rt.target.n_ctx
+        n_ctx = rt.n_ctx
         if len(ids) >= n_ctx:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds {n_ctx}", "prompt")
         if len(ids) + body.max_tokens > n_ctx:
@@ -339,16 +339,16 @@ def _log_stats(generation) -> dict:
     }
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(config: ServerConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     setup_tracing()
-    config = RuntimeConfig.from_args(args)
+    engine = config.engine
     app = create_app(
-        lambda: Runtime(config),
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        cache_url=args.cache_url,
+        lambda: open_runtime(engine),
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        cache_url=config.cache_url,
     )
-    print(f"specserve: loading {config.target} (draft {config.draft}); serving http://{args.host}:{args.port}/v1")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    print(f"specserve: loading {engine.target} (draft {engine.draft}); serving http://{config.host}:{config.port}/v1")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     return 0

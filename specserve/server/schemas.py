@@ -6,20 +6,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from specserve.config import METHODS, REMOTE_K_MAX, TOLERANCE_MAX_DELTA
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.verify import ToleranceController, tolerance_rule
-from specserve.runtime import K_MAX
 
 
 class Speculation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["draft", "cascade", "ngram", "none"] = "draft"
-    k: Annotated[int, Field(ge=0, le=K_MAX)] | Literal["auto"] | None = None
+    method: Literal[METHODS] = "draft"
+    # capped by the runtime at what is exact on its target (`Runtime.k_limit`)
+    k: Annotated[int, Field(ge=0, le=REMOTE_K_MAX)] | Literal["auto"] | None = None
     # Lossy, opt-in: accept draft tokens the target finds at most `delta` nats less likely than the draft;
     # with `target_acceptance`, delta is calibrated online to hold that acceptance rate instead.
     acceptance: Literal["exact", "tolerance"] = "exact"
-    delta: float = Field(default=1.0, ge=0.0, le=50.0)
+    delta: float = Field(default=1.0, ge=0.0, le=TOLERANCE_MAX_DELTA)
     target_acceptance: float | None = Field(default=None, gt=0.0, le=1.0)
 
     def tolerance(self) -> float | ToleranceController | None:

@@ -1,4 +1,4 @@
-"""The one protocol the engine uses to run a model.
+"""The one protocol the engine uses to run a model; the backends (specserve/backends) implement it.
 
 A backend object is one sequence on a model: it holds that sequence's KV cache. `eval` appends tokens and
 returns logits; `truncate` rolls the cache back to a prefix (how rejected draft tokens are undone); `reset`
@@ -9,9 +9,10 @@ sequences of one model in one pass (how concurrent requests share a forward pass
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
+if TYPE_CHECKING:  # `specserve --help` imports this module (for its error type) and no numpy
+    import numpy as np
 
 
 class Backend(Protocol):
@@ -23,6 +24,9 @@ class Backend(Protocol):
     # Whether every row's logits are independent of the other rows of its pass, by construction (else which
     # window sizes are exact is measured: backends/choose.py)
     batch_invariant: bool
+    # Whether `eval_batch` runs its sequences in one pass (its cost follows the total rows), or one after
+    # another (the cost of each sequence's rows, added up): how the cost model prices a batch (engine/costs.py)
+    batches_sequences: bool
     model_path: Path  # the file this backend runs
 
     @property

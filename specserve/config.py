@@ -1,0 +1,109 @@
+"""Every limit and default of specserve, once, and the configurations built from them.
+
+The CLI builds these objects; the engine, the HTTP schemas, the verifier service and the Ray deployment read
+them. This module imports nothing heavy (no model code), so `specserve --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specserve import SpecserveError
+from specserve.models.registry import DEFAULT_TARGET
+
+BACKENDS = ("torch-q4", "torch-int8", "torch-int8-onednn", "llama.cpp")  # `auto` chooses among these
+METHODS = ("draft", "cascade", "ngram", "none")  # speculation methods
+MODEL_METHODS = ("draft", "cascade")  # the methods that need the draft model
+DEFAULT_DRAFT_SPEC = "quantized:Q4_0/Q4_0"  # models/quantize.py: the registry's draft, requantized on first use
+N_CTX = 4096  # tokens of context per sequence
+K_MAX = 8  # most draft tokens per window with a local target
+REMOTE_K_MAX = 16  # ... with a remote one: a network round trip per window makes longer windows pay
+REMOTE_Q_TOP_K = 64  # a remote draft samples from its top 64 tokens: the sparse q it sends the verifier
+PREFILL_CHUNK = 128  # prompt tokens per prefill pass (engine/loop.py says why it is fixed)
+SERVER_MAX_BATCH = 8  # requests the HTTP server decodes together
+SERVER_MAX_QUEUE = 64  # requests waiting for a batch slot before 429
+VERIFIER_MAX_BATCH = 16  # windows of all clients in one verifier target pass
+VERIFIER_MAX_SESSIONS = 64
+TOLERANCE_MAX_DELTA = 50.0  # nats: beyond it the lossy rule accepts every draft
+# adaptive-k refinements `--ablate` can switch off (engine/policy.py says what each does)
+ABLATIONS = ("shared-prior", "confidence", "lower-bound", "catch-up", "probes", "draft-p-min", "speed", "cost-refresh")
+
+
+def parse_k(value: int | str) -> int | str:
+    """A draft length as a user gives it: `auto` (adaptive, up to the runtime's k_max) or 0..REMOTE_K_MAX."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise SpecserveError(f"k takes 'auto' or a number, got {value!r}") from None
+    if not 0 <= k <= REMOTE_K_MAX:
+        raise SpecserveError(f"k must be between 0 and {REMOTE_K_MAX}, got {k}")
+    return k
+
+
+def check_tolerance(delta: float, target_acceptance: float | None) -> None:
+    """The lossy tolerance rule's parameters (engine/verify.py), checked once for the CLI and the API."""
+    if not 0.0 <= delta <= TOLERANCE_MAX_DELTA:
+        raise SpecserveError(f"tolerance delta must be in [0, {TOLERANCE_MAX_DELTA:g}] nats, got {delta}")
+    if target_acceptance is not None and not 0.0 < target_acceptance <= 1.0:
+        raise SpecserveError(f"tolerance target acceptance must be in (0, 1], got {target_acceptance}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The models, their backends and the draft length: what a runtime loads and how it drafts."""
+
+    target: str = DEFAULT_TARGET
+    draft: str | None = DEFAULT_DRAFT_SPEC  # None: no draft model (n-gram or plain decoding only)
+    target_backend: str = "auto"  # auto: the fastest exact backend measured here (backends/choose.py)
+    draft_backend: str = "auto"
+    n_ctx: int = N_CTX
+    k: int | str = "auto"
+    verifiers: tuple[str, ...] = ()  # HOST:PORT of remote verifier services: the target runs there (cluster/)
+    auth_token: str | None = None  # sent to the verifiers
+    tls_ca: str | None = None  # PEM CA that signed the verifiers' TLS certificates (None: plaintext)
+    # adaptive-k features switched off, for the bench's ablation rows (engine/policy.py says what each does)
+    ablate: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for role, kind in (("target", self.target_backend), ("draft", self.draft_backend)):
+            if kind != "auto" and kind not in BACKENDS:
+                raise SpecserveError(f"unknown {role} backend {kind!r}; choose auto or one of {', '.join(BACKENDS)}")
+        if self.n_ctx < 16:
+            raise SpecserveError(f"the context must hold at least 16 tokens, got {self.n_ctx}")
+        object.__setattr__(self, "k", parse_k(self.k))
+        if unknown := set(self.ablate) - set(ABLATIONS):
+            raise SpecserveError(f"unknown --ablate {', '.join(sorted(unknown))}; choose from {', '.join(ABLATIONS)}")
+
+    @property
+    def k_max(self) -> int:
+        return REMOTE_K_MAX if self.verifiers else K_MAX
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = SERVER_MAX_BATCH
+    max_queue: int = SERVER_MAX_QUEUE
+    cache_url: str | None = None  # redis://host:port/db; None: an in-process LRU
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(draft=None))
+    listen: str = "127.0.0.1:50051"
+    max_sessions: int = VERIFIER_MAX_SESSIONS
+    idle_timeout_s: float = 300.0
+    max_batch: int = VERIFIER_MAX_BATCH
+    auth_token: str | None = None  # required of the front-ends
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if ":" not in self.listen:
+            raise SpecserveError(f"--listen takes HOST:PORT, got {self.listen!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SpecserveError("TLS needs both --tls-cert and --tls-key")
