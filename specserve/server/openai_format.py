@@ -1,0 +1,115 @@
+"""OpenAI's response, chunk and error shapes as pure functions of what a generation produced (no I/O).
+
+A request's output is a stream of events: text pieces (`str`), then one `Finished`. Non-streaming replies
+join the pieces into one body; streaming replies send each event as a Server-Sent Event chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from specserve.engine.loop import Generation
+from specserve.engine.stats import GenerationStats
+
+
+class ApiError(Exception):
+    """A request the server refuses or could not finish: becomes `{"error": ...}` with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers: dict[str, str] = {}
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a request."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    speculative: dict  # drafted / accepted / acceptance_rate (+ cached) — specserve's extension field
+
+
+def finished(generation: Generation) -> Finished:
+    s = generation.stats
+    return Finished(generation.finish_reason, s.prompt_tokens, s.generated, speculative_stats(s))
+
+
+def speculative_stats(stats: GenerationStats) -> dict:
+    return {"drafted": stats.drafted, "accepted": stats.accepted, "acceptance_rate": round(stats.acceptance_rate, 4)}
+
+
+def request_log(generation: Generation) -> dict:
+    """The fields of the one structured log line per finished request."""
+    s = generation.stats
+    return {
+        "finish": generation.finish_reason,
+        "prompt_tokens": s.prompt_tokens,
+        "prefix_reused": s.prefix_reused,
+        "completion_tokens": s.generated,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "tokens_per_s": round(s.tokens_per_s, 2),
+        "prefill_ms": round(s.prefill_s * 1000, 1),
+        "total_ms": round(s.total_s * 1000, 1),
+    }
+
+
+def response_head(chat: bool, model: str) -> dict:
+    """Fields shared by a response and all its chunks (one id per request)."""
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    return {"id": rid, "created": int(time.time()), "model": model}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+
+
+def choice(chat: bool, text: str, finish: str | None, delta: bool) -> dict:
+    if not chat:
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    if delta:
+        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+
+def completion(head: dict, chat: bool, text: str, done: Finished) -> dict:
+    """The body of a non-streaming reply."""
+    return {
+        **head,
+        "object": "chat.completion" if chat else "text_completion",
+        "choices": [choice(chat, text, done.finish_reason, delta=False)],
+        "usage": usage(done.prompt_tokens, done.completion_tokens),
+        "speculative": done.speculative,
+    }
+
+
+def sse_chunk(head: dict, chat: bool, event: str | Finished | None) -> str:
+    """One Server-Sent Event: a text piece, the final chunk (with usage), or (None) chat's opening role chunk."""
+    body = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    if event is None:
+        body["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    elif isinstance(event, Finished):
+        body["choices"] = [choice(chat, "", event.finish_reason, delta=True)]
+        body["usage"] = usage(event.prompt_tokens, event.completion_tokens)
+        body["speculative"] = event.speculative
+    else:
+        body["choices"] = [choice(chat, event, None, delta=True)]
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def sse_error(error: ApiError) -> str:
+    """An error after the headers went out is reported in-band, the way OpenAI streams do."""
+    return f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind}})}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

@@ -1,0 +1,91 @@
+"""The HTTP routes: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus /health and /metrics.
+
+Each completion route encodes its prompt, asks the server state for the request's events, and answers
+with one JSON body or a stream of Server-Sent Events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from specserve import SpecserveError
+from specserve.server import openai_format as fmt
+from specserve.server.openai_format import ApiError, Finished
+from specserve.server.schemas import ChatRequest, CompletionParams, CompletionRequest
+from specserve.server.state import Event, ServerState
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = _state(request)
+    if state.runtime is None:
+        status = "failed" if state.load_error else "loading"
+        return JSONResponse(status_code=503, content={"status": status, "error": state.load_error})
+    return {"status": "ok", "model": state.runtime.target_name, "in_flight": state.scheduler.in_flight}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    name = _state(request).ready().target_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "specserve"}]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = _state(request)
+    ids = state.ready().encode_prompt(prompt=body.prompt)
+    return await _answer(state, "completions", request, body, ids, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    state = _state(request)
+    if body.max_completion_tokens is not None:
+        body.max_tokens = body.max_completion_tokens
+    try:
+        ids = state.ready().encode_prompt(messages=[m.model_dump() for m in body.messages])
+    except SpecserveError as exc:
+        raise ApiError(400, str(exc), "messages") from None
+    return await _answer(state, "chat", request, body, ids, chat=True)
+
+
+async def _answer(state: ServerState, endpoint: str, request: Request, body: CompletionParams, ids, chat: bool):
+    events = await state.events(endpoint, request, body, ids)
+    head = fmt.response_head(chat, state.ready().target_name)
+    if body.stream:
+        stream = _sse(head, chat, events)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    text = []
+    async with aclosing(events):  # leaving early closes it, which cancels the job
+        async for event in events:
+            if isinstance(event, Finished):
+                return fmt.completion(head, chat, "".join(text), event)
+            text.append(event)
+    raise ApiError(499, "client closed the request")
+
+
+async def _sse(head: dict, chat: bool, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+    if chat:
+        yield fmt.sse_chunk(head, chat, None)
+    try:
+        async with aclosing(events):  # a client that disconnects cancels the job
+            async for event in events:
+                yield fmt.sse_chunk(head, chat, event)
+    except ApiError as exc:  # the headers are gone: report in-band
+        yield fmt.sse_error(exc)
+    yield fmt.SSE_DONE

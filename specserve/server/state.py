@@ -1,0 +1,186 @@
+"""What one server process holds: the runtime (possibly still loading), the scheduler, the response cache,
+metrics and tracer; and the life of one request from its token ids to its stream of events.
+
+Events are text pieces (`str`) then one `Finished`; routes.py turns them into OpenAI's shapes. A stream
+that is left early (client gone, error) cancels its job, and only a completed greedy request is cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from opentelemetry import trace
+
+from specserve import SpecserveError
+from specserve.cache import CachedResponse, ResponseCache, cache_key
+from specserve.engine.model import ContextOverflowError
+from specserve.runtime import Runtime
+from specserve.server.metrics import Metrics
+from specserve.server.openai_format import ApiError, Finished, finished, request_log
+from specserve.server.scheduler import Job, QueueFull, Scheduler
+from specserve.server.schemas import CompletionParams
+
+log = logging.getLogger("specserve.server")
+_DISCONNECT_POLL_S = 0.5
+# Request fields that change a deterministic response (the drafter does not: output is the target's).
+_KEY_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+
+Event = str | Finished
+_CLIENT_GONE = object()
+
+
+class ServerState:
+    def __init__(
+        self,
+        runtime: Runtime | Callable[[], Runtime],
+        metrics: Metrics,
+        cache: ResponseCache,
+        max_batch: int,
+        max_queue: int,
+    ):
+        """`runtime` may be a factory: `start` then loads it on a thread and `ready` answers 503 until done."""
+        self.metrics, self.cache = metrics, cache
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.runtime: Runtime | None = runtime if isinstance(runtime, Runtime) else None
+        self._factory = None if isinstance(runtime, Runtime) else runtime
+        self.load_error: str | None = None
+        self.scheduler: Scheduler | None = None
+        self.tracer = trace.get_tracer("specserve")
+
+    def start(self) -> None:
+        self.scheduler = Scheduler(
+            self.metrics, max_batch=self.max_batch, max_queue=self.max_queue, between_steps=self._refresh_costs
+        )
+        if self._factory is not None:
+            threading.Thread(target=self._load, name="specserve-load", daemon=True).start()
+
+    def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        self.cache.close()
+
+    def _load(self) -> None:
+        try:
+            self.runtime = self._factory()
+        except Exception as exc:  # reported by /health; the process stays up to say why
+            log.exception("loading the models failed")
+            self.load_error = str(exc)
+
+    def _refresh_costs(self) -> None:  # on the scheduler thread, between steps: it needs the models idle
+        if self.runtime is not None:
+            self.runtime.refresh_costs()
+
+    def ready(self) -> Runtime:
+        if self.runtime is None:
+            raise ApiError(503, self.load_error or "the models are still loading", kind="service_unavailable")
+        return self.runtime
+
+    async def events(
+        self, endpoint: str, request: Request, body: CompletionParams, ids: list[int]
+    ) -> AsyncIterator[Event]:
+        """Start the request (or find it in the response cache); raises ApiError before anything runs."""
+        rt = self.ready()
+        _check(rt, body, ids)
+        key = None
+        if body.sampling().greedy:  # deterministic: the same request gives the same text, whatever the drafter
+            key_fields = body.model_dump(include=_KEY_FIELDS)
+            if body.speculation.acceptance != "exact":  # lossy verification changes the text: part of the key
+                key_fields["speculation"] = body.speculation.model_dump()
+            key = cache_key(rt.target_name, ids, {"endpoint": endpoint, **key_fields})
+            if (hit := await asyncio.to_thread(self.cache.get, key)) is not None:
+                self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
+                return _replay(hit)
+        job = self._submit(rt, endpoint, body, ids)
+        return self._follow(job, request, key, endpoint)
+
+    def _submit(self, rt: Runtime, endpoint: str, body: CompletionParams, ids: list[int]) -> Job:
+        method = body.speculation.method
+        if method not in rt.methods:
+            method = "ngram"  # no draft model loaded: fall back to the model-free drafter
+        try:
+            tolerance = body.speculation.tolerance()
+            generation = rt.generate(ids, body.sampling(), method=method, k=body.speculation.k, tolerance=tolerance)
+        except (ContextOverflowError, SpecserveError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from None
+        attributes = {"specserve.endpoint": endpoint, "specserve.method": method, "specserve.prompt_tokens": len(ids)}
+        span = self.tracer.start_span("specserve.request", attributes=attributes)
+        try:
+            return self.scheduler.submit(generation, span)
+        except QueueFull as exc:
+            span.end()
+            self.metrics.requests.labels(endpoint=endpoint, status="429").inc()
+            error = ApiError(429, f"server busy: {exc}; retry shortly", kind="rate_limit_error")
+            error.headers["Retry-After"] = "1"
+            raise error from None
+
+    async def _follow(self, job: Job, request: Request, key: str | None, endpoint: str) -> AsyncIterator[Event]:
+        """Events of a running job. Cancels it if the client goes away; caches the result when it completed."""
+        pieces: list[str] = []
+        status = "499"
+        try:
+            while (item := await self._next_item(job, request)) is not None:
+                if item is _CLIENT_GONE:
+                    return
+                if isinstance(item, BaseException):
+                    status = "500"
+                    raise ApiError(500, f"generation failed: {item}", kind="server_error")
+                for emitted in item:
+                    if emitted.text:
+                        pieces.append(emitted.text)
+                        yield emitted.text
+            status = "200"
+            done = finished(job.generation)
+            self.metrics.prefix_reused.inc(job.generation.stats.prefix_reused)
+            log.info(json.dumps({"event": "request", "endpoint": endpoint, **request_log(job.generation)}))
+            if key is not None:
+                cached = CachedResponse(
+                    pieces, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.speculative
+                )
+                await asyncio.to_thread(self.cache.put, key, cached)
+            yield done
+        finally:
+            if status != "200":
+                self.scheduler.cancel(job)
+            self.metrics.requests.labels(endpoint=endpoint, status=status).inc()
+            stats = job.generation.stats
+            job.span.set_attribute("specserve.status", status)
+            job.span.set_attribute("specserve.completion_tokens", stats.generated)
+            job.span.set_attribute("specserve.accepted", stats.accepted)
+            job.span.end()
+
+    @staticmethod
+    async def _next_item(job: Job, request: Request):
+        """The job's next item: a list of Emitted, an error, None at its end, or _CLIENT_GONE."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), _DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return _CLIENT_GONE
+
+
+def _check(rt: Runtime, body: CompletionParams, ids: list[int]) -> None:
+    if body.model not in (None, rt.target_name):
+        raise ApiError(404, f"model {body.model!r} does not exist; this server has {rt.target_name!r}", "model")
+    if body.n != 1:
+        raise ApiError(400, "only n=1 is supported", "n")
+    n_ctx = rt.n_ctx
+    if len(ids) >= n_ctx:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds {n_ctx}", "prompt")
+    if len(ids) + body.max_tokens > n_ctx:
+        raise ApiError(
+            400,
+            f"prompt ({len(ids)} tokens) + max_tokens ({body.max_tokens}) exceeds the context of {n_ctx} tokens",
+            "max_tokens",
+        )
+
+
+async def _replay(hit: CachedResponse) -> AsyncIterator[Event]:
+    for piece in hit.pieces:
+        yield piece
+    yield Finished(hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, {**hit.spec_stats, "cached": True})
