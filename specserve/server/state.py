@@ -19,6 +19,7 @@ from opentelemetry import trace
 from specserve import SpecserveError
 from specserve.cache import CachedResponse, ResponseCache, cache_key
 from specserve.engine.model import ContextOverflowError
+from specserve.engine.sampling import SamplingParams
 from specserve.runtime import Runtime
 from specserve.server.metrics import Metrics
 from specserve.server.openai_format import ApiError, Finished, finished, request_log
@@ -86,8 +87,9 @@ class ServerState:
         """Start the request (or find it in the response cache); raises ApiError before anything runs."""
         rt = self.ready()
         _check(rt, body, ids)
+        sampling = body.sampling()
         key = None
-        if body.sampling().greedy:  # deterministic: the same request gives the same text, whatever the drafter
+        if sampling.greedy:  # deterministic: the same request gives the same text, whatever the drafter
             key_fields = body.model_dump(include=_KEY_FIELDS)
             if body.speculation.acceptance != "exact":  # lossy verification changes the text: part of the key
                 key_fields["speculation"] = body.speculation.model_dump()
@@ -95,16 +97,18 @@ class ServerState:
             if (hit := await asyncio.to_thread(self.cache.get, key)) is not None:
                 self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
                 return _replay(hit)
-        job = self._submit(rt, endpoint, body, ids)
+        job = self._submit(rt, endpoint, body, sampling, ids)
         return self._follow(job, request, key, endpoint)
 
-    def _submit(self, rt: Runtime, endpoint: str, body: CompletionParams, ids: list[int]) -> Job:
+    def _submit(
+        self, rt: Runtime, endpoint: str, body: CompletionParams, sampling: SamplingParams, ids: list[int]
+    ) -> Job:
         method = body.speculation.method
         if method not in rt.methods:
             method = "ngram"  # no draft model loaded: fall back to the model-free drafter
         try:
             tolerance = body.speculation.tolerance()
-            generation = rt.generate(ids, body.sampling(), method=method, k=body.speculation.k, tolerance=tolerance)
+            generation = rt.generate(ids, sampling, method=method, k=body.speculation.k, tolerance=tolerance)
         except (ContextOverflowError, SpecserveError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
         attributes = {"specserve.endpoint": endpoint, "specserve.method": method, "specserve.prompt_tokens": len(ids)}
