@@ -12,7 +12,12 @@ LLAMA_CMAKE_ARGS := $(shell $(PYTHON) -m specserve.hardware llama-cmake-args)
 LLAMA_KEY := $(shell $(PYTHON) -m specserve.hardware llama-key $(LLAMA_VERSION))
 WHEELS := $(CACHE)/wheels/llama-cpp-python-$(LLAMA_KEY)
 LLAMA_WHEEL_GLOB := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
-STAMP := $(VENV)/.installed-$(LLAMA_KEY)
+# arctic-inference (the suffix trees, engine/suffix.py) ships as an sdist whose build wants torch; it is built
+# once against the venv's CPU torch (no -march flags: portable) and cached per version and Python.
+ARCTIC_VERSION := 0.3.0
+ARCTIC_BUILD_DEPS := setuptools==84.2.1 nanobind==2.9.2 ninja==1.13.2 cmake==4.4.5
+ARCTIC_WHEELS := $(CACHE)/wheels/arctic-inference-$(ARCTIC_VERSION)-$(shell $(PYTHON) -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+STAMP := $(VENV)/.installed-$(LLAMA_KEY)-arctic-$(ARCTIC_VERSION)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -32,6 +37,13 @@ $(STAMP): requirements.lock pyproject.toml
 	fi
 	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEEL_GLOB)
 	$(PY) -m pip install --quiet --find-links $(WHEELS) -r requirements.lock
+	@if ! ls $(ARCTIC_WHEELS)/arctic_inference-$(ARCTIC_VERSION)-*.whl >/dev/null 2>&1; then \
+		echo "building arctic-inference $(ARCTIC_VERSION) (suffix trees; ~1 min, cached in $(ARCTIC_WHEELS))"; \
+		$(PY) -m pip install --quiet $(ARCTIC_BUILD_DEPS) && \
+		$(PY) -m pip wheel --quiet --no-cache-dir --no-deps --no-build-isolation \
+			-w $(ARCTIC_WHEELS) arctic-inference==$(ARCTIC_VERSION); \
+	fi
+	$(PY) -m pip install --quiet --no-deps $(ARCTIC_WHEELS)/arctic_inference-$(ARCTIC_VERSION)-*.whl
 	$(PY) -m pip install --quiet --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)

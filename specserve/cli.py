@@ -22,6 +22,7 @@ from specserve.config import (  # noqa: E402
     ABLATIONS,
     BACKENDS,
     DEFAULT_DRAFT_SPEC,
+    DRAFT_CACHES,
     K_MAX,
     METHODS,
     MODEL_METHODS,
@@ -194,8 +195,18 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         verifiers=tuple(a for a in (args.verifier or "").split(",") if a),
         auth_token=args.auth_token or None,
         tls_ca=args.tls_ca,
+        draft_cache=args.draft_cache or ("per-user" if args.api_key else "global"),
     )
-    return ServerConfig(engine, args.host, args.port, args.max_batch, args.max_queue, args.cache_url)
+    return ServerConfig(
+        engine,
+        args.host,
+        args.port,
+        args.max_batch,
+        args.max_queue,
+        args.cache_url,
+        api_key=args.api_key or None,
+        metrics_need_key=args.metrics_need_key,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -256,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="method",
         choices=METHODS,
         default="draft",
-        help="draft: small model; ngram: prompt lookup; none: plain decoding",
+        help="draft: small model; cascade: n-gram guesses checked by the draft model; ngram: prompt lookup; "
+        "suffix: suffix trees over the prompt and earlier replies; suffix-draft: suffix, else the draft model; "
+        "none: plain decoding",
     )
     gen.add_argument(
         "--tolerance",
@@ -372,6 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="HOST:PORT[,HOST:PORT...]",
         help="run the target on these `specserve verifier` services; only the draft runs here",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("SPECSERVE_API_KEY") or None,
+        help="require `Authorization: Bearer KEY` on every /v1 route (env SPECSERVE_API_KEY; /health stays open)",
+    )
+    serve.add_argument("--metrics-need-key", action="store_true", help="with --api-key: /metrics requires it too")
+    serve.add_argument(
+        "--draft-cache",
+        choices=DRAFT_CACHES,
+        default=None,
+        help="which earlier replies suffix drafting may draw on: those of requests with the same `user` "
+        "(the default with --api-key), of all requests (the default without), or none (the request's own "
+        "prompt and reply only)",
     )
     _add_auth_args(serve)
     serve.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect to the verifiers over TLS")

@@ -12,8 +12,11 @@ from specserve import SpecserveError
 from specserve.models.registry import DEFAULT_TARGET
 
 BACKENDS = ("torch-q4", "torch-int8", "torch-int8-onednn", "llama.cpp")  # `auto` chooses among these
-METHODS = ("draft", "cascade", "ngram", "none")  # speculation methods
-MODEL_METHODS = ("draft", "cascade")  # the methods that need the draft model
+METHODS = ("draft", "cascade", "ngram", "suffix", "suffix-draft", "none")  # speculation methods
+MODEL_METHODS = ("draft", "cascade", "suffix-draft")  # the methods that need the draft model
+# which replies a request's suffix drafts may come from (engine/suffix.py): those of requests with the same
+# `user`, of every request, or its own prompt and reply only
+DRAFT_CACHES = ("per-user", "global", "off")
 DEFAULT_DRAFT_SPEC = "quantized:Q4_0/Q4_0"  # models/quantize.py: the registry's draft, requantized on first use
 N_CTX = 4096  # tokens of context per sequence
 K_MAX = 8  # most draft tokens per window with a local target
@@ -26,7 +29,7 @@ VERIFIER_MAX_BATCH = 16  # windows of all clients in one verifier target pass
 VERIFIER_MAX_SESSIONS = 64
 TOLERANCE_MAX_DELTA = 50.0  # nats: beyond it the lossy rule accepts every draft
 # adaptive-k refinements `--ablate` can switch off (engine/policy.py says what each does)
-ABLATIONS = ("shared-prior", "confidence", "lower-bound", "catch-up", "probes", "draft-p-min", "speed", "cost-refresh")
+ABLATIONS = ("shared-prior", "confidence", "catch-up", "probes", "draft-p-min", "speed", "cost-refresh")
 
 
 def parse_k(value: int | str) -> int | str:
@@ -65,6 +68,7 @@ class EngineConfig:
     tls_ca: str | None = None  # PEM CA that signed the verifiers' TLS certificates (None: plaintext)
     # adaptive-k features switched off, for the bench's ablation rows (engine/policy.py says what each does)
     ablate: frozenset[str] = frozenset()
+    draft_cache: str = "global"  # one of DRAFT_CACHES
 
     def __post_init__(self) -> None:
         for role, kind in (("target", self.target_backend), ("draft", self.draft_backend)):
@@ -73,6 +77,8 @@ class EngineConfig:
         if self.n_ctx < 16:
             raise SpecserveError(f"the context must hold at least 16 tokens, got {self.n_ctx}")
         object.__setattr__(self, "k", parse_k(self.k))
+        if self.draft_cache not in DRAFT_CACHES:
+            raise SpecserveError(f"unknown draft cache {self.draft_cache!r}; choose one of {', '.join(DRAFT_CACHES)}")
         if unknown := set(self.ablate) - set(ABLATIONS):
             raise SpecserveError(f"unknown --ablate {', '.join(sorted(unknown))}; choose from {', '.join(ABLATIONS)}")
 
@@ -89,6 +95,8 @@ class ServerConfig:
     max_batch: int = SERVER_MAX_BATCH
     max_queue: int = SERVER_MAX_QUEUE
     cache_url: str | None = None  # redis://host:port/db; None: an in-process LRU
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1/* (None: open)
+    metrics_need_key: bool = False  # /metrics behind the API key too (/health stays open)
 
 
 @dataclass(frozen=True)

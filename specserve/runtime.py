@@ -25,6 +25,7 @@ from specserve.engine.model import Backend
 from specserve.engine.policy import AdaptiveK, DraftLengthPolicy, FixedK
 from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
+from specserve.engine.suffix import SuffixCache, SuffixCascade, SuffixProposer
 from specserve.engine.target import LocalTarget, TargetSession
 from specserve.engine.verify import ToleranceController
 from specserve.models.fetch import resolve_model
@@ -49,10 +50,11 @@ class Runtime(ABC):
     policy: AdaptiveK | None  # adaptive k, shared by the runtime's requests (None: nothing can draft)
     n_ctx: int  # tokens of context a request may use: prompt and reply
     load_s: float
+    suffixes: SuffixCache  # recent replies, which suffix drafting draws on (engine/suffix.py)
 
     @property
     def methods(self) -> list[str]:
-        return ["none", "ngram"] + (list(MODEL_METHODS) if self.draft is not None else [])
+        return ["none", "ngram", "suffix"] + (list(MODEL_METHODS) if self.draft is not None else [])
 
     def _resolve(self, role: str, kind: str, path: Path) -> tuple[str, Path]:
         """The backend and file for `role` ("target" or "draft"): as configured, or what `auto` picked."""
@@ -109,15 +111,21 @@ class Runtime(ABC):
         method: str = "draft",
         k: int | str | None = None,
         tolerance: float | ToleranceController | None = None,
+        user: str | None = None,
+        logprobs: int | None = None,
     ) -> Generation:
         """A generation ready to iterate (or to batch with others). `tolerance` switches on the lossy
-        acceptance rule (engine/verify.py); the default is exact verification."""
+        acceptance rule (engine/verify.py); the default is exact verification. `user`: the request's
+        tenant, whose earlier replies suffix drafts may come from (`EngineConfig.draft_cache`). `logprobs`:
+        report the target's log-probability of each token with this many alternatives (`Generation`)."""
         if method not in METHODS:
             raise SpecserveError(f"unknown speculation method {method!r}; choose one of {', '.join(METHODS)}")
         if method not in self.methods:
             raise SpecserveError(f"speculation method {method!r} needs a draft model; none is loaded")
         if tolerance is not None and self.config.verifiers:
             raise SpecserveError("tolerance acceptance runs on a local target only, not through --verifier")
+        if logprobs is not None and self.config.verifiers:
+            raise SpecserveError("logprobs are reported by a local target only, not yet through --verifier")
         target, reused = self.new_target_session(prompt_tokens)
         return Generation(
             target,
@@ -125,15 +133,31 @@ class Runtime(ABC):
             self.tokenizer.stop_ids,
             prompt_tokens,
             params,
-            self._proposer(method, prompt_tokens),
+            self._proposer(method, prompt_tokens, user),
             self.draft_length(method, k),
             cached_prefix=reused,
             tolerance=tolerance,
+            logprobs=logprobs,
         )
 
-    def _proposer(self, method: str, prompt_tokens: list[int]) -> Proposer | None:
+    def suffix_scope(self, user: str | None) -> str | None:
+        """The tree of earlier replies a request of `user` drafts from and adds to (None: none)."""
+        mode = self.config.draft_cache
+        if mode == "global":
+            return ""
+        if mode == "per-user" and user:
+            return f"user:{user}"
+        return None  # "off", or a request that names no user: its own prompt and reply only
+
+    def _suffix(self, prompt_tokens: list[int], user: str | None) -> SuffixProposer:
+        scope = self.suffix_scope(user)
+        return SuffixProposer(prompt_tokens, self.suffixes.open(scope) if scope is not None else None)
+
+    def _proposer(self, method: str, prompt_tokens: list[int], user: str | None = None) -> Proposer | None:
         if method == "ngram":
             return NgramProposer()
+        if method == "suffix":
+            return self._suffix(prompt_tokens, user)
         if method not in MODEL_METHODS:
             return None
         sequence = self.draft.new_sequence()
@@ -143,6 +167,8 @@ class Runtime(ABC):
             self._draft_prefixes.remember(prompt_tokens, sequence)
         q_top_k = REMOTE_Q_TOP_K if self.config.verifiers else 0  # a remote verifier gets q sparsely
         draft = DraftModelProposer(sequence, cached=prompt_tokens[:reused], q_top_k=q_top_k)
+        if method == "suffix-draft":
+            return SuffixCascade(self._suffix(prompt_tokens, user), draft, self.k_max)
         return CascadeProposer(draft) if method == "cascade" else draft
 
 
@@ -153,6 +179,7 @@ class LocalRuntime(Runtime):
         """`target`: an already loaded target backend to share (e.g. the bench comparing drafts)."""
         t0 = time.perf_counter()
         self.config = config
+        self.suffixes = SuffixCache()
         target_path = resolve_model(config.target, show_progress)
         self.tokenizer = Tokenizer(target_path)
         draft_path = None
@@ -211,6 +238,7 @@ class RemoteRuntime(Runtime):
 
         t0 = time.perf_counter()
         self.config = config
+        self.suffixes = SuffixCache()
         local = resolve_draft_spec(config.draft, config.target, show_progress) if config.draft else None
         self.tokenizer = Tokenizer(local or resolve_model(config.target, show_progress))
         options = ClientOptions(auth_token=config.auth_token, tls_ca=config.tls_ca)
@@ -237,7 +265,8 @@ class RemoteRuntime(Runtime):
 
     @property
     def methods(self) -> list[str]:
-        return ["none", "ngram"] + (["draft"] if self.draft is not None else [])  # a cascade's q is not sparse
+        # the cascades are local only: the n-gram cascade's q is not sparse; the suffix one is untried remotely
+        return ["none", "ngram", "suffix"] + (["draft"] if self.draft is not None else [])
 
     def new_target_session(self, prompt_tokens: list[int]) -> tuple[TargetSession, int]:
         from specserve.cluster.remote import RemoteTarget

@@ -63,6 +63,8 @@ def test_default_table_names_every_drafter_its_cost_the_machine_and_the_fidelity
     assert labels[:3] == [BASELINE, "plain llama.cpp, Q4_0 requantized", f"target-only {target}"]
     assert rows[BASELINE]["speedup_vs_llamacpp"] == 1.0
     assert any("n-gram" in label for label in labels) and any("k=4" in label for label in labels)
+    assert any("+ suffix trees k=" in label for label in labels) and any("suffix trees, else" in x for x in labels)
+    assert any(name.startswith("suffix trees") for name in report["memory_bytes"])
     assert any(f"quantized:Q4_0/Q4_0 ({runtime.draft.name})" in label for label in labels)  # the default draft
     assert any("Q4_0-head-Q4_0" in name for name in report["cost_table"])  # and its cost row
     assert {p.rsplit("/", 1)[-1] for p in report["prompts"]} == {"prompts.jsonl"}

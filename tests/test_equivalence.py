@@ -17,7 +17,16 @@ from .conftest import project_prompts
 pytestmark = pytest.mark.models
 NEW_TOKENS = 32  # a divergence shows within a few windows; more tokens per setting only cost CI time
 PROMPTS = project_prompts(per_kind=2)  # code, prose, random words, code edits
-CONFIGS = [("draft", 1), ("draft", 4), ("draft", 8), ("draft", "auto"), ("ngram", 4), ("cascade", 4)]
+CONFIGS = [
+    ("draft", 1),
+    ("draft", 4),
+    ("draft", 8),
+    ("draft", "auto"),
+    ("ngram", 4),
+    ("cascade", 4),
+    ("suffix", 8),
+    ("suffix-draft", "auto"),
+]
 NEAR_TIE = 1e-3
 
 

@@ -14,6 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.models
+API_KEY = "sk-test-0123456789"  # the module's server requires it (`--api-key`)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPT = "Write a Python function `is_prime(n)` that returns True if n is prime."
 TOPICS = [
     "reverse a string",
@@ -65,14 +67,16 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(redis_url):
-    proc, base, _ = start_server("--max-batch", "8", "--max-queue", "48", "--cache-url", redis_url)
+    proc, base, _ = start_server(
+        "--max-batch", "8", "--max-queue", "48", "--cache-url", redis_url, "--api-key", API_KEY
+    )
     yield base
     stop_server(proc)
 
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
 
 
 def test_health_is_503_while_loading_then_ok():
@@ -100,6 +104,61 @@ def test_chat_completion_matches_plain_decoding(client):
     assert spec.usage.completion_tokens == 32 and spec.choices[0].finish_reason == "length"
     assert spec.model_extra["speculative"]["accepted"] > 0
     assert plain.model_extra["speculative"]["drafted"] == 0
+
+
+def test_suffix_drafting_over_a_quoted_function_matches_plain_decoding(client):
+    code = "def area(width, height):\n    if width < 0 or height < 0:\n        raise ValueError('negative side')\n"
+    messages = [{"role": "user", "content": f"```python\n{code}```\nRename `area` to `rectangle_area`. Only code."}]
+    kwargs = {"model": client.models.list().data[0].id, "messages": messages, "max_tokens": 40, "user": "alice"}
+    suffix = client.chat.completions.create(**kwargs, extra_body={"speculation": {"method": "suffix"}})
+    plain = client.chat.completions.create(**kwargs, seed=2, extra_body={"speculation": {"method": "none"}})
+    assert suffix.choices[0].message.content == plain.choices[0].message.content
+    assert suffix.model_extra["speculative"]["accepted"] > 0  # the reply restates the quoted lines
+
+
+def test_chat_logprobs_are_the_targets_with_or_without_speculation(client):
+    kwargs = {"model": None, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24}
+    kwargs |= {"logprobs": True, "top_logprobs": 3}
+    spec = client.chat.completions.create(**kwargs, extra_body={"speculation": {"method": "draft", "k": 4}})
+    plain = client.chat.completions.create(**kwargs, extra_body={"speculation": {"method": "none"}})
+    assert spec.model_extra["speculative"]["accepted"] > 0
+    content = spec.choices[0].logprobs.content
+    assert len(content) == spec.usage.completion_tokens == 24
+    # bitwise: the rows that verify a window are the rows plain decoding computes (batch-invariant target)
+    assert [(t.token, t.logprob) for t in content] == [(t.token, t.logprob) for t in plain.choices[0].logprobs.content]
+    assert "".join(t.token for t in content) == spec.choices[0].message.content
+    for t in content:  # greedy: the emitted token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and t.logprob <= 0
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+
+
+def test_completion_logprobs_stream_as_they_come(client):
+    kwargs = {"model": None, "prompt": "def fibonacci(n):\n", "max_tokens": 16, "logprobs": 2, "temperature": 0.8}
+    kwargs["extra_body"] = {"speculation": {"method": "draft", "k": 4}}  # a fixed k: the same coin flips each run
+    whole = client.completions.create(**kwargs, seed=5)
+    tokens, logprobs, text = [], [], ""
+    for chunk in client.completions.create(**kwargs, seed=5, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            lp = chunk.choices[0].logprobs
+            assert lp.text_offset == [len(text) + sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+            tokens += lp.tokens
+            logprobs += lp.token_logprobs
+        text += chunk.choices[0].text if chunk.choices else ""
+    reference = whole.choices[0].logprobs
+    assert text == whole.choices[0].text and tokens == reference.tokens and logprobs == reference.token_logprobs
+    assert len(tokens) == 16 and all(-9999 <= lp <= 0 for lp in logprobs)
+    assert all(len(top) <= 2 for top in reference.top_logprobs)
+
+
+def test_content_parts_read_as_their_text(client):
+    kwargs = {"model": None, "max_tokens": 8}
+    parts = [{"type": "text", "text": "Name three "}, {"type": "text", "text": "primary colours."}]
+    as_parts = client.chat.completions.create(**kwargs, messages=[{"role": "user", "content": parts}])
+    as_text = client.chat.completions.create(
+        **kwargs, seed=3, messages=[{"role": "user", "content": "Name three primary colours."}]
+    )
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
 
 
 def test_streaming_chat_concatenates_to_the_full_text(client):
@@ -132,7 +191,7 @@ def test_repeated_greedy_request_is_served_from_redis_and_still_streams(client, 
 
 
 def _stream_text(server: str, topic: str, max_tokens: int) -> str:
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=600)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=600)
     messages = [{"role": "user", "content": f"Write a Python function to {topic}."}]
     # seed: a distinct cache key per call, so every request is really generated (greedy all the same)
     stream = client.chat.completions.create(
@@ -160,7 +219,7 @@ def test_fifty_concurrent_streams_equal_each_request_alone(server):
 def test_over_the_queue_bound_requests_get_429_with_retry_after(server):
     def post(i: int) -> httpx.Response:
         body = {"prompt": f"# {i}\n", "max_tokens": 4, "temperature": 0.5, "seed": i}
-        return httpx.post(f"{server}/v1/completions", json=body, timeout=600)
+        return httpx.post(f"{server}/v1/completions", json=body, headers=AUTH, timeout=600)
 
     with concurrent.futures.ThreadPoolExecutor(80) as pool:
         responses = list(pool.map(post, range(80)))
@@ -173,7 +232,7 @@ def test_over_the_queue_bound_requests_get_429_with_retry_after(server):
 
 def test_client_disconnect_cancels_the_stream(server):
     body = {"prompt": "def long_function():\n", "max_tokens": 1000, "stream": True, "temperature": 0.7}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=60) as response:
         for i, _ in enumerate(response.iter_lines()):
             if i > 4:
                 break  # leave mid-stream
@@ -196,6 +255,12 @@ def test_client_disconnect_cancels_the_stream(server):
         ({"messages": [{"role": "wizard", "content": "hi"}]}, openai.BadRequestError),
         ({"extra_body": {"speculation": {"method": "psychic"}}}, openai.BadRequestError),
         ({"extra_body": {"speculation": {"k": -3}}}, openai.BadRequestError),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            openai.BadRequestError,
+        ),
+        ({"top_logprobs": 2}, openai.BadRequestError),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 50}, openai.BadRequestError),
     ],
 )
 def test_bad_requests_get_openai_errors_and_server_stays_up(client, server, kwargs, error):
@@ -218,13 +283,26 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(client, server, kwar
     ],
 )
 def test_malformed_bodies_get_json_errors(server, content, status):
-    response = httpx.post(f"{server}/v1/completions", content=content, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json", **AUTH}
+    response = httpx.post(f"{server}/v1/completions", content=content, headers=headers)
     assert response.status_code == status and response.json()["error"]["message"]
     assert httpx.get(f"{server}/health").status_code == 200
 
 
+def test_v1_routes_need_the_api_key_and_health_does_not(server):
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        wrong.models.list()
+    assert refused.value.body["code"] == "invalid_api_key"
+    bare = httpx.post(f"{server}/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+    assert bare.status_code == 401 and bare.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{server}/health").status_code == 200  # probes need no key
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)}
+    assert families["specserve_rejected_api_keys"].samples[0].value >= 2
+
+
 def test_unknown_route_is_a_json_404(server):
-    response = httpx.get(f"{server}/v1/nothing")
+    response = httpx.get(f"{server}/v1/nothing", headers=AUTH)
     assert response.status_code == 404 and "error" in response.json()
 
 
@@ -285,3 +363,14 @@ def test_alert_rules_parse_and_watch_acceptance():
     assert low["expr"].replace(" ", "") == "specserve_acceptance_rate<0.6" and low["for"] == "5m"
     if shutil.which("promtool"):
         subprocess.run(["promtool", "check", "rules", str(path)], check=True)
+
+
+def test_metrics_can_be_put_behind_the_api_key(runtime):
+    from fastapi.testclient import TestClient
+
+    from specserve.server.app import create_app
+
+    with TestClient(create_app(runtime, api_key="k1", metrics_need_key=True)) as http:
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/metrics", headers={"Authorization": "Bearer k1"}).status_code == 200
+        assert http.get("/health").status_code == 200

@@ -143,3 +143,14 @@ def test_nucleus_from_candidates_equals_a_full_sort(seed, vocab, scale, top_p):
     plain = probabilities(logits, SamplingParams(temperature=1.0))
     kept = np.flatnonzero(probabilities(logits, params))
     assert np.array_equal(kept, _nucleus_by_full_sort(plain, top_p))
+
+
+def test_token_logprobs_follow_the_requests_distribution():
+    from specserve.engine.sampling import token_logprobs
+
+    rows = np.log(np.array([[0.5, 0.3, 0.1, 0.1, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0, 0.0]]) + 1e-12)
+    greedy = token_logprobs(rows, [0, 2], SamplingParams(), top_n=2)
+    assert np.isclose(greedy[0].logprob, np.log(0.5)) and np.isclose(greedy[1].logprob, np.log(0.3))
+    assert [t for t, _ in greedy[1].top] == [3, 2]  # most likely first
+    cut = token_logprobs(rows, [2, 3], SamplingParams(temperature=1.0, top_k=2), top_n=0)
+    assert cut[0].logprob == -np.inf and np.isclose(cut[1].logprob, np.log(0.4 / 0.7)) and cut[1].top == ()

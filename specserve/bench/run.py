@@ -29,7 +29,7 @@ from rich.table import Table
 import specserve
 from specserve.bench.measure import COST_WINDOWS, run_generation, summarize, window_costs
 from specserve.bench.worker import BackendProcess
-from specserve.config import EngineConfig
+from specserve.config import MODEL_METHODS, EngineConfig
 from specserve.engine.sampling import SamplingParams
 from specserve.models.fetch import resolve_model
 from specserve.models.registry import DEFAULT_DRAFT
@@ -51,15 +51,22 @@ class BenchConfig:
     draft_memory: int = 0
     tolerance: float | None = None  # lossy rows: the tolerance delta
 
-    def run(self, runtime: LocalRuntime, ids: list[int], params: SamplingParams) -> dict:
+    def run(self, runtime: LocalRuntime, ids: list[int], params: SamplingParams, mode: str) -> dict:
         if self.worker is not None:
             return self.worker.generate(ids, params)
         runtime = self.runtime or runtime
         runtime.refresh_costs()  # between requests, as the server's scheduler does between steps
-        return run_generation(runtime.generate(ids, params, method=self.method, k=self.k, tolerance=self.tolerance))
+        # Suffix drafts come from this row's earlier replies in this mode (the bench runs per-user scopes):
+        # from other prompts, never from another row's reply to the same prompt.
+        scope = f"{self.label}/{mode}"
+        generation = runtime.generate(ids, params, method=self.method, k=self.k, tolerance=self.tolerance, user=scope)
+        return run_generation(generation)
 
 
 PROJECT_PROMPTS = Path(__file__).with_name("prompts.jsonl")  # ours: code, prose, random words, code edits
+# text quoted back, restated or replayed: a file with one change, multi-turn refinement, JSON/YAML reshaping,
+# a tool loop (what suffix drafting is for)
+REPETITIVE_PROMPTS = Path(__file__).with_name("prompts-repetitive.jsonl")
 
 
 def public_prompts_path() -> Path:
@@ -68,18 +75,25 @@ def public_prompts_path() -> Path:
 
 
 def prompt_files(spec: str | None) -> list[Path]:
-    """`project` (the default: the set that ships with specserve), `public` (the team's set beside the
-    checkout, when there is one) or file paths, comma-separated."""
-    named = {"public": public_prompts_path(), "project": PROJECT_PROMPTS}
+    """`project` (the default: the set that ships with specserve), `repetitive` (ours too), `public` (the
+    team's set beside the checkout, when there is one) or file paths, comma-separated."""
+    named = {"public": public_prompts_path(), "project": PROJECT_PROMPTS, "repetitive": REPETITIVE_PROMPTS}
     return [named.get(part, Path(part)) for part in (spec or "project").split(",") if part]
 
 
 def load_prompts(paths: Path | list[Path], limit: int) -> list[dict]:
+    """Prompts of JSONL files, each with its `kind` and either a `prompt` (one user message) or the chat
+    `messages`; both come out, `prompt` then naming the conversation by its last message."""
     prompts = []
     for path in [paths] if isinstance(paths, Path) else paths:
         if not path.is_file():
             raise specserve.SpecserveError(f"prompt file {path} not found (use --prompts FILE)")
-        prompts += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for line in path.read_text().splitlines():
+            if line.strip():
+                prompt = json.loads(line)
+                prompt.setdefault("messages", [{"role": "user", "content": prompt.get("prompt", "")}])
+                prompt.setdefault("prompt", prompt["messages"][-1]["content"])
+                prompts.append(prompt)
     if not limit:
         return prompts
     per_kind: Counter[str] = Counter()
@@ -126,10 +140,15 @@ def _configs(args: argparse.Namespace, runtime: LocalRuntime, workers: dict[str,
     ] + [BenchConfig(f"target-only {target}", target_memory=target_mem)]
 
     def speculative(method: str, k: int | str, rt: LocalRuntime, tolerance: float | None = None) -> BenchConfig:
-        drafter = "n-gram" if method == "ngram" else _draft_label(rt)
+        drafter = {
+            "ngram": "n-gram",
+            "suffix": "suffix trees",
+            "cascade": f"cascade {_draft_label(rt)}",
+            "suffix-draft": f"suffix trees, else {_draft_label(rt)}",
+        }.get(method, _draft_label(rt))
         lossy = f", tolerance delta={tolerance:g} (lossy)" if tolerance is not None else ""
-        label = f"spec {target} + {'cascade ' if method == 'cascade' else ''}{drafter} k={k}{lossy}"
-        draft_mem = rt.draft.memory_bytes() if method != "ngram" else 0
+        label = f"spec {target} + {drafter} k={k}{lossy}"
+        draft_mem = rt.draft.memory_bytes() if method in MODEL_METHODS else 0
         return BenchConfig(label, method, k, None, rt, target_mem, draft_mem, tolerance)
 
     if args.table == "seed":
@@ -146,8 +165,8 @@ def _configs(args: argparse.Namespace, runtime: LocalRuntime, workers: dict[str,
             speculative("cascade", args.k, quantized[0]),
         ]
     else:
-        configs = [*baselines, speculative("draft", args.k, runtime), speculative("cascade", args.k, runtime)]
-        configs.append(speculative("ngram", args.k, runtime))
+        methods = ("draft", "cascade", "ngram", "suffix", "suffix-draft")
+        configs = [*baselines, *(speculative(method, args.k, runtime) for method in methods)]
         if args.fixed_k and args.k != args.fixed_k:
             configs.append(speculative("draft", args.fixed_k, runtime))
         for feature in sorted(args.ablate):  # what each adaptive-k refinement is worth
@@ -204,7 +223,7 @@ def run_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     prompts = load_prompts(prompt_files(args.prompts), args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     console.print("loading models and calibrating ...")
-    runtime = LocalRuntime(engine)
+    runtime = LocalRuntime(dataclasses.replace(engine, draft_cache="per-user"))  # a scope per row (BenchConfig)
     tokenizer = runtime.tokenizer
     target_path = resolve_model(args.target)
     # Plain llama.cpp runs in worker processes, alone, as a user of llama.cpp would run it.
@@ -215,7 +234,7 @@ def run_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
         ),
     }
     configs = _configs(args, runtime, workers, console)
-    probe = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompts[0]["prompt"]}]))
+    probe = tokenizer.encode(tokenizer.render_chat(prompts[0]["messages"]))
     console.print("measuring the backend cost table ...")
     costs = {worker.label: worker.costs(probe) for worker in workers.values()}
     costs[f"{runtime.target.name} {runtime.target.model_path.name}"] = window_costs(runtime.target, probe)
@@ -229,14 +248,14 @@ def run_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=total)
         for prompt in prompts:
-            ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompt["prompt"]}]))
+            ids = tokenizer.encode(tokenizer.render_chat(prompt["messages"]))
             encoded[prompt["prompt"]] = ids
             for mode in modes:
                 temperature = 0.0 if mode == "greedy" else SAMPLED_TEMPERATURE
                 params = SamplingParams(temperature=temperature, seed=1, max_tokens=args.max_tokens)
                 exact_tokens = None
                 for config in configs:
-                    result = config.run(runtime, ids, params)
+                    result = config.run(runtime, ids, params, mode)
                     result.update(config=config.label, mode=mode, kind=prompt["kind"], prompt=prompt["prompt"])
                     if config.worker is None and config.method == "none":
                         exact_tokens = result["token_ids"]  # the target's own output: the quality reference
@@ -291,6 +310,7 @@ def run_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
         "memory_bytes": {
             f"target {runtime.target.name} weights": runtime.target.memory_bytes(),
             f"draft {runtime.draft.name} weights": runtime.draft.memory_bytes() if runtime.draft else 0,
+            f"suffix trees ({runtime.suffixes.tokens} reply tokens)": runtime.suffixes.memory_bytes(),
             **{f"{label} weights": value for label, value in memory.items()},
             "peak_rss": peak_rss,
         },

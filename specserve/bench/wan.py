@@ -86,7 +86,7 @@ def run_wan_bench(args: argparse.Namespace, engine: EngineConfig, prompts: list[
             for rtt in rtts:
                 pool.options.one_way_delay_s = rtt / 2000
                 for prompt in prompts:
-                    ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": prompt["prompt"]}]))
+                    ids = tokenizer.encode(tokenizer.render_chat(prompt["messages"]))
                     params = SamplingParams(max_tokens=args.max_tokens)
                     for label, method in CONFIGS:
                         generation = runtime.generate(ids, params, method=method, k=args.k)

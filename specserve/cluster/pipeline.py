@@ -44,6 +44,12 @@ class PipelinedDrafter:
     def sync_rows(self, context: list[int]) -> int:
         return self.inner.sync_rows(context)
 
+    def drafts_with_model(self, context: list[int]) -> bool:
+        return True
+
+    def lockstep_draft(self, context: list[int]) -> DraftModelProposer | None:
+        return None  # one request at a time, drafting ahead in a thread of its own
+
     def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()

@@ -10,8 +10,7 @@ A request starts from `SharedAcceptance`: what the runtime's recent requests of 
 rejection sampling), and, once the target has reported its confidence at the prompt's end, what was
 measured on text the target was about as sure of. A request on text the target finds unpredictable (random
 words: target confidence 0.4-0.5) should not pay the draft's prompt prefill because the requests before it
-were code (0.9). `lower_bound` is the estimate less one standard error: the policy drafts only where it pays
-there too, so the noise of a few trials does not decide a bet that only breaks even.
+were code (0.9).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ PRIOR_TRIALS = 3.0  # the evidence a starting estimate is worth
 DECAY = 0.1  # weight of a window's evidence against a request's older windows
 SHARED_WEIGHT = 0.02  # per draft position: ~50 recent positions make up the shared estimate
 CONFIDENCE_BINS = 10  # the shared estimate is also kept per tenth of the target's confidence
-BOUND_AFTER = 4  # draft positions of its own before a request weighs its estimate's noise
 
 
 def _bin(confidence: float) -> int:
@@ -97,14 +95,6 @@ class Acceptance:
         self.value = self._successes / self._trials
         if self.shared is not None:
             self.shared.observe(self.greedy, successes, trials, self.target_confidence)
-
-    def lower_bound(self) -> float:
-        """The estimate less one standard error once the request has tried a few positions of its own;
-        before that the estimate itself, since a request must draft to learn how its own text goes."""
-        a = self.value
-        if self.own_trials < BOUND_AFTER:
-            return a
-        return max(a - (a * (1 - a) / max(self._trials, 1.0)) ** 0.5, 0.0)
 
 
 @dataclass

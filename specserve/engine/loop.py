@@ -33,7 +33,7 @@ from specserve.config import PREFILL_CHUNK
 from specserve.engine.model import ContextOverflowError
 from specserve.engine.policy import DraftLengthPolicy, Slot, WindowResult
 from specserve.engine.proposers import DraftRequest, Proposal, Proposer, propose_batch
-from specserve.engine.sampling import SamplingParams
+from specserve.engine.sampling import SamplingParams, TokenLogprob
 from specserve.engine.stats import GenerationStats
 from specserve.engine.stops import TextStream
 from specserve.engine.target import TargetSession, Window, run_windows
@@ -49,6 +49,7 @@ class Emitted:
     token: int | None  # None: only releases text held back until the end
     text: str  # text released with this token (held-back text comes out with later tokens)
     from_draft: bool  # accepted draft token (True) or produced by the target itself (False)
+    logprob: TokenLogprob | None = None  # the target's, when the generation asked for them
 
 
 @dataclass(frozen=True)
@@ -114,12 +115,15 @@ class Generation:
         policy: DraftLengthPolicy,
         cached_prefix: int = 0,
         tolerance: float | ToleranceController | None = None,
+        logprobs: int | None = None,
     ):
         """`cached_prefix`: this many prompt tokens are already in the target's cache (prefix reuse);
         otherwise the target session is reset first. Proposers sync themselves to the context.
         `policy`: the draft length per window (engine/policy.py), shared by a runtime's generations so that
         concurrent ones are planned as one batch. `tolerance`: lossy opt-in verification with a fixed
-        delta, or one a controller calibrates online."""
+        delta, or one a controller calibrates online. `logprobs`: report each emitted token's log-probability
+        under the target with this many most likely alternatives (None: none); speculation does not change
+        them, since the rows that verify a window are the rows plain decoding would compute."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= target.n_ctx:
@@ -142,6 +146,7 @@ class Generation:
         self.stats.prefix_reused = cached_prefix
         self._proposal = Proposal([], [])
         self.tolerance = tolerance
+        self.logprobs = logprobs
 
     @property
     def text(self) -> str:
@@ -179,7 +184,7 @@ class Generation:
         # Tokens the draft must evaluate before it drafts again, the prompt too when it has not drafted yet:
         # a draft that starts and then finds nothing to accept has paid for the prompt for nothing.
         sync = self.proposer.sync_rows(self.context) if self.proposer is not None else 0
-        uses_model = self.proposer is not None and self.proposer.uses_model
+        uses_model = self.proposer is not None and self.proposer.drafts_with_model(self.context)
         return Slot(self.draft_state, limit, uses_model, sync, self.remaining, self.target.round_trip_s)
 
     def draft_request(self, slot: Slot | None, k: int) -> DraftRequest:
@@ -203,11 +208,13 @@ class Generation:
         if self._prefilled < len(self.prompt):
             chunk = self.prompt[self._prefilled : self._prefilled + PREFILL_CHUNK]
             last = self._prefilled + len(chunk) == len(self.prompt)
-            return Window(chunk, [], [], last, self.params, self._rng, with_confidence=with_confidence)
+            return Window(chunk, [], [], last, self.params, self._rng, None, with_confidence, self.logprobs)
         self._proposal = proposal
         delta = self.tolerance.delta if isinstance(self.tolerance, ToleranceController) else self.tolerance
         drafts, probs = proposal.tokens, proposal.probs
-        return Window([self.context[-1]], drafts, probs, True, self.params, self._rng, delta, with_confidence)
+        return Window(
+            [self.context[-1]], drafts, probs, True, self.params, self._rng, delta, with_confidence, self.logprobs
+        )
 
     def result(self, slot: Slot | None, window: Window, verdict: Verdict | None) -> WindowResult:
         """What the policy learns from this generation's part of the step."""
@@ -236,14 +243,14 @@ class Generation:
             if verdict is None:
                 return []
             stats.prefill_s = time.perf_counter() - self._start
-            return self._accept([], verdict.next_token)
+            return self._accept([], verdict)
         drafted = self._proposal.tokens
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         stats.record_window(len(drafted), verdict.accepted)
         if isinstance(self.tolerance, ToleranceController):
             self.tolerance.observe(len(drafted), verdict.accepted)
-        return self._accept(drafted[: verdict.accepted], verdict.next_token)
+        return self._accept(drafted[: verdict.accepted], verdict)
 
     def without_draft_model(self) -> Proposal:
         """After a draft failure: no drafts in this step, and no draft model from now on (k = 0)."""
@@ -255,16 +262,19 @@ class Generation:
 
     # --- emitting ---
 
-    def _accept(self, accepted_drafts: list[int], next_token: int) -> list[Emitted]:
+    def _accept(self, accepted_drafts: list[int], verdict: Verdict) -> list[Emitted]:
         """Emit accepted drafts and the target's token, up to the first stop condition."""
         out: list[Emitted] = []
-        for i, token in enumerate([*accepted_drafts, next_token]):
+        next_token = verdict.next_token
+        tokens = [*accepted_drafts, next_token]
+        logprobs = verdict.logprobs or (None,) * len(tokens)
+        for i, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
             if token in self.stop_ids:
                 self.finish_reason = "stop"
                 break
             self.tokens.append(token)
             self.stats.generated += 1
-            out.append(Emitted(token, self._text.push(token), from_draft=i < len(accepted_drafts)))
+            out.append(Emitted(token, self._text.push(token), i < len(accepted_drafts), logprob))
             if self._text.stopped:
                 self.finish_reason = "stop"
             elif len(self.tokens) >= self.params.max_tokens:

@@ -14,7 +14,6 @@ Refinements, each of which `specserve bench --ablate NAME` switches off to measu
 - shared-prior: a request starts from the runtime's recent acceptance for its method (engine/acceptance.py),
   not from a fixed prior;
 - confidence: ... and from what was measured on text the target is about as sure of;
-- lower-bound: drafting must pay at the acceptance estimate less one standard error too;
 - catch-up: a draft that has not seen the prompt (or tokens decoded at k = 0) first evaluates them, a
   one-off that later windows share: a window is charged its part of it over the tokens the reply may still
   produce, so starting to draft late in a long reply pays and in its last tokens does not;
@@ -158,10 +157,6 @@ class AdaptiveK:
 
     def _plan_together(self, slots: list[Slot], other_rows: int) -> list[int]:
         plan, _ = self._best(slots, [self._acceptance(s) for s in slots], other_rows)
-        if any(plan) and "lower-bound" in self.on:
-            cautious = [s.state.acceptance.lower_bound() for s in slots]
-            if not any(self._best(slots, cautious, other_rows)[0]):
-                plan = [0] * len(slots)
         if "probes" in self.on:
             could_pay: bool | None = None  # whether any drafting could pay here, worked out when needed
             for i, slot in enumerate(slots):

@@ -6,7 +6,7 @@ distribution it was drawn from (None = a deterministic point mass), which reject
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -24,8 +24,8 @@ class Proposal:
 
 
 class Proposer(Protocol):
-    name: str  # the method: "draft", "cascade" or "ngram"
-    uses_model: bool  # whether proposing costs draft-model passes (and a failing draft model can be dropped)
+    name: str  # the method: "draft", "cascade", "ngram", "suffix" or "suffix-draft"
+    uses_model: bool  # whether it has a draft model (which, when it fails, is dropped)
 
     def propose(
         self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
@@ -38,6 +38,15 @@ class Proposer(Protocol):
 
     def sync_rows(self, context: list[int]) -> int:
         """Tokens a model proposer must evaluate to catch up on the context before drafting (0: none)."""
+        ...
+
+    def drafts_with_model(self, context: list[int]) -> bool:
+        """Whether drafting after this context costs draft-model passes."""
+        ...
+
+    def lockstep_draft(self, context: list[int]) -> DraftModelProposer | None:
+        """The draft model that drafts after this context, one token per batched step with other requests'
+        (`draft_in_lockstep`); None: `propose` drafts alone."""
         ...
 
 
@@ -77,6 +86,12 @@ class NgramProposer:
     def sync_rows(self, context: list[int]) -> int:
         return 0  # no model to catch up
 
+    def drafts_with_model(self, context: list[int]) -> bool:
+        return False
+
+    def lockstep_draft(self, context: list[int]) -> DraftModelProposer | None:
+        return None
+
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
@@ -115,6 +130,12 @@ class DraftModelProposer:
         step, the whole gap after a stretch without drafting (or the prompt, at first)."""
         return len(context) - self._kept(context)
 
+    def drafts_with_model(self, context: list[int]) -> bool:
+        return True
+
+    def lockstep_draft(self, context: list[int]) -> DraftModelProposer | None:
+        return self
+
     def _sync(self, context: list[int]) -> list[int]:
         """Roll the draft's cache back to what it shares with the context; return the tokens to evaluate
         so that the last row of logits predicts the token after the context."""
@@ -146,7 +167,7 @@ class DraftModelProposer:
 
 @dataclass
 class DraftRequest:
-    proposer: Proposer | None
+    proposer: Proposer | None  # in `draft_in_lockstep`: a DraftModelProposer
     context: list[int]
     k: int
     params: SamplingParams
@@ -203,13 +224,17 @@ def draft_distribution(
 
 
 def propose_batch(requests: list[DraftRequest]) -> list[Proposal]:
-    """Proposals for several sequences at once; draft-model proposers share batched draft steps."""
+    """Proposals for several sequences at once; those a draft model drafts share batched draft steps."""
     proposals = [Proposal([], []) for _ in requests]
-    together = [i for i, r in enumerate(requests) if isinstance(r.proposer, DraftModelProposer) and r.k > 0]
+    together: dict[int, DraftRequest] = {}
     for i, r in enumerate(requests):
-        if r.proposer is not None and r.k > 0 and i not in together:
+        if r.proposer is None or r.k <= 0:
+            continue
+        if (draft := r.proposer.lockstep_draft(r.context)) is not None:
+            together[i] = replace(r, proposer=draft)
+        else:
             proposals[i] = r.proposer.propose(r.context, r.k, r.params, r.rng, r.with_probs)
-    for i, proposal in zip(together, draft_in_lockstep([requests[i] for i in together]), strict=True):
+    for i, proposal in zip(together, draft_in_lockstep(list(together.values())), strict=True):
         proposals[i] = proposal
     return proposals
 
@@ -234,6 +259,12 @@ class CascadeProposer:
 
     def sync_rows(self, context: list[int]) -> int:
         return self.draft.sync_rows(context)
+
+    def drafts_with_model(self, context: list[int]) -> bool:
+        return True
+
+    def lockstep_draft(self, context: list[int]) -> DraftModelProposer | None:
+        return None  # it checks the n-gram guess first, a pass of its own
 
     def propose(
         self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False

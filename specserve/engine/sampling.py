@@ -88,3 +88,31 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Inverse-CDF draw from a 1-D distribution."""
     cdf = np.cumsum(probs)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An emitted token's log-probability under the target, and the most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, log-probability), most likely first
+
+
+def token_logprobs(rows: np.ndarray, tokens: list[int], params: SamplingParams, top_n: int) -> list[TokenLogprob]:
+    """Log-probabilities of tokens[i] under rows[i] of the target's logits, in the distribution the request
+    samples from (temperature, top-k, top-p; tokens they cut are at -inf). A greedy request's is its
+    temperature-0 limit, a point mass, so it reports the plain softmax (temperature 1) instead."""
+    rows = np.asarray(rows[: len(tokens)], dtype=np.float64)
+    if params.greedy:
+        shifted = rows - rows.max(axis=-1, keepdims=True)
+        logprobs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    else:
+        with np.errstate(divide="ignore"):
+            logprobs = np.log(probabilities(rows, params))
+    out = []
+    for row, token in zip(logprobs, tokens, strict=True):
+        top = np.argpartition(-row, top_n - 1)[:top_n] if top_n > 0 else np.array([], dtype=np.int64)
+        top = top[np.lexsort((top, -row[top]))]
+        out.append(TokenLogprob(int(token), float(row[token]), tuple((int(t), float(row[t])) for t in top)))
+    return out

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from specserve.engine.model import Backend
-from specserve.engine.sampling import SamplingParams, top_probability
+from specserve.engine.sampling import SamplingParams, token_logprobs, top_probability
 from specserve.engine.verify import Verdict, verify, verify_tolerance
 
 
@@ -34,6 +34,7 @@ class Window:
     rng: np.random.Generator
     tolerance: float | None = None  # lossy opt-in: verify with this delta instead of exactly (engine/verify.py)
     with_confidence: bool = True  # report `Verdict.confidence` (adaptive k reads it; plain decoding skips its cost)
+    logprobs: int | None = None  # report `Verdict.logprobs` with this many most likely alternatives (None: not)
 
 
 class TargetSession(Protocol):
@@ -108,5 +109,9 @@ def target_pass(sessions: list[LocalTarget], windows: list[Window]) -> list[Verd
         session.backend.truncate(kept + verdict.accepted)  # KV rollback of the rejected drafts
         if window.with_confidence:
             verdict = replace(verdict, confidence=top_probability(rows[0], window.params))
+        if window.logprobs is not None:  # the rows of the emitted tokens: accepted drafts and the target's
+            emitted = [*window.drafts[: verdict.accepted], verdict.next_token]
+            logprobs = token_logprobs(rows, emitted, window.params, window.logprobs)
+            verdict = replace(verdict, logprobs=tuple(logprobs))
         verdicts.append(verdict)
     return verdicts

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specserve.engine.sampling import SamplingParams, probabilities, sample
+from specserve.engine.sampling import SamplingParams, TokenLogprob, probabilities, sample
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class Verdict:
     # The target's top probability at the window's first position (`top_probability`): how predictable the
     # text is there, a row every window has whatever its drafts did (None: unknown)
     confidence: float | None = None
+    # per emitted token (accepted drafts, then next_token): its log-probability under the target, when the
+    # window asked for them (`Window.logprobs`)
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 def verify_greedy(target_logits: np.ndarray, draft_tokens: list[int]) -> Verdict:

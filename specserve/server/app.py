@@ -6,6 +6,7 @@ openai_format.py the response shapes; scheduler.py runs every admitted request i
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from specserve.server.state import ServerState
 from specserve.server.tracing import setup_tracing
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far beyond any prompt the context can hold
+log = logging.getLogger("specserve.server")
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, headers=None):
@@ -39,9 +41,12 @@ def create_app(
     max_queue: int = SERVER_MAX_QUEUE,
     cache: ResponseCache | None = None,
     cache_url: str | None = None,
+    api_key: str | None = None,
+    metrics_need_key: bool = False,
 ) -> FastAPI:
     """`runtime` may be a factory: the server then starts at once and loads the models in the background,
-    answering /health with 503 until they are ready."""
+    answering /health with 503 until they are ready. `api_key`: every /v1 route (and /metrics with
+    `metrics_need_key`) requires `Authorization: Bearer <api_key>`."""
     metrics = Metrics()
     cache = cache or open_cache(cache_url, on_lookup=metrics.on_cache_lookup)
     state = ServerState(runtime, metrics, cache, max_batch=max_batch, max_queue=max_queue)
@@ -55,6 +60,22 @@ def create_app(
     app = FastAPI(title="specserve", lifespan=lifespan)
     app.state.server = state
     app.include_router(router)
+
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        path = request.url.path
+        if expected is None or not (path.startswith("/v1/") or (metrics_need_key and path == "/metrics")):
+            return await call_next(request)
+        given = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(given, expected):  # constant time: the key is not guessed byte by byte
+            return await call_next(request)
+        metrics.rejected_keys.inc()
+        peer = request.client.host if request.client else "unknown"
+        log.warning("refused %s %s from %s: %s API key", request.method, path, peer, "wrong" if given else "no")
+        body = error_body("Incorrect or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        return JSONResponse(status_code=401, content=body, headers={"WWW-Authenticate": "Bearer"})
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -89,6 +110,8 @@ def serve(config: ServerConfig) -> int:
         max_batch=config.max_batch,
         max_queue=config.max_queue,
         cache_url=config.cache_url,
+        api_key=config.api_key,
+        metrics_need_key=config.metrics_need_key,
     )
     print(f"specserve: loading {engine.target} (draft {engine.draft}); serving http://{config.host}:{config.port}/v1")
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")

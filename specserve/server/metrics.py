@@ -33,6 +33,9 @@ class Metrics:
         self.tokens_per_second = Gauge(
             "specserve_tokens_per_second", "Generated tokens per second, all streams, over the last step", registry=r
         )
+        self.rejected_keys = Counter(
+            "specserve_rejected_api_keys", "Requests refused for a missing or wrong API key", registry=r
+        )
         self.drafted = Counter("specserve_drafted_tokens", "Draft tokens proposed", registry=r)
         self.accepted = Counter("specserve_accepted_tokens", "Draft tokens accepted", registry=r)
         self.generated = Counter("specserve_generated_tokens", "Tokens emitted to clients", registry=r)

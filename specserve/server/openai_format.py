@@ -1,7 +1,8 @@
 """OpenAI's response, chunk and error shapes as pure functions of what a generation produced (no I/O).
 
-A request's output is a stream of events: text pieces (`str`), then one `Finished`. Non-streaming replies
-join the pieces into one body; streaming replies send each event as a Server-Sent Event chunk.
+A request's output is a stream of events: `Piece`s (text, with the target's log-probabilities of its tokens
+when the request asked for them), then one `Finished`. Non-streaming replies join the pieces into one body;
+streaming replies send each event as a Server-Sent Event chunk.
 """
 
 from __future__ import annotations
@@ -9,10 +10,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from specserve.engine.loop import Generation
+from specserve.engine.sampling import TokenLogprob
 from specserve.engine.stats import GenerationStats
+
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -inf)
+TokenBytes = Callable[[int], bytes]  # a token's bytes (a piece of UTF-8 text, perhaps not a whole character)
 
 
 class ApiError(Exception):
@@ -24,8 +30,18 @@ class ApiError(Exception):
         self.headers: dict[str, str] = {}
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text released to the client, and the log-probabilities of the tokens that produced it."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,27 +90,70 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
-def choice(chat: bool, text: str, finish: str | None, delta: bool) -> dict:
+def _logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+def chat_logprobs(entries: list[TokenLogprob], token_bytes: TokenBytes) -> dict:
+    """`choices[].logprobs` of a chat completion: per token its text, bytes, log-probability and the top ones."""
+
+    def entry(token: int, logprob: float) -> dict:
+        raw = token_bytes(token)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": _logprob(logprob), "bytes": list(raw)}
+
+    content = [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], token_bytes: TokenBytes, offset: int = 0) -> dict:
+    """`choices[].logprobs` of a (legacy) completion: parallel lists, `text_offset` counted from `offset`."""
+    tokens = [token_bytes(e.token).decode("utf-8", "replace") for e in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_logprob(e.logprob) for e in entries],
+        "top_logprobs": [{token_bytes(t).decode("utf-8", "replace"): _logprob(lp) for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def logprobs_body(chat: bool, entries: list[TokenLogprob], token_bytes: TokenBytes, offset: int = 0) -> dict:
+    return chat_logprobs(entries, token_bytes) if chat else completion_logprobs(entries, token_bytes, offset)
+
+
+def choice(chat: bool, text: str, finish: str | None, delta: bool, logprobs: dict | None = None) -> dict:
     if not chat:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
     if delta:
-        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        body = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+    else:
+        body = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    return body | ({"logprobs": logprobs} if logprobs is not None else {})
 
 
-def completion(head: dict, chat: bool, text: str, done: Finished) -> dict:
-    """The body of a non-streaming reply."""
+def completion(head: dict, chat: bool, pieces: list[Piece], done: Finished, token_bytes: TokenBytes | None) -> dict:
+    """The body of a non-streaming reply; `token_bytes` when the request asked for logprobs."""
+    text = "".join(p.text for p in pieces)
+    logprobs = None
+    if token_bytes is not None:
+        logprobs = logprobs_body(chat, [e for p in pieces for e in p.logprobs], token_bytes)
     return {
         **head,
         "object": "chat.completion" if chat else "text_completion",
-        "choices": [choice(chat, text, done.finish_reason, delta=False)],
+        "choices": [choice(chat, text, done.finish_reason, delta=False, logprobs=logprobs)],
         "usage": usage(done.prompt_tokens, done.completion_tokens),
         "speculative": done.speculative,
     }
 
 
-def sse_chunk(head: dict, chat: bool, event: str | Finished | None) -> str:
-    """One Server-Sent Event: a text piece, the final chunk (with usage), or (None) chat's opening role chunk."""
+def sse_chunk(
+    head: dict, chat: bool, event: Piece | Finished | None, token_bytes: TokenBytes | None = None, offset: int = 0
+) -> str:
+    """One Server-Sent Event: a text piece, the final chunk (with usage), or (None) chat's opening role chunk.
+    `token_bytes` when the request asked for logprobs; `offset`: the piece's place in the text (completions)."""
     body = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     if event is None:
         body["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
@@ -103,7 +162,8 @@ def sse_chunk(head: dict, chat: bool, event: str | Finished | None) -> str:
         body["usage"] = usage(event.prompt_tokens, event.completion_tokens)
         body["speculative"] = event.speculative
     else:
-        body["choices"] = [choice(chat, event, None, delta=True)]
+        logprobs = logprobs_body(chat, list(event.logprobs), token_bytes, offset) if token_bytes else None
+        body["choices"] = [choice(chat, event.text, None, delta=True, logprobs=logprobs)]
     return f"data: {json.dumps(body)}\n\n"
 
 

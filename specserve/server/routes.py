@@ -6,6 +6,7 @@ with one JSON body or a stream of Server-Sent Events.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -58,7 +59,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
     try:
-        ids = state.ready().encode_prompt(messages=[m.model_dump() for m in body.messages])
+        ids = state.ready().encode_prompt(messages=[m.rendered() for m in body.messages])
     except SpecserveError as exc:
         raise ApiError(400, str(exc), "messages") from None
     return await _answer(state, "chat", request, body, ids, chat=True)
@@ -66,26 +67,38 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 async def _answer(state: ServerState, endpoint: str, request: Request, body: CompletionParams, ids, chat: bool):
     events = await state.events(endpoint, request, body, ids)
-    head = fmt.response_head(chat, state.ready().target_name)
+    runtime = state.ready()
+    head = fmt.response_head(chat, runtime.target_name)
+    token_bytes = None
+    if body.logprob_count() is not None:
+        token_bytes = functools.partial(_token_bytes, runtime)
     if body.stream:
-        stream = _sse(head, chat, events)
+        stream = _sse(head, chat, events, token_bytes)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    text = []
+    pieces = []
     async with aclosing(events):  # leaving early closes it, which cancels the job
         async for event in events:
             if isinstance(event, Finished):
-                return fmt.completion(head, chat, "".join(text), event)
-            text.append(event)
+                return fmt.completion(head, chat, pieces, event, token_bytes)
+            pieces.append(event)
     raise ApiError(499, "client closed the request")
 
 
-async def _sse(head: dict, chat: bool, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+def _token_bytes(runtime, token: int) -> bytes:
+    return runtime.tokenizer.decode_bytes([token])
+
+
+async def _sse(
+    head: dict, chat: bool, events: AsyncIterator[Event], token_bytes: fmt.TokenBytes | None
+) -> AsyncIterator[str]:
     if chat:
         yield fmt.sse_chunk(head, chat, None)
+    offset = 0  # where the next piece starts in the text (completions' text_offset)
     try:
         async with aclosing(events):  # a client that disconnects cancels the job
             async for event in events:
-                yield fmt.sse_chunk(head, chat, event)
+                yield fmt.sse_chunk(head, chat, event, token_bytes, offset)
+                offset += len(event.text) if isinstance(event, fmt.Piece) else 0
     except ApiError as exc:  # the headers are gone: report in-band
         yield fmt.sse_error(exc)
     yield fmt.SSE_DONE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specserve.config import METHODS, REMOTE_K_MAX, TOLERANCE_MAX_DELTA
 from specserve.engine.sampling import SamplingParams
@@ -47,6 +47,10 @@ class CompletionParams(BaseModel):
     user: str | None = None
     speculation: Speculation = Speculation()
 
+    def logprob_count(self) -> int | None:
+        """How many alternatives to report with each token's log-probability (None: no logprobs)."""
+        return None
+
     def sampling(self) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
@@ -59,15 +63,60 @@ class CompletionParams(BaseModel):
         )
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 class CompletionRequest(CompletionParams):
     prompt: str = Field(min_length=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: Literal[False] = False  # the prompt's own log-probabilities are not computed
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class OtherPart(BaseModel):
+    """A content part this text-only model cannot take (image_url, input_audio, file, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart | OtherPart]
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[TextPart | OtherPart]) -> str:
+        """Content parts are joined into one text, as OpenAI's own text models read them."""
+        if isinstance(content, str):
+            return content
+        if other := sorted({part.type for part in content if not isinstance(part, TextPart)}):
+            raise ValueError(f"content parts of type {', '.join(other)} are not supported: the model reads text only")
+        return "".join(part.text for part in content)
+
+    def rendered(self) -> dict[str, str]:
+        """The message as the chat template takes it (`developer` is the newer name of `system`)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
 
 
 class ChatRequest(CompletionParams):
     max_completion_tokens: int | None = Field(default=None, gt=0)  # the newer name of max_tokens
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

@@ -1,8 +1,8 @@
 """What one server process holds: the runtime (possibly still loading), the scheduler, the response cache,
 metrics and tracer; and the life of one request from its token ids to its stream of events.
 
-Events are text pieces (`str`) then one `Finished`; routes.py turns them into OpenAI's shapes. A stream
-that is left early (client gone, error) cancels its job, and only a completed greedy request is cached.
+Events are `Piece`s then one `Finished`; routes.py turns them into OpenAI's shapes. A stream that is left
+early (client gone, error) cancels its job, and only a completed greedy request without logprobs is cached.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from specserve.engine.model import ContextOverflowError
 from specserve.engine.sampling import SamplingParams
 from specserve.runtime import Runtime
 from specserve.server.metrics import Metrics
-from specserve.server.openai_format import ApiError, Finished, finished, request_log
+from specserve.server.openai_format import ApiError, Finished, Piece, finished, request_log
 from specserve.server.scheduler import Job, QueueFull, Scheduler
 from specserve.server.schemas import CompletionParams
 
@@ -31,7 +31,7 @@ _DISCONNECT_POLL_S = 0.5
 # Request fields that change a deterministic response (the drafter does not: output is the target's).
 _KEY_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
 
-Event = str | Finished
+Event = Piece | Finished
 _CLIENT_GONE = object()
 
 
@@ -89,7 +89,8 @@ class ServerState:
         _check(rt, body, ids)
         sampling = body.sampling()
         key = None
-        if sampling.greedy:  # deterministic: the same request gives the same text, whatever the drafter
+        # deterministic: the same request gives the same text, whatever the drafter (the cache keeps no logprobs)
+        if sampling.greedy and body.logprob_count() is None:
             key_fields = body.model_dump(include=_KEY_FIELDS)
             if body.speculation.acceptance != "exact":  # lossy verification changes the text: part of the key
                 key_fields["speculation"] = body.speculation.model_dump()
@@ -104,11 +105,14 @@ class ServerState:
         self, rt: Runtime, endpoint: str, body: CompletionParams, sampling: SamplingParams, ids: list[int]
     ) -> Job:
         method = body.speculation.method
-        if method not in rt.methods:
-            method = "ngram"  # no draft model loaded: fall back to the model-free drafter
+        if method not in rt.methods:  # no draft model loaded: fall back to a model-free drafter
+            method = "suffix" if method == "suffix-draft" else "ngram"
         try:
             tolerance = body.speculation.tolerance()
-            generation = rt.generate(ids, sampling, method=method, k=body.speculation.k, tolerance=tolerance)
+            k = body.speculation.k
+            generation = rt.generate(
+                ids, sampling, method=method, k=k, tolerance=tolerance, user=body.user, logprobs=body.logprob_count()
+            )
         except (ContextOverflowError, SpecserveError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
         attributes = {"specserve.endpoint": endpoint, "specserve.method": method, "specserve.prompt_tokens": len(ids)}
@@ -136,7 +140,8 @@ class ServerState:
                 for emitted in item:
                     if emitted.text:
                         pieces.append(emitted.text)
-                        yield emitted.text
+                    if emitted.text or emitted.logprob is not None:
+                        yield Piece(emitted.text, (emitted.logprob,) if emitted.logprob is not None else ())
             status = "200"
             done = finished(job.generation)
             self.metrics.prefix_reused.inc(job.generation.stats.prefix_reused)
@@ -186,5 +191,5 @@ def _check(rt: Runtime, body: CompletionParams, ids: list[int]) -> None:
 
 async def _replay(hit: CachedResponse) -> AsyncIterator[Event]:
     for piece in hit.pieces:
-        yield piece
+        yield Piece(piece)
     yield Finished(hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, {**hit.spec_stats, "cached": True})
