@@ -335,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a row per adaptive-k refinement switched off (" + ", ".join(ABLATIONS) + "; engine/policy.py)",
     )
     bench.add_argument("--fixed-k", type=int, default=4, help="also run the draft model at this fixed k (0: skip)")
+    bench.add_argument(
+        "--constrained",
+        action="store_true",
+        help="add rows under a JSON-object grammar (response_format json_object): target-only and the draft",
+    )
     bench.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both")
     bench.add_argument("--out", default="bench-out/bench.json", help="JSON report; the PNG goes beside it")
     bench.add_argument(

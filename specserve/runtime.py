@@ -20,6 +20,7 @@ from specserve.backends.choose import Choice, choose, exact_prefix, exact_window
 from specserve.cache.prefix import PrefixCache
 from specserve.config import K_MAX, METHODS, MODEL_METHODS, PREFILL_CHUNK, REMOTE_K_MAX, REMOTE_Q_TOP_K, EngineConfig
 from specserve.engine.costs import CALIBRATION_TEXT, CostModel, PassCost, calibrate, measure_rows
+from specserve.engine.grammar import Grammar
 from specserve.engine.loop import Generation
 from specserve.engine.model import Backend
 from specserve.engine.policy import AdaptiveK, DraftLengthPolicy, FixedK
@@ -95,9 +96,11 @@ class Runtime(ABC):
             log.info("k=%d capped at %d: longer windows are not exact on %s", k, self.k_limit, self.target_name)
         return FixedK(min(k, self.k_limit))
 
-    def encode_prompt(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | None = None, messages: list[dict] | None = None, tools: list[dict] | None = None
+    ) -> list[int]:
         if messages is not None:
-            return self.tokenizer.encode(self.tokenizer.render_chat(messages), special=True)
+            return self.tokenizer.encode(self.tokenizer.render_chat(messages, tools), special=True)
         return self.tokenizer.encode(prompt or "", special=False)
 
     @abstractmethod
@@ -113,19 +116,27 @@ class Runtime(ABC):
         tolerance: float | ToleranceController | None = None,
         user: str | None = None,
         logprobs: int | None = None,
+        grammar: str | None = None,
     ) -> Generation:
         """A generation ready to iterate (or to batch with others). `tolerance` switches on the lossy
         acceptance rule (engine/verify.py); the default is exact verification. `user`: the request's
         tenant, whose earlier replies suffix drafts may come from (`EngineConfig.draft_cache`). `logprobs`:
-        report the target's log-probability of each token with this many alternatives (`Generation`)."""
+        report the target's log-probability of each token with this many alternatives (`Generation`).
+        `grammar`: an llguidance grammar the reply must follow (engine/grammar.py)."""
         if method not in METHODS:
             raise SpecserveError(f"unknown speculation method {method!r}; choose one of {', '.join(METHODS)}")
         if method not in self.methods:
             raise SpecserveError(f"speculation method {method!r} needs a draft model; none is loaded")
         if tolerance is not None and self.config.verifiers:
             raise SpecserveError("tolerance acceptance runs on a local target only, not through --verifier")
+        if (params.adjusts_logits or grammar is not None) and self.config.verifiers:
+            raise SpecserveError(
+                "penalties, logit_bias and grammars apply on a local target only, not yet through --verifier"
+            )
         if logprobs is not None and self.config.verifiers:
             raise SpecserveError("logprobs are reported by a local target only, not yet through --verifier")
+        if grammar is not None:
+            params = dataclasses.replace(params, grammar=Grammar(self.tokenizer.guidance, grammar))
         target, reused = self.new_target_session(prompt_tokens)
         return Generation(
             target,

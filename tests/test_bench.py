@@ -53,7 +53,7 @@ def test_default_table_names_every_drafter_its_cost_the_machine_and_the_fidelity
     """Runs on the project's own prompt set: no ../shared needed."""
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "specserve.cli", "bench", "--limit", "1"]
-    command += ["--max-tokens", "8", "--modes", "greedy", "--out", str(out)]
+    command += ["--max-tokens", "8", "--modes", "greedy", "--constrained", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -65,6 +65,7 @@ def test_default_table_names_every_drafter_its_cost_the_machine_and_the_fidelity
     assert any("n-gram" in label for label in labels) and any("k=4" in label for label in labels)
     assert any("+ suffix trees k=" in label for label in labels) and any("suffix trees, else" in x for x in labels)
     assert any(name.startswith("suffix trees") for name in report["memory_bytes"])
+    assert sum("JSON grammar" in label for label in labels) == 2  # target-only and speculative, constrained
     assert any(f"quantized:Q4_0/Q4_0 ({runtime.draft.name})" in label for label in labels)  # the default draft
     assert any("Q4_0-head-Q4_0" in name for name in report["cost_table"])  # and its cost row
     assert {p.rsplit("/", 1)[-1] for p in report["prompts"]} == {"prompts.jsonl"}

@@ -30,7 +30,7 @@ class TableModel:
 
     def __init__(self):
         self.tokens: list[int] = []
-        self.weights = TABLE
+        self.weights = "bigram table"  # what its sequences share (a batch key)
         self.passes = 0
 
     @property

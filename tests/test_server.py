@@ -2,6 +2,7 @@
 Redis as its response cache), plus an in-process app for the OpenTelemetry span tree."""
 
 import concurrent.futures
+import json
 import socket
 import subprocess
 import sys
@@ -151,6 +152,114 @@ def test_completion_logprobs_stream_as_they_come(client):
     assert all(len(top) <= 2 for top in reference.top_logprobs)
 
 
+def test_penalties_keep_speculation_exact(client):
+    kwargs = {"model": None, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 32}
+    kwargs |= {"frequency_penalty": 0.8, "presence_penalty": 0.3, "logit_bias": {"220": -2}}
+    spec = client.chat.completions.create(**kwargs, extra_body={"speculation": {"method": "draft", "k": 4}})
+    plain = client.chat.completions.create(**kwargs, seed=4, extra_body={"speculation": {"method": "none"}})
+    assert spec.choices[0].message.content == plain.choices[0].message.content
+    assert spec.model_extra["speculative"]["accepted"] > 0
+
+
+def test_structured_output_parses_into_the_clients_model(client):
+    import pydantic
+
+    class Release(pydantic.BaseModel):
+        language: str
+        year: int
+        typed: bool
+
+    messages = [{"role": "user", "content": "Give the first release of Python as JSON (language, year, typed)."}]
+    kwargs = {"model": client.models.list().data[0].id, "messages": messages, "max_tokens": 60}
+    spec = client.chat.completions.parse(**kwargs, response_format=Release)
+    plain = client.chat.completions.parse(
+        **kwargs, response_format=Release, seed=6, extra_body={"speculation": {"method": "none"}}
+    )
+    parsed = spec.choices[0].message.parsed
+    assert isinstance(parsed, Release) and parsed == plain.choices[0].message.parsed
+    assert spec.choices[0].message.content == plain.choices[0].message.content
+    regex = client.completions.create(
+        model=None, prompt="The answer is ", max_tokens=8, extra_body={"guided_regex": "(yes|no)[.!]"}
+    )
+    assert regex.choices[0].text in {"yes.", "yes!", "no.", "no!"}
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current time in a timezone",
+        "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]},
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+def test_required_tool_call_round_trip(client):
+    kwargs = {"model": None, "messages": ASK, "max_tokens": 60, "tools": [WEATHER, CLOCK], "tool_choice": "required"}
+    first = client.chat.completions.create(**kwargs)
+    plain = client.chat.completions.create(**kwargs, seed=8, extra_body={"speculation": {"method": "none"}})
+    calls = first.choices[0].message.tool_calls
+    assert first.choices[0].finish_reason == "tool_calls" and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments)["city"].lower().startswith("paris")
+    assert {c.function.name for c in calls} <= {"get_weather", "get_time"}
+    assert [c.function.model_dump() for c in plain.choices[0].message.tool_calls] == [
+        c.function.model_dump() for c in calls
+    ]
+    single = client.chat.completions.create(**kwargs, parallel_tool_calls=False)
+    assert len(single.choices[0].message.tool_calls) == 1
+    results = {"get_weather": '{"temperature_c": 18, "sky": "cloudy"}', "get_time": '{"time": "14:05"}'}
+    history = [
+        *ASK,
+        first.choices[0].message.model_dump(exclude_none=True),
+        *({"role": "tool", "tool_call_id": c.id, "content": results[c.function.name]} for c in calls),
+    ]
+    answer = client.chat.completions.create(model=None, messages=history, max_tokens=40, tools=[WEATHER, CLOCK])
+    assert answer.choices[0].finish_reason == "stop" and "18" in answer.choices[0].message.content
+
+
+def test_a_named_tool_is_called_and_streams_as_a_delta(client):
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    kwargs = {"model": None, "messages": ASK, "max_tokens": 60, "tools": [WEATHER, CLOCK], "tool_choice": choice}
+    whole = client.chat.completions.create(**kwargs)
+    deltas, finish = [], None
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if chunk.choices:
+            deltas += chunk.choices[0].delta.tool_calls or []
+            finish = chunk.choices[0].finish_reason or finish
+    (call,) = whole.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and "timezone" in json.loads(call.function.arguments)
+    assert finish == "tool_calls" and [(d.function.name, d.function.arguments) for d in deltas] == [
+        (call.function.name, call.function.arguments)
+    ]
+
+
+def test_langchain_chat_model_with_tools_and_structured_output(server):
+    import pydantic
+    from langchain_openai import ChatOpenAI
+
+    class City(pydantic.BaseModel):
+        name: str
+        country: str
+
+    model = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY).models.list().data[0].id
+    llm = ChatOpenAI(base_url=f"{server}/v1", api_key=API_KEY, model=model, max_tokens=48, temperature=0)
+    assert llm.invoke("Say hello in French.").content
+    assert "".join(chunk.content for chunk in llm.stream("Count from one to five."))
+    called = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Oslo?")
+    assert called.tool_calls[0]["name"] == "get_weather" and "city" in called.tool_calls[0]["args"]
+    city = llm.with_structured_output(City, method="json_schema").invoke("The capital of Norway, as JSON.")
+    assert isinstance(city, City) and city.name
+
+
 def test_content_parts_read_as_their_text(client):
     kwargs = {"model": None, "max_tokens": 8}
     parts = [{"type": "text", "text": "Name three "}, {"type": "text", "text": "primary colours."}]
@@ -260,6 +369,18 @@ def test_client_disconnect_cancels_the_stream(server):
             openai.BadRequestError,
         ),
         ({"top_logprobs": 2}, openai.BadRequestError),  # without logprobs: true
+        ({"logit_bias": {"99999999": 5}}, openai.BadRequestError),  # not a token of the vocabulary
+        ({"presence_penalty": 3}, openai.BadRequestError),
+        ({"extra_body": {"guided_regex": "(unclosed"}}, openai.BadRequestError),
+        ({"tool_choice": "required"}, openai.BadRequestError),  # without tools
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            openai.BadRequestError,
+        ),
+        ({"response_format": {"type": "json_schema"}}, openai.BadRequestError),
         ({"logprobs": True, "top_logprobs": 50}, openai.BadRequestError),
     ],
 )

@@ -12,25 +12,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_report(report: dict, path: Path) -> Path:
-    groups = [key for key in report["summary"] if not key.endswith("/all")]
+    groups = list(report["summary"])
     configs = list(next(iter(report["summary"].values())))
-    fig, (bars, costs, timeline) = plt.subplots(1, 3, figsize=(22, 7), gridspec_kw={"width_ratios": [3, 2, 2]})
+    width = max(22, 8 + 0.9 * len(groups))
+    fig, (grid, costs, timeline) = plt.subplots(1, 3, figsize=(width, 8), gridspec_kw={"width_ratios": [3, 1.4, 1.6]})
 
-    width = 0.8 / len(configs)
-    for i, config in enumerate(configs):
-        values = [report["summary"][g][config]["tokens_per_s"] for g in groups]
-        xs = [j + (i - (len(configs) - 1) / 2) * width for j in range(len(groups))]
-        drawn = bars.bar(xs, values, width, label=config)
-        bars.bar_label(
-            drawn,
-            labels=[f"{report['summary'][g][config]['speedup_vs_llamacpp']:.2f}x" for g in groups],
-            fontsize=7,
-        )
-    bars.set_xticks(range(len(groups)), groups, fontsize=8)
-    bars.set_ylabel("decode tokens/s (label: speed-up vs plain llama.cpp on the model's file)")
+    # speed-up of every configuration (row) on every mode/kind (column): a table read at a glance
+    speedups = [
+        [report["summary"][g].get(c, {}).get("speedup_vs_llamacpp", float("nan")) for g in groups] for c in configs
+    ]
+    shown = grid.imshow(speedups, cmap="RdYlGn", vmin=0.5, vmax=3.0, aspect="auto")
+    for row, values in enumerate(speedups):
+        for column, value in enumerate(values):
+            grid.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    grid.set_xticks(range(len(groups)), groups, rotation=60, ha="right", fontsize=8)
+    grid.set_yticks(range(len(configs)), [_short(c) for c in configs], fontsize=8)
+    fig.colorbar(shown, ax=grid, fraction=0.03, label="speed-up vs plain llama.cpp on the model's file")
     cpu = report["machine"]["cpu"]
-    bars.set_title(f"{report['max_tokens']} new tokens per prompt, {cpu['model']}, {cpu['cores']} cores")
-    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)  # below: bars stay visible
+    grid.set_title(
+        f"Decode speed-up, {report['max_tokens']} new tokens per prompt, {cpu['model']}, {cpu['cores']} cores"
+    )
 
     for name, row in report["cost_table"].items():
         ks = [1] + [int(key[1:]) for key in row if key.startswith("k")]
@@ -46,6 +47,10 @@ def plot_report(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _short(label: str, width: int = 64) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
 
 
 def _plot_adaptive(report: dict, ax: plt.Axes) -> None:

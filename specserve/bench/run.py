@@ -30,6 +30,7 @@ import specserve
 from specserve.bench.measure import COST_WINDOWS, run_generation, summarize, window_costs
 from specserve.bench.worker import BackendProcess
 from specserve.config import MODEL_METHODS, EngineConfig
+from specserve.engine.grammar import json_schema_grammar
 from specserve.engine.sampling import SamplingParams
 from specserve.models.fetch import resolve_model
 from specserve.models.registry import DEFAULT_DRAFT
@@ -50,6 +51,7 @@ class BenchConfig:
     target_memory: int = 0
     draft_memory: int = 0
     tolerance: float | None = None  # lossy rows: the tolerance delta
+    grammar: str | None = None  # constrained rows: the grammar every reply follows
 
     def run(self, runtime: LocalRuntime, ids: list[int], params: SamplingParams, mode: str) -> dict:
         if self.worker is not None:
@@ -59,7 +61,9 @@ class BenchConfig:
         # Suffix drafts come from this row's earlier replies in this mode (the bench runs per-user scopes):
         # from other prompts, never from another row's reply to the same prompt.
         scope = f"{self.label}/{mode}"
-        generation = runtime.generate(ids, params, method=self.method, k=self.k, tolerance=self.tolerance, user=scope)
+        generation = runtime.generate(
+            ids, params, method=self.method, k=self.k, tolerance=self.tolerance, user=scope, grammar=self.grammar
+        )
         return run_generation(generation)
 
 
@@ -174,6 +178,11 @@ def _configs(args: argparse.Namespace, runtime: LocalRuntime, workers: dict[str,
             configs.append(dataclasses.replace(row, label=f"{row.label} without {feature}"))
     # lossy, opt-in: rows that show what the speed costs in quality
     configs += [speculative("draft", args.k, runtime, tolerance=delta) for delta in args.tolerance]
+    if args.constrained:  # what a grammar costs, and what speculation still buys under one
+        json_object = json_schema_grammar({"type": "object"})
+        plain = BenchConfig(f"target-only {target}, JSON grammar", target_memory=target_mem, grammar=json_object)
+        row = speculative("draft", args.k, runtime)
+        configs += [plain, dataclasses.replace(row, label=f"{row.label}, JSON grammar", grammar=json_object)]
     return configs
 
 

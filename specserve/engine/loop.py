@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -130,6 +130,8 @@ class Generation:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt)} tokens; the context holds {target.n_ctx} including the reply"
             )
+        if params.adjusts_logits:  # penalties count the reply from here
+            params = replace(params, reply_start=len(prompt))
         self.target, self.prompt, self.params = target, prompt, params
         self.policy = policy
         self.proposer = proposer if policy.k_max > 0 else None
@@ -208,12 +210,26 @@ class Generation:
         if self._prefilled < len(self.prompt):
             chunk = self.prompt[self._prefilled : self._prefilled + PREFILL_CHUNK]
             last = self._prefilled + len(chunk) == len(self.prompt)
-            return Window(chunk, [], [], last, self.params, self._rng, None, with_confidence, self.logprobs)
+            return Window(
+                chunk, [], [], last, self.params, self._rng, None, with_confidence, self.logprobs, self.context
+            )
+        if (grammar := self.params.grammar) is not None and proposal.tokens:  # a forbidden draft is rejected:
+            keep = grammar.valid_prefix(proposal.tokens)  # do not verify it (point-mass drafters propose them)
+            proposal = Proposal(proposal.tokens[:keep], proposal.probs[:keep], proposal.confidence[:keep])
         self._proposal = proposal
         delta = self.tolerance.delta if isinstance(self.tolerance, ToleranceController) else self.tolerance
         drafts, probs = proposal.tokens, proposal.probs
         return Window(
-            [self.context[-1]], drafts, probs, True, self.params, self._rng, delta, with_confidence, self.logprobs
+            [self.context[-1]],
+            drafts,
+            probs,
+            True,
+            self.params,
+            self._rng,
+            delta,
+            with_confidence,
+            self.logprobs,
+            self.context,
         )
 
     def result(self, slot: Slot | None, window: Window, verdict: Verdict | None) -> WindowResult:
@@ -282,6 +298,8 @@ class Generation:
             if self.finish_reason is not None:
                 break
         self.context.extend([*accepted_drafts, next_token])
+        if self.params.grammar is not None and self.finish_reason is None:
+            self.params.grammar.commit([*accepted_drafts, next_token])
         if self.finish_reason is None and self.target.n_past >= self.target.n_ctx:
             self.finish_reason = "length"  # no room for the pending token
         if self.finish_reason is not None:

@@ -12,7 +12,14 @@ from typing import Protocol
 import numpy as np
 
 from specserve.engine.model import Backend
-from specserve.engine.sampling import SamplingParams, keep_top_k, probabilities, sample, top_probability
+from specserve.engine.sampling import (
+    SamplingParams,
+    adjust_logits,
+    keep_top_k,
+    probabilities,
+    sample,
+    top_probability,
+)
 from specserve.engine.verify import tolerance_distribution, verify
 
 
@@ -190,10 +197,13 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
     while live:
         for i in live:
             request = requests[i]
-            q = draft_distribution(logits[i], request.params, request.with_probs, request.proposer.q_top_k)
+            row = logits[i]
+            if request.params.adjusts_logits:  # the history the target's row for this token will see
+                row = adjust_logits(row[None], request.params, [*request.context, *proposals[i].tokens])[0]
+            q = draft_distribution(row, request.params, request.with_probs, request.proposer.q_top_k)
             if request.params.greedy:
-                token = int(np.argmax(logits[i]))
-                confidence = top_probability(logits[i], request.params)
+                token = int(np.argmax(row))
+                confidence = top_probability(row, request.params)
             else:
                 token = sample(q, request.rng)
                 confidence = float(q[token])
@@ -274,7 +284,7 @@ class CascadeProposer:
         if k <= 0 or not guess:
             return self.draft.propose(context, k, params, rng, with_probs)
         draft = self.draft
-        rows = draft.evaluate(context, guess)
+        rows = adjust_logits(draft.evaluate(context, guess), params, context, guess)
         verdict = verify(rows, guess, [None] * len(guess), params, rng)
         tokens = [*guess[: verdict.accepted], verdict.next_token][:k]
         probs = [draft_distribution(row, params, with_probs) for row in rows[: len(tokens)]]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from specserve.engine.grammar import Grammar
 
 
 @dataclass(frozen=True)
@@ -15,10 +20,65 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 128
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # Logit bias and penalties (`adjust_logits`), as OpenAI and vLLM define them
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
+    reply_start: int = 0  # where the reply begins in the context: presence and frequency count the reply only
+    grammar: Grammar | None = None  # the grammar the reply follows; its matcher tracks the reply (engine/grammar.py)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalizes(self) -> bool:
+        penalties = (self.presence_penalty, self.frequency_penalty, self.repetition_penalty) != (0.0, 0.0, 1.0)
+        return penalties or bool(self.logit_bias)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.penalizes or self.grammar is not None
+
+
+def adjust_logits(rows: np.ndarray, params: SamplingParams, context: Sequence[int], drafts: Sequence[int] = ()):
+    """Rows of logits [n, V] as the request's grammar, penalties and logit bias shape them, row i after the
+    context and drafts[:i]. Draft and target rows both go through here with the same history, so p and q
+    stay shaped alike and verification stays exact. Rows are returned as they are when the request adjusts
+    nothing."""
+    if not params.adjusts_logits:
+        return rows
+    rows = np.array(rows, dtype=np.float32)
+    if params.grammar is not None:  # what it forbids goes to -inf, which no penalty moves
+        grammar = params.grammar
+        allowed = grammar.masks(context[params.reply_start + grammar.consumed :], drafts, len(rows))
+        rows[:, : grammar.n_vocab][~allowed] = -np.inf
+        rows[:, grammar.n_vocab :] = -np.inf
+    if params.penalizes:
+        _penalize(rows, params, context, drafts)
+    return rows
+
+
+def _penalize(rows: np.ndarray, params: SamplingParams, context: Sequence[int], drafts: Sequence[int]) -> None:
+    """In place, vLLM's definitions and order: the repetition penalty over prompt and reply (dividing
+    positive logits, multiplying negative ones), frequency and presence penalties over the reply, the bias."""
+    vocab = rows.shape[-1]
+    counts = np.bincount(np.asarray(context[params.reply_start :], dtype=np.int64), minlength=vocab)[:vocab]
+    counts = counts.astype(np.float32)
+    in_context = np.zeros(vocab, dtype=bool)
+    in_context[np.asarray(context, dtype=np.int64)] = True
+    bias_tokens = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+    bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
+    for i, row in enumerate(rows):
+        if i > 0:
+            counts[drafts[i - 1]] += 1
+            in_context[drafts[i - 1]] = True
+        if params.repetition_penalty != 1.0:
+            seen = row[in_context]
+            row[in_context] = np.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        np.add.at(row, bias_tokens, bias)
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

@@ -14,13 +14,14 @@ Sessions of one local model are evaluated together in one batched pass (`target_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
 from specserve.engine.model import Backend
-from specserve.engine.sampling import SamplingParams, token_logprobs, top_probability
+from specserve.engine.sampling import SamplingParams, adjust_logits, token_logprobs, top_probability
 from specserve.engine.verify import Verdict, verify, verify_tolerance
 
 
@@ -35,6 +36,7 @@ class Window:
     tolerance: float | None = None  # lossy opt-in: verify with this delta instead of exactly (engine/verify.py)
     with_confidence: bool = True  # report `Verdict.confidence` (adaptive k reads it; plain decoding skips its cost)
     logprobs: int | None = None  # report `Verdict.logprobs` with this many most likely alternatives (None: not)
+    context: Sequence[int] = ()  # the tokens before the window's first prediction (penalties count them)
 
 
 class TargetSession(Protocol):
@@ -102,6 +104,7 @@ def target_pass(sessions: list[LocalTarget], windows: list[Window]) -> list[Verd
             continue
         kept = session.n_past - len(window.drafts)  # cache length with every draft rejected
         rows = rows[-(len(window.drafts) + 1) :]  # the rows after the last appended token and each draft
+        rows = adjust_logits(rows, window.params, window.context, window.drafts)
         if window.tolerance is None:
             verdict = verify(rows, window.drafts, window.probs, window.params, window.rng)
         else:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2.sandbox
 import llama_cpp
 
 from specserve.models.fetch import ModelError
+
+if TYPE_CHECKING:
+    from llguidance import LLTokenizer
 
 
 @contextlib.contextmanager
@@ -71,13 +76,29 @@ class Tokenizer:
             h.update(self._llama._model.token_get_text(i).encode("utf-8", "surrogatepass") + b"\0")
         return h.hexdigest()
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The model's own chat template (Jinja in the GGUF metadata), ending with the assistant prompt."""
+    @cached_property
+    def guidance(self) -> LLTokenizer:
+        """The vocabulary as llguidance's grammar matcher reads it (~1 s to build, once)."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        return lltokenizer_from_vocab(self._llama._model.vocab, n_vocab=self.n_vocab, eos_token=sorted(self.stop_ids))
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The model's own chat template (Jinja in the GGUF metadata), ending with the assistant prompt;
+        `tools` (OpenAI tool objects) are listed where the template lists them."""
         if not self.chat_template:
             raise ModelError(f"{self.path.name} has no chat template in its metadata; use a plain prompt")
+        if tools and "tools" not in self.chat_template:
+            raise ModelError(f"{self.path.name}'s chat template has no place for tools")
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = _tojson
         template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=True, tools=None)
+        return template.render(messages=messages, add_generation_prompt=True, tools=tools)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, **_) -> str:
+    """Hugging Face's `tojson` for chat templates (Jinja's own escapes <, > and & for HTML)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
 
 
 def check_compatible(target: Tokenizer, draft: Tokenizer) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from specserve.engine.loop import Generation
 from specserve.engine.sampling import TokenLogprob
 from specserve.engine.stats import GenerationStats
+from specserve.server.tools import ToolCall
+from specserve.server.tools import parse as parse_tool_calls
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -inf)
 TokenBytes = Callable[[int], bytes]  # a token's bytes (a piece of UTF-8 text, perhaps not a whole character)
@@ -124,41 +126,67 @@ def logprobs_body(chat: bool, entries: list[TokenLogprob], token_bytes: TokenByt
     return chat_logprobs(entries, token_bytes) if chat else completion_logprobs(entries, token_bytes, offset)
 
 
-def choice(chat: bool, text: str, finish: str | None, delta: bool, logprobs: dict | None = None) -> dict:
+def choice(
+    chat: bool,
+    text: str | None,
+    finish: str | None,
+    delta: bool,
+    logprobs: dict | None = None,
+    tool_calls: list[ToolCall] = (),
+) -> dict:
     if not chat:
         return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+    if tool_calls and finish is not None:
+        finish = "tool_calls"
     if delta:
-        body = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+        content = {"content": text} if text else {}
+        calls = {"tool_calls": [c.body(index) for index, c in enumerate(tool_calls)]} if tool_calls else {}
+        body = {"index": 0, "delta": content | calls, "finish_reason": finish}
     else:
-        body = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = [c.body() for c in tool_calls]
+        body = {"index": 0, "message": message, "finish_reason": finish}
     return body | ({"logprobs": logprobs} if logprobs is not None else {})
 
 
-def completion(head: dict, chat: bool, pieces: list[Piece], done: Finished, token_bytes: TokenBytes | None) -> dict:
-    """The body of a non-streaming reply; `token_bytes` when the request asked for logprobs."""
-    text = "".join(p.text for p in pieces)
+def completion(
+    head: dict, chat: bool, pieces: list[Piece], done: Finished, token_bytes: TokenBytes | None, tools: bool = False
+) -> dict:
+    """The body of a non-streaming reply; `token_bytes` when the request asked for logprobs, `tools` when
+    the reply may hold tool calls (tools.py)."""
+    text: str | None = "".join(p.text for p in pieces)
+    calls: list[ToolCall] = []
+    if tools:
+        text, calls = parse_tool_calls(text)
     logprobs = None
     if token_bytes is not None:
         logprobs = logprobs_body(chat, [e for p in pieces for e in p.logprobs], token_bytes)
     return {
         **head,
         "object": "chat.completion" if chat else "text_completion",
-        "choices": [choice(chat, text, done.finish_reason, delta=False, logprobs=logprobs)],
+        "choices": [choice(chat, text, done.finish_reason, delta=False, logprobs=logprobs, tool_calls=calls)],
         "usage": usage(done.prompt_tokens, done.completion_tokens),
         "speculative": done.speculative,
     }
 
 
 def sse_chunk(
-    head: dict, chat: bool, event: Piece | Finished | None, token_bytes: TokenBytes | None = None, offset: int = 0
+    head: dict,
+    chat: bool,
+    event: Piece | Finished | None,
+    token_bytes: TokenBytes | None = None,
+    offset: int = 0,
+    tool_calls: list[ToolCall] = (),
 ) -> str:
-    """One Server-Sent Event: a text piece, the final chunk (with usage), or (None) chat's opening role chunk.
-    `token_bytes` when the request asked for logprobs; `offset`: the piece's place in the text (completions)."""
+    """One Server-Sent Event: a text piece, the final chunk (with usage, and the reply's tool calls), or
+    (None) chat's opening role chunk. `token_bytes` when the request asked for logprobs; `offset`: the
+    piece's place in the text (completions)."""
     body = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     if event is None:
         body["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
     elif isinstance(event, Finished):
-        body["choices"] = [choice(chat, "", event.finish_reason, delta=True)]
+        body["choices"] = [choice(chat, "", event.finish_reason, delta=True, tool_calls=tool_calls)]
         body["usage"] = usage(event.prompt_tokens, event.completion_tokens)
         body["speculative"] = event.speculative
     else:

@@ -18,6 +18,7 @@ from specserve.server import openai_format as fmt
 from specserve.server.openai_format import ApiError, Finished
 from specserve.server.schemas import ChatRequest, CompletionParams, CompletionRequest
 from specserve.server.state import Event, ServerState
+from specserve.server.tools import StreamSplit
 
 router = APIRouter()
 
@@ -59,8 +60,9 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
     try:
-        ids = state.ready().encode_prompt(messages=[m.rendered() for m in body.messages])
-    except SpecserveError as exc:
+        messages = [m.rendered() for m in body.messages]
+        ids = state.ready().encode_prompt(messages=messages, tools=body.offered_tools)
+    except (SpecserveError, ValueError) as exc:
         raise ApiError(400, str(exc), "messages") from None
     return await _answer(state, "chat", request, body, ids, chat=True)
 
@@ -72,14 +74,15 @@ async def _answer(state: ServerState, endpoint: str, request: Request, body: Com
     token_bytes = None
     if body.logprob_count() is not None:
         token_bytes = functools.partial(_token_bytes, runtime)
+    tools = isinstance(body, ChatRequest) and body.offered_tools is not None  # the reply may call them
     if body.stream:
-        stream = _sse(head, chat, events, token_bytes)
+        stream = _sse(head, chat, events, token_bytes, StreamSplit() if tools else None)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     pieces = []
     async with aclosing(events):  # leaving early closes it, which cancels the job
         async for event in events:
             if isinstance(event, Finished):
-                return fmt.completion(head, chat, pieces, event, token_bytes)
+                return fmt.completion(head, chat, pieces, event, token_bytes, tools)
             pieces.append(event)
     raise ApiError(499, "client closed the request")
 
@@ -89,14 +92,27 @@ def _token_bytes(runtime, token: int) -> bytes:
 
 
 async def _sse(
-    head: dict, chat: bool, events: AsyncIterator[Event], token_bytes: fmt.TokenBytes | None
+    head: dict,
+    chat: bool,
+    events: AsyncIterator[Event],
+    token_bytes: fmt.TokenBytes | None,
+    calls: StreamSplit | None,
 ) -> AsyncIterator[str]:
+    """`calls`: the reply may hold tool calls: its text streams until one begins, the calls come last."""
     if chat:
         yield fmt.sse_chunk(head, chat, None)
     offset = 0  # where the next piece starts in the text (completions' text_offset)
     try:
         async with aclosing(events):  # a client that disconnects cancels the job
             async for event in events:
+                if calls is not None and isinstance(event, Finished):
+                    rest, tool_calls = calls.finish()
+                    if rest:
+                        yield fmt.sse_chunk(head, chat, fmt.Piece(rest), token_bytes)
+                    yield fmt.sse_chunk(head, chat, event, tool_calls=tool_calls)
+                    continue
+                if calls is not None:
+                    event = fmt.Piece(calls.push(event.text), event.logprobs)
                 yield fmt.sse_chunk(head, chat, event, token_bytes, offset)
                 offset += len(event.text) if isinstance(event, fmt.Piece) else 0
     except ApiError as exc:  # the headers are gone: report in-band

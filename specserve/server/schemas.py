@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specserve.config import METHODS, REMOTE_K_MAX, TOLERANCE_MAX_DELTA
+from specserve.engine.grammar import json_schema_grammar, lark_grammar, regex_grammar
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.verify import ToleranceController, tolerance_rule
+from specserve.server.tools import CALL_CLOSE, CALL_OPEN, call_grammar
+
+if TYPE_CHECKING:
+    from specserve.models.tokenizer import Tokenizer
 
 
 class Speculation(BaseModel):
@@ -29,6 +35,24 @@ class Speculation(BaseModel):
         return tolerance_rule(self.delta, self.target_acceptance)
 
 
+class JsonSchema(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -41,6 +65,13 @@ class CompletionParams(BaseModel):
     top_k: int = Field(default=0, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = Field(default=None)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # vLLM's extension
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id -> bias
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = None  # vLLM's extensions: the reply matches this regex ...
+    guided_grammar: str | None = None  # ... or this Lark grammar
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -49,6 +80,30 @@ class CompletionParams(BaseModel):
 
     def logprob_count(self) -> int | None:
         """How many alternatives to report with each token's log-probability (None: no logprobs)."""
+        return None
+
+    def grammar(self, tokenizer: Tokenizer) -> str | None:
+        """The llguidance grammar the reply must follow (engine/grammar.py), from whichever field asks."""
+        fmt = self.response_format.type if self.response_format is not None else "text"
+        asked = [
+            name
+            for name, on in (
+                ("response_format", fmt != "text"),
+                ("guided_regex", self.guided_regex),
+                ("guided_grammar", self.guided_grammar),
+            )
+            if on
+        ]
+        if len(asked) > 1:
+            raise ValueError(f"give one of {', '.join(asked)}, not several")
+        if fmt == "json_object":
+            return json_schema_grammar({"type": "object"})
+        if fmt == "json_schema":
+            return json_schema_grammar(self.response_format.json_schema.schema_)
+        if self.guided_regex is not None:
+            return regex_grammar(self.guided_regex)
+        if self.guided_grammar is not None:
+            return lark_grammar(self.guided_grammar)
         return None
 
     def sampling(self) -> SamplingParams:
@@ -60,6 +115,10 @@ class CompletionParams(BaseModel):
             seed=self.seed,
             max_tokens=self.max_tokens,
             stop=stop,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=tuple(sorted((self.logit_bias or {}).items())),
         )
 
 
@@ -87,23 +146,71 @@ class OtherPart(BaseModel):
     type: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+    def parsed(self) -> dict:
+        try:
+            arguments = json.loads(self.arguments or "{}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"tool call arguments of {self.name} are not JSON: {exc}") from None
+        return {"name": self.name, "arguments": arguments}
+
+
+class ToolCallIn(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart | OtherPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart | OtherPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     @field_validator("content")
     @classmethod
-    def _text_only(cls, content: str | list[TextPart | OtherPart]) -> str:
+    def _text_only(cls, content: str | list[TextPart | OtherPart] | None) -> str | None:
         """Content parts are joined into one text, as OpenAI's own text models read them."""
-        if isinstance(content, str):
+        if content is None or isinstance(content, str):
             return content
         if other := sorted({part.type for part in content if not isinstance(part, TextPart)}):
             raise ValueError(f"content parts of type {', '.join(other)} are not supported: the model reads text only")
         return "".join(part.text for part in content)
 
-    def rendered(self) -> dict[str, str]:
-        """The message as the chat template takes it (`developer` is the newer name of `system`)."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+    def rendered(self) -> dict:
+        """The message as the chat template takes it (`developer` is the newer name of `system`; calls with
+        their arguments as objects, as Hugging Face templates expect them)."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [{"type": "function", "function": c.function.parsed()} for c in self.tool_calls]
+        return message
+
+
+class Function(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: dict[Literal["name"], str]
 
 
 class ChatRequest(CompletionParams):
@@ -111,12 +218,40 @@ class ChatRequest(CompletionParams):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatRequest:
+    def _consistent(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.get("name")
+            if name not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
         return self
+
+    @property
+    def offered_tools(self) -> list[dict] | None:
+        """The tools the chat template lists (none with tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def grammar(self, tokenizer: Tokenizer) -> str | None:
+        """With tool_choice "required" or a named function the reply is calls of those functions."""
+        choice = self.tool_choice
+        if not self.tools or choice in (None, "none", "auto"):
+            return super().grammar(tokenizer)
+        if super().grammar(tokenizer) is not None:
+            raise ValueError("tool_choice required or a named function cannot be combined with response_format")
+        named = choice.function["name"] if isinstance(choice, NamedToolChoice) else None
+        functions = [t.function.model_dump() for t in self.tools if named in (None, t.function.name)]
+        (open_token,), (close_token,) = (tokenizer.encode(tag, special=True) for tag in (CALL_OPEN, CALL_CLOSE))
+        return call_grammar(functions, open_token, close_token, self.parallel_tool_calls)
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

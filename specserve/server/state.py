@@ -29,7 +29,23 @@ from specserve.server.schemas import CompletionParams
 log = logging.getLogger("specserve.server")
 _DISCONNECT_POLL_S = 0.5
 # Request fields that change a deterministic response (the drafter does not: output is the target's).
-_KEY_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+_KEY_FIELDS = {
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "response_format",
+    "guided_regex",
+    "guided_grammar",
+    "tools",
+    "tool_choice",
+}
 
 Event = Piece | Finished
 _CLIENT_GONE = object()
@@ -111,7 +127,14 @@ class ServerState:
             tolerance = body.speculation.tolerance()
             k = body.speculation.k
             generation = rt.generate(
-                ids, sampling, method=method, k=k, tolerance=tolerance, user=body.user, logprobs=body.logprob_count()
+                ids,
+                sampling,
+                method=method,
+                k=k,
+                tolerance=tolerance,
+                user=body.user,
+                logprobs=body.logprob_count(),
+                grammar=body.grammar(rt.tokenizer),
             )
         except (ContextOverflowError, SpecserveError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
@@ -178,6 +201,9 @@ def _check(rt: Runtime, body: CompletionParams, ids: list[int]) -> None:
         raise ApiError(404, f"model {body.model!r} does not exist; this server has {rt.target_name!r}", "model")
     if body.n != 1:
         raise ApiError(400, "only n=1 is supported", "n")
+    vocab = rt.tokenizer.n_vocab
+    if bad := [token for token in body.logit_bias or {} if not 0 <= token < vocab]:
+        raise ApiError(400, f"logit_bias names tokens outside the vocabulary of {vocab}: {bad[:5]}", "logit_bias")
     n_ctx = rt.n_ctx
     if len(ids) >= n_ctx:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds {n_ctx}", "prompt")

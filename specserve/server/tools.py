@@ -1,0 +1,107 @@
+"""Tool calling in the chat template's own format (Hermes-style, as Qwen2.5 writes it, and vLLM's `hermes`
+parser reads it): the template lists the tools; the model answers with
+
+    <tool_call>
+    {"name": "<function>", "arguments": {...}}
+    </tool_call>
+
+blocks, which become `message.tool_calls`. With `tool_choice` "required" or a named function, the reply is
+constrained to such blocks by a grammar (engine/grammar.py), each call's arguments to its function's JSON
+schema; with "auto" the model decides and its calls are parsed; with "none" the template gets no tools.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from specserve.engine.grammar import lark_grammar
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    id: str
+
+    def body(self, index: int | None = None) -> dict:
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+def call_grammar(functions: list[dict], open_token: int, close_token: int, parallel: bool = True) -> str:
+    """A Lark grammar for one call of these functions, or several with `parallel` (OpenAI `function`
+    objects: name, parameters); `<tool_call>` and `</tool_call>` are the tokens the model writes them as."""
+    variants = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"],
+        }
+        for f in functions
+    ]
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    start = 'start: call ("\\n" call)*\n' if parallel else "start: call\n"
+    call = f'call: <[{open_token}]> "\\n" body "\\n" <[{close_token}]>\n'
+    lark = start + call + f"body: %json {json.dumps(schema)}\n"
+    return lark_grammar(lark)
+
+
+def parse(text: str) -> tuple[str | None, list[ToolCall]]:
+    """The reply's text outside its tool calls (None if nothing is left), and the calls. A block that is not
+    a JSON object with a name stays in the text, as vLLM's parser leaves it."""
+    calls = []
+
+    def take(match: re.Match) -> str:
+        try:
+            call = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            return match.group(0)
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return match.group(0)
+        arguments = call.get("arguments", {})
+        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        calls.append(ToolCall(call["name"], arguments, f"call_{uuid.uuid4().hex[:24]}"))
+        return ""
+
+    content = _CALL.sub(take, text).strip()
+    return content or None, calls
+
+
+class StreamSplit:
+    """Streams a reply's text until a tool call begins, then holds the rest for `finish`."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = 0  # characters of `text` streamed as content
+        self.in_calls = False
+
+    def push(self, piece: str) -> str:
+        """The text that is surely content and not yet sent."""
+        self.text += piece
+        if self.in_calls:
+            return ""
+        end = self.text.find(CALL_OPEN, self.sent)
+        if end >= 0:
+            self.in_calls = True
+        else:  # hold back a tail that may be the start of "<tool_call>"
+            end = len(self.text)
+            for keep in range(min(len(CALL_OPEN) - 1, end - self.sent), 0, -1):
+                if CALL_OPEN.startswith(self.text[end - keep :]):
+                    end -= keep
+                    break
+        out, self.sent = self.text[self.sent : end], end
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """What is left of the content, and the calls."""
+        rest = self.text[self.sent :]
+        if CALL_OPEN not in rest:
+            return rest, []
+        content, calls = parse(rest)
+        return content or "", calls

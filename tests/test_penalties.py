@@ -1,0 +1,61 @@
+"""Penalties and logit bias shape draft and target logits alike, so speculation under them stays exact.
+
+With the draft and the target the same model (the bigram table of test_cascade.py, a real implementation
+of the backend protocol), a draft whose penalties saw the same history as the target's rows gives q == p:
+every draft token is accepted, greedy or sampled. A draft that penalized a different history (missing its
+own drafted tokens, or counting the prompt) would have some rejected."""
+
+import numpy as np
+import pytest
+
+from specserve.engine.loop import Generation
+from specserve.engine.policy import FixedK
+from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer
+from specserve.engine.sampling import SamplingParams, adjust_logits
+from specserve.engine.target import LocalTarget
+
+from .test_cascade import TableModel
+
+PENALTIES = {"presence_penalty": 0.7, "frequency_penalty": 0.4, "repetition_penalty": 1.5, "logit_bias": ((4, -1.0),)}
+
+
+def generate(proposer_factory, k: int, **params) -> Generation:
+    draft = proposer_factory()
+    generation = Generation(
+        LocalTarget(TableModel()),
+        lambda ids: bytes(ids),
+        frozenset(),
+        [0, 1, 1, 2],
+        SamplingParams(max_tokens=40, seed=3, **params),
+        draft,
+        FixedK(k),
+    )
+    list(generation)
+    return generation
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("method", ["draft", "cascade"])
+def test_a_draft_penalized_like_the_target_is_always_accepted(temperature, method):
+    def proposer():
+        draft = DraftModelProposer(TableModel())
+        return CascadeProposer(draft, NgramProposer()) if method == "cascade" else draft
+
+    speculative = generate(proposer, 4, temperature=temperature, **PENALTIES)
+    assert speculative.stats.drafted > 20 and speculative.stats.accepted == speculative.stats.drafted
+    if temperature == 0.0:  # and greedy output is plain decoding's under the same penalties
+        assert speculative.tokens == generate(proposer, 0, **PENALTIES).tokens
+        assert speculative.tokens != generate(proposer, 0).tokens  # which do change the text
+
+
+def test_penalties_follow_vllm_definitions():
+    params = SamplingParams(
+        presence_penalty=1.0, frequency_penalty=0.5, repetition_penalty=2.0, logit_bias=((0, 5.0),), reply_start=2
+    )
+    rows = np.array([[1.0, -1.0, 2.0, 0.5]] * 2, dtype=np.float32)
+    context, drafts = [1, 3, 2, 2], [3]  # prompt [1, 3]; reply [2, 2]; then a draft 3
+    adjusted = adjust_logits(rows, params, context, drafts)
+    # token 0: only its bias; 1: in the prompt, negative: x2; 2: in the reply twice: /2, -0.5*2, -1;
+    # 3: in the prompt: /2, and (row 1) once in the reply after the draft: -0.5, -1
+    assert adjusted.tolist() == [[6.0, -2.0, -1.0, 0.25], [6.0, -2.0, -1.0, -1.25]]
+    assert adjust_logits(rows, SamplingParams(), context) is rows  # nothing to adjust: untouched
