@@ -229,6 +229,7 @@ def test_required_tool_call_round_trip(client):
 def test_a_named_tool_is_called_and_streams_as_a_delta(client):
     choice = {"type": "function", "function": {"name": "get_time"}}
     kwargs = {"model": None, "messages": ASK, "max_tokens": 60, "tools": [WEATHER, CLOCK], "tool_choice": choice}
+    kwargs["parallel_tool_calls"] = False
     whole = client.chat.completions.create(**kwargs)
     deltas, finish = [], None
     for chunk in client.chat.completions.create(**kwargs, stream=True):

@@ -45,6 +45,7 @@ _KEY_FIELDS = {
     "guided_grammar",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
 }
 
 Event = Piece | Finished
