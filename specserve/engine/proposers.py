@@ -57,12 +57,29 @@ class Proposer(Protocol):
         ...
 
 
-class NgramProposer:
+class ModelFreeProposer:
+    """What a proposer without a draft model answers: nothing to catch up, reset or batch."""
+
+    uses_model = False
+
+    def reset(self) -> None:
+        pass
+
+    def sync_rows(self, context: list[int]) -> int:
+        return 0
+
+    def drafts_with_model(self, context: list[int]) -> bool:
+        return False
+
+    def lockstep_draft(self, context: list[int]) -> DraftModelProposer | None:
+        return None
+
+
+class NgramProposer(ModelFreeProposer):
     """Prompt lookup: find the latest earlier occurrence of the context's last n tokens, propose what
     followed it. Tries n = max_n down to min_n. No model, so drafting is free."""
 
     name = "ngram"
-    uses_model = False
 
     def __init__(self, max_n: int = 4, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
@@ -86,18 +103,6 @@ class NgramProposer:
                 start = int(hits[-1]) + n
                 return [int(t) for t in arr[start : start + k]]
         return []
-
-    def reset(self) -> None:
-        pass
-
-    def sync_rows(self, context: list[int]) -> int:
-        return 0  # no model to catch up
-
-    def drafts_with_model(self, context: list[int]) -> bool:
-        return False
-
-    def lockstep_draft(self, context: list[int]) -> DraftModelProposer | None:
-        return None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

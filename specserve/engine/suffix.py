@@ -23,7 +23,7 @@ from collections import OrderedDict
 import numpy as np
 from arctic_inference.suffix_decoding._C import SuffixTree
 
-from specserve.engine.proposers import DraftModelProposer, Proposal
+from specserve.engine.proposers import DraftModelProposer, ModelFreeProposer, Proposal
 from specserve.engine.sampling import SamplingParams
 
 MAX_DEPTH = 24  # longest context suffix matched and longest draft (vLLM's default)
@@ -103,11 +103,10 @@ def _speculate(tree: SuffixTree, context: np.ndarray, k: int):
     return tree.speculate_ndarray(context, k, MAX_SPEC_FACTOR, 0.0, MIN_TOKEN_PROB, False)
 
 
-class SuffixProposer:
+class SuffixProposer(ModelFreeProposer):
     """Drafts from the request's own tree and its scope's tree of recent replies (None: its own only)."""
 
     name = "suffix"
-    uses_model = False
 
     def __init__(self, prompt: list[int], reply: Reply | None = None, max_depth: int = MAX_DEPTH):
         self.own = SuffixTree(max_depth)
@@ -115,18 +114,6 @@ class SuffixProposer:
         self.reply, self.max_depth = reply, max_depth
         self._seen = len(prompt)  # context tokens already in the trees
         self._looked_up: tuple[int, int, Proposal] | None = None  # (context length, k, proposal): the last lookup
-
-    def sync_rows(self, context: list[int]) -> int:
-        return 0  # no model to catch up
-
-    def drafts_with_model(self, context: list[int]) -> bool:
-        return False
-
-    def lockstep_draft(self, context: list[int]) -> DraftModelProposer | None:
-        return None
-
-    def reset(self) -> None:
-        pass  # the trees hold text, not state of a model
 
     def lookup(self, context: list[int], k: int) -> Proposal:
         """The better of the two trees' drafts of up to k tokens after the context, with the trees'
