@@ -13,7 +13,8 @@ LLAMA_KEY := $(shell $(PYTHON) -m specserve.hardware llama-key $(LLAMA_VERSION))
 WHEELS := $(CACHE)/wheels/llama-cpp-python-$(LLAMA_KEY)
 LLAMA_WHEEL_GLOB := $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 # arctic-inference (the suffix trees, engine/suffix.py) ships as an sdist whose build wants torch; it is built
-# once against the venv's CPU torch (no -march flags: portable) and cached per version and Python.
+# once against the venv's CPU torch (no -march flags: portable) and cached per version and Python. Its CMake
+# looks for the Python (and so nanobind) on PATH, hence the venv's bin first.
 ARCTIC_VERSION := 0.3.0
 ARCTIC_BUILD_DEPS := setuptools==84.2.1 nanobind==2.9.2 ninja==1.13.2 cmake==4.4.5
 ARCTIC_WHEELS := $(CACHE)/wheels/arctic-inference-$(ARCTIC_VERSION)-$(shell $(PYTHON) -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
@@ -22,7 +23,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup models redis serve test test-quick lint bench info proto clean
+.PHONY: setup models redis browser serve test test-quick lint bench info proto clean
 
 setup: $(STAMP)
 
@@ -40,7 +41,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@if ! ls $(ARCTIC_WHEELS)/arctic_inference-$(ARCTIC_VERSION)-*.whl >/dev/null 2>&1; then \
 		echo "building arctic-inference $(ARCTIC_VERSION) (suffix trees; ~1 min, cached in $(ARCTIC_WHEELS))"; \
 		$(PY) -m pip install --quiet $(ARCTIC_BUILD_DEPS) && \
-		$(PY) -m pip wheel --quiet --no-cache-dir --no-deps --no-build-isolation \
+		PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip wheel --quiet --no-cache-dir --no-deps --no-build-isolation \
 			-w $(ARCTIC_WHEELS) arctic-inference==$(ARCTIC_VERSION); \
 	fi
 	$(PY) -m pip install --quiet --no-deps $(ARCTIC_WHEELS)/arctic_inference-$(ARCTIC_VERSION)-*.whl
@@ -59,12 +60,20 @@ redis:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
 	}
 
+# The web page tests drive Debian's chromium through Playwright (no browser download); install it once.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing chromium (apt-get)"; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	}
+
 serve: models
 	$(VENV)/bin/specserve serve --host $(HOST) --port $(PORT)
 
 # First a real one-token eval of every backend, each in its own process: a kernel that crashes on this CPU
 # fails here in seconds, by name, not inside a test fixture.
-test: models redis
+test: models redis browser
 	$(VENV)/bin/specserve info --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 

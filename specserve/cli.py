@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -29,6 +30,7 @@ from specserve.config import (  # noqa: E402
     N_CTX,
     SERVER_MAX_BATCH,
     SERVER_MAX_QUEUE,
+    SERVER_SHUTDOWN_GRACE_S,
     VERIFIER_MAX_SESSIONS,
     EngineConfig,
     ServerConfig,
@@ -44,6 +46,16 @@ def positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return int(value)
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return number
 
 
 def draft_length(text: str) -> int | str:
@@ -196,6 +208,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         auth_token=args.auth_token or None,
         tls_ca=args.tls_ca,
         draft_cache=args.draft_cache or ("per-user" if args.api_key else "global"),
+        verifier_wait_s=math.inf,
     )
     return ServerConfig(
         engine,
@@ -206,6 +219,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         args.cache_url,
         api_key=args.api_key or None,
         metrics_need_key=args.metrics_need_key,
+        request_timeout_s=args.request_timeout,
+        shutdown_grace_s=args.shutdown_grace,
     )
 
 
@@ -379,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=SERVER_MAX_QUEUE,
         help=f"requests waiting for a batch slot before 429 (default {SERVER_MAX_QUEUE})",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="a request still running after this ends with finish_reason length (default: none)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=positive_float,
+        default=SERVER_SHUTDOWN_GRACE_S,
+        metavar="SECONDS",
+        help=f"on SIGTERM: running requests may finish this long, new ones 503 (default {SERVER_SHUTDOWN_GRACE_S:g})",
     )
     serve.add_argument(
         "--cache-url",

@@ -25,6 +25,7 @@ REMOTE_Q_TOP_K = 64  # a remote draft samples from its top 64 tokens: the sparse
 PREFILL_CHUNK = 128  # prompt tokens per prefill pass (engine/loop.py says why it is fixed)
 SERVER_MAX_BATCH = 8  # requests the HTTP server decodes together
 SERVER_MAX_QUEUE = 64  # requests waiting for a batch slot before 429
+SERVER_SHUTDOWN_GRACE_S = 30.0  # on SIGTERM, running requests finish within this, new ones get 503
 VERIFIER_MAX_BATCH = 16  # windows of all clients in one verifier target pass
 VERIFIER_MAX_SESSIONS = 64
 TOLERANCE_MAX_DELTA = 50.0  # nats: beyond it the lossy rule accepts every draft
@@ -66,6 +67,9 @@ class EngineConfig:
     verifiers: tuple[str, ...] = ()  # HOST:PORT of remote verifier services: the target runs there (cluster/)
     auth_token: str | None = None  # sent to the verifiers
     tls_ca: str | None = None  # PEM CA that signed the verifiers' TLS certificates (None: plaintext)
+    # How long to keep trying when no verifier answers yet (a server: for as long as it runs, since verifiers
+    # that start with it take a while to load their model; a one-shot command: not at all)
+    verifier_wait_s: float = 0.0
     # adaptive-k features switched off, for the bench's ablation rows (engine/policy.py says what each does)
     ablate: frozenset[str] = frozenset()
     draft_cache: str = "global"  # one of DRAFT_CACHES
@@ -97,6 +101,8 @@ class ServerConfig:
     cache_url: str | None = None  # redis://host:port/db; None: an in-process LRU
     api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1/* (None: open)
     metrics_need_key: bool = False  # /metrics behind the API key too (/health stays open)
+    request_timeout_s: float | None = None  # a request running longer ends with finish_reason "length"
+    shutdown_grace_s: float = SERVER_SHUTDOWN_GRACE_S  # on SIGTERM: how long running requests may finish
 
 
 @dataclass(frozen=True)

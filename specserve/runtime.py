@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 from specserve import SpecserveError
@@ -45,6 +46,7 @@ class Runtime(ABC):
     draft: Backend | None
     choice: Choice | None  # what `auto` measured and picked (`specserve info`, the bench JSON)
     target_name: str
+    target_backend: str  # where the target runs: its backend here, or the verifiers it runs on
     k_max: int  # the most drafts an adaptive window may hold here
     k_limit: int  # ... and a fixed k: windows beyond are not exact on the target
     exact_window: int | None  # windows up to this many rows are exact on the target (None: any size)
@@ -56,6 +58,26 @@ class Runtime(ABC):
     @property
     def methods(self) -> list[str]:
         return ["none", "ngram", "suffix"] + (list(MODEL_METHODS) if self.draft is not None else [])
+
+    def summary(self) -> dict:
+        """What a client may show about this server (`GET /v1/specserve/info`, the web page)."""
+        from specserve import hardware, kernels
+
+        return {
+            "model": self.target_name,
+            "target_backend": self.target_backend,
+            "draft": self.draft.model_path.name if self.draft is not None else None,
+            "draft_backend": self.draft.name if self.draft is not None else None,
+            "specserve_kernels": kernels.ops().isa(),
+            "auto": self.choice.reason if self.choice is not None else None,
+            "methods": self.methods,
+            "k_max": self.k_max,
+            "k_limit": self.k_limit,
+            "n_ctx": self.n_ctx,
+            "draft_cache": self.config.draft_cache,
+            "cpu": hardware.cpu_model(),
+            "isa": hardware.isa(),
+        }
 
     def _resolve(self, role: str, kind: str, path: Path) -> tuple[str, Path]:
         """The backend and file for `role` ("target" or "draft"): as configured, or what `auto` picked."""
@@ -102,6 +124,10 @@ class Runtime(ABC):
         if messages is not None:
             return self.tokenizer.encode(self.tokenizer.render_chat(messages, tools), special=True)
         return self.tokenizer.encode(prompt or "", special=False)
+
+    def unavailable(self) -> str | None:
+        """Why no request can run now (a remote target with every verifier down), or None."""
+        return None
 
     @abstractmethod
     def new_target_session(self, prompt_tokens: list[int]) -> tuple[TargetSession, int]:
@@ -205,6 +231,7 @@ class LocalRuntime(Runtime):
             target = load_backend(kind, path, config.n_ctx, show_progress)
         self.target = target
         self.target_name, self.n_ctx = target.model_path.name, target.n_ctx
+        self.target_backend = target.name
         self.exact_window = None if target.batch_invariant else self._exact_window()
         self.k_max = K_MAX if self.exact_window is None else max(0, min(K_MAX, self.exact_window - 1))
         self.k_limit = REMOTE_K_MAX if self.exact_window is None else self.exact_window - 1
@@ -244,7 +271,8 @@ class LocalRuntime(Runtime):
 class RemoteRuntime(Runtime):
     """Front-end of remote verifiers (specserve/cluster): the draft and tokenizer here, the target there."""
 
-    def __init__(self, config: EngineConfig, show_progress: bool = True):
+    def __init__(self, config: EngineConfig, show_progress: bool = True, on_wait: Callable[[str], None] | None = None):
+        """`on_wait`: told why, while no verifier answers yet (for up to `config.verifier_wait_s`)."""
         from specserve.cluster.router import ClientOptions, VerifierPool
 
         t0 = time.perf_counter()
@@ -252,10 +280,13 @@ class RemoteRuntime(Runtime):
         self.suffixes = SuffixCache()
         local = resolve_draft_spec(config.draft, config.target, show_progress) if config.draft else None
         self.tokenizer = Tokenizer(local or resolve_model(config.target, show_progress))
-        options = ClientOptions(auth_token=config.auth_token, tls_ca=config.tls_ca)
+        options = ClientOptions(
+            auth_token=config.auth_token, tls_ca=config.tls_ca, wait_s=config.verifier_wait_s, on_wait=on_wait
+        )
         self.pool = VerifierPool(list(config.verifiers), self.tokenizer.digest, options)
         self.tokenizer.chat_template = self.pool.chat_template or self.tokenizer.chat_template  # the target's
         self.target_name, self.n_ctx = self.pool.model_name, self.pool.n_ctx
+        self.target_backend = f"verifiers {', '.join(config.verifiers)}"
         self.exact_window = None  # the verifiers report only window sizes that are exact there
         self.choice = None
         if local and config.draft_backend == "auto":
@@ -274,6 +305,9 @@ class RemoteRuntime(Runtime):
         )
         self.load_s = time.perf_counter() - t0
 
+    def unavailable(self) -> str | None:
+        return self.pool.unavailable()
+
     @property
     def methods(self) -> list[str]:
         # the cascades are local only: the n-gram cascade's q is not sparse; the suffix one is untried remotely
@@ -285,10 +319,16 @@ class RemoteRuntime(Runtime):
         return RemoteTarget(self.pool), 0
 
 
-def open_runtime(config: EngineConfig, show_progress: bool = True, target: Backend | None = None) -> Runtime:
-    """A runtime for `config`: remote when it names verifiers, else local (sharing `target` if given)."""
+def open_runtime(
+    config: EngineConfig,
+    show_progress: bool = True,
+    target: Backend | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> Runtime:
+    """A runtime for `config`: remote when it names verifiers, else local (sharing `target` if given).
+    `on_wait`: told why while it waits for a first verifier (`RemoteRuntime`)."""
     if config.verifiers:
-        return RemoteRuntime(config, show_progress)
+        return RemoteRuntime(config, show_progress, on_wait)
     return LocalRuntime(config, show_progress, target)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -54,8 +55,8 @@ def free_port() -> int:
 class VerifierProcess:
     """A `specserve verifier` process on a free loopback port; ready once it prints its listening line."""
 
-    def __init__(self, *extra: str, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, *extra: str, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(suffix=".log", delete=False)  # a file: a full pipe would block it
         command = [sys.executable, "-m", "specserve.cli", "verifier", "--listen", self.address, "--n-ctx", "2048"]
@@ -414,6 +415,44 @@ def test_auth_token_required_and_garbage_bytes_do_not_hurt(smollm2_path):
         assert info(verifier.address, "s3cret").model == smollm2_path.name  # still serving
     finally:
         verifier.stop()
+
+
+def wait_for_health(base: str, status: int, saying: str = "", timeout: float = 120) -> dict:
+    """The first /health body with this status (and, for a 503, an error that says `saying`)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        response = httpx.get(f"{base}/health", timeout=5)
+        if response.status_code == status and saying in (response.json().get("error") or ""):
+            return response.json()
+        time.sleep(0.25)
+    pytest.fail(f"/health did not answer {status} within {timeout:.0f} s: {response.status_code} {response.text}")
+
+
+@pytest.mark.small_model
+def test_a_frontend_started_before_its_verifier_waits_for_it_and_for_its_return(smollm2_path):
+    """As compose or systemd start them: both at once, the verifier still loading its model."""
+    port = free_port()
+    frontend, base, _ = start_frontend(*SMALL, "--draft", "none", "--verifier", f"127.0.0.1:{port}", healthy=False)
+    verifier = None
+    try:
+        waiting = wait_for_health(base, 503, saying="waiting for a verifier")
+        assert waiting["status"] == "loading" and f"127.0.0.1:{port}: unavailable" in waiting["error"]
+        verifier = VerifierProcess(*SMALL, port=port).wait_ready()
+        wait_for_health(base, 200)
+        first = chat(base, "Say hi.", 8, method="ngram").choices[0].message.content
+
+        verifier.stop()  # every replica gone: the front-end says so and refuses, then takes it back
+        assert wait_for_health(base, 503, saying="no verifier available")["status"] == "unavailable"
+        refused = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert "no verifier available" in refused.json()["error"]["message"]
+        verifier = VerifierProcess(*SMALL, port=port).wait_ready()
+        wait_for_health(base, 200)
+        assert chat(base, "Say hi.", 8, method="ngram", seed=1).choices[0].message.content == first
+    finally:
+        stop_frontend(frontend)
+        if verifier is not None:
+            verifier.stop()
 
 
 @pytest.mark.small_model

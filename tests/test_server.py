@@ -32,8 +32,9 @@ TOPICS = [
 ]
 
 
-def start_server(*extra: str) -> tuple[subprocess.Popen, str, list[int]]:
-    """A `specserve serve` process on a free port; returns once /health is 200, with the statuses seen."""
+def start_server(*extra: str, healthy: bool = True) -> tuple[subprocess.Popen, str, list[int]]:
+    """A `specserve serve` process on a free port; returns once /health is 200 (or, not `healthy`, once it
+    answers at all), with the statuses seen."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -52,7 +53,7 @@ def start_server(*extra: str) -> tuple[subprocess.Popen, str, list[int]]:
             pytest.fail(f"server exited: {log.read()[-3000:].decode(errors='replace')}")
         try:
             statuses.append(httpx.get(f"{base}/health", timeout=1).status_code)
-            if statuses[-1] == 200:
+            if statuses[-1] == 200 or not healthy:
                 return proc, base, statuses
         except httpx.HTTPError:
             pass
@@ -132,6 +133,27 @@ def test_chat_logprobs_are_the_targets_with_or_without_speculation(client):
         assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and t.logprob <= 0
         assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
         assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+
+
+def test_traced_stream_says_which_side_produced_each_token(client):
+    kwargs = {"model": None, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24, "stream": True}
+    kwargs["logprobs"] = True
+    traced = list(
+        client.chat.completions.create(**kwargs, extra_body={"speculation": {"method": "draft", "trace": True}})
+    )
+    plain = list(client.chat.completions.create(**kwargs))
+    pieces = [c for c in traced if c.choices and c.choices[0].delta.content]
+    origins = [c.model_extra["specserve"]["token"] for c in pieces]
+    assert {o["source"] for o in origins} == {"draft", "target"}
+    for window in {o["window"]: o for o in origins if o["window"] > 0}.values():
+        assert 0 <= window["accepted"] <= window["drafted"] and window["verify_ms"] > 0
+    drafted = sum(o["source"] == "draft" for o in origins)
+    # every accepted draft token shows, but for those past max_tokens in the last window
+    assert 0 < drafted <= traced[-1].model_extra["speculative"]["accepted"]
+    assert [o["logprob"] for o in origins] == [c.choices[0].logprobs.content[0].logprob for c in pieces]
+    assert all("specserve" not in (c.model_extra or {}) for c in plain)  # off unless asked for
+    text = "".join(c.choices[0].delta.content for c in pieces)
+    assert text == "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
 
 
 def test_completion_logprobs_stream_as_they_come(client):
@@ -217,10 +239,15 @@ def test_required_tool_call_round_trip(client):
     single = client.chat.completions.create(**kwargs, parallel_tool_calls=False)
     assert len(single.choices[0].message.tool_calls) == 1
     results = {"get_weather": '{"temperature_c": 18, "sky": "cloudy"}', "get_time": '{"time": "14:05"}'}
+    # Without a system prompt that says so, this 1.5B model answers tool results by restating its calls (and
+    # after two results, even with one).
+    answer_in_words = {"role": "system", "content": "When a tool has answered, reply to the user in one sentence."}
+    (call,) = single.choices[0].message.tool_calls
     history = [
+        answer_in_words,
         *ASK,
-        first.choices[0].message.model_dump(exclude_none=True),
-        *({"role": "tool", "tool_call_id": c.id, "content": results[c.function.name]} for c in calls),
+        single.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": results[call.function.name]},
     ]
     answer = client.chat.completions.create(model=None, messages=history, max_tokens=40, tools=[WEATHER, CLOCK])
     assert answer.choices[0].finish_reason == "stop" and "18" in answer.choices[0].message.content

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -18,6 +19,7 @@ from specserve.cluster.protocol import auth_metadata
 log = logging.getLogger("specserve.router")
 HEALTH_EVERY_S = 1.0
 INFO_TIMEOUT_S = 5.0
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 8.0  # backoff while no replica has answered yet
 
 
 @dataclass(eq=False)
@@ -42,6 +44,8 @@ class ClientOptions:
     tls_ca: str | None = None  # PEM file: use TLS and trust this CA
     window_timeout_s: float = 60.0  # deadline for one window's verdict
     one_way_delay_s: float = 0.0  # WAN shim for the bench: each message is held this long in each direction
+    wait_s: float = 0.0  # how long to retry when no replica answers at first (EngineConfig.verifier_wait_s)
+    on_wait: Callable[[str], None] | None = None  # told why while it waits (the server's /health)
 
 
 @dataclass(eq=False)  # identity: it is the batch key of its sessions
@@ -72,14 +76,7 @@ class VerifierPool:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._info_s = 0.0  # duration of a health check call: the network's share of a window
-        for _ in range(2):  # the first call includes connecting: time the second
-            self._info_s = 0.0
-            for replica in self.replicas:
-                self._check(replica)
-        up = [r for r in self.replicas if r.healthy]
-        if not up:
-            reasons = "; ".join(f"{r.address}: {r.error}" for r in self.replicas)
-            raise SpecserveError(f"no verifier reachable ({reasons})")
+        up = self._wait_for_a_replica()
         first = up[0].info
         self.model_name, self.n_ctx, self.n_vocab = first.model, min(r.info.n_ctx for r in up), first.n_vocab
         self.chat_template = first.chat_template
@@ -87,20 +84,47 @@ class VerifierPool:
         self._health = threading.Thread(target=self._watch, name="specserve-verifier-health", daemon=True)
         self._health.start()
 
+    def _wait_for_a_replica(self) -> list[Replica]:
+        """The healthy replicas, once there is one: retried with backoff for up to `options.wait_s`."""
+        deadline = time.monotonic() + self.options.wait_s
+        pause, said = RETRY_FIRST_S, ""
+        while True:
+            for _ in range(2):  # the first call includes connecting: time the second
+                self._info_s = 0.0
+                for replica in self.replicas:
+                    self._check(replica)
+            if up := [r for r in self.replicas if r.healthy]:
+                return up
+            reasons = "; ".join(f"{r.address}: {r.error}" for r in self.replicas)
+            if time.monotonic() + pause > deadline:
+                raise SpecserveError(f"no verifier reachable ({reasons})")
+            if reasons != said:  # once per reason, not once per try
+                log.warning("no verifier reachable yet (%s); retrying", reasons)
+                said = reasons
+            if self.options.on_wait is not None:
+                self.options.on_wait(f"waiting for a verifier: {reasons}")
+            time.sleep(pause)
+            pause = min(2 * pause, RETRY_MAX_S)
+
     # --- routing ---
 
     def acquire(self, avoid: Replica | None = None) -> Replica:
         """The least loaded healthy replica for a new session (another one than `avoid` if there is one)."""
+        if (reason := self.unavailable()) is not None:
+            raise SpecserveError(reason)
         with self._lock:
-            up = [r for r in self.replicas if r.healthy]
-            if not up:
-                raise SpecserveError(
-                    "no verifier available: " + "; ".join(f"{r.address}: {r.error or 'down'}" for r in self.replicas)
-                )
+            up = [r for r in self.replicas if r.healthy] or self.replicas  # one just went down: try it anyway
             choices = [r for r in up if r is not avoid] or up
             replica = min(choices, key=lambda r: r.load)
             replica.sessions += 1
             return replica
+
+    def unavailable(self) -> str | None:
+        """Why no new session can open now (every replica down), or None."""
+        with self._lock:
+            if any(r.healthy for r in self.replicas):
+                return None
+            return "no verifier available: " + "; ".join(f"{r.address}: {r.error or 'down'}" for r in self.replicas)
 
     def release(self, replica: Replica) -> None:
         with self._lock:

@@ -45,11 +45,23 @@ log = logging.getLogger("specserve.loop")
 
 
 @dataclass(frozen=True)
+class WindowTrace:
+    """The verify window a token came out of, and its step's times (all generations of the step)."""
+
+    index: int  # the generation's verify windows so far (0: the prompt's last chunk)
+    drafted: int
+    accepted: int
+    draft_s: float
+    verify_s: float
+
+
+@dataclass(frozen=True)
 class Emitted:
     token: int | None  # None: only releases text held back until the end
     text: str  # text released with this token (held-back text comes out with later tokens)
     from_draft: bool  # accepted draft token (True) or produced by the target itself (False)
     logprob: TokenLogprob | None = None  # the target's, when the generation asked for them
+    window: WindowTrace | None = None
 
 
 @dataclass(frozen=True)
@@ -259,14 +271,27 @@ class Generation:
             if verdict is None:
                 return []
             stats.prefill_s = time.perf_counter() - self._start
-            return self._accept([], verdict)
+            return self._accept([], verdict, WindowTrace(0, 0, 0, draft_s, verify_s))
         drafted = self._proposal.tokens
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         stats.record_window(len(drafted), verdict.accepted)
         if isinstance(self.tolerance, ToleranceController):
             self.tolerance.observe(len(drafted), verdict.accepted)
-        return self._accept(drafted[: verdict.accepted], verdict)
+        return self._accept(
+            drafted[: verdict.accepted],
+            verdict,
+            WindowTrace(len(stats.windows), len(drafted), verdict.accepted, draft_s, verify_s),
+        )
+
+    def stop(self, reason: str) -> list[Emitted]:
+        """End the reply where it is (a deadline passed): the text held back for stop strings comes out."""
+        if self.finish_reason is not None:
+            return []
+        self.finish_reason = reason
+        self.stats.total_s = time.perf_counter() - self._start if self._start is not None else 0.0
+        tail = self._text.finish()
+        return [Emitted(None, tail, False)] if tail else []
 
     def without_draft_model(self) -> Proposal:
         """After a draft failure: no drafts in this step, and no draft model from now on (k = 0)."""
@@ -278,7 +303,7 @@ class Generation:
 
     # --- emitting ---
 
-    def _accept(self, accepted_drafts: list[int], verdict: Verdict) -> list[Emitted]:
+    def _accept(self, accepted_drafts: list[int], verdict: Verdict, window: WindowTrace) -> list[Emitted]:
         """Emit accepted drafts and the target's token, up to the first stop condition."""
         out: list[Emitted] = []
         next_token = verdict.next_token
@@ -290,7 +315,7 @@ class Generation:
                 break
             self.tokens.append(token)
             self.stats.generated += 1
-            out.append(Emitted(token, self._text.push(token), i < len(accepted_drafts), logprob))
+            out.append(Emitted(token, self._text.push(token), i < len(accepted_drafts), logprob, window))
             if self._text.stopped:
                 self.finish_reason = "stop"
             elif len(self.tokens) >= self.params.max_tokens:

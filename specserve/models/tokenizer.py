@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,7 +82,13 @@ class Tokenizer:
         """The vocabulary as llguidance's grammar matcher reads it (~1 s to build, once)."""
         from llguidance.llamacpp import lltokenizer_from_vocab
 
-        return lltokenizer_from_vocab(self._llama._model.vocab, n_vocab=self.n_vocab, eos_token=sorted(self.stop_ids))
+        # It reads each token through llama_token_get_attr, which llama-cpp-python deprecates with one warning
+        # per call: 151,936 of them for Qwen's vocabulary.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "llama_token_get_attr is deprecated", DeprecationWarning)
+            return lltokenizer_from_vocab(
+                self._llama._model.vocab, n_vocab=self.n_vocab, eos_token=sorted(self.stop_ids)
+            )
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The model's own chat template (Jinja in the GGUF metadata), ending with the assistant prompt;

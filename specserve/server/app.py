@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import hmac
 import logging
+import signal
+import threading
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specserve.cache import ResponseCache, open_cache
@@ -22,7 +27,7 @@ from specserve.config import SERVER_MAX_BATCH, SERVER_MAX_QUEUE, ServerConfig
 from specserve.runtime import Runtime, open_runtime
 from specserve.server.metrics import Metrics
 from specserve.server.openai_format import ApiError, error_body
-from specserve.server.routes import router
+from specserve.server.routes import STATIC, router
 from specserve.server.state import ServerState
 from specserve.server.tracing import setup_tracing
 
@@ -35,7 +40,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 
 def create_app(
-    runtime: Runtime | Callable[[], Runtime],
+    runtime: Runtime | Callable[[Callable[[str], None]], Runtime],
     *,
     max_batch: int = SERVER_MAX_BATCH,
     max_queue: int = SERVER_MAX_QUEUE,
@@ -43,13 +48,15 @@ def create_app(
     cache_url: str | None = None,
     api_key: str | None = None,
     metrics_need_key: bool = False,
+    request_timeout_s: float | None = None,
 ) -> FastAPI:
     """`runtime` may be a factory: the server then starts at once and loads the models in the background,
-    answering /health with 503 until they are ready. `api_key`: every /v1 route (and /metrics with
-    `metrics_need_key`) requires `Authorization: Bearer <api_key>`."""
+    answering /health with 503 until they are ready (the factory gets a function to say why it waits).
+    `api_key`: every /v1 route (and /metrics with `metrics_need_key`) requires `Authorization: Bearer <api_key>`.
+    `request_timeout_s`: a request running longer ends with finish_reason "length" (the scheduler)."""
     metrics = Metrics()
     cache = cache or open_cache(cache_url, on_lookup=metrics.on_cache_lookup)
-    state = ServerState(runtime, metrics, cache, max_batch=max_batch, max_queue=max_queue)
+    state = ServerState(runtime, metrics, cache, max_batch, max_queue, request_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -60,6 +67,7 @@ def create_app(
     app = FastAPI(title="specserve", lifespan=lifespan)
     app.state.server = state
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -101,18 +109,44 @@ def create_app(
     return app
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, where SIGTERM first drains: new requests get 503, running ones may finish for `grace`
+    seconds; then uvicorn's own shutdown cancels what is left (a cancelled request is never cached)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_s: float):
+        super().__init__(config)
+        self.state, self.grace_s = state, grace_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self.state.draining:  # Ctrl-C, or a second SIGTERM: at once
+            return super().handle_exit(sig, frame)
+        self.state.draining = True
+        log.info("SIGTERM: no new requests; %d running may finish within %g s", self.state.in_flight, self.grace_s)
+        threading.Thread(target=self._drain, name="specserve-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.grace_s
+        while self.state.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Not super().handle_exit: uvicorn would raise the captured SIGTERM again at the end (exit 143, not 0).
+        self.should_exit = True
+
+
 def serve(config: ServerConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     setup_tracing()
     engine = config.engine
     app = create_app(
-        lambda: open_runtime(engine),
+        lambda on_wait: open_runtime(engine, on_wait=on_wait),
         max_batch=config.max_batch,
         max_queue=config.max_queue,
         cache_url=config.cache_url,
         api_key=config.api_key,
         metrics_need_key=config.metrics_need_key,
+        request_timeout_s=config.request_timeout_s,
     )
     print(f"specserve: loading {engine.target} (draft {engine.draft}); serving http://{config.host}:{config.port}/v1")
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    # What the drain leaves running gets a second to end its response before uvicorn cancels it.
+    options = uvicorn.Config(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=1)
+    _DrainingServer(options, app.state.server, config.shutdown_grace_s).run()
     return 0

@@ -11,9 +11,10 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Literal
 
-from specserve.engine.loop import Generation
+from specserve.engine.loop import Emitted, Generation, WindowTrace
 from specserve.engine.sampling import TokenLogprob
 from specserve.engine.stats import GenerationStats
 from specserve.server.tools import ToolCall
@@ -39,11 +40,42 @@ def error_body(
 
 
 @dataclass(frozen=True)
+class TokenOrigin:
+    """Who produced a streamed token (`speculation.trace`, an extension OpenAI clients ignore): an accepted
+    draft token, the target's own (a correction or the bonus token), or a response-cache replay; its verify
+    window (drafts proposed and accepted, the step's draft and verify milliseconds) and the target's
+    log-probability of it when the request asked for logprobs."""
+
+    source: Literal["draft", "target", "cache"]
+    window: int = 0  # the request's verify window (0: the prompt's last chunk, or a replay)
+    drafted: int = 0
+    accepted: int = 0
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    logprob: float | None = None
+
+
+def token_origin(emitted: Emitted) -> TokenOrigin:
+    window = emitted.window or WindowTrace(0, 0, 0, 0.0, 0.0)
+    return TokenOrigin(
+        "draft" if emitted.from_draft else "target",
+        window.index,
+        window.drafted,
+        window.accepted,
+        round(window.draft_s * 1000, 2),
+        round(window.verify_s * 1000, 2),
+        _logprob(emitted.logprob.logprob) if emitted.logprob is not None else None,
+    )
+
+
+@dataclass(frozen=True)
 class Piece:
-    """Text released to the client, and the log-probabilities of the tokens that produced it."""
+    """Text released to the client, the log-probabilities of the tokens that produced it, and (traced
+    streams) where its token came from."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    origin: TokenOrigin | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +224,8 @@ def sse_chunk(
     else:
         logprobs = logprobs_body(chat, list(event.logprobs), token_bytes, offset) if token_bytes else None
         body["choices"] = [choice(chat, event.text, None, delta=True, logprobs=logprobs)]
+        if event.origin is not None:
+            body["specserve"] = {"token": asdict(event.origin)}
     return f"data: {json.dumps(body)}\n\n"
 
 

@@ -1,4 +1,5 @@
-"""The HTTP routes: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus /health and /metrics.
+"""The HTTP routes: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus /health, /metrics,
+specserve's /v1/specserve/info and the web page (/ and /dashboard, static/).
 
 Each completion route encodes its prompt, asks the server state for the request's events, and answers
 with one JSON body or a stream of Server-Sent Events.
@@ -6,12 +7,14 @@ with one JSON body or a stream of Server-Sent Events.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from specserve import SpecserveError
 from specserve.server import openai_format as fmt
@@ -21,6 +24,7 @@ from specserve.server.state import Event, ServerState
 from specserve.server.tools import StreamSplit
 
 router = APIRouter()
+STATIC = Path(__file__).parent / "static"  # the web page (GET / and /dashboard); plain files, no build step
 
 
 def _state(request: Request) -> ServerState:
@@ -30,10 +34,31 @@ def _state(request: Request) -> ServerState:
 @router.get("/health")
 async def health(request: Request):
     state = _state(request)
+    if state.draining:
+        return JSONResponse(status_code=503, content={"status": "draining", "in_flight": state.in_flight})
     if state.runtime is None:
         status = "failed" if state.load_error else "loading"
-        return JSONResponse(status_code=503, content={"status": status, "error": state.load_error})
+        body = {"status": status, "error": state.load_error or state.load_status}
+        return JSONResponse(status_code=503, content=body, headers={"Retry-After": "1"})
+    if (reason := state.runtime.unavailable()) is not None:  # every verifier down: back when one answers
+        return JSONResponse(status_code=503, content={"status": "unavailable", "error": reason})
     return {"status": "ok", "model": state.runtime.target_name, "in_flight": state.scheduler.in_flight}
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+@router.get("/dashboard", include_in_schema=False)
+async def dashboard_page() -> FileResponse:
+    return FileResponse(STATIC / "dashboard.html")
+
+
+@router.get("/v1/specserve/info")
+async def info(request: Request) -> dict:
+    """specserve's extension: the models, backends, methods and limits of this server (the web page's panel)."""
+    return _state(request).ready().summary()
 
 
 @router.get("/metrics")
@@ -112,7 +137,7 @@ async def _sse(
                     yield fmt.sse_chunk(head, chat, event, tool_calls=tool_calls)
                     continue
                 if calls is not None:
-                    event = fmt.Piece(calls.push(event.text), event.logprobs)
+                    event = dataclasses.replace(event, text=calls.push(event.text))
                 yield fmt.sse_chunk(head, chat, event, token_bytes, offset)
                 offset += len(event.text) if isinstance(event, fmt.Piece) else 0
     except ApiError as exc:  # the headers are gone: report in-band

@@ -37,6 +37,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of Emitted, then None or an error
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    deadline: float = float("inf")  # perf_counter time past which it ends with finish_reason "length"
 
     def post(self, item: list[Emitted] | BaseException | None) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -49,10 +50,13 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         between_steps: Callable[[], object] | None = None,
+        request_timeout_s: float | None = None,
     ):
         """`between_steps`: called on the scheduler thread after every step (the runtime's cost refresh,
-        which needs the models while no step runs)."""
+        which needs the models while no step runs). `request_timeout_s`: a request still running (or
+        waiting) this long after it came ends there, with finish_reason "length"."""
         self.metrics, self.max_batch, self.max_queue = metrics, max_batch, max_queue
+        self.request_timeout_s = request_timeout_s
         self.between_steps = between_steps
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -67,6 +71,8 @@ class Scheduler:
 
     def submit(self, generation: Generation, span: trace.Span | None = None) -> Job:
         job = Job(generation, asyncio.get_running_loop(), span)
+        if self.request_timeout_s is not None:
+            job.deadline = job.submitted + self.request_timeout_s
         with self._wake:
             # Bound the total, not just the waiting list: jobs wait there until the scheduler thread's next
             # step boundary even when a batch slot is free.
@@ -96,6 +102,10 @@ class Scheduler:
                 self._wake.wait()
             if self._stopping:
                 return False
+            now = time.perf_counter()
+            for job in [j for j in self._waiting if j.deadline <= now]:  # timed out before it ran
+                self._waiting.remove(job)
+                self._end(job, job.generation.stop("length"))
             while self._waiting and len(self._active) < self.max_batch:
                 job = self._waiting.popleft()
                 if not job.cancelled:
@@ -120,18 +130,29 @@ class Scheduler:
                 self._active = [j for j in self._active if j not in batch]
                 continue
             self._account(batch, prefilling, result)
+            now = time.perf_counter()
+            events = [
+                produced + (job.generation.stop("length") if job.deadline <= now else [])
+                for job, produced in zip(batch, result.events, strict=True)
+            ]
             # Leave the batch before the client hears the end, so that in_flight is exact by then.
             self._active = [j for j in self._active if not j.generation.done]
-            for job, events in zip(batch, result.events, strict=True):
-                if events:
-                    job.post(events)
+            for job, produced in zip(batch, events, strict=True):
                 if job.generation.done:
-                    job.post(None)
+                    self._end(job, produced)
+                elif produced:
+                    job.post(produced)
             if self.between_steps is not None:
                 try:
                     self.between_steps()
                 except Exception:  # housekeeping: the requests go on without it
                     log.exception("between-steps work failed")
+
+    @staticmethod
+    def _end(job: Job, events: list[Emitted]) -> None:
+        if events:
+            job.post(events)
+        job.post(None)
 
     def _account(self, batch: list[Job], prefilling: list[bool], result: Step) -> None:
         t0, t1, t2, t3 = result.times

@@ -28,6 +28,8 @@ class Speculation(BaseModel):
     acceptance: Literal["exact", "tolerance"] = "exact"
     delta: float = Field(default=1.0, ge=0.0, le=TOLERANCE_MAX_DELTA)
     target_acceptance: float | None = Field(default=None, gt=0.0, le=1.0)
+    # Streams only: each chunk says where its token came from (`specserve.token`, openai_format.TokenOrigin)
+    trace: bool = False
 
     def tolerance(self) -> float | ToleranceController | None:
         if self.acceptance == "exact":
@@ -243,10 +245,10 @@ class ChatRequest(CompletionParams):
 
     def grammar(self, tokenizer: Tokenizer) -> str | None:
         """With tool_choice "required" or a named function the reply is calls of those functions."""
-        choice = self.tool_choice
+        choice, asked = self.tool_choice, super().grammar(tokenizer)
         if not self.tools or choice in (None, "none", "auto"):
-            return super().grammar(tokenizer)
-        if super().grammar(tokenizer) is not None:
+            return asked
+        if asked is not None:
             raise ValueError("tool_choice required or a named function cannot be combined with response_format")
         named = choice.function["name"] if isinstance(choice, NamedToolChoice) else None
         functions = [t.function.model_dump() for t in self.tools if named in (None, t.function.name)]

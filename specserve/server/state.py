@@ -22,7 +22,15 @@ from specserve.engine.model import ContextOverflowError
 from specserve.engine.sampling import SamplingParams
 from specserve.runtime import Runtime
 from specserve.server.metrics import Metrics
-from specserve.server.openai_format import ApiError, Finished, Piece, finished, request_log
+from specserve.server.openai_format import (
+    ApiError,
+    Finished,
+    Piece,
+    TokenOrigin,
+    finished,
+    request_log,
+    token_origin,
+)
 from specserve.server.scheduler import Job, QueueFull, Scheduler
 from specserve.server.schemas import CompletionParams
 
@@ -55,24 +63,31 @@ _CLIENT_GONE = object()
 class ServerState:
     def __init__(
         self,
-        runtime: Runtime | Callable[[], Runtime],
+        runtime: Runtime | Callable[[Callable[[str], None]], Runtime],
         metrics: Metrics,
         cache: ResponseCache,
         max_batch: int,
         max_queue: int,
+        request_timeout_s: float | None = None,
     ):
         """`runtime` may be a factory: `start` then loads it on a thread and `ready` answers 503 until done."""
         self.metrics, self.cache = metrics, cache
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.request_timeout_s = max_batch, max_queue, request_timeout_s
+        self.draining = False  # shutting down: running requests finish, new ones get 503
         self.runtime: Runtime | None = runtime if isinstance(runtime, Runtime) else None
         self._factory = None if isinstance(runtime, Runtime) else runtime
         self.load_error: str | None = None
+        self.load_status: str | None = None  # what loading waits for, as the factory reports it
         self.scheduler: Scheduler | None = None
         self.tracer = trace.get_tracer("specserve")
 
     def start(self) -> None:
         self.scheduler = Scheduler(
-            self.metrics, max_batch=self.max_batch, max_queue=self.max_queue, between_steps=self._refresh_costs
+            self.metrics,
+            max_batch=self.max_batch,
+            max_queue=self.max_queue,
+            between_steps=self._refresh_costs,
+            request_timeout_s=self.request_timeout_s,
         )
         if self._factory is not None:
             threading.Thread(target=self._load, name="specserve-load", daemon=True).start()
@@ -84,18 +99,28 @@ class ServerState:
 
     def _load(self) -> None:
         try:
-            self.runtime = self._factory()
+            self.runtime = self._factory(self._report)
         except Exception as exc:  # reported by /health; the process stays up to say why
             log.exception("loading the models failed")
             self.load_error = str(exc)
+
+    def _report(self, status: str) -> None:
+        self.load_status = status
 
     def _refresh_costs(self) -> None:  # on the scheduler thread, between steps: it needs the models idle
         if self.runtime is not None:
             self.runtime.refresh_costs()
 
+    @property
+    def in_flight(self) -> int:
+        return self.scheduler.in_flight if self.scheduler is not None else 0
+
     def ready(self) -> Runtime:
+        if self.draining:
+            raise _unavailable("the server is shutting down")
         if self.runtime is None:
-            raise ApiError(503, self.load_error or "the models are still loading", kind="service_unavailable")
+            reason = self.load_error or self.load_status or "the models are still loading"
+            raise _unavailable(reason)
         return self.runtime
 
     async def events(
@@ -104,19 +129,22 @@ class ServerState:
         """Start the request (or find it in the response cache); raises ApiError before anything runs."""
         rt = self.ready()
         _check(rt, body, ids)
+        if (reason := rt.unavailable()) is not None:
+            raise _unavailable(reason)
         sampling = body.sampling()
+        traced = body.stream and body.speculation.trace
         key = None
         # deterministic: the same request gives the same text, whatever the drafter (the cache keeps no logprobs)
         if sampling.greedy and body.logprob_count() is None:
             key_fields = body.model_dump(include=_KEY_FIELDS)
             if body.speculation.acceptance != "exact":  # lossy verification changes the text: part of the key
-                key_fields["speculation"] = body.speculation.model_dump()
+                key_fields["speculation"] = body.speculation.model_dump(exclude={"trace"})
             key = cache_key(rt.target_name, ids, {"endpoint": endpoint, **key_fields})
             if (hit := await asyncio.to_thread(self.cache.get, key)) is not None:
                 self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
-                return _replay(hit)
+                return _replay(hit, traced)
         job = self._submit(rt, endpoint, body, sampling, ids)
-        return self._follow(job, request, key, endpoint)
+        return self._follow(job, request, key, endpoint, traced)
 
     def _submit(
         self, rt: Runtime, endpoint: str, body: CompletionParams, sampling: SamplingParams, ids: list[int]
@@ -150,8 +178,11 @@ class ServerState:
             error.headers["Retry-After"] = "1"
             raise error from None
 
-    async def _follow(self, job: Job, request: Request, key: str | None, endpoint: str) -> AsyncIterator[Event]:
-        """Events of a running job. Cancels it if the client goes away; caches the result when it completed."""
+    async def _follow(
+        self, job: Job, request: Request, key: str | None, endpoint: str, traced: bool
+    ) -> AsyncIterator[Event]:
+        """Events of a running job. Cancels it if the client goes away; caches the result when it completed.
+        `traced`: each piece says where its token came from."""
         pieces: list[str] = []
         status = "499"
         try:
@@ -165,7 +196,8 @@ class ServerState:
                     if emitted.text:
                         pieces.append(emitted.text)
                     if emitted.text or emitted.logprob is not None:
-                        yield Piece(emitted.text, (emitted.logprob,) if emitted.logprob is not None else ())
+                        logprobs = (emitted.logprob,) if emitted.logprob is not None else ()
+                        yield Piece(emitted.text, logprobs, token_origin(emitted) if traced else None)
             status = "200"
             done = finished(job.generation)
             self.metrics.prefix_reused.inc(job.generation.stats.prefix_reused)
@@ -197,6 +229,12 @@ class ServerState:
                     return _CLIENT_GONE
 
 
+def _unavailable(reason: str) -> ApiError:
+    error = ApiError(503, reason, kind="service_unavailable")
+    error.headers["Retry-After"] = "1"
+    return error
+
+
 def _check(rt: Runtime, body: CompletionParams, ids: list[int]) -> None:
     if body.model not in (None, rt.target_name):
         raise ApiError(404, f"model {body.model!r} does not exist; this server has {rt.target_name!r}", "model")
@@ -216,7 +254,8 @@ def _check(rt: Runtime, body: CompletionParams, ids: list[int]) -> None:
         )
 
 
-async def _replay(hit: CachedResponse) -> AsyncIterator[Event]:
+async def _replay(hit: CachedResponse, traced: bool) -> AsyncIterator[Event]:
+    origin = TokenOrigin("cache") if traced else None
     for piece in hit.pieces:
-        yield Piece(piece)
+        yield Piece(piece, origin=origin)
     yield Finished(hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, {**hit.spec_stats, "cached": True})

@@ -1,0 +1,86 @@
+"""A server process's life: a per-request deadline, and SIGTERM draining the running streams before exit 0.
+The small SmolLM2 model on llama.cpp keeps it quick; what is tested is the server, not the model."""
+
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.test_server import start_server
+
+pytestmark = pytest.mark.small_model
+SMALL = ("--target", "smollm2-135m", "--target-backend", "llama.cpp", "--draft", "none")
+TIMEOUT_S = 3.0
+
+
+@pytest.fixture
+def server(request, smollm2_path):
+    """A server with the test's own options (`@pytest.mark.parametrize("server", [...], indirect=True)`)."""
+    proc, base, _ = start_server(*SMALL, *request.param)
+    yield proc, base
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("server", [("--request-timeout", str(TIMEOUT_S))], indirect=True)
+def test_a_request_past_its_deadline_ends_as_length_and_frees_its_slot(server):
+    _, base = server
+    start = time.perf_counter()
+    reply = client(base).completions.create(
+        model=None, prompt="Once upon a time", max_tokens=1800, temperature=0.8, seed=1
+    )
+    elapsed = time.perf_counter() - start
+    assert reply.choices[0].finish_reason == "length" and 0 < reply.usage.completion_tokens < 1800
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 10
+    assert httpx.get(f"{base}/health").json()["in_flight"] == 0
+
+
+@pytest.mark.parametrize("server", [("--shutdown-grace", "120")], indirect=True)
+def test_sigterm_stops_admitting_lets_streams_finish_and_exits_0(server):
+    proc, base = server
+    results: list[tuple[str, str | None, int]] = []
+    started = threading.Barrier(3)
+
+    def stream(seed: int) -> None:
+        text, finish, chunks = "", None, 0
+        for chunk in client(base).chat.completions.create(
+            model=None,
+            messages=[{"role": "user", "content": "Tell me about the sea."}],
+            max_tokens=48,
+            temperature=0.8,
+            seed=seed,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            chunks += 1
+            if chunks == 2:
+                started.wait()
+        results.append((text, finish, chunk.usage.completion_tokens if chunk.usage else -1))
+
+    threads = [threading.Thread(target=stream, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    started.wait()  # both streams are under way
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 10
+    while (health := httpx.get(f"{base}/health")).status_code == 200 and time.time() < deadline:
+        time.sleep(0.02)
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+    refused = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "shutting down" in refused.json()["error"]["message"]
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [(finish, tokens) for _, finish, tokens in results] == [("length", 48), ("length", 48)]
+    assert proc.wait(timeout=30) == 0
