@@ -23,7 +23,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup models redis browser serve test test-quick lint bench info proto clean
+.PHONY: setup models redis browser serve test fuzz test-quick lint bench info proto clean
 
 setup: $(STAMP)
 
@@ -76,6 +76,10 @@ serve: models
 test: models redis browser
 	$(VENV)/bin/specserve info --check
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A longer run of the HTTP API fuzzing than the suite's (tests/test_fuzz.py): EXAMPLES per operation.
+fuzz: models
+	SPECSERVE_FUZZ_EXAMPLES=$(or $(EXAMPLES),500) $(PY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 test-quick: setup redis
 	$(PY) -m pytest -m "not models and not small_model" $(PYTEST_ARGS)

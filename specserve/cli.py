@@ -241,6 +241,7 @@ def cmd_verifier(args: argparse.Namespace) -> int:
         auth_token=args.auth_token or None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        metrics_port=args.metrics_port,
     )
     return serve_verifier(config)
 
@@ -250,7 +251,7 @@ def cmd_ray(args: argparse.Namespace) -> int:
 
     if args.action == "up":
         verifier = VerifierConfig(engine_config(args, with_draft=False), auth_token=args.auth_token or None)
-        engine = engine_config(args, auth_token=args.auth_token or None)
+        engine = engine_config(args, auth_token=args.auth_token or None, verifier_wait_s=math.inf)
         return ray_deploy.ray_up(args, verifier, ServerConfig(engine, args.host, args.port))
     return {"status": ray_deploy.ray_status, "down": ray_deploy.ray_down}[args.action](args)
 
@@ -448,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_auth_args(verifier)
     verifier.add_argument("--tls-cert", default=None, help="PEM certificate: serve over TLS (with --tls-key)")
     verifier.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    verifier.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (HTTP /metrics)"
+    )
     _add_model_args(verifier)
     verifier.set_defaults(func=cmd_verifier)
 

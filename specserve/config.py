@@ -115,8 +115,11 @@ class VerifierConfig:
     auth_token: str | None = None  # required of the front-ends
     tls_cert: str | None = None
     tls_key: str | None = None
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP on this port (None: none)
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise SpecserveError(f"--metrics-port takes a port number, got {self.metrics_port}")
         if ":" not in self.listen:
             raise SpecserveError(f"--listen takes HOST:PORT, got {self.listen!r}")
         if bool(self.tls_cert) != bool(self.tls_key):

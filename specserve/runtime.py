@@ -130,8 +130,11 @@ class Runtime(ABC):
         return None
 
     @abstractmethod
-    def new_target_session(self, prompt_tokens: list[int]) -> tuple[TargetSession, int]:
-        """A fresh target session for a request, and how many prompt tokens it already holds."""
+    def new_target_session(
+        self, prompt_tokens: list[int], trace_context: dict[str, str] | None = None
+    ) -> tuple[TargetSession, int]:
+        """A fresh target session for a request, and how many prompt tokens it already holds.
+        `trace_context`: the request's W3C trace context, for a remote target's spans to join."""
 
     def generate(
         self,
@@ -143,12 +146,14 @@ class Runtime(ABC):
         user: str | None = None,
         logprobs: int | None = None,
         grammar: str | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> Generation:
         """A generation ready to iterate (or to batch with others). `tolerance` switches on the lossy
         acceptance rule (engine/verify.py); the default is exact verification. `user`: the request's
         tenant, whose earlier replies suffix drafts may come from (`EngineConfig.draft_cache`). `logprobs`:
         report the target's log-probability of each token with this many alternatives (`Generation`).
-        `grammar`: an llguidance grammar the reply must follow (engine/grammar.py)."""
+        `grammar`: an llguidance grammar the reply must follow (engine/grammar.py). `trace_context`: the
+        request's W3C trace context (a remote verifier's spans join its trace)."""
         if method not in METHODS:
             raise SpecserveError(f"unknown speculation method {method!r}; choose one of {', '.join(METHODS)}")
         if method not in self.methods:
@@ -163,7 +168,7 @@ class Runtime(ABC):
             raise SpecserveError("logprobs are reported by a local target only, not yet through --verifier")
         if grammar is not None:
             params = dataclasses.replace(params, grammar=Grammar(self.tokenizer.guidance, grammar))
-        target, reused = self.new_target_session(prompt_tokens)
+        target, reused = self.new_target_session(prompt_tokens, trace_context)
         return Generation(
             target,
             self.tokenizer.decode_bytes,
@@ -259,7 +264,9 @@ class LocalRuntime(Runtime):
             return chosen.exact_windows()
         return exact_prefix(exact_window_sizes(self.target, self.tokenizer, tuple(range(1, K_MAX + 2))))
 
-    def new_target_session(self, prompt_tokens: list[int]) -> tuple[TargetSession, int]:
+    def new_target_session(
+        self, prompt_tokens: list[int], trace_context: dict[str, str] | None = None
+    ) -> tuple[TargetSession, int]:
         sequence = self.target.new_sequence()  # each request has its own KV cache; concurrent ones batch together
         reused = 0
         if self._target_prefixes is not None:  # reuse whole prefill chunks of an earlier prompt
@@ -313,10 +320,12 @@ class RemoteRuntime(Runtime):
         # the cascades are local only: the n-gram cascade's q is not sparse; the suffix one is untried remotely
         return ["none", "ngram", "suffix"] + (["draft"] if self.draft is not None else [])
 
-    def new_target_session(self, prompt_tokens: list[int]) -> tuple[TargetSession, int]:
+    def new_target_session(
+        self, prompt_tokens: list[int], trace_context: dict[str, str] | None = None
+    ) -> tuple[TargetSession, int]:
         from specserve.cluster.remote import RemoteTarget
 
-        return RemoteTarget(self.pool), 0
+        return RemoteTarget(self.pool, trace_context), 0
 
 
 def open_runtime(

@@ -5,6 +5,7 @@ service for the statistics (so every window is an independent trial)."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import os
 import queue
 import signal
@@ -22,6 +23,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cli._share_cores_politely
 
@@ -453,6 +455,72 @@ def test_a_frontend_started_before_its_verifier_waits_for_it_and_for_its_return(
         stop_frontend(frontend)
         if verifier is not None:
             verifier.stop()
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver on loopback: what each process exported, as (service, span) pairs."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        received = self.spans = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource_spans in request.resource_spans:
+                    attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    for scope in resource_spans.scope_spans:
+                        received.extend((attributes["service.name"], span) for span in scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self) -> dict[str, str]:
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+
+@pytest.mark.small_model
+def test_one_trace_spans_the_frontend_and_the_verifier_which_has_its_own_metrics(smollm2_path):
+    receiver = OtlpReceiver()
+    metrics_port = free_port()
+    verifier = VerifierProcess(*SMALL, "--metrics-port", str(metrics_port), env=receiver.env()).wait_ready()
+    frontend, base, _ = start_frontend(*SMALL, "--draft", "none", "--verifier", verifier.address, env=receiver.env())
+    try:
+        chat(base, "Say hi.", 8, method="ngram")
+        deadline = time.time() + 30
+        while time.time() < deadline and {"specserve.request", "verifier.window"} - {s.name for _, s in receiver.spans}:
+            time.sleep(0.2)
+        (request,) = [span for name, span in receiver.spans if span.name == "specserve.request"]
+        windows = [
+            span for name, span in receiver.spans if name == "specserve-verifier" and span.name == "verifier.window"
+        ]
+        assert windows and all(w.trace_id == request.trace_id and w.parent_span_id == request.span_id for w in windows)
+        opened = [span for _, span in receiver.spans if span.name == "verifier.open"]
+        assert [o.trace_id for o in opened] == [request.trace_id]
+        rows = [a.value.int_value for w in windows for a in w.attributes if a.key == "specserve.rows"]
+        assert len(rows) == len(windows) and all(r >= 1 for r in rows)
+
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+        assert samples["specserve_verifier_windows_total"] == len(windows)
+        assert samples["specserve_verifier_batch_rows_count"] >= len(windows)
+        assert samples["specserve_verifier_sessions"] == 0  # the stream closed with the request
+        assert samples["specserve_verifier_replayed_tokens_total"] == 0  # nothing failed over
+        for name in ("specserve_verifier_auth_failures_total", "specserve_verifier_accepted_tokens_total"):
+            assert name in samples
+    finally:
+        stop_frontend(frontend)
+        verifier.stop()
+        receiver.server.shutdown()
 
 
 @pytest.mark.small_model

@@ -31,11 +31,14 @@ def client(base: str) -> openai.OpenAI:
 
 
 @pytest.mark.parametrize("server", [("--request-timeout", str(TIMEOUT_S))], indirect=True)
-def test_a_request_past_its_deadline_ends_as_length_and_frees_its_slot(server):
+def test_a_request_past_its_deadline_ends_as_length_and_frees_its_slot(server, smollm2_path):
+    from specserve.models.tokenizer import Tokenizer
+
     _, base = server
+    never_stop = {str(t): -100 for t in Tokenizer(smollm2_path).stop_ids}  # 1800 tokens would take ~10 s
     start = time.perf_counter()
     reply = client(base).completions.create(
-        model=None, prompt="Once upon a time", max_tokens=1800, temperature=0.8, seed=1
+        model=None, prompt="Once upon a time", max_tokens=1800, temperature=0.8, seed=1, logit_bias=never_stop
     )
     elapsed = time.perf_counter() - start
     assert reply.choices[0].finish_reason == "length" and 0 < reply.usage.completion_tokens < 1800

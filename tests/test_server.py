@@ -3,11 +3,14 @@ Redis as its response cache), plus an in-process app for the OpenTelemetry span 
 
 import concurrent.futures
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -32,9 +35,11 @@ TOPICS = [
 ]
 
 
-def start_server(*extra: str, healthy: bool = True) -> tuple[subprocess.Popen, str, list[int]]:
+def start_server(
+    *extra: str, healthy: bool = True, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str, list[int]]:
     """A `specserve serve` process on a free port; returns once /health is 200 (or, not `healthy`, once it
-    answers at all), with the statuses seen."""
+    answers at all), with the statuses seen. `env`: variables added to this process's environment."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -43,6 +48,7 @@ def start_server(*extra: str, healthy: bool = True) -> tuple[subprocess.Popen, s
         [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--n-ctx", "2048", *extra],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     statuses: list[int] = []
@@ -502,7 +508,6 @@ def test_request_span_has_draft_verify_accept_children(runtime):
 
 def test_alert_rules_parse_and_watch_acceptance():
     import shutil
-    from pathlib import Path
 
     import yaml
 
@@ -512,6 +517,16 @@ def test_alert_rules_parse_and_watch_acceptance():
     assert low["expr"].replace(" ", "") == "specserve_acceptance_rate<0.6" and low["for"] == "5m"
     if shutil.which("promtool"):
         subprocess.run(["promtool", "check", "rules", str(path)], check=True)
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_server_has(server, client):
+    client.chat.completions.create(model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    path = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "specserve.json"
+    exprs = [t["expr"] for panel in json.loads(path.read_text())["panels"] for t in panel["targets"]]
+    queried = {name for e in exprs for name in re.findall(r"\b(specserve_\w+)", e)}
+    text = httpx.get(f"{server}/metrics", headers=AUTH).text
+    exposed = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    assert len(queried) >= 12 and queried <= exposed, queried - exposed
 
 
 def test_metrics_can_be_put_behind_the_api_key(runtime):

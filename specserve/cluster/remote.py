@@ -39,13 +39,13 @@ class _Stream:
     """One bidirectional call: messages go out through a queue, replies come in through a reader thread
     (so waiting for a reply can have a deadline). The WAN shim holds each message `delay` seconds."""
 
-    def __init__(self, replica: Replica, pool: VerifierPool, first: pb.ClientMessage):
+    def __init__(self, replica: Replica, pool: VerifierPool, first: pb.ClientMessage, metadata: tuple):
         self.replica = replica
         self._delay = pool.options.one_way_delay_s
         self._out: queue.Queue[tuple[pb.ClientMessage, float] | None] = queue.Queue()
         self._in: queue.Queue[pb.Reply | StreamFailed] = queue.Queue()
         self._out.put((first, time.perf_counter()))
-        self._call = replica.stub.Session(self._requests(), metadata=pool.metadata, timeout=SESSION_TIMEOUT_S)
+        self._call = replica.stub.Session(self._requests(), metadata=metadata, timeout=SESSION_TIMEOUT_S)
         threading.Thread(target=self._read, name="specserve-stream-reader", daemon=True).start()
 
     def _hold(self, since: float) -> None:
@@ -95,8 +95,11 @@ def _close_stream(pool: VerifierPool, holder: list) -> None:
 class RemoteTarget:
     """One generation's target session on a verifier replica."""
 
-    def __init__(self, pool: VerifierPool):
+    def __init__(self, pool: VerifierPool, trace_context: dict[str, str] | None = None):
+        """`trace_context`: the request's W3C trace context, sent with each stream so that the verifier's
+        spans are children of the request's."""
         self.pool = pool
+        self._metadata = (*pool.metadata, *(trace_context or {}).items())
         self.n_ctx = pool.n_ctx
         self.batch_key = pool  # one run_many sends every session's window before waiting for any verdict
         self.failovers = 0  # sessions re-opened with a replay (for stats and tests)
@@ -148,7 +151,7 @@ class RemoteTarget:
         first = pb.ClientMessage(
             open=pb.Open(params=self._open_params, context=self._cache, prompt_tokens=self._prompt_tokens)
         )
-        self._stream_holder.append(_Stream(replica, self.pool, first))
+        self._stream_holder.append(_Stream(replica, self.pool, first, self._metadata))
 
     def _receive(self, window: Window) -> Verdict | None:
         timeout = self.pool.options.window_timeout_s + 2 * self.pool.options.one_way_delay_s

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from opentelemetry import propagate, trace
 
 from specserve import SpecserveError
 from specserve.cluster import verifier_pb2 as pb
 from specserve.cluster import verifier_pb2_grpc as pb_grpc
+from specserve.cluster.metrics import VerifierMetrics
 from specserve.cluster.protocol import AUTH_HEADER, ProtocolError, params_from_wire, window_from_wire
 from specserve.config import PREFILL_CHUNK, REMOTE_K_MAX, VERIFIER_MAX_BATCH, VERIFIER_MAX_SESSIONS, VerifierConfig
 from specserve.engine.costs import CALIBRATION_TEXT, measure_rows
@@ -34,8 +36,10 @@ from specserve.engine.sampling import SamplingParams
 from specserve.engine.target import LocalTarget, Window, target_pass
 from specserve.engine.verify import Verdict
 from specserve.models.tokenizer import Tokenizer
+from specserve.tracing import setup_tracing
 
 log = logging.getLogger("specserve.verifier")
+_tracer = trace.get_tracer("specserve.verifier")
 # Generated tokens are replayed in windows this small: a batch-invariant backend computes them row by row,
 # exactly like the one-token steps and draft windows they first came in (torch_int8: up to 32 rows).
 REPLAY_WINDOW = 16
@@ -67,8 +71,8 @@ class _Job:
 class TargetWorker:
     """One thread that owns the target model: drains the queue, one batched pass per drain."""
 
-    def __init__(self, max_batch: int = VERIFIER_MAX_BATCH) -> None:
-        self.max_batch = max_batch
+    def __init__(self, metrics: VerifierMetrics, max_batch: int = VERIFIER_MAX_BATCH) -> None:
+        self.metrics, self.max_batch = metrics, max_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="specserve-verifier-worker", daemon=True)
         self._thread.start()
@@ -107,12 +111,15 @@ class TargetWorker:
                     live.append(j)
             if not live:
                 continue
+            self.metrics.batch_windows.observe(len(live))
+            self.metrics.batch_rows.observe(sum(len(j.window.append) + len(j.window.drafts) for j in live))
             try:
                 verdicts = target_pass([j.session.target for j in live], [j.window for j in live])
             except Exception as exc:  # the sessions' caches are in an unknown state: evict, clients replay
                 log.exception("target pass failed for %d windows", len(live))
                 for j in live:
                     j.session.evicted = f"session evicted: the target pass failed ({exc})"
+                    self.metrics.evictions.labels(reason="failed-pass").inc()
                     self._finish(j, exc=SessionEvicted(j.session.evicted))
                 continue
             for j, verdict in zip(live, verdicts, strict=True):
@@ -134,8 +141,8 @@ class TargetWorker:
 class SessionTable:
     """Live sessions in least-recently-used order; bounded, with idle expiry. Event-loop thread only."""
 
-    def __init__(self, root: Backend, max_sessions: int, idle_s: float):
-        self.root, self.max_sessions, self.idle_s = root, max_sessions, idle_s
+    def __init__(self, root: Backend, max_sessions: int, idle_s: float, metrics: VerifierMetrics):
+        self.root, self.max_sessions, self.idle_s, self.metrics = root, max_sessions, idle_s, metrics
         self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -149,10 +156,12 @@ class SessionTable:
                 "least recently used; re-open it with its context"
             )
             log.info("evicted session %s (LRU, %d sessions max)", oldest.id, self.max_sessions)
+            self.metrics.evictions.labels(reason="lru").inc()
         session = _Session(
             uuid.uuid4().hex[:12], LocalTarget(self.root.new_sequence()), params, np.random.default_rng(params.seed)
         )
         self._sessions[session.id] = session
+        self.metrics.sessions.set(len(self._sessions))
         return session
 
     def touch(self, session: _Session) -> None:
@@ -162,6 +171,7 @@ class SessionTable:
 
     def close(self, session: _Session) -> None:
         self._sessions.pop(session.id, None)
+        self.metrics.sessions.set(len(self._sessions))
 
     def expire(self) -> None:
         cutoff = time.monotonic() - self.idle_s
@@ -169,6 +179,8 @@ class SessionTable:
             session.evicted = f"session expired after {self.idle_s:.0f} s idle; re-open it with its context"
             self._sessions.pop(session.id)
             log.info("expired session %s (idle)", session.id)
+            self.metrics.evictions.labels(reason="idle").inc()
+        self.metrics.sessions.set(len(self._sessions))
 
 
 class VerifierService(pb_grpc.VerifierServicer):
@@ -185,8 +197,9 @@ class VerifierService(pb_grpc.VerifierServicer):
     ):
         self.root, self.tokenizer, self.model_name = root, tokenizer, model_name
         self.window_cost_s = window_cost_s
-        self.sessions = SessionTable(root, max_sessions, idle_s)
-        self.worker = TargetWorker(max_batch)
+        self.metrics = VerifierMetrics()
+        self.sessions = SessionTable(root, max_sessions, idle_s, self.metrics)
+        self.worker = TargetWorker(self.metrics, max_batch)
         self.auth_token = auth_token
         self.expiry: asyncio.Task | None = None
 
@@ -203,6 +216,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         if not hmac.compare_digest(sent.encode(), f"Bearer {self.auth_token}".encode()):
             reason = "no auth token" if not sent else "wrong auth token"
             log.warning("refused a call from %s: %s", context.peer(), reason)
+            self.metrics.auth_failures.inc()
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: this verifier requires --auth-token")
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
@@ -222,6 +236,8 @@ class VerifierService(pb_grpc.VerifierServicer):
     async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
         await self._authorize(context)
         session: _Session | None = None
+        # The front-end's request span (W3C trace context in the metadata): this stream's spans are its children.
+        parent = propagate.extract(dict(context.invocation_metadata() or ()))
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("kind")
@@ -229,11 +245,29 @@ class VerifierService(pb_grpc.VerifierServicer):
                     if session is not None:
                         self.sessions.close(session)
                     session = self.sessions.open(params_from_wire(message.open.params))
-                    await self._replay(session, list(message.open.context), message.open.prompt_tokens, context)
+                    replayed = len(message.open.context)
+                    self.metrics.replayed_tokens.inc(replayed)
+                    attributes = {"specserve.session": session.id, "specserve.replayed_tokens": replayed}
+                    with _tracer.start_as_current_span("verifier.open", context=parent, attributes=attributes):
+                        await self._replay(session, list(message.open.context), message.open.prompt_tokens, context)
                 elif kind == "window":
                     if session is None:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a window before open")
-                    yield await self._window(session, message.window, context)
+                    with _tracer.start_as_current_span("verifier.window", context=parent) as span:
+                        reply = await self._window(session, message.window, context)
+                        if reply.has_verdict:
+                            self.metrics.windows.inc()
+                            self.metrics.drafted.inc(len(message.window.drafts))
+                            self.metrics.accepted.inc(reply.accepted)
+                        span.set_attributes(
+                            {
+                                "specserve.session": session.id,
+                                "specserve.rows": len(message.window.append) + len(message.window.drafts),
+                                "specserve.drafted": len(message.window.drafts),
+                                "specserve.accepted": reply.accepted,
+                            }
+                        )
+                    yield reply
                 elif kind == "close":
                     break
                 else:
@@ -351,7 +385,10 @@ def build_verifier(config: VerifierConfig, show_progress: bool = True) -> Verifi
 def serve_verifier(config: VerifierConfig) -> int:
     """Load the target, measure its window costs, serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_tracing("specserve-verifier")
     credentials = server_credentials(config.tls_cert, config.tls_key) if config.tls_cert else None
     service = build_verifier(config)
+    if config.metrics_port is not None:
+        service.metrics.serve(config.metrics_port)
     asyncio.run(_serve(service, config.listen, credentials))
     return 0

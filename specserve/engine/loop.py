@@ -290,6 +290,7 @@ class Generation:
             return []
         self.finish_reason = reason
         self.stats.total_s = time.perf_counter() - self._start if self._start is not None else 0.0
+        self.target.close()
         tail = self._text.finish()
         return [Emitted(None, tail, False)] if tail else []
 
@@ -329,6 +330,7 @@ class Generation:
             self.finish_reason = "length"  # no room for the pending token
         if self.finish_reason is not None:
             self.stats.total_s = time.perf_counter() - self._start
+            self.target.close()
             if tail := self._text.finish():
                 out.append(Emitted(None, tail, False))  # text held back for a possible stop string
         return out

@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from specserve.engine.grammar import Grammar
 
 
+# Temperatures below this decode greedily (vLLM's _SAMPLING_EPS): dividing logits by less overflows them.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
@@ -30,7 +34,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalizes(self) -> bool:

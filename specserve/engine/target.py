@@ -51,6 +51,10 @@ class TargetSession(Protocol):
 
     def reset(self) -> None: ...
 
+    def close(self) -> None:
+        """The generation is over: release what the session holds elsewhere (a verifier's KV cache)."""
+        ...
+
     @staticmethod
     def run_many(sessions: list[TargetSession], windows: list[Window]) -> list[Verdict | None]:
         """One pass for windows of several sessions that share a batch key."""
@@ -86,6 +90,9 @@ class LocalTarget:
 
     def reset(self) -> None:
         self.backend.reset()
+
+    def close(self) -> None:
+        pass  # the sequence's KV cache may still give later prompts their prefix (cache/prefix.py)
 
     @staticmethod
     def run_many(sessions: list[LocalTarget], windows: list[Window]) -> list[Verdict | None]:

@@ -6,6 +6,7 @@ openai_format.py the response shapes; scheduler.py runs every admitted request i
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import signal
@@ -18,10 +19,12 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from specserve import __version__
 from specserve.cache import ResponseCache, open_cache
 from specserve.config import SERVER_MAX_BATCH, SERVER_MAX_QUEUE, ServerConfig
 from specserve.runtime import Runtime, open_runtime
@@ -29,7 +32,7 @@ from specserve.server.metrics import Metrics
 from specserve.server.openai_format import ApiError, error_body
 from specserve.server.routes import STATIC, router
 from specserve.server.state import ServerState
-from specserve.server.tracing import setup_tracing
+from specserve.tracing import setup_tracing
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far beyond any prompt the context can hold
 log = logging.getLogger("specserve.server")
@@ -37,6 +40,20 @@ log = logging.getLogger("specserve.server")
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, headers=None):
     return JSONResponse(status_code=status, content=error_body(message, kind, param), headers=headers)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without its 422 responses: a request that fails validation gets a 400 here, with
+    OpenAI's error body (the handler in `create_app`), as the routes document."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=__version__, routes=app.routes)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(
@@ -65,6 +82,7 @@ def create_app(
         state.stop()
 
     app = FastAPI(title="specserve", lifespan=lifespan)
+    app.openapi = functools.partial(_openapi, app)
     app.state.server = state
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -19,11 +19,33 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from specserve import SpecserveError
 from specserve.server import openai_format as fmt
 from specserve.server.openai_format import ApiError, Finished
-from specserve.server.schemas import ChatRequest, CompletionParams, CompletionRequest
+from specserve.server.schemas import ChatRequest, CompletionParams, CompletionRequest, ErrorResponse
 from specserve.server.state import Event, ServerState
 from specserve.server.tools import StreamSplit
 
 router = APIRouter()
+
+
+def _errors(*statuses: int) -> dict:
+    """The OpenAPI entries of the errors a route answers with (schemathesis holds the server to them)."""
+    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
+
+
+ERRORS = {
+    400: "malformed or unsatisfiable request",
+    401: "missing or wrong API key (with --api-key)",
+    404: "unknown model",
+    413: "request body too large",
+    429: "queue full; retry after Retry-After seconds",
+    499: "the client closed the request",
+    500: "the generation failed",
+    503: "models loading, no verifier reachable, or shutting down; retry after Retry-After seconds",
+}
+# A completion is one JSON body, or with `stream: true` a stream of server-sent events.
+_COMPLETION = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "the completion"},
+    **_errors(400, 401, 404, 413, 429, 499, 500, 503),
+}
 STATIC = Path(__file__).parent / "static"  # the web page (GET / and /dashboard); plain files, no build step
 
 
@@ -31,7 +53,7 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-@router.get("/health")
+@router.get("/health", responses={503: {"description": "not ready (why in the body)"}})
 async def health(request: Request):
     state = _state(request)
     if state.draining:
@@ -55,31 +77,31 @@ async def dashboard_page() -> FileResponse:
     return FileResponse(STATIC / "dashboard.html")
 
 
-@router.get("/v1/specserve/info")
+@router.get("/v1/specserve/info", responses=_errors(401, 503))
 async def info(request: Request) -> dict:
     """specserve's extension: the models, backends, methods and limits of this server (the web page's panel)."""
     return _state(request).ready().summary()
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}, **_errors(401)})
 async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=_errors(401, 503))
 async def models(request: Request) -> dict:
     name = _state(request).ready().target_name
     return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "specserve"}]}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=_COMPLETION)
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     ids = state.ready().encode_prompt(prompt=body.prompt)
     return await _answer(state, "completions", request, body, ids, chat=False)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=_COMPLETION)
 async def chat_completions(body: ChatRequest, request: Request):
     state = _state(request)
     if body.max_completion_tokens is not None:

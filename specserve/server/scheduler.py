@@ -111,6 +111,8 @@ class Scheduler:
                 if not job.cancelled:
                     self._active.append(job)
             self.metrics.queue_depth.set(len(self._waiting))
+            for job in [j for j in self._active if j.cancelled]:
+                job.generation.target.close()  # a verifier frees its KV cache now, not when collected
             self._active = [j for j in self._active if not j.cancelled]
             self.metrics.active.set(len(self._active))
         return True

@@ -69,7 +69,8 @@ class CompletionParams(BaseModel):
     stop: str | list[str] | None = Field(default=None)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # vLLM's extension
+    # vLLM's extension; logits are divided by it, so not so small that they overflow to infinity
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id -> bias
     response_format: ResponseFormat | None = None
     guided_regex: str | None = None  # vLLM's extensions: the reply matches this regex ...
@@ -257,3 +258,16 @@ class ChatRequest(CompletionParams):
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which every 4xx and 5xx of this server has (openai_format.error_body)."""
+
+    error: ErrorDetail

@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 from specserve import SpecserveError
 from specserve.cache import CachedResponse, ResponseCache, cache_key
@@ -152,23 +152,25 @@ class ServerState:
         method = body.speculation.method
         if method not in rt.methods:  # no draft model loaded: fall back to a model-free drafter
             method = "suffix" if method == "suffix-draft" else "ngram"
+        attributes = {"specserve.endpoint": endpoint, "specserve.method": method, "specserve.prompt_tokens": len(ids)}
+        span = self.tracer.start_span("specserve.request", attributes=attributes)
+        trace_context: dict[str, str] = {}  # W3C trace context: a remote verifier's spans join this trace
+        propagate.inject(trace_context, context=trace.set_span_in_context(span))
         try:
-            tolerance = body.speculation.tolerance()
-            k = body.speculation.k
             generation = rt.generate(
                 ids,
                 sampling,
                 method=method,
-                k=k,
-                tolerance=tolerance,
+                k=body.speculation.k,
+                tolerance=body.speculation.tolerance(),
                 user=body.user,
                 logprobs=body.logprob_count(),
                 grammar=body.grammar(rt.tokenizer),
+                trace_context=trace_context,
             )
         except (ContextOverflowError, SpecserveError, ValueError) as exc:
+            span.end()
             raise ApiError(400, str(exc)) from None
-        attributes = {"specserve.endpoint": endpoint, "specserve.method": method, "specserve.prompt_tokens": len(ids)}
-        span = self.tracer.start_span("specserve.request", attributes=attributes)
         try:
             return self.scheduler.submit(generation, span)
         except QueueFull as exc:

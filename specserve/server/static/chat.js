@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const history = [];  // the conversation, as the API takes it
+const conversation = [];  // the messages so far, as the API takes them
 let controller = null;  // aborts the running stream
 const askForKey = setupKeyBox(loadInfo);
 
@@ -58,7 +58,7 @@ function requestBody(prompt) {
     speculation.delta = Number($("delta").value);
   }
   const body = {
-    messages: [...history, { role: "user", content: prompt }],
+    messages: [...conversation, { role: "user", content: prompt }],
     max_tokens: Number($("max-tokens").value),
     temperature: Number($("temperature").value),
     stream: true,
@@ -164,7 +164,7 @@ async function send(prompt) {
         if (s.drafted > 0) $("acceptance-rate").textContent = `${(100 * s.acceptance_rate).toFixed(0)}% (${s.accepted}/${s.drafted})`;
       }
     }
-    history.push({ role: "user", content: prompt }, { role: "assistant", content: text });
+    conversation.push({ role: "user", content: prompt }, { role: "assistant", content: text });
   } catch (err) {
     if (err.name !== "AbortError") {
       if (err.status === 401) askForKey();
@@ -195,7 +195,7 @@ $("prompt").addEventListener("keydown", (event) => {
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
 $("clear").addEventListener("click", () => {
-  history.length = 0;
+  conversation.length = 0;
   $("transcript").replaceChildren();
 });
 $("acceptance").addEventListener("change", () => {

@@ -35,6 +35,15 @@ async function api(path, options = {}) {
   return response;
 }
 
+// The API key box and the error line, which both pages have, in their #notices element.
+document.getElementById("notices").innerHTML = `
+  <div id="key-box" hidden>
+    <label>API key <input id="api-key" type="password" autocomplete="off" placeholder="sk-…"></label>
+    <button id="key-save">use</button>
+    <span class="muted">kept in this tab only</span>
+  </div>
+  <div id="error" role="alert" hidden></div>`;
+
 // Shows the key box when the server wants a key; `onKey` runs after the user gives one.
 function setupKeyBox(onKey) {
   const box = document.getElementById("key-box");
