@@ -359,6 +359,27 @@ def test_fifty_concurrent_streams_equal_each_request_alone(server):
     assert httpx.get(f"{server}/health").json()["in_flight"] == 0
 
 
+def test_two_hundred_clients_that_honour_retry_after_all_finish_with_their_solo_text(server):
+    """Past --max-batch + --max-queue a client gets 429 + Retry-After; one that waits and retries gets in."""
+
+    def patient(request: tuple[str, int]) -> tuple[str, int]:
+        refused = 0
+        while True:
+            try:
+                return _stream_text(server, *request), refused
+            except openai.RateLimitError as exc:
+                refused += 1
+                time.sleep(float(exc.response.headers["retry-after"]))
+
+    requests = [(TOPICS[i % len(TOPICS)], 8) for i in range(200)]
+    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(patient, requests))
+    alone = {r: _stream_text(server, *r) for r in sorted(set(requests))}
+    assert [text for text, _ in results] == [alone[r] for r in requests]  # none lost, cut or doubled
+    assert sum(refused for _, refused in results) > 0  # the bound (8 running + 48 waiting) was reached
+    assert httpx.get(f"{server}/health").json()["in_flight"] == 0
+
+
 def test_over_the_queue_bound_requests_get_429_with_retry_after(server):
     def post(i: int) -> httpx.Response:
         body = {"prompt": f"# {i}\n", "max_tokens": 4, "temperature": 0.5, "seed": i}
