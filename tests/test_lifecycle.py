@@ -87,3 +87,47 @@ def test_sigterm_stops_admitting_lets_streams_finish_and_exits_0(server):
         thread.join(timeout=60)
     assert [(finish, tokens) for _, finish, tokens in results] == [("length", 48), ("length", 48)]
     assert proc.wait(timeout=30) == 0
+
+
+def test_redis_killed_and_restarted_under_load_loses_no_request(redis_server, smollm2_path):
+    """The response cache goes away mid-load: requests go on uncached; it comes back by itself (the cache
+    retries Redis 30 s after it went away)."""
+    proc, base, _ = start_server(*SMALL, "--cache-url", redis_server.url)
+    outcomes: list[tuple[int, str, str, bool]] = []  # status, prompt, text, cached
+    done = threading.Event()
+
+    def load(worker: int) -> None:
+        while not done.is_set():
+            for prompt in ("def add(a, b):", "# A list of fruits:", "SELECT name FROM"):
+                body = {"prompt": prompt, "max_tokens": 8}
+                response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+                reply = response.json()
+                text = reply["choices"][0]["text"] if response.status_code == 200 else reply["error"]["message"]
+                cached = response.status_code == 200 and reply["speculative"].get("cached", False)
+                outcomes.append((response.status_code, prompt, text, cached))
+
+    workers = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+    try:
+        for worker in workers:
+            worker.start()
+        time.sleep(3)
+        port = redis_server.port
+        redis_server.stop()
+        time.sleep(3)
+        redis_server.start(port=port)  # empty: the cache fills again once the server retries it
+        seen = len(outcomes)
+        deadline = time.time() + 45
+        while time.time() < deadline and not any(cached for *_, cached in outcomes[seen:]):
+            time.sleep(0.5)
+    finally:
+        done.set()
+        for worker in workers:
+            worker.join(timeout=60)
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert {status for status, *_ in outcomes} == {200}, [o for o in outcomes if o[0] != 200][:3]
+    texts: dict[str, set[str]] = {}
+    for _, prompt, text, _ in outcomes:
+        texts.setdefault(prompt, set()).add(text)
+    assert all(len(t) == 1 for t in texts.values()), texts  # cached or not, greedy gives the same text
+    assert any(cached for *_, cached in outcomes[:seen]) and any(cached for *_, cached in outcomes[seen:])
