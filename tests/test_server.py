@@ -394,6 +394,42 @@ def test_over_the_queue_bound_requests_get_429_with_retry_after(server):
     assert all(r.json()["usage"]["completion_tokens"] == 4 for r in responses if r.status_code == 200)
 
 
+def test_edge_inputs_are_answered_correctly_or_with_a_4xx(client, target_path):
+    from specserve.models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(target_path)
+    n_ctx = 2048  # the module server's --n-ctx
+
+    def prompt_of(n: int) -> str:
+        text = " hello" * n
+        assert len(tokenizer.encode(text, special=False)) == n
+        return text
+
+    at_limit = client.completions.create(model=None, prompt=prompt_of(n_ctx - 1), max_tokens=1)
+    assert at_limit.usage.prompt_tokens == n_ctx - 1 and at_limit.usage.completion_tokens == 1
+    for prompt, max_tokens in ((prompt_of(n_ctx), 1), (prompt_of(n_ctx - 1), 2), ("", 4)):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=None, prompt=prompt, max_tokens=max_tokens)
+    blank = client.completions.create(model=None, prompt="   \n\t ", max_tokens=3)
+    assert blank.usage.completion_tokens <= 3 and blank.choices[0].finish_reason in ("stop", "length")
+    one = client.completions.create(model=None, prompt="def add(a, b):", max_tokens=1)
+    assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
+
+    # stop strings that are prefixes of each other: the reply ends where the first of them begins
+    whole = client.completions.create(model=None, prompt="def add(a, b):\n", max_tokens=24, seed=9).choices[0].text
+    cut = client.completions.create(model=None, prompt="def add(a, b):\n", max_tokens=24, stop=["return a", "ret"])
+    assert "ret" in whole and cut.choices[0].text == whole[: whole.index("ret")]
+    assert cut.choices[0].finish_reason == "stop"
+
+    # characters of several bytes split across tokens stream whole, never as replacement characters
+    messages = [{"role": "user", "content": "Write 'good morning' in Japanese, Chinese and Korean, with an emoji."}]
+    kwargs = {"model": None, "messages": messages, "max_tokens": 40}
+    text = client.chat.completions.create(**kwargs).choices[0].message.content
+    stream = client.chat.completions.create(**kwargs, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == text and "\ufffd" not in text and any(ord(ch) > 0x3000 for ch in text)
+
+
 def test_client_disconnect_cancels_the_stream(server):
     body = {"prompt": "def long_function():\n", "max_tokens": 1000, "stream": True, "temperature": 0.7}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=60) as response:
