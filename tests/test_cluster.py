@@ -23,6 +23,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cli._share_cores_politely
@@ -277,6 +279,86 @@ def test_malformed_windows_are_refused_with_a_one_line_reason():
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in error.value.details()
         assert info(verifier.address).model == "fixed"  # still serving
     finally:
+        verifier.stop()
+
+
+_valid_tokens = st.lists(st.integers(0, len(P) - 1), max_size=12)
+_tokens = st.one_of(_valid_tokens, st.lists(st.integers(-3, len(P) + 3), max_size=12))
+_floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
+_params = st.builds(
+    pb.SamplingParams,
+    temperature=st.one_of(st.just(0.0), _floats),
+    top_k=st.integers(-5, 10),
+    top_p=_floats,
+    seed=st.integers(0, 2**64 - 1),
+)
+_dists = st.lists(st.builds(pb.SparseDist, ids=_tokens, probs=st.lists(_floats, max_size=12)), max_size=4)
+_message = st.one_of(
+    st.builds(
+        lambda params, context, prompt: pb.ClientMessage(
+            open=pb.Open(params=params, context=context, prompt_tokens=prompt)
+        ),
+        _params,
+        st.one_of(_tokens, st.lists(st.integers(0, len(P) - 1), min_size=60, max_size=80)),  # past the context
+        st.integers(-(2**31), 2**31 - 1),
+    ),
+    st.builds(
+        lambda append, drafts, dists, predict: pb.ClientMessage(
+            window=pb.Window(append=append, drafts=drafts, dists=dists, predict=predict)
+        ),
+        _tokens,
+        st.one_of(_tokens, st.lists(st.integers(0, len(P) - 1), min_size=40, max_size=70)),  # huge drafts
+        _dists,
+        st.booleans(),
+    ),
+    st.just(pb.ClientMessage(close=pb.Close())),
+    st.just(pb.ClientMessage()),
+)
+_valid_open = st.builds(
+    lambda temperature, seed: pb.ClientMessage(
+        open=pb.Open(params=pb.SamplingParams(temperature=temperature, top_p=1.0, seed=seed))
+    ),
+    st.sampled_from([0.0, 1.0]),
+    st.integers(0, 2**32),
+)
+# A stream of random messages, or one that opens properly and then goes wrong (so windows get checked).
+_streams = st.one_of(
+    st.lists(_message, min_size=1, max_size=6),
+    st.builds(lambda first, rest: [first, *rest], _valid_open, st.lists(_message, min_size=1, max_size=6)),
+)
+# What a malformed or out-of-order stream may end with; never UNKNOWN or INTERNAL (a crash) or a deadline (a hang).
+_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def test_fuzzed_verifier_streams_end_in_a_status_and_spare_the_other_sessions():
+    verifier = InProcessVerifier(P)
+    verifier.service.root.n_ctx = 64  # small, so that contexts and windows past it are reachable
+    stub = pb_grpc.VerifierStub(grpc.insecure_channel(verifier.address))
+    bystander = RemoteTarget(VerifierPool([verifier.address], "fixed"))  # a well-behaved session throughout
+    unused = np.random.default_rng(0)
+    bystander.run_many([bystander], [Window([1], [], [], True, SamplingParams(), unused)])
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(_streams)
+    def stream(messages):
+        try:
+            list(stub.Session(iter(messages), timeout=10))
+        except grpc.RpcError as error:
+            assert error.code() in _REFUSALS, (error.code(), error.details())
+            refusals.append(error.details())
+        if bystander.n_past > 48:  # its own context is near the limit: start it again
+            bystander.reset()
+            bystander.run_many([bystander], [Window([1], [], [], True, SamplingParams(), unused)])
+        (verdict,) = bystander.run_many([bystander], [Window([2], [3], [None], True, SamplingParams(), unused)])
+        assert verdict is not None and bystander.failovers == 0
+
+    refusals: list[str] = []
+    try:
+        stream()
+        assert info(verifier.address).model == "fixed"
+        assert 0 < len(refusals) < 300  # both refused and well-formed streams were tried
+    finally:
+        bystander.close()
         verifier.stop()
 
 
