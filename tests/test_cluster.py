@@ -5,6 +5,7 @@ service for the statistics (so every window is an independent trial)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import http.server
 import os
 import queue
@@ -434,25 +435,40 @@ def test_pipelined_drafting_keeps_greedy_output(runtime):
 
 
 @pytest.mark.models
-def test_kill_9_of_a_replica_mid_stream_loses_nothing(runtime, verifiers):
+def test_kill_9_of_a_replica_under_16_streams_loses_nothing(runtime, verifiers):
     """Runs last in this module: it kills one of the module's verifiers."""
-    prompt = "Write a Python class `LRUCache` with get and put, using an OrderedDict."
-    expected = reference(runtime, prompt, 128)
-    proc, base, _ = start_frontend("--verifier", ",".join(v.address for v in verifiers))
-    try:
-        pieces, killed = [], None
-        for chunk in chat(base, prompt, 128, stream=True, seed=3):
+    prompts = [
+        "Write a Python class `LRUCache` with get and put, using an OrderedDict.",
+        "Write a Python function that merges two sorted lists.",
+        "Explain in two sentences what a hash map is.",
+        "Write a Python function `is_prime(n)` that returns True if n is prime.",
+    ]
+    expected = {p: reference(runtime, p, 128) for p in prompts}
+    replicas = ",".join(v.address for v in verifiers)
+    proc, base, _ = start_frontend("--verifier", replicas, "--max-batch", "16")  # all 16 run at once
+    started = threading.Barrier(17)
+
+    def stream(i: int) -> str:
+        pieces = []
+        for chunk in chat(base, prompts[i % 4], 128, stream=True, seed=100 + i):
             if chunk.choices:
                 pieces.append(chunk.choices[0].delta.content or "")
-            if killed is None and len(pieces) >= 6:
-                busy = [v for v in verifiers if info(v.address).sessions > 0]
-                assert len(busy) == 1, "one session lives on exactly one replica"
-                killed = busy[0]
-                killed.proc.kill()  # SIGKILL: no goodbye on the stream
-                killed.proc.wait()
-        assert killed is not None, "the stream ended before the kill"
-        assert "".join(pieces) == expected
-        survivor = next(v for v in verifiers if v is not killed)
+            if len(pieces) == 3:
+                started.wait(timeout=300)  # every stream is under way before the kill
+        return "".join(pieces)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(stream, i) for i in range(16)]
+            started.wait(timeout=300)
+            loads = {v.address: info(v.address).sessions for v in verifiers}
+            assert all(loads.values()), f"sessions on both replicas: {loads}"
+            victim = verifiers[0]
+            victim.proc.kill()  # SIGKILL: no goodbye on its streams
+            victim.proc.wait()
+            texts = [f.result(timeout=600) for f in futures]
+        assert texts == [expected[prompts[i % 4]] for i in range(16)]  # no gap, no duplicate, same tokens
+        survivor = verifiers[1]
         assert survivor.proc.poll() is None and info(survivor.address).model == runtime.target_name
     finally:
         stop_frontend(proc)
