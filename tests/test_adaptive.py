@@ -118,7 +118,11 @@ def test_adaptive_k_falls_to_zero_and_output_stays_the_targets(runtime):
     assert generation.tokens == plain.tokens
     assert generation.stats.accepted == 0
     tail = generation.stats.chosen_k[len(generation.stats.chosen_k) // 2 :]
-    assert np.mean([k == 0 for k in tail]) > 0.8, generation.stats.chosen_k
+    table = {
+        rows: round(s / runtime.policy.costs.target.table[1], 3)
+        for rows, s in runtime.policy.costs.target.table.items()
+    }
+    assert np.mean([k == 0 for k in tail]) > 0.8, (generation.stats.chosen_k, table)
 
 
 def test_noisy_costs_never_make_a_window_look_cheaper_than_one_token():
@@ -126,6 +130,17 @@ def test_noisy_costs_never_make_a_window_look_cheaper_than_one_token():
     assert interpolate(table, 3) >= interpolate(table, 1) and interpolate(table, 5) >= interpolate(table, 1)
     p = policy(table)
     assert plan_one(p, request(p, 0.0), uses_model=False) == 0  # with nothing accepted, drafting only costs
+
+
+def test_a_window_measured_as_cheap_as_one_row_is_not_drafted_on_a_sliver_of_acceptance():
+    # one CI run's calibration on an Intel VM had 2 rows at 0.989 of one row (truly ~1.05): every window then
+    # looked free, and a request whose drafts were never accepted drafted to its end
+    table = {1: 0.040, 2: 0.0396, 3: 0.0425, 9: 0.060}
+    p = policy(table)
+    assert plan_one(p, request(p, 0.02), uses_model=False) == 0
+    assert plan_one(p, request(p, 0.2), uses_model=False) > 0  # a real gain still drafts
+    off = policy(table, ablate={"margin", "probes"})
+    assert plan_one(off, request(off, 0.02), uses_model=False) == 1
 
 
 def test_windows_follow_a_kernel_that_takes_rows_in_groups():

@@ -22,6 +22,10 @@ Refinements, each of which `specserve bench --ablate NAME` switches off to measu
   remaining plain-decoding time;
 - draft-p-min: the draft stops a window at a token it is unsure of, where the acceptance measured for its
   confidence does not pay for another draft pass (llama.cpp's --draft-p-min, learned);
+- margin: drafting must promise PLAIN_MARGIN more tokens per second than plain decoding, the resolution of
+  the tables: a window's cost above one row's is a few percent, the same size measured on a shared machine
+  varies by as much, and a table where it came out no dearer than one row would have every window drafted
+  at any acceptance above zero;
 - speed: the cost tables follow the machine's speed (engine/costs.py), and cost-refresh: they are measured
   again when it drifts far.
 """
@@ -39,6 +43,7 @@ FEATURES = ABLATIONS  # the refinements above, by the names `--ablate` takes
 PROBE_EVERY = 16  # steps at k = 0 before a probe ...
 PROBE_EVERY_MAX = 64  # ... doubling after each probe that did not bring drafting back, up to this
 PROBE_BUDGET = 0.03  # the most of the reply's remaining plain-decoding time a probe's catch-up may cost
+PLAIN_MARGIN = 0.03  # the gain over plain decoding below which a plan is within the tables' noise
 SURE = 0.99  # acceptance at which a probe is pointless if even it would not make the batch draft
 
 
@@ -184,7 +189,9 @@ class AdaptiveK:
         def added(rows: int) -> float:  # what the pass costs beyond them (noise must not make it 0)
             return max(costs.verify([other_rows + rows]) - spent, 1e-4) + round_trip
 
-        best_rate, best_k, best_m = n / added(n), 0, 0
+        plain_rate = n / added(n)
+        bar = plain_rate * (1 + PLAIN_MARGIN) if "margin" in self.on else plain_rate
+        best_rate, best_k, best_m = bar, 0, 0
         for k in range(1, max((s.limit for s in slots), default=0) + 1):
             tokens, rows, first_rows, catch_up = float(n), n, [], 0.0
             for m, i in enumerate(order, start=1):
@@ -201,7 +208,9 @@ class AdaptiveK:
                 if rate > best_rate:
                     best_rate, best_k, best_m = rate, k, m
         chosen = set(order[:best_m])
-        return [min(best_k, s.limit) if i in chosen else 0 for i, s in enumerate(slots)], best_rate
+        return [
+            min(best_k, s.limit) if i in chosen else 0 for i, s in enumerate(slots)
+        ], best_rate if best_k else plain_rate
 
     def _probe_due(self, slot: Slot) -> bool:
         state = slot.state
