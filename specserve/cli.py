@@ -31,6 +31,7 @@ from specserve.config import (  # noqa: E402
     SERVER_MAX_BATCH,
     SERVER_MAX_QUEUE,
     SERVER_SHUTDOWN_GRACE_S,
+    STREAM_BUFFER_STEPS,
     VERIFIER_MAX_SESSIONS,
     EngineConfig,
     ServerConfig,
@@ -221,6 +222,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics_need_key=args.metrics_need_key,
         request_timeout_s=args.request_timeout,
         shutdown_grace_s=args.shutdown_grace,
+        stream_buffer=args.stream_buffer,
     )
 
 
@@ -377,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--rounds", type=positive_int, default=3, help="requests each client streams in turn")
     load.add_argument("--max-tokens", type=positive_int, default=64)
     load.add_argument("--prompts", default=None, help="project (default), public or JSONL files of {kind, prompt}")
+    load.add_argument(
+        "--max-batch", type=positive_int, default=None, help="the started server's (default: the most clients)"
+    )
+    load.add_argument(
+        "--max-queue", type=positive_int, default=SERVER_MAX_QUEUE, help=f"the started server's ({SERVER_MAX_QUEUE})"
+    )
     load.add_argument("--out", default="bench-out/loadtest.json", help="JSON report; the PNG goes beside it")
     load.set_defaults(func=cmd_loadtest)
 
@@ -402,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="a request still running after this ends with finish_reason length (default: none)",
+    )
+    serve.add_argument(
+        "--stream-buffer",
+        type=positive_int,
+        default=STREAM_BUFFER_STEPS,
+        metavar="STEPS",
+        help="a stream whose client has this many steps of output unread is cancelled, its slot freed "
+        f"(default {STREAM_BUFFER_STEPS})",
     )
     serve.add_argument(
         "--shutdown-grace",

@@ -25,6 +25,7 @@ REMOTE_Q_TOP_K = 64  # a remote draft samples from its top 64 tokens: the sparse
 PREFILL_CHUNK = 128  # prompt tokens per prefill pass (engine/loop.py says why it is fixed)
 SERVER_MAX_BATCH = 8  # requests the HTTP server decodes together
 SERVER_MAX_QUEUE = 64  # requests waiting for a batch slot before 429
+STREAM_BUFFER_STEPS = 256  # steps of output a stream may leave unread before it is cancelled
 SERVER_SHUTDOWN_GRACE_S = 30.0  # on SIGTERM, running requests finish within this, new ones get 503
 VERIFIER_MAX_BATCH = 16  # windows of all clients in one verifier target pass
 VERIFIER_MAX_SESSIONS = 64
@@ -103,6 +104,7 @@ class ServerConfig:
     metrics_need_key: bool = False  # /metrics behind the API key too (/health stays open)
     request_timeout_s: float | None = None  # a request running longer ends with finish_reason "length"
     shutdown_grace_s: float = SERVER_SHUTDOWN_GRACE_S  # on SIGTERM: how long running requests may finish
+    stream_buffer: int = STREAM_BUFFER_STEPS  # a client this far behind its stream is not reading: cancel it
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,60 @@ def test_a_request_past_its_deadline_ends_as_length_and_frees_its_slot(server, s
     assert httpx.get(f"{base}/health").json()["in_flight"] == 0
 
 
+@pytest.mark.parametrize("server", [("--stream-buffer", "16")], indirect=True)
+def test_a_client_that_stops_reading_is_cancelled_and_stalls_nobody(server, smollm2_path):
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    from specserve.models.tokenizer import Tokenizer
+
+    _, base = server
+    never_stop = {str(t): -100 for t in Tokenizer(smollm2_path).stop_ids}
+    body = json.dumps(
+        {
+            "prompt": "Once upon a time",
+            "max_tokens": 1800,
+            "stream": True,
+            "seed": 1,
+            "logprobs": 5,
+            "logit_bias": never_stop,
+        }
+    ).encode()
+    url = urlparse(base)
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    reader.connect((url.hostname, url.port))
+    reader.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )  # ... and never reads: the kernel's and the server's buffers fill, then its queue of steps
+    try:
+        # another stream meanwhile runs to its end, undelayed by the one nobody reads
+        other = client(base).completions.create(
+            model=None, prompt="The sea is", max_tokens=32, seed=2, logit_bias=never_stop
+        )
+        assert other.usage.completion_tokens == 32
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            metrics = httpx.get(f"{base}/metrics").text
+            stalled = [line for line in metrics.splitlines() if line.startswith("specserve_stalled_streams_total")]
+            if stalled and float(stalled[0].split()[1]) >= 1 and httpx.get(f"{base}/health").json()["in_flight"] == 0:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the unread stream was not cancelled: {stalled}, {httpx.get(f'{base}/health').json()}")
+        received = b""  # reading again, the client hears why its stream ended
+        reader.settimeout(30)
+        while b"data: [DONE]" not in received:
+            received += reader.recv(1 << 16) or pytest.fail(f"connection closed: {received[-500:]!r}")
+        assert b"steps unread" in received.rsplit(b"data: ", 2)[-2]
+    finally:
+        reader.close()
+    assert client(base).completions.create(model=None, prompt="Hi", max_tokens=4).usage.completion_tokens == 4
+
+
 @pytest.mark.parametrize("server", [("--shutdown-grace", "120")], indirect=True)
 def test_sigterm_stops_admitting_lets_streams_finish_and_exits_0(server):
     proc, base = server
@@ -136,3 +190,26 @@ def test_redis_killed_and_restarted_under_load_loses_no_request(redis_server, sm
     assert all(len(t) == 1 for t in texts.values()), texts  # cached or not, greedy gives the same text
     assert any(cached for *_, cached in outcomes[:stopped]) and any(cached for *_, cached in outcomes[seen:])
     assert seen > stopped  # requests ran while Redis was down
+
+
+@pytest.mark.parametrize("server", [("--max-batch", "2", "--max-queue", "1")], indirect=True)
+def test_loadtest_reports_latency_percentiles_and_retries_the_turned_away(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    _, base = server
+    out = tmp_path / "load.json"
+    command = [sys.executable, "-m", "specserve.cli", "loadtest", "--url", base, "--concurrency", "1,6"]
+    command += ["--methods", "ngram,none", "--rounds", "2", "--max-tokens", "16", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["clients"], r["method"]) for r in rows} == {(c, m) for c in (1, 6) for m in ("ngram", "none")}
+    for row in rows:
+        assert row["requests"] == 2 * row["clients"]  # every request finished, the turned-away ones retried
+        assert 0 < row["ttft_ms_p50"] <= row["ttft_ms_p99"] and 0 < row["tpot_ms_p50"] <= row["tpot_ms_p99"]
+    # 6 clients against 2 running + 1 waiting: some were told to come back
+    assert all(r["retried_429"] > 0 for r in rows if r["clients"] == 6)
+    assert all(r["retried_429"] == 0 for r in rows if r["clients"] == 1)
+    assert out.with_suffix(".png").stat().st_size > 0

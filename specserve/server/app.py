@@ -10,6 +10,7 @@ import functools
 import hmac
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specserve import __version__
 from specserve.cache import ResponseCache, open_cache
-from specserve.config import SERVER_MAX_BATCH, SERVER_MAX_QUEUE, ServerConfig
+from specserve.config import SERVER_MAX_BATCH, SERVER_MAX_QUEUE, STREAM_BUFFER_STEPS, ServerConfig
 from specserve.runtime import Runtime, open_runtime
 from specserve.server.metrics import Metrics
 from specserve.server.openai_format import ApiError, error_body
@@ -66,14 +67,16 @@ def create_app(
     api_key: str | None = None,
     metrics_need_key: bool = False,
     request_timeout_s: float | None = None,
+    stream_buffer: int = STREAM_BUFFER_STEPS,
 ) -> FastAPI:
     """`runtime` may be a factory: the server then starts at once and loads the models in the background,
     answering /health with 503 until they are ready (the factory gets a function to say why it waits).
     `api_key`: every /v1 route (and /metrics with `metrics_need_key`) requires `Authorization: Bearer <api_key>`.
-    `request_timeout_s`: a request running longer ends with finish_reason "length" (the scheduler)."""
+    `request_timeout_s`: a request running longer ends with finish_reason "length" (the scheduler).
+    `stream_buffer`: steps of output a stream may leave unread before the scheduler cancels it."""
     metrics = Metrics()
     cache = cache or open_cache(cache_url, on_lookup=metrics.on_cache_lookup)
-    state = ServerState(runtime, metrics, cache, max_batch, max_queue, request_timeout_s)
+    state = ServerState(runtime, metrics, cache, max_batch, max_queue, request_timeout_s, stream_buffer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -127,6 +130,9 @@ def create_app(
     return app
 
 
+SEND_BUFFER_BYTES = 64 * 1024  # per connection; the kernel doubles it for its bookkeeping
+
+
 class _DrainingServer(uvicorn.Server):
     """uvicorn, where SIGTERM first drains: new requests get 503, running ones may finish for `grace`
     seconds; then uvicorn's own shutdown cancels what is left (a cancelled request is never cached)."""
@@ -162,9 +168,16 @@ def serve(config: ServerConfig) -> int:
         api_key=config.api_key,
         metrics_need_key=config.metrics_need_key,
         request_timeout_s=config.request_timeout_s,
+        stream_buffer=config.stream_buffer,
     )
     print(f"specserve: loading {engine.target} (draft {engine.draft}); serving http://{config.host}:{config.port}/v1")
     # What the drain leaves running gets a second to end its response before uvicorn cancels it.
     options = uvicorn.Config(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=1)
-    _DrainingServer(options, app.state.server, config.shutdown_grace_s).run()
+    listener = options.bind_socket()
+    # Connections inherit this from the listener, and it turns the kernel's send-buffer autotuning (up to
+    # 4 MiB a connection) off: a client that stops reading then holds up its stream after a few hundred KB
+    # rather than after its whole reply, so the scheduler's stream buffer (`--stream-buffer`) sees it and
+    # cancels it. A stream needs ~10 KB/s.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    _DrainingServer(options, app.state.server, config.shutdown_grace_s).run(sockets=[listener])
     return 0

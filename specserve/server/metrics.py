@@ -36,6 +36,9 @@ class Metrics:
         self.rejected_keys = Counter(
             "specserve_rejected_api_keys", "Requests refused for a missing or wrong API key", registry=r
         )
+        self.stalled_streams = Counter(
+            "specserve_stalled_streams", "Streams cancelled because their client stopped reading", registry=r
+        )
         self.drafted = Counter("specserve_drafted_tokens", "Draft tokens proposed", registry=r)
         self.accepted = Counter("specserve_accepted_tokens", "Draft tokens accepted", registry=r)
         self.generated = Counter("specserve_generated_tokens", "Tokens emitted to clients", registry=r)

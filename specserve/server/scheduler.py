@@ -3,7 +3,9 @@
 Requests wait in a bounded queue (full -> `QueueFull`, which the HTTP layer turns into 429); up to
 `max_batch` of them run together, each `engine.loop.step` drafting for all of them in lockstep and
 verifying all their windows in one target pass. Events go back to each request's asyncio queue.
-A cancelled request (client gone) leaves the batch at the next step and its KV cache is dropped.
+A cancelled request (client gone) leaves the batch at the next step and its KV cache is dropped. So does one
+whose client stopped reading: its queue is the stream's buffer, and past `stream_buffer` unread steps the
+request ends with `StreamStalled` (the other streams never wait for it: posting does not block).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
+from specserve.config import STREAM_BUFFER_STEPS
 from specserve.engine.loop import Emitted, Generation, Step, step
 from specserve.server.metrics import Metrics
 
@@ -29,6 +32,10 @@ class QueueFull(Exception):
     """More requests in flight than the server admits."""
 
 
+class StreamStalled(Exception):
+    """The client left too much of its stream unread: the request was cancelled."""
+
+
 @dataclass(eq=False)
 class Job:
     generation: Generation
@@ -38,8 +45,11 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     deadline: float = float("inf")  # perf_counter time past which it ends with finish_reason "length"
+    posted: int = 0  # items the scheduler put in `events` ...
+    taken: int = 0  # ... and the items the stream took out (its consumer counts them)
 
     def post(self, item: list[Emitted] | BaseException | None) -> None:
+        self.posted += 1
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
@@ -51,12 +61,13 @@ class Scheduler:
         max_queue: int = 64,
         between_steps: Callable[[], object] | None = None,
         request_timeout_s: float | None = None,
+        stream_buffer: int = STREAM_BUFFER_STEPS,
     ):
         """`between_steps`: called on the scheduler thread after every step (the runtime's cost refresh,
         which needs the models while no step runs). `request_timeout_s`: a request still running (or
         waiting) this long after it came ends there, with finish_reason "length"."""
         self.metrics, self.max_batch, self.max_queue = metrics, max_batch, max_queue
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s, self.stream_buffer = request_timeout_s, stream_buffer
         self.between_steps = between_steps
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -142,6 +153,8 @@ class Scheduler:
             for job, produced in zip(batch, events, strict=True):
                 if job.generation.done:
                     self._end(job, produced)
+                elif job.posted - job.taken >= self.stream_buffer:
+                    self._stall(job)
                 elif produced:
                     job.post(produced)
             if self.between_steps is not None:
@@ -149,6 +162,12 @@ class Scheduler:
                     self.between_steps()
                 except Exception:  # housekeeping: the requests go on without it
                     log.exception("between-steps work failed")
+
+    def _stall(self, job: Job) -> None:
+        log.warning("a client left %d steps of its stream unread: cancelled", job.posted - job.taken)
+        self.metrics.stalled_streams.inc()
+        job.cancelled = True  # leaves the batch at the next admission, like a client that went away
+        job.post(StreamStalled(f"the stream was cancelled: its client left {job.posted - job.taken} steps unread"))
 
     @staticmethod
     def _end(job: Job, events: list[Emitted]) -> None:

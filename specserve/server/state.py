@@ -18,6 +18,7 @@ from opentelemetry import propagate, trace
 
 from specserve import SpecserveError
 from specserve.cache import CachedResponse, ResponseCache, cache_key
+from specserve.config import STREAM_BUFFER_STEPS
 from specserve.engine.model import ContextOverflowError
 from specserve.engine.sampling import SamplingParams
 from specserve.runtime import Runtime
@@ -31,7 +32,7 @@ from specserve.server.openai_format import (
     request_log,
     token_origin,
 )
-from specserve.server.scheduler import Job, QueueFull, Scheduler
+from specserve.server.scheduler import Job, QueueFull, Scheduler, StreamStalled
 from specserve.server.schemas import CompletionParams
 
 log = logging.getLogger("specserve.server")
@@ -69,10 +70,12 @@ class ServerState:
         max_batch: int,
         max_queue: int,
         request_timeout_s: float | None = None,
+        stream_buffer: int = STREAM_BUFFER_STEPS,
     ):
         """`runtime` may be a factory: `start` then loads it on a thread and `ready` answers 503 until done."""
         self.metrics, self.cache = metrics, cache
         self.max_batch, self.max_queue, self.request_timeout_s = max_batch, max_queue, request_timeout_s
+        self.stream_buffer = stream_buffer
         self.draining = False  # shutting down: running requests finish, new ones get 503
         self.runtime: Runtime | None = runtime if isinstance(runtime, Runtime) else None
         self._factory = None if isinstance(runtime, Runtime) else runtime
@@ -88,6 +91,7 @@ class ServerState:
             max_queue=self.max_queue,
             between_steps=self._refresh_costs,
             request_timeout_s=self.request_timeout_s,
+            stream_buffer=self.stream_buffer,
         )
         if self._factory is not None:
             threading.Thread(target=self._load, name="specserve-load", daemon=True).start()
@@ -191,6 +195,9 @@ class ServerState:
             while (item := await self._next_item(job, request)) is not None:
                 if item is _CLIENT_GONE:
                     return
+                if isinstance(item, StreamStalled):
+                    status = "408"
+                    raise ApiError(408, str(item), kind="timeout_error")
                 if isinstance(item, BaseException):
                     status = "500"
                     raise ApiError(500, f"generation failed: {item}", kind="server_error")
@@ -225,7 +232,9 @@ class ServerState:
         """The job's next item: a list of Emitted, an error, None at its end, or _CLIENT_GONE."""
         while True:
             try:
-                return await asyncio.wait_for(job.events.get(), _DISCONNECT_POLL_S)
+                item = await asyncio.wait_for(job.events.get(), _DISCONNECT_POLL_S)
+                job.taken += 1
+                return item
             except TimeoutError:
                 if await request.is_disconnected():
                     return _CLIENT_GONE
