@@ -208,9 +208,8 @@ class AdaptiveK:
                 if rate > best_rate:
                     best_rate, best_k, best_m = rate, k, m
         chosen = set(order[:best_m])
-        return [
-            min(best_k, s.limit) if i in chosen else 0 for i, s in enumerate(slots)
-        ], best_rate if best_k else plain_rate
+        plan = [min(best_k, s.limit) if i in chosen else 0 for i, s in enumerate(slots)]
+        return plan, best_rate if best_k else plain_rate
 
     def _probe_due(self, slot: Slot) -> bool:
         state = slot.state
