@@ -164,10 +164,11 @@ class Scheduler:
                     log.exception("between-steps work failed")
 
     def _stall(self, job: Job) -> None:
-        log.warning("a client left %d steps of its stream unread: cancelled", job.posted - job.taken)
+        unread = job.posted - job.taken
+        log.warning("a client left %d steps of its stream unread: cancelled", unread)
         self.metrics.stalled_streams.inc()
         job.cancelled = True  # leaves the batch at the next admission, like a client that went away
-        job.post(StreamStalled(f"the stream was cancelled: its client left {job.posted - job.taken} steps unread"))
+        job.post(StreamStalled(f"the stream was cancelled: its client left {unread} steps unread"))
 
     @staticmethod
     def _end(job: Job, events: list[Emitted]) -> None:
