@@ -385,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--max-queue", type=positive_int, default=SERVER_MAX_QUEUE, help=f"the started server's ({SERVER_MAX_QUEUE})"
     )
+    load.add_argument(
+        "--soak",
+        type=positive_float,
+        default=None,
+        metavar="MINUTES",
+        help="instead: the first level's clients stream this long while the server is watched for leaks",
+    )
     load.add_argument("--out", default="bench-out/loadtest.json", help="JSON report; the PNG goes beside it")
     load.set_defaults(func=cmd_loadtest)
 

@@ -128,3 +128,28 @@ def test_llamacpp_sequences_are_independent(target_path, runtime):
     first.reset()
     first.eval(ids[:3], all_logits=False)  # the same batch shapes: llama.cpp rounds by shape
     assert np.array_equal(b, first.eval(ids[3:], all_logits=False))
+
+
+def test_llamacpp_sequences_done_with_give_their_context_to_the_next(target_path, runtime):
+    """A finished request's llama.cpp context (~100 MB of KV cache) serves the next request, with nothing of
+    the old sequence left in it: the model holds as many contexts as sequences ever ran at once."""
+    import gc
+
+    from specserve.backends.llamacpp import LlamaCppBackend
+
+    model = LlamaCppBackend(target_path, n_ctx=512)
+    ids = runtime.tokenizer.encode(PROMPT)
+    fresh = model.new_sequence().eval(ids)  # the first sequence's own context
+    for other_prompt in ("import os\n" * 5, "x = 1\n"):
+        used = model.new_sequence()
+        used.eval(runtime.tokenizer.encode(other_prompt))
+        del used
+        gc.collect()
+    again = model.new_sequence()
+    assert np.array_equal(again.eval(ids), fresh)  # a reused context, emptied
+    together = [model.new_sequence() for _ in range(3)]
+    for seq in together:
+        seq.eval(ids[:2], all_logits=False)
+    assert model._pool.created == 1 + len(together)  # `again` still holds the first one
+    together[0].reset()  # what a finished request's target does (LocalTarget.close): its context goes back
+    assert np.array_equal(model.new_sequence().eval(ids), fresh) and model._pool.created == 1 + len(together)

@@ -523,6 +523,7 @@ def wait_for_health(base: str, status: int, saying: str = "", timeout: float = 1
     while time.time() < deadline:
         response = httpx.get(f"{base}/health", timeout=5)
         if response.status_code == status and saying in (response.json().get("error") or ""):
+            assert status != 503 or response.headers["retry-after"] == "1"  # not ready: poll again soon
             return response.json()
         time.sleep(0.25)
     pytest.fail(f"/health did not answer {status} within {timeout:.0f} s: {response.status_code} {response.text}")

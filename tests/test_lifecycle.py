@@ -133,7 +133,7 @@ def test_sigterm_stops_admitting_lets_streams_finish_and_exits_0(server):
     deadline = time.time() + 10
     while (health := httpx.get(f"{base}/health")).status_code == 200 and time.time() < deadline:
         time.sleep(0.02)
-    assert health.status_code == 503 and health.json()["status"] == "draining"
+    assert health.status_code == 503 and health.json()["status"] == "draining" and health.headers["retry-after"] == "1"
     refused = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert "shutting down" in refused.json()["error"]["message"]
@@ -213,3 +213,37 @@ def test_loadtest_reports_latency_percentiles_and_retries_the_turned_away(server
     assert all(r["retried_429"] > 0 for r in rows if r["clients"] == 6)
     assert all(r["retried_429"] == 0 for r in rows if r["clients"] == 1)
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("server", [("--max-batch", "4", "--max-queue", "1")], indirect=True)
+def test_a_soak_with_clients_that_leave_leaks_no_sequence_descriptor_or_memory(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    _, base = server
+    out = tmp_path / "soak.json"
+    command = [sys.executable, "-m", "specserve.cli", "loadtest", "--url", base, "--soak", "1", "--concurrency", "6"]
+    command += ["--methods", "suffix", "--max-tokens", "24", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert done.returncode == 0 and report["problems"] == [], done.stdout[-3000:] + done.stderr[-2000:]
+    # 6 clients on 4 + 1 slots, a quarter of them leaving mid-stream: every path was taken
+    assert report["completed"] > 0 and report["abandoned"] > 0 and report["retried_429"] > 0
+    last = report["samples"][-1]
+    assert last["active"] == 0 and last["rss_bytes"] > 0 and len(report["samples"]) >= 10
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_soak_verdict_names_each_leak():
+    from specserve.bench.soak import verdict
+
+    def sample(t: float, rss_mib: float, fds: int, active: int = 0) -> dict:
+        return {"t_s": t, "rss_bytes": rss_mib * 2**20, "open_fds": fds, "active": active, "waiting": 0}
+
+    clean = {"seconds": 60, "completed": 9, "failed": 0, "failures": []}
+    steady = [sample(0, 100, 20), sample(15, 200, 28), sample(60, 205, 21)]
+    assert verdict({**clean, "samples": steady}) == []
+    leaking = [sample(0, 100, 20), sample(15, 200, 28), sample(60, 260, 40, active=2)]
+    problems = verdict({**clean, "failed": 1, "failures": ["boom"], "samples": leaking})
+    assert [p.split()[1] for p in problems] == ["requests", "the", "file", "memory"], problems

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from pathlib import Path
 
 import llama_cpp
@@ -21,6 +22,33 @@ from llama_cpp._internals import LlamaBatch, LlamaContext
 from specserve.engine.model import ContextOverflowError
 from specserve.models.fetch import ModelError
 from specserve.models.tokenizer import quiet_stderr
+
+
+class _ContextPool:
+    """The llama.cpp contexts of one model, lent to its sequences. llama-cpp-python registers every context
+    it creates on its model for closing, so a context dropped by its sequence lives (with its KV cache,
+    ~100 MB at n_ctx 4096) as long as the model: one per request, without end. Sequences give theirs back
+    when they are collected, and new ones take a returned context before creating one: the model holds as
+    many contexts as it ever ran sequences at once."""
+
+    def __init__(self, llama: llama_cpp.Llama):
+        self._llama = llama
+        self._free: list[LlamaContext] = []
+        self._lock = threading.Lock()  # sequences are collected on whichever thread drops them
+        self.created = 0
+
+    def take(self) -> LlamaContext:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self.created += 1
+        with quiet_stderr():
+            return LlamaContext(model=self._llama._model, params=self._llama.context_params, verbose=False)
+
+    def give_back(self, ctx: LlamaContext) -> None:
+        ctx.kv_cache_clear()  # the next sequence starts empty, as in a new context
+        with self._lock:
+            self._free.append(ctx)
 
 
 class LlamaCppBackend:
@@ -40,14 +68,16 @@ class LlamaCppBackend:
         n_threads: int | None = None,
         n_batch: int = 512,
         flash_attn: bool = True,
-        _llama: llama_cpp.Llama | None = None,
+        _shared: tuple[llama_cpp.Llama, _ContextPool] | None = None,
     ):
         """`flash_attn`: llama.cpp's fused attention, which computes each row alike whatever the window
         (without it, a 2-row window already rounds differently from two 1-row steps, see choose.py)."""
+        self._ctx: LlamaContext | None = None
+        self._borrowed = False  # whether `_ctx` came from the pool (and goes back to it)
         threads = n_threads or os.cpu_count() or 1
         try:
             with quiet_stderr():
-                if _llama is None:
+                if _shared is None:
                     self._llama = llama_cpp.Llama(
                         str(model_path),
                         n_ctx=n_ctx,
@@ -59,11 +89,12 @@ class LlamaCppBackend:
                         verbose=False,
                     )
                     self._ctx = self._llama._ctx
+                    self._pool = _ContextPool(self._llama)
                 else:
-                    self._llama = _llama  # keeps the shared model alive as long as this sequence
+                    self._llama, self._pool = _shared  # keeps the shared model alive as long as this sequence
                     # Its context (KV cache and buffers, ~120 MB at n_ctx 4096) comes with the first eval, so
                     # a request waiting in the server's queue holds none.
-                    self._ctx = None
+                    self._borrowed = True
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {model_path}: {exc}") from None
         self.model_path = Path(model_path)
@@ -97,12 +128,15 @@ class LlamaCppBackend:
 
     def _context(self) -> LlamaContext:
         if self._ctx is None:
-            with quiet_stderr():
-                self._ctx = LlamaContext(model=self._llama._model, params=self._llama.context_params, verbose=False)
+            self._ctx = self._pool.take()
         return self._ctx
 
+    def __del__(self) -> None:
+        if self._borrowed and self._ctx is not None:
+            self._pool.give_back(self._ctx)
+
     def new_sequence(self) -> LlamaCppBackend:
-        return LlamaCppBackend(self.model_path, n_batch=self._n_batch, _llama=self._llama)
+        return LlamaCppBackend(self.model_path, n_batch=self._n_batch, _shared=(self._llama, self._pool))
 
     def eval_batch(self, work: list[tuple[LlamaCppBackend, list[int], bool]]) -> list[np.ndarray]:
         return [seq.eval(tokens, all_logits) for seq, tokens, all_logits in work]
@@ -116,7 +150,10 @@ class LlamaCppBackend:
             self._n_past = length
 
     def reset(self) -> None:
-        if self._ctx is not None:
+        if self._borrowed and self._ctx is not None:
+            self._pool.give_back(self._ctx)  # an empty sequence holds no context; the next eval borrows one
+            self._ctx = None
+        elif self._ctx is not None:
             self._ctx.kv_cache_clear()
         self._n_past = 0
 

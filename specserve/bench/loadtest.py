@@ -139,27 +139,34 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 
 def run_loadtest(args) -> int:
-    console = Console()
-    prompts = [p["prompt"] for p in load_prompts(prompt_files(args.prompts), 0)]
-    methods = args.methods.split(",")
-    proc = None
-    base = args.url
+    """The concurrency sweep, or with `--soak MINUTES` the leak watch (bench/soak.py), against `--url` or a
+    server started here."""
+    from specserve.bench.soak import run_soak
+
+    proc, base = None, args.url
     if base is None:
-        console.print("starting a server on the default models ...")
+        Console().print("starting a server on the default models ...")
         proc, base = start_server(args)
-    results = []
     try:
-        seed = 0
-        for level, clients in enumerate(args.concurrency):
-            # alternate which method goes first, so that neither always runs on a freshly idle machine
-            for method in methods if level % 2 == 0 else methods[::-1]:
-                console.print(f"{clients} concurrent streams, speculation {method} ...")
-                results.append(asyncio.run(_level(base, prompts, method, clients, args.rounds, args.max_tokens, seed)))
-                seed += clients * args.rounds
+        return run_soak(args, base) if args.soak else _sweep(args, base)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
+
+
+def _sweep(args, base: str) -> int:
+    console = Console()
+    prompts = [p["prompt"] for p in load_prompts(prompt_files(args.prompts), 0)]
+    methods = args.methods.split(",")
+    results = []
+    seed = 0
+    for level, clients in enumerate(args.concurrency):
+        # alternate which method goes first, so that neither always runs on a freshly idle machine
+        for method in methods if level % 2 == 0 else methods[::-1]:
+            console.print(f"{clients} concurrent streams, speculation {method} ...")
+            results.append(asyncio.run(_level(base, prompts, method, clients, args.rounds, args.max_tokens, seed)))
+            seed += clients * args.rounds
     for row in results:
         plain = next(r for r in results if r["clients"] == row["clients"] and r["method"] == "none")
         row["speedup_vs_none"] = (

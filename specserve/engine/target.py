@@ -92,7 +92,11 @@ class LocalTarget:
         self.backend.reset()
 
     def close(self) -> None:
-        pass  # the sequence's KV cache may still give later prompts their prefix (cache/prefix.py)
+        # A backend that copies prefixes keeps its KV for later prompts (cache/prefix.py); any other frees
+        # it now rather than when the generation is collected (a cancelled request's may live on in a
+        # traceback until the cyclic collector runs), so a llama.cpp context goes back to its pool at once.
+        if not self.backend.copies_prefix:
+            self.backend.reset()
 
     @staticmethod
     def run_many(sessions: list[LocalTarget], windows: list[Window]) -> list[Verdict | None]:

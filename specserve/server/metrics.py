@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 _LATENCY_BUCKETS_MS = (1, 2.5, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000)
 _ROLLING_WINDOWS = 64  # verify windows behind the rolling acceptance rate
@@ -15,6 +15,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, ... (the soak reads them)
         self.draft_latency_ms = Histogram(
             "specserve_draft_latency_ms",
             "Drafting time per step (all sequences of the step)",

@@ -8,6 +8,7 @@ streaming replies send each event as a Server-Sent Event chunk.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -24,13 +25,30 @@ LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of probability 0 (JSO
 TokenBytes = Callable[[int], bytes]  # a token's bytes (a piece of UTF-8 text, perhaps not a whole character)
 
 
-class ApiError(Exception):
-    """A request the server refuses or could not finish: becomes `{"error": ...}` with `status`."""
+# Beyond a minute an estimate from recent completions says little; the openai SDK honours up to two.
+MAX_RETRY_AFTER_S = 60
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The Retry-After header of a 429 or 503: whole seconds (HTTP's delta-seconds), 1 to MAX_RETRY_AFTER_S."""
+    return {"Retry-After": str(min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds))))}
+
+
+class ApiError(Exception):
+    """A request the server refuses or could not finish: becomes `{"error": ...}` with `status`.
+    `retry_after_s`: the client may try again then (429 busy, 503 not ready)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        retry_after_s: float | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
-        self.headers: dict[str, str] = {}
+        self.headers: dict[str, str] = retry_after(retry_after_s) if retry_after_s is not None else {}
 
 
 def error_body(

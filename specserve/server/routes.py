@@ -20,7 +20,7 @@ from specserve import SpecserveError
 from specserve.server import openai_format as fmt
 from specserve.server.openai_format import ApiError, Finished
 from specserve.server.schemas import ChatRequest, CompletionParams, CompletionRequest, ErrorResponse
-from specserve.server.state import Event, ServerState
+from specserve.server.state import NOT_READY_RETRY_S, Event, ServerState
 from specserve.server.tools import StreamSplit
 
 router = APIRouter()
@@ -57,14 +57,17 @@ def _state(request: Request) -> ServerState:
 async def health(request: Request):
     state = _state(request)
     if state.draining:
-        return JSONResponse(status_code=503, content={"status": "draining", "in_flight": state.in_flight})
+        return _not_ready({"status": "draining", "in_flight": state.in_flight})
     if state.runtime is None:
         status = "failed" if state.load_error else "loading"
-        body = {"status": status, "error": state.load_error or state.load_status}
-        return JSONResponse(status_code=503, content=body, headers={"Retry-After": "1"})
+        return _not_ready({"status": status, "error": state.load_error or state.load_status})
     if (reason := state.runtime.unavailable()) is not None:  # every verifier down: back when one answers
-        return JSONResponse(status_code=503, content={"status": "unavailable", "error": reason})
+        return _not_ready({"status": "unavailable", "error": reason})
     return {"status": "ok", "model": state.runtime.target_name, "in_flight": state.scheduler.in_flight}
+
+
+def _not_ready(body: dict) -> JSONResponse:
+    return JSONResponse(status_code=503, content=body, headers=fmt.retry_after(NOT_READY_RETRY_S))
 
 
 @router.get("/", include_in_schema=False)

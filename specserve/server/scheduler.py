@@ -1,6 +1,8 @@
 """One thread owns the models and runs every admitted request in a shared batch.
 
-Requests wait in a bounded queue (full -> `QueueFull`, which the HTTP layer turns into 429); up to
+Requests wait in a bounded queue (full -> `QueueFull`, which the HTTP layer turns into 429 with the
+time the waiting requests need to start as its Retry-After, so that turned-away clients come back when
+there is room rather than every second); up to
 `max_batch` of them run together, each `engine.loop.step` drafting for all of them in lockstep and
 verifying all their windows in one target pass. Events go back to each request's asyncio queue.
 A cancelled request (client gone) leaves the batch at the next step and its KV cache is dropped. So does one
@@ -25,11 +27,16 @@ from specserve.engine.loop import Emitted, Generation, Step, step
 from specserve.server.metrics import Metrics
 
 log = logging.getLogger("specserve.scheduler")
+_RATE_WINDOW = 32  # recent request completions behind the completion rate (the 429's Retry-After)
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()  # perf_counter -> wall clock, for span times
 
 
 class QueueFull(Exception):
-    """More requests in flight than the server admits."""
+    """More requests in flight than the server admits; `retry_after_s`: when a retry is likely admitted."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class StreamStalled(Exception):
@@ -71,6 +78,7 @@ class Scheduler:
         self.between_steps = between_steps
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
+        self._finished: collections.deque[float] = collections.deque(maxlen=_RATE_WINDOW)  # perf_counter times
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="specserve-scheduler", daemon=True)
@@ -90,12 +98,21 @@ class Scheduler:
             if self.in_flight >= self.max_batch + self.max_queue:
                 raise QueueFull(
                     f"{self.in_flight} requests in flight; the server takes {self.max_batch} running "
-                    f"+ {self.max_queue} waiting"
+                    f"+ {self.max_queue} waiting",
+                    self._time_to_start_waiting(),
                 )
             self._waiting.append(job)
             self.metrics.queue_depth.set(len(self._waiting))
             self._wake.notify()
         return job
+
+    def _time_to_start_waiting(self) -> float:
+        """Seconds until every request waiting now has a batch slot, at the recent completion rate (1 s
+        before any completed). The rate counts to now, so it falls while nothing completes."""
+        if len(self._finished) < 2:
+            return 1.0
+        rate = (len(self._finished) - 1) / (time.perf_counter() - self._finished[0])
+        return len(self._waiting) / rate
 
     def cancel(self, job: Job) -> None:
         job.cancelled = True  # the scheduler thread drops it before its next step
@@ -109,6 +126,7 @@ class Scheduler:
     def _admit(self) -> bool:
         """Move waiting jobs into the batch; False when the scheduler is stopping."""
         with self._wake:
+            self._publish()  # before idling, so that /metrics shows the batch that just ended
             while not self._stopping and not self._active and not self._waiting:
                 self._wake.wait()
             if self._stopping:
@@ -121,12 +139,15 @@ class Scheduler:
                 job = self._waiting.popleft()
                 if not job.cancelled:
                     self._active.append(job)
-            self.metrics.queue_depth.set(len(self._waiting))
             for job in [j for j in self._active if j.cancelled]:
                 job.generation.target.close()  # a verifier frees its KV cache now, not when collected
             self._active = [j for j in self._active if not j.cancelled]
-            self.metrics.active.set(len(self._active))
+            self._publish()
         return True
+
+    def _publish(self) -> None:
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.active.set(len(self._active))
 
     def _run(self) -> None:
         while self._admit():
@@ -170,8 +191,8 @@ class Scheduler:
         job.cancelled = True  # leaves the batch at the next admission, like a client that went away
         job.post(StreamStalled(f"the stream was cancelled: its client left {unread} steps unread"))
 
-    @staticmethod
-    def _end(job: Job, events: list[Emitted]) -> None:
+    def _end(self, job: Job, events: list[Emitted]) -> None:
+        self._finished.append(time.perf_counter())
         if events:
             job.post(events)
         job.post(None)

@@ -59,6 +59,9 @@ _KEY_FIELDS = {
 
 Event = Piece | Finished
 _CLIENT_GONE = object()
+# A 503's Retry-After: loading reports progress, a verifier is re-checked every second, a draining server
+# is gone in its grace period (a balancer's next try goes elsewhere): poll again soon in each case.
+NOT_READY_RETRY_S = 1.0
 
 
 class ServerState:
@@ -180,9 +183,8 @@ class ServerState:
         except QueueFull as exc:
             span.end()
             self.metrics.requests.labels(endpoint=endpoint, status="429").inc()
-            error = ApiError(429, f"server busy: {exc}; retry shortly", kind="rate_limit_error")
-            error.headers["Retry-After"] = "1"
-            raise error from None
+            message = f"server busy: {exc}; retry after Retry-After seconds"
+            raise ApiError(429, message, kind="rate_limit_error", retry_after_s=exc.retry_after_s) from None
 
     async def _follow(
         self, job: Job, request: Request, key: str | None, endpoint: str, traced: bool
@@ -241,9 +243,7 @@ class ServerState:
 
 
 def _unavailable(reason: str) -> ApiError:
-    error = ApiError(503, reason, kind="service_unavailable")
-    error.headers["Retry-After"] = "1"
-    return error
+    return ApiError(503, reason, kind="service_unavailable", retry_after_s=NOT_READY_RETRY_S)
 
 
 def _check(rt: Runtime, body: CompletionParams, ids: list[int]) -> None:
