@@ -28,8 +28,8 @@ class _ContextPool:
     """The llama.cpp contexts of one model, lent to its sequences. llama-cpp-python registers every context
     it creates on its model for closing, so a context dropped by its sequence lives (with its KV cache,
     ~100 MB at n_ctx 4096) as long as the model: one per request, without end. Sequences give theirs back
-    when they are collected, and new ones take a returned context before creating one: the model holds as
-    many contexts as it ever ran sequences at once."""
+    when reset (a finished request's target is: engine/target.py) or collected, and new ones take a returned
+    context before creating one: the model holds as many contexts as it ever ran sequences at once."""
 
     def __init__(self, llama: llama_cpp.Llama):
         self._llama = llama
@@ -131,9 +131,16 @@ class LlamaCppBackend:
             self._ctx = self._pool.take()
         return self._ctx
 
+    def _give_back_context(self) -> bool:
+        """Return a borrowed context to the pool; False when there is none (the root's is its own)."""
+        if not self._borrowed or self._ctx is None:
+            return False
+        self._pool.give_back(self._ctx)
+        self._ctx = None
+        return True
+
     def __del__(self) -> None:
-        if self._borrowed and self._ctx is not None:
-            self._pool.give_back(self._ctx)
+        self._give_back_context()
 
     def new_sequence(self) -> LlamaCppBackend:
         return LlamaCppBackend(self.model_path, n_batch=self._n_batch, _shared=(self._llama, self._pool))
@@ -150,10 +157,8 @@ class LlamaCppBackend:
             self._n_past = length
 
     def reset(self) -> None:
-        if self._borrowed and self._ctx is not None:
-            self._pool.give_back(self._ctx)  # an empty sequence holds no context; the next eval borrows one
-            self._ctx = None
-        elif self._ctx is not None:
+        # an empty sequence holds no context; the next eval borrows one
+        if not self._give_back_context() and self._ctx is not None:
             self._ctx.kv_cache_clear()
         self._n_past = 0
 

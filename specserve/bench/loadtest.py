@@ -53,12 +53,9 @@ async def _one_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_
             await asyncio.sleep(float(exc.response.headers.get("retry-after", 1)))
 
 
-async def _stream_once(
-    client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int, start: float
-) -> dict:
-    arrivals: list[float] = []
-    completion_tokens = 0
-    stream = await client.chat.completions.create(
+async def open_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int):
+    """A streamed chat completion of one user prompt with the given speculation method."""
+    return await client.chat.completions.create(
         model=None,
         messages=[{"role": "user", "content": prompt}],
         max_tokens=max_tokens,
@@ -66,6 +63,14 @@ async def _stream_once(
         seed=seed,
         extra_body={"speculation": {"method": method}},
     )
+
+
+async def _stream_once(
+    client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int, start: float
+) -> dict:
+    arrivals: list[float] = []
+    completion_tokens = 0
+    stream = await open_stream(client, prompt, method, max_tokens, seed)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.perf_counter() - start)

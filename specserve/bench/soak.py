@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from specserve.bench.loadtest import open_stream
 from specserve.bench.run import load_prompts, prompt_files
 
 ABANDON_EVERY = 4
@@ -51,14 +52,7 @@ async def _sample(http: httpx.AsyncClient, start: float) -> dict:
 
 
 async def _request(client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int, abandon: bool):
-    stream = await client.chat.completions.create(
-        model=None,
-        messages=[{"role": "user", "content": prompt}],
-        max_tokens=max_tokens,
-        stream=True,
-        seed=seed,
-        extra_body={"speculation": {"method": method}},
-    )
+    stream = await open_stream(client, prompt, method, max_tokens, seed)
     chunks = 0
     async for _ in stream:
         chunks += 1
