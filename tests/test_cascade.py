@@ -27,6 +27,7 @@ class TableModel:
     """A bigram language model behind the Backend protocol (KV cache = the token list)."""
 
     name, n_vocab, n_ctx = "table", V, 1000
+    copies_prefix = False
 
     def __init__(self):
         self.tokens: list[int] = []

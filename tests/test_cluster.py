@@ -137,6 +137,7 @@ class FixedDistribution:
     """A Backend whose logits are log p at every position, whatever the tokens."""
 
     name = "fixed"
+    copies_prefix = False
 
     def __init__(self, p: np.ndarray, weights: object | None = None):
         self.p, self.n_vocab, self.n_ctx = p, len(p), 1 << 20
