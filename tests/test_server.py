@@ -590,9 +590,10 @@ def test_the_grafana_dashboard_queries_only_metrics_the_server_has(server, clien
 def test_metrics_can_be_put_behind_the_api_key(runtime):
     from fastapi.testclient import TestClient
 
+    from specserve.config import ServerConfig
     from specserve.server.app import create_app
 
-    with TestClient(create_app(runtime, api_key="k1", metrics_need_key=True)) as http:
+    with TestClient(create_app(runtime, ServerConfig(api_key="k1", metrics_need_key=True))) as http:
         assert http.get("/metrics").status_code == 401
         assert http.get("/metrics", headers={"Authorization": "Bearer k1"}).status_code == 200
         assert http.get("/health").status_code == 200

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specserve import __version__
 from specserve.cache import ResponseCache, open_cache
-from specserve.config import SERVER_MAX_BATCH, SERVER_MAX_QUEUE, STREAM_BUFFER_STEPS, ServerConfig
+from specserve.config import ServerConfig
 from specserve.runtime import Runtime, open_runtime
 from specserve.server.metrics import Metrics
 from specserve.server.openai_format import ApiError, error_body
@@ -59,24 +59,17 @@ def _openapi(app: FastAPI) -> dict:
 
 def create_app(
     runtime: Runtime | Callable[[Callable[[str], None]], Runtime],
-    *,
-    max_batch: int = SERVER_MAX_BATCH,
-    max_queue: int = SERVER_MAX_QUEUE,
+    config: ServerConfig | None = None,
     cache: ResponseCache | None = None,
-    cache_url: str | None = None,
-    api_key: str | None = None,
-    metrics_need_key: bool = False,
-    request_timeout_s: float | None = None,
-    stream_buffer: int = STREAM_BUFFER_STEPS,
 ) -> FastAPI:
     """`runtime` may be a factory: the server then starts at once and loads the models in the background,
     answering /health with 503 until they are ready (the factory gets a function to say why it waits).
-    `api_key`: every /v1 route (and /metrics with `metrics_need_key`) requires `Authorization: Bearer <api_key>`.
-    `request_timeout_s`: a request running longer ends with finish_reason "length" (the scheduler).
-    `stream_buffer`: steps of output a stream may leave unread before the scheduler cancels it."""
+    `config` holds the server's limits (its `engine` is what the runtime was built from); `cache` replaces
+    the one `config.cache_url` names (the defaults without a config)."""
+    config = config or ServerConfig()
     metrics = Metrics()
-    cache = cache or open_cache(cache_url, on_lookup=metrics.on_cache_lookup)
-    state = ServerState(runtime, metrics, cache, max_batch, max_queue, request_timeout_s, stream_buffer)
+    cache = cache or open_cache(config.cache_url, on_lookup=metrics.on_cache_lookup)
+    state = ServerState(runtime, metrics, cache, config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -90,12 +83,12 @@ def create_app(
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    expected = f"Bearer {api_key}".encode() if api_key else None
+    expected = f"Bearer {config.api_key}".encode() if config.api_key else None
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
         path = request.url.path
-        if expected is None or not (path.startswith("/v1/") or (metrics_need_key and path == "/metrics")):
+        if expected is None or not (path.startswith("/v1/") or (config.metrics_need_key and path == "/metrics")):
             return await call_next(request)
         given = request.headers.get("authorization", "").encode()
         if hmac.compare_digest(given, expected):  # constant time: the key is not guessed byte by byte
@@ -160,16 +153,7 @@ def serve(config: ServerConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     setup_tracing()
     engine = config.engine
-    app = create_app(
-        lambda on_wait: open_runtime(engine, on_wait=on_wait),
-        max_batch=config.max_batch,
-        max_queue=config.max_queue,
-        cache_url=config.cache_url,
-        api_key=config.api_key,
-        metrics_need_key=config.metrics_need_key,
-        request_timeout_s=config.request_timeout_s,
-        stream_buffer=config.stream_buffer,
-    )
+    app = create_app(lambda on_wait: open_runtime(engine, on_wait=on_wait), config)
     print(f"specserve: loading {engine.target} (draft {engine.draft}); serving http://{config.host}:{config.port}/v1")
     # What the drain leaves running gets a second to end its response before uvicorn cancels it.
     options = uvicorn.Config(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=1)

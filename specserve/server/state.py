@@ -18,7 +18,7 @@ from opentelemetry import propagate, trace
 
 from specserve import SpecserveError
 from specserve.cache import CachedResponse, ResponseCache, cache_key
-from specserve.config import STREAM_BUFFER_STEPS
+from specserve.config import ServerConfig
 from specserve.engine.model import ContextOverflowError
 from specserve.engine.sampling import SamplingParams
 from specserve.runtime import Runtime
@@ -70,15 +70,11 @@ class ServerState:
         runtime: Runtime | Callable[[Callable[[str], None]], Runtime],
         metrics: Metrics,
         cache: ResponseCache,
-        max_batch: int,
-        max_queue: int,
-        request_timeout_s: float | None = None,
-        stream_buffer: int = STREAM_BUFFER_STEPS,
+        config: ServerConfig,
     ):
         """`runtime` may be a factory: `start` then loads it on a thread and `ready` answers 503 until done."""
         self.metrics, self.cache = metrics, cache
-        self.max_batch, self.max_queue, self.request_timeout_s = max_batch, max_queue, request_timeout_s
-        self.stream_buffer = stream_buffer
+        self.config = config
         self.draining = False  # shutting down: running requests finish, new ones get 503
         self.runtime: Runtime | None = runtime if isinstance(runtime, Runtime) else None
         self._factory = None if isinstance(runtime, Runtime) else runtime
@@ -90,11 +86,11 @@ class ServerState:
     def start(self) -> None:
         self.scheduler = Scheduler(
             self.metrics,
-            max_batch=self.max_batch,
-            max_queue=self.max_queue,
+            max_batch=self.config.max_batch,
+            max_queue=self.config.max_queue,
             between_steps=self._refresh_costs,
-            request_timeout_s=self.request_timeout_s,
-            stream_buffer=self.stream_buffer,
+            request_timeout_s=self.config.request_timeout_s,
+            stream_buffer=self.config.stream_buffer,
         )
         if self._factory is not None:
             threading.Thread(target=self._load, name="specserve-load", daemon=True).start()
