@@ -173,9 +173,11 @@ class FixedDistribution:
 class InProcessVerifier:
     """The real VerifierService and gRPC server, on an event loop in a thread of this process."""
 
-    def __init__(self, p: np.ndarray, max_sessions: int = 256, auth_token: str | None = None):
-        tokenizer = SimpleNamespace(n_vocab=len(p), digest="fixed", chat_template="")
-        self.service = VerifierService(FixedDistribution(p), tokenizer, "fixed", {1: 1e-3}, max_sessions, 300.0)
+    def __init__(self, p: np.ndarray | None, max_sessions: int = 256, auth_token: str | None = None, root=None):
+        """Over `FixedDistribution(p)`, or over the backend `root`."""
+        root = root or FixedDistribution(p)
+        tokenizer = SimpleNamespace(n_vocab=root.n_vocab, digest="fixed", chat_template="")
+        self.service = VerifierService(root, tokenizer, "fixed", {1: 1e-3}, max_sessions, 300.0)
         self.service.auth_token = auth_token
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -260,6 +262,35 @@ def test_evicted_session_gets_a_clear_error_and_the_client_replays():
         assert victim.failovers == 1 and victim.n_past == 2
     finally:
         pool.close()
+        verifier.stop()
+
+
+@pytest.mark.small_model
+def test_an_evicted_session_gives_its_llama_context_to_the_next_at_once(smollm2_path):
+    """A session pushed out of the table releases its KV (a ~50 MB llama.cpp context here) when it is evicted,
+    not when its client's stream ends: the session that evicted it runs on that same context."""
+    from specserve.backends.llamacpp import LlamaCppBackend
+
+    root = LlamaCppBackend(smollm2_path, n_ctx=256)
+    verifier = InProcessVerifier(None, max_sessions=1, root=root)
+    try:
+        stub = pb_grpc.VerifierStub(grpc.insecure_channel(verifier.address))
+        streams = []
+        for first in (1, 2):  # the second open evicts the first session while its stream stays open
+            outbox: queue.Queue = queue.Queue()
+            outbox.put(pb.ClientMessage(open=pb.Open(params=params_to_wire(SamplingParams()))))
+            outbox.put(pb.ClientMessage(window=pb.Window(append=[first, 3, 4], predict=True)))
+            replies = stub.Session(iter(outbox.get, None), timeout=30)
+            assert next(replies).has_verdict
+            streams.append((outbox, replies))
+        assert root._pool.created == 1  # the second session borrowed the first one's context
+        for outbox, _ in streams:
+            outbox.put(None)
+        deadline = time.time() + 10
+        while time.time() < deadline and len(root._pool._free) < 1:
+            time.sleep(0.05)
+        assert root._pool.created == 1 and len(root._pool._free) == 1  # and the second gave it back on close
+    finally:
         verifier.stop()
 
 

@@ -68,12 +68,19 @@ class _Job:
     future: asyncio.Future
 
 
+@dataclass(eq=False)
+class _Release:
+    session: _Session  # closed, evicted or expired: its KV (a llama.cpp context) goes back now
+
+
 class TargetWorker:
-    """One thread that owns the target model: drains the queue, one batched pass per drain."""
+    """One thread that owns the target model: drains the queue, one batched pass per drain. Sessions that
+    end are released on this thread too (their KV reset, a llama.cpp context back to its pool, so the next
+    session reuses it): releasing on the event loop could race a pass that is still evaluating them."""
 
     def __init__(self, metrics: VerifierMetrics, max_batch: int = VERIFIER_MAX_BATCH) -> None:
         self.metrics, self.max_batch = metrics, max_batch
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.Queue[_Job | _Release | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="specserve-verifier-worker", daemon=True)
         self._thread.start()
 
@@ -87,43 +94,58 @@ class TargetWorker:
         self._queue.put(job)
         return await job.future
 
+    def release(self, session: _Session) -> None:
+        self._queue.put(_Release(session))
+
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            batch = [job]
-            while len(batch) < self.max_batch:
+        while (item := self._queue.get()) is not None:
+            batch: list[_Job] = []
+            released: list[_Session] = []
+            while item is not None:
+                if isinstance(item, _Release):
+                    released.append(item.session)
+                else:
+                    batch.append(item)
+                if len(batch) == self.max_batch:
+                    break
                 try:
-                    more = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
+                if item is None:
                     self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(more)
-            live = []
-            for j in batch:
-                if j.session.evicted:
-                    self._finish(j, exc=SessionEvicted(j.session.evicted))
-                else:
-                    live.append(j)
-            if not live:
-                continue
-            self.metrics.batch_windows.observe(len(live))
-            self.metrics.batch_rows.observe(sum(len(j.window.append) + len(j.window.drafts) for j in live))
-            try:
-                verdicts = target_pass([j.session.target for j in live], [j.window for j in live])
-            except Exception as exc:  # the sessions' caches are in an unknown state: evict, clients replay
-                log.exception("target pass failed for %d windows", len(live))
-                for j in live:
-                    j.session.evicted = f"session evicted: the target pass failed ({exc})"
-                    self.metrics.evictions.labels(reason="failed-pass").inc()
-                    self._finish(j, exc=SessionEvicted(j.session.evicted))
-                continue
-            for j, verdict in zip(live, verdicts, strict=True):
-                self._finish(j, result=verdict)
+            for session in released:  # first: a window of theirs still queued is skipped, not run on a reset cache
+                session.evicted = session.evicted or "session closed"
+                session.target.close()
+            if batch:
+                self._pass(batch)
+
+    def _pass(self, batch: list[_Job]) -> None:
+        live = []
+        for j in batch:
+            if j.session.evicted:
+                self._finish(j, exc=SessionEvicted(j.session.evicted))
+            else:
+                live.append(j)
+        if not live:
+            return
+        self.metrics.batch_windows.observe(len(live))
+        self.metrics.batch_rows.observe(sum(len(j.window.append) + len(j.window.drafts) for j in live))
+        try:
+            verdicts = target_pass([j.session.target for j in live], [j.window for j in live])
+        except Exception as exc:  # the sessions' caches are in an unknown state: evict, clients replay
+            log.exception("target pass failed for %d windows", len(live))
+            for j in live:
+                j.session.evicted = f"session evicted: the target pass failed ({exc})"
+                self.metrics.evictions.labels(reason="failed-pass").inc()
+                self._finish(j, exc=SessionEvicted(j.session.evicted))
+            return
+        for j, verdict in zip(live, verdicts, strict=True):
+            self._finish(j, result=verdict)
 
     @staticmethod
     def _finish(job: _Job, result: Verdict | None = None, exc: BaseException | None = None) -> None:
@@ -141,8 +163,9 @@ class TargetWorker:
 class SessionTable:
     """Live sessions in least-recently-used order; bounded, with idle expiry. Event-loop thread only."""
 
-    def __init__(self, root: Backend, max_sessions: int, idle_s: float, metrics: VerifierMetrics):
+    def __init__(self, root: Backend, max_sessions: int, idle_s: float, metrics: VerifierMetrics, worker: TargetWorker):
         self.root, self.max_sessions, self.idle_s, self.metrics = root, max_sessions, idle_s, metrics
+        self.worker = worker  # releases the sessions that leave the table
         self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -157,6 +180,7 @@ class SessionTable:
             )
             log.info("evicted session %s (LRU, %d sessions max)", oldest.id, self.max_sessions)
             self.metrics.evictions.labels(reason="lru").inc()
+            self.worker.release(oldest)
         session = _Session(
             uuid.uuid4().hex[:12], LocalTarget(self.root.new_sequence()), params, np.random.default_rng(params.seed)
         )
@@ -170,7 +194,8 @@ class SessionTable:
             self._sessions.move_to_end(session.id)
 
     def close(self, session: _Session) -> None:
-        self._sessions.pop(session.id, None)
+        if self._sessions.pop(session.id, None) is not None:  # else evicted or expired: released then
+            self.worker.release(session)
         self.metrics.sessions.set(len(self._sessions))
 
     def expire(self) -> None:
@@ -180,6 +205,7 @@ class SessionTable:
             self._sessions.pop(session.id)
             log.info("expired session %s (idle)", session.id)
             self.metrics.evictions.labels(reason="idle").inc()
+            self.worker.release(session)
         self.metrics.sessions.set(len(self._sessions))
 
 
@@ -198,8 +224,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.root, self.tokenizer, self.model_name = root, tokenizer, model_name
         self.window_cost_s = window_cost_s
         self.metrics = VerifierMetrics()
-        self.sessions = SessionTable(root, max_sessions, idle_s, self.metrics)
         self.worker = TargetWorker(self.metrics, max_batch)
+        self.sessions = SessionTable(root, max_sessions, idle_s, self.metrics, self.worker)
         self.auth_token = auth_token
         self.expiry: asyncio.Task | None = None
 
