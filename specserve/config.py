@@ -31,7 +31,7 @@ VERIFIER_MAX_BATCH = 16  # windows of all clients in one verifier target pass
 VERIFIER_MAX_SESSIONS = 64
 TOLERANCE_MAX_DELTA = 50.0  # nats: beyond it the lossy rule accepts every draft
 # adaptive-k refinements `--ablate` can switch off (engine/policy.py says what each does)
-ABLATIONS = ("shared-prior", "confidence", "catch-up", "probes", "draft-p-min", "margin", "speed", "cost-refresh")
+ABLATIONS = ("shared-prior", "confidence", "catch-up", "probes", "draft-p-min", "row-cost", "speed", "cost-refresh")
 
 
 def parse_k(value: int | str) -> int | str:

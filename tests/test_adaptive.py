@@ -139,7 +139,7 @@ def test_a_window_measured_as_cheap_as_one_row_is_not_drafted_on_a_sliver_of_acc
     p = policy(table)
     assert plan_one(p, request(p, 0.02), uses_model=False) == 0
     assert plan_one(p, request(p, 0.2), uses_model=False) > 0  # a real gain still drafts
-    off = policy(table, ablate={"margin", "probes"})
+    off = policy(table, ablate={"row-cost", "probes"})
     assert plan_one(off, request(off, 0.02), uses_model=False) == 1
 
 

@@ -175,7 +175,7 @@ class InProcessVerifier:
 
     def __init__(self, p: np.ndarray | None, max_sessions: int = 256, auth_token: str | None = None, root=None):
         """Over `FixedDistribution(p)`, or over the backend `root`."""
-        root = root or FixedDistribution(p)
+        root = FixedDistribution(p) if root is None else root
         tokenizer = SimpleNamespace(n_vocab=root.n_vocab, digest="fixed", chat_template="")
         self.service = VerifierService(root, tokenizer, "fixed", {1: 1e-3}, max_sessions, 300.0)
         self.service.auth_token = auth_token
@@ -267,7 +267,7 @@ def test_evicted_session_gets_a_clear_error_and_the_client_replays():
 
 @pytest.mark.small_model
 def test_an_evicted_session_gives_its_llama_context_to_the_next_at_once(smollm2_path):
-    """A session pushed out of the table releases its KV (a ~50 MB llama.cpp context here) when it is evicted,
+    """A session pushed out of the table releases its KV (a llama.cpp context here) when it is evicted,
     not when its client's stream ends: the session that evicted it runs on that same context."""
     from specserve.backends.llamacpp import LlamaCppBackend
 
