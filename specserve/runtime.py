@@ -23,7 +23,7 @@ from specserve.config import K_MAX, METHODS, MODEL_METHODS, PREFILL_CHUNK, REMOT
 from specserve.engine.costs import CALIBRATION_TEXT, CostModel, PassCost, calibrate, measure_rows
 from specserve.engine.grammar import Grammar
 from specserve.engine.loop import Generation
-from specserve.engine.model import Backend
+from specserve.engine.model import Model
 from specserve.engine.policy import AdaptiveK, DraftLengthPolicy, FixedK
 from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
@@ -43,7 +43,7 @@ class Runtime(ABC):
 
     config: EngineConfig
     tokenizer: Tokenizer
-    draft: Backend | None
+    draft: Model | None
     choice: Choice | None  # what `auto` measured and picked (`specserve info`, the bench JSON)
     target_name: str
     target_backend: str  # where the target runs: its backend here, or the verifiers it runs on
@@ -217,8 +217,10 @@ class Runtime(ABC):
 class LocalRuntime(Runtime):
     """The target and the draft in this process."""
 
-    def __init__(self, config: EngineConfig, show_progress: bool = True, target: Backend | None = None):
-        """`target`: an already loaded target backend to share (e.g. the bench comparing drafts)."""
+    target: Model
+
+    def __init__(self, config: EngineConfig, show_progress: bool = True, target: Model | None = None):
+        """`target`: an already loaded target model to share (e.g. the bench comparing drafts)."""
         t0 = time.perf_counter()
         self.config = config
         self.suffixes = SuffixCache()
@@ -304,7 +306,7 @@ class RemoteRuntime(Runtime):
         draft = None
         if self.draft is not None:
             rows = (1, 2, 32)  # a drafted token, a window's first pass, a catch-up; batches form on the verifiers
-            table = measure_rows(self.draft, self.tokenizer.encode(CALIBRATION_TEXT), rows)
+            table = measure_rows(self.draft.new_sequence(), self.tokenizer.encode(CALIBRATION_TEXT), rows)
             draft = PassCost(table, batches_sequences=False)
         # KV lives on the verifiers: no local prefix reuse; windows are planned one request at a time
         self.policy = AdaptiveK(
@@ -331,7 +333,7 @@ class RemoteRuntime(Runtime):
 def open_runtime(
     config: EngineConfig,
     show_progress: bool = True,
-    target: Backend | None = None,
+    target: Model | None = None,
     on_wait: Callable[[str], None] | None = None,
 ) -> Runtime:
     """A runtime for `config`: remote when it names verifiers, else local (sharing `target` if given).
@@ -341,7 +343,7 @@ def open_runtime(
     return LocalRuntime(config, show_progress, target)
 
 
-def _prefix_cache(backend: Backend | None, align: int = 1) -> PrefixCache | None:
-    """Recent sequences of `backend` to copy prompt prefixes from; none where it cannot copy KV between
+def _prefix_cache(model: Model | None, align: int = 1) -> PrefixCache | None:
+    """Recent sequences of `model` to copy prompt prefixes from; none where it cannot copy KV between
     sequences (remembering them would only pin their memory: a llama.cpp context each)."""
-    return PrefixCache(align=align) if backend is not None and backend.copies_prefix else None
+    return PrefixCache(align=align) if model is not None and model.copies_prefix else None

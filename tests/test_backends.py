@@ -10,8 +10,8 @@ WINDOW = [262, 470, 15801, 1445, 77, 12, 16, 8]  # arbitrary tokens: rollback mu
 
 
 @pytest.fixture(scope="module", params=["torch-q4", "torch-int8"])
-def torch_backend(request, runtime):
-    """A batch-invariant backend on the draft model (small, so each loads in seconds once cached)."""
+def torch_model(request, runtime):
+    """The draft model on a batch-invariant backend (small, so each loads in seconds once cached)."""
     from specserve.backends import load_backend
 
     if runtime.draft.name == request.param:
@@ -19,41 +19,40 @@ def torch_backend(request, runtime):
     return load_backend(request.param, runtime.draft.model_path, n_ctx=1024, show_progress=False)
 
 
-def _rollback_vs_fresh(backend, prompt_ids):
-    backend.reset()
-    backend.eval(prompt_ids, all_logits=False)
-    base = backend.n_past
-    backend.eval(WINDOW)  # a verify window ...
-    backend.truncate(base + 2)  # ... of which two tokens were accepted
-    after_rollback = backend.eval([WINDOW[5]])[0]
-    backend.reset()
-    backend.eval(prompt_ids, all_logits=False)
-    fresh = backend.eval([WINDOW[0], WINDOW[1], WINDOW[5]])[-1]
+def _rollback_vs_fresh(sequence, prompt_ids):
+    sequence.reset()
+    sequence.eval(prompt_ids, all_logits=False)
+    base = sequence.n_past
+    sequence.eval(WINDOW)  # a verify window ...
+    sequence.truncate(base + 2)  # ... of which two tokens were accepted
+    after_rollback = sequence.eval([WINDOW[5]])[0]
+    sequence.reset()
+    sequence.eval(prompt_ids, all_logits=False)
+    fresh = sequence.eval([WINDOW[0], WINDOW[1], WINDOW[5]])[-1]
     return after_rollback, fresh
 
 
-def test_rollback_equals_fresh_sequence_bitwise(torch_backend, runtime):
-    after_rollback, fresh = _rollback_vs_fresh(torch_backend, runtime.tokenizer.encode(PROMPT))
+def test_rollback_equals_fresh_sequence_bitwise(torch_model, runtime):
+    after_rollback, fresh = _rollback_vs_fresh(torch_model.new_sequence(), runtime.tokenizer.encode(PROMPT))
     assert np.array_equal(after_rollback, fresh)
 
 
-def test_window_logits_are_bitwise_equal_to_one_token_steps(torch_backend, runtime):
-    backend = torch_backend
-    assert backend.batch_invariant
-    backend.reset()
-    backend.eval(runtime.tokenizer.encode(PROMPT), all_logits=False)
-    base = backend.n_past
-    window = backend.eval(WINDOW)
-    backend.truncate(base)
-    steps = np.stack([backend.eval([t])[0] for t in WINDOW])
+def test_window_logits_are_bitwise_equal_to_one_token_steps(torch_model, runtime):
+    assert torch_model.batch_invariant
+    sequence = torch_model.new_sequence()
+    sequence.eval(runtime.tokenizer.encode(PROMPT), all_logits=False)
+    base = sequence.n_past
+    window = sequence.eval(WINDOW)
+    sequence.truncate(base)
+    steps = np.stack([sequence.eval([t])[0] for t in WINDOW])
     mismatch = np.flatnonzero(~(window == steps).all(axis=1))
     assert mismatch.size == 0, f"rows {mismatch.tolist()} differ, max |diff| {np.abs(window - steps).max()}"
 
 
-def test_batched_sequences_equal_each_sequence_alone_bitwise(torch_backend, runtime):
+def test_batched_sequences_equal_each_sequence_alone_bitwise(torch_model, runtime):
     """Concurrent requests share one forward pass: a prefill, a window and a one-token step of three
     sequences in one call give exactly the logits each would get alone."""
-    backend = torch_backend
+    backend = torch_model
     prompts = [runtime.tokenizer.encode(p) for p in (PROMPT, "import numpy as np\n", "# Sort a list\n" * 3)]
     seqs = [backend.new_sequence() for _ in prompts]
     for seq, ids in zip(seqs[:2], prompts[:2], strict=True):
@@ -84,7 +83,7 @@ def test_torch_q4_agrees_with_llamacpp_on_the_same_weights(model, runtime, targe
     q4 = load_backend("torch-q4", path, n_ctx=512, show_progress=False)
     llama = LlamaCppBackend(q4_source(path, kernels.ops().tile_width()), n_ctx=512, flash_attn=False)
     ids = runtime.tokenizer.encode(PROMPT + "\n\ndef factorial(n):\n    if n == 0:\n        return 1\n")
-    ours, theirs = q4.eval(ids), llama.eval(ids)
+    ours, theirs = q4.new_sequence().eval(ids), llama.new_sequence().eval(ids)
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
     assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()
 
@@ -94,7 +93,7 @@ def test_llamacpp_rollback_leaves_no_trace_of_rejected_tokens(target_path, runti
     rejected tokens must give identical logits after rollback."""
     from specserve.backends.llamacpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(target_path, n_ctx=512)
+    backend = LlamaCppBackend(target_path, n_ctx=512).new_sequence()
     ids = runtime.tokenizer.encode(PROMPT)
     results = []
     for rejected in (WINDOW[2:], [220] * 6):
@@ -110,20 +109,19 @@ def test_llamacpp_rollback_leaves_no_trace_of_rejected_tokens(target_path, runti
 def test_context_overflow_is_an_error(runtime):
     from specserve.engine.model import ContextOverflowError
 
-    runtime.target.reset()
     with pytest.raises(ContextOverflowError):
-        runtime.target.eval([198] * (runtime.target.n_ctx + 1), all_logits=False)
+        runtime.target.new_sequence().eval([198] * (runtime.target.n_ctx + 1), all_logits=False)
 
 
 def test_llamacpp_sequences_are_independent(target_path, runtime):
     from specserve.backends.llamacpp import LlamaCppBackend
 
-    first = LlamaCppBackend(target_path, n_ctx=512)
-    second = first.new_sequence()
+    model = LlamaCppBackend(target_path, n_ctx=512)
+    first, second = model.new_sequence(), model.new_sequence()
     ids = runtime.tokenizer.encode(PROMPT)
     first.eval(ids, all_logits=False)
     second.eval(ids[:3], all_logits=False)
-    a, b = first.eval_batch([(first, [WINDOW[0]], True), (second, ids[3:], False)])
+    a, b = model.eval_batch([(first, [WINDOW[0]], True), (second, ids[3:], False)])
     assert (first.n_past, second.n_past) == (len(ids) + 1, len(ids))
     first.reset()
     first.eval(ids[:3], all_logits=False)  # the same batch shapes: llama.cpp rounds by shape
@@ -139,7 +137,7 @@ def test_llamacpp_sequences_done_with_give_their_context_to_the_next(target_path
 
     model = LlamaCppBackend(target_path, n_ctx=512)
     ids = runtime.tokenizer.encode(PROMPT)
-    fresh = model.new_sequence().eval(ids)  # the first sequence's own context
+    fresh = model.new_sequence().eval(ids)  # on the context the model was loaded with
     for other_prompt in ("import os\n" * 5, "x = 1\n"):
         used = model.new_sequence()
         used.eval(runtime.tokenizer.encode(other_prompt))
@@ -150,6 +148,6 @@ def test_llamacpp_sequences_done_with_give_their_context_to_the_next(target_path
     together = [model.new_sequence() for _ in range(3)]
     for seq in together:
         seq.eval(ids[:2], all_logits=False)
-    assert model._pool.created == 1 + len(together)  # `again` still holds the first one
+    assert model.pool.created == len(together)  # `again` still holds the first one
     together[0].reset()  # what a finished request's target does (LocalTarget.close): its context goes back
-    assert np.array_equal(model.new_sequence().eval(ids), fresh) and model._pool.created == 1 + len(together)
+    assert np.array_equal(model.new_sequence().eval(ids), fresh) and model.pool.created == len(together)

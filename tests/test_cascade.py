@@ -24,22 +24,36 @@ TABLE = np.log(
 
 
 class TableModel:
-    """A bigram language model behind the Backend protocol (KV cache = the token list)."""
+    """A bigram language model behind the Model protocol; `passes` counts its sequences' evals."""
 
     name, n_vocab, n_ctx = "table", V, 1000
     copies_prefix = False
 
     def __init__(self):
-        self.tokens: list[int] = []
-        self.weights = "bigram table"  # what its sequences share (a batch key)
         self.passes = 0
+
+    def new_sequence(self) -> "TableSequence":
+        return TableSequence(self)
+
+    def eval_batch(self, work):
+        return [seq.eval(tokens, all_logits) for seq, tokens, all_logits in work]
+
+    def memory_bytes(self):
+        return 0
+
+
+class TableSequence:
+    """A sequence of a `TableModel` (its KV cache: the token list)."""
+
+    def __init__(self, model: TableModel):
+        self.model, self.tokens = model, []
 
     @property
     def n_past(self) -> int:
         return len(self.tokens)
 
     def eval(self, tokens, all_logits=True):
-        self.passes += 1
+        self.model.passes += 1
         self.tokens += tokens
         rows = np.stack([TABLE[t] for t in tokens])
         return rows if all_logits else rows[-1:]
@@ -50,16 +64,7 @@ class TableModel:
     def reset(self):
         self.tokens = []
 
-    def new_sequence(self):
-        return TableModel()
-
-    def eval_batch(self, work):
-        return [seq.eval(tokens, all_logits) for seq, tokens, all_logits in work]
-
     def copy_prefix(self, other, length):
-        return 0
-
-    def memory_bytes(self):
         return 0
 
 
@@ -72,9 +77,9 @@ def _proposals(proposer_factory, context, k, n, seed):
 def test_cascade_samples_like_the_draft_model_and_reports_its_q():
     context = [0, 1, 2, 3, 0, 1]  # the n-gram lookup guesses 2, 3, 0 (what followed "0 1" before)
     cascade = _proposals(
-        lambda: CascadeProposer(DraftModelProposer(TableModel()), NgramProposer()), context, 3, 6000, 1
+        lambda: CascadeProposer(DraftModelProposer(TableModel().new_sequence()), NgramProposer()), context, 3, 6000, 1
     )
-    alone = _proposals(lambda: DraftModelProposer(TableModel()), context, 3, 6000, 2)
+    alone = _proposals(lambda: DraftModelProposer(TableModel().new_sequence()), context, 3, 6000, 2)
     for position in range(3):
         prefix_counts: dict[tuple, np.ndarray] = {}
         for label, runs in (("cascade", cascade), ("alone", alone)):
@@ -97,15 +102,18 @@ def test_cascade_greedy_equals_draft_greedy_and_uses_fewer_draft_passes():
     greedy = SamplingParams()
     rng = np.random.default_rng(0)
     cascade_model, alone_model = TableModel(), TableModel()
-    for model in cascade_model, alone_model:  # drafting every step: the draft has seen all but the last token
-        model.tokens = context[:-1]
-    cascade_draft = DraftModelProposer(cascade_model, cached=context[:-1])
+    cascade_seq, alone_seq = cascade_model.new_sequence(), alone_model.new_sequence()
+    for seq in cascade_seq, alone_seq:  # drafting every step: the draft has seen all but the last token
+        seq.tokens = context[:-1]
+    cascade_draft = DraftModelProposer(cascade_seq, cached=context[:-1])
     cascade = CascadeProposer(cascade_draft, NgramProposer()).propose(context, 4, greedy, rng)
-    alone = DraftModelProposer(alone_model, cached=context[:-1]).propose(context, 4, greedy, rng)
+    alone = DraftModelProposer(alone_seq, cached=context[:-1]).propose(context, 4, greedy, rng)
     assert cascade.tokens == alone.tokens == [2, 0, 1, 2]
     assert (cascade_model.passes, alone_model.passes) == (1, 4)  # guess checked in one pass, plus the bonus
 
     # A draft that must first catch up (on a prompt) does so without logits: one more pass, no LM head rows
     fresh_model = TableModel()
-    fresh = CascadeProposer(DraftModelProposer(fresh_model), NgramProposer()).propose(context, 4, greedy, rng)
+    fresh = CascadeProposer(DraftModelProposer(fresh_model.new_sequence()), NgramProposer()).propose(
+        context, 4, greedy, rng
+    )
     assert fresh.tokens == cascade.tokens and fresh_model.passes == 2

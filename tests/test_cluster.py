@@ -34,7 +34,7 @@ from specserve import SpecserveError  # noqa: E402
 from specserve.cluster import verifier_pb2 as pb  # noqa: E402
 from specserve.cluster import verifier_pb2_grpc as pb_grpc  # noqa: E402
 from specserve.cluster.protocol import auth_metadata, params_to_wire  # noqa: E402
-from specserve.cluster.remote import RemoteTarget  # noqa: E402
+from specserve.cluster.remote import RemoteTarget, RemoteVerifier  # noqa: E402
 from specserve.cluster.router import ClientOptions, VerifierPool  # noqa: E402
 from specserve.cluster.service import VerifierService, start_server  # noqa: E402
 from specserve.engine.sampling import SamplingParams, keep_top_k  # noqa: E402
@@ -134,34 +134,18 @@ def reference(runtime, prompt: str, max_tokens: int) -> str:
 
 
 class FixedDistribution:
-    """A Backend whose logits are log p at every position, whatever the tokens."""
+    """A Model whose logits are log p at every position, whatever the tokens."""
 
     name = "fixed"
     copies_prefix = False
 
-    def __init__(self, p: np.ndarray, weights: object | None = None):
+    def __init__(self, p: np.ndarray):
         self.p, self.n_vocab, self.n_ctx = p, len(p), 1 << 20
-        self.weights = weights or object()
         with np.errstate(divide="ignore"):
             self.logits = np.log(p).astype(np.float32)
-        self._n = 0
 
-    @property
-    def n_past(self) -> int:
-        return self._n
-
-    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
-        self._n += len(tokens)
-        return np.tile(self.logits, (len(tokens) if all_logits else 1, 1))
-
-    def truncate(self, length: int) -> None:
-        self._n = length
-
-    def reset(self) -> None:
-        self._n = 0
-
-    def new_sequence(self) -> FixedDistribution:
-        return FixedDistribution(self.p, self.weights)
+    def new_sequence(self) -> FixedSequence:
+        return FixedSequence(self)
 
     def eval_batch(self, work):
         return [sequence.eval(tokens, all_logits) for sequence, tokens, all_logits in work]
@@ -170,14 +154,33 @@ class FixedDistribution:
         return 0
 
 
+class FixedSequence:
+    def __init__(self, model: FixedDistribution):
+        self.model, self._n = model, 0
+
+    @property
+    def n_past(self) -> int:
+        return self._n
+
+    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
+        self._n += len(tokens)
+        return np.tile(self.model.logits, (len(tokens) if all_logits else 1, 1))
+
+    def truncate(self, length: int) -> None:
+        self._n = length
+
+    def reset(self) -> None:
+        self._n = 0
+
+
 class InProcessVerifier:
     """The real VerifierService and gRPC server, on an event loop in a thread of this process."""
 
-    def __init__(self, p: np.ndarray | None, max_sessions: int = 256, auth_token: str | None = None, root=None):
-        """Over `FixedDistribution(p)`, or over the backend `root`."""
-        root = FixedDistribution(p) if root is None else root
-        tokenizer = SimpleNamespace(n_vocab=root.n_vocab, digest="fixed", chat_template="")
-        self.service = VerifierService(root, tokenizer, "fixed", {1: 1e-3}, max_sessions, 300.0)
+    def __init__(self, p: np.ndarray | None, max_sessions: int = 256, auth_token: str | None = None, model=None):
+        """Over `FixedDistribution(p)`, or over `model`."""
+        model = FixedDistribution(p) if model is None else model
+        tokenizer = SimpleNamespace(n_vocab=model.n_vocab, digest="fixed", chat_template="")
+        self.service = VerifierService(model, tokenizer, "fixed", {1: 1e-3}, max_sessions, 300.0)
         self.service.auth_token = auth_token
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -209,14 +212,14 @@ def test_sampling_through_the_protocol_follows_the_target_distribution():
         params = [SamplingParams(temperature=1.0, seed=i) for i in range(len(sessions))]
         unused = np.random.default_rng(0)  # verification randomness lives on the verifier
         first = [Window([1], [], [], True, p, unused) for p in params]
-        RemoteTarget.run_many(sessions, first)
+        RemoteVerifier(pool).run(sessions, first)
         draft_rng = np.random.default_rng(1234)
         counts = np.zeros(len(P))
         n = 40_000
         for _ in range(n // len(sessions)):
             drafts = draft_rng.choice(len(P), p=q, size=len(sessions))
             windows = [Window([1], [int(d)], [q], True, p, unused) for d, p in zip(drafts, params, strict=True)]
-            for draft, verdict in zip(drafts, RemoteTarget.run_many(sessions, windows), strict=True):
+            for draft, verdict in zip(drafts, RemoteVerifier(pool).run(sessions, windows), strict=True):
                 counts[draft if verdict.accepted else verdict.next_token] += 1
                 # the low-noise acceptance estimate travels too: one tried position, sum min(p, q)
                 assert verdict.expected_accepted == pytest.approx(np.minimum(P, q).sum(), rel=1e-6)
@@ -245,7 +248,7 @@ def test_evicted_session_gets_a_clear_error_and_the_client_replays():
         replies = stub.Session(iter(outbox.get, None), timeout=30)
         assert next(replies).has_verdict
         others = [RemoteTarget(pool) for _ in range(2)]
-        RemoteTarget.run_many(others, [Window([3], [], [], True, greedy, rng) for _ in others])
+        RemoteVerifier(pool).run(others, [Window([3], [], [], True, greedy, rng) for _ in others])
         outbox.put(pb.ClientMessage(window=pb.Window(append=[4], predict=True)))
         with pytest.raises(grpc.RpcError) as error:
             next(replies)
@@ -256,8 +259,8 @@ def test_evicted_session_gets_a_clear_error_and_the_client_replays():
         # A RemoteTarget whose session was evicted re-opens with its context and gets its verdict.
         victim = others[0]
         third = RemoteTarget(pool)
-        RemoteTarget.run_many([third], [Window([5, 0, 1], [], [], True, greedy, rng)])  # evicts others[0]
-        verdict = RemoteTarget.run_many([victim], [Window([2], [0], [None], True, greedy, rng)])[0]
+        RemoteVerifier(pool).run([third], [Window([5, 0, 1], [], [], True, greedy, rng)])  # evicts others[0]
+        verdict = RemoteVerifier(pool).run([victim], [Window([2], [0], [None], True, greedy, rng)])[0]
         assert verdict.accepted == 0 and verdict.next_token == int(np.argmax(P))
         assert victim.failovers == 1 and victim.n_past == 2
     finally:
@@ -271,8 +274,8 @@ def test_an_evicted_session_gives_its_llama_context_to_the_next_at_once(smollm2_
     not when its client's stream ends: the session that evicted it runs on that same context."""
     from specserve.backends.llamacpp import LlamaCppBackend
 
-    root = LlamaCppBackend(smollm2_path, n_ctx=256)
-    verifier = InProcessVerifier(None, max_sessions=1, root=root)
+    model = LlamaCppBackend(smollm2_path, n_ctx=256)
+    verifier = InProcessVerifier(None, max_sessions=1, model=model)
     try:
         stub = pb_grpc.VerifierStub(grpc.insecure_channel(verifier.address))
         streams = []
@@ -283,13 +286,13 @@ def test_an_evicted_session_gives_its_llama_context_to_the_next_at_once(smollm2_
             replies = stub.Session(iter(outbox.get, None), timeout=30)
             assert next(replies).has_verdict
             streams.append((outbox, replies))
-        assert root._pool.created == 1  # the second session borrowed the first one's context
+        assert model.pool.created == 0  # the second session borrowed the first one's context, the model's own
         for outbox, _ in streams:
             outbox.put(None)
         deadline = time.time() + 10
-        while time.time() < deadline and len(root._pool._free) < 1:
+        while time.time() < deadline and len(model.pool._free) < 1:
             time.sleep(0.05)
-        assert root._pool.created == 1 and len(root._pool._free) == 1  # and the second gave it back on close
+        assert model.pool.created == 0 and len(model.pool._free) == 1  # and the second gave it back on close
     finally:
         verifier.stop()
 
@@ -365,11 +368,11 @@ _REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITI
 
 def test_fuzzed_verifier_streams_end_in_a_status_and_spare_the_other_sessions():
     verifier = InProcessVerifier(P)
-    verifier.service.root.n_ctx = 64  # small, so that contexts and windows past it are reachable
+    verifier.service.model.n_ctx = 64  # small, so that contexts and windows past it are reachable
     stub = pb_grpc.VerifierStub(grpc.insecure_channel(verifier.address))
     bystander = RemoteTarget(VerifierPool([verifier.address], "fixed"))  # a well-behaved session throughout
     unused = np.random.default_rng(0)
-    bystander.run_many([bystander], [Window([1], [], [], True, SamplingParams(), unused)])
+    bystander.verifier.run([bystander], [Window([1], [], [], True, SamplingParams(), unused)])
 
     @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(_streams)
@@ -381,8 +384,8 @@ def test_fuzzed_verifier_streams_end_in_a_status_and_spare_the_other_sessions():
             refusals.append(error.details())
         if bystander.n_past > 48:  # its own context is near the limit: start it again
             bystander.reset()
-            bystander.run_many([bystander], [Window([1], [], [], True, SamplingParams(), unused)])
-        (verdict,) = bystander.run_many([bystander], [Window([2], [3], [None], True, SamplingParams(), unused)])
+            bystander.verifier.run([bystander], [Window([1], [], [], True, SamplingParams(), unused)])
+        (verdict,) = bystander.verifier.run([bystander], [Window([2], [3], [None], True, SamplingParams(), unused)])
         assert verdict is not None and bystander.failovers == 0
 
     refusals: list[str] = []
@@ -437,7 +440,7 @@ def test_greedy_through_a_remote_verifier_matches_single_process(runtime, verifi
 
 
 @pytest.mark.models
-def test_draft_failure_falls_back_to_target_only_with_identical_output(runtime):
+def test_draft_failure_falls_back_to_target_only_with_identical_output(runtime, monkeypatch):
     prompt_ids = runtime.encode_prompt(messages=[{"role": "user", "content": PROMPTS[0]}])
     # fixed k: adaptive k may rightly not draft at all for 24 tokens (the draft's prompt catch-up would not pay)
     generation = runtime.generate(prompt_ids, SamplingParams(max_tokens=24), method="draft", k=4)
@@ -445,7 +448,7 @@ def test_draft_failure_falls_back_to_target_only_with_identical_output(runtime):
     def draft_lost(work):
         raise RuntimeError("draft worker lost")
 
-    generation.proposer.backend.eval_batch = draft_lost  # the draft side fails at its first step
+    monkeypatch.setattr(runtime.draft, "eval_batch", draft_lost)  # the draft side fails at its first step
     for _ in generation:
         pass
     assert generation.text == reference(runtime, PROMPTS[0], 24)

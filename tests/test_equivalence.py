@@ -42,9 +42,7 @@ def divergences(runtime, ids, plain_tokens, spec_tokens):
     found = []
     for pos, (a, b) in enumerate(zip(plain_tokens, spec_tokens, strict=False)):
         if a != b:
-            target = runtime.target
-            target.reset()
-            logits = target.eval(ids + plain_tokens[:pos], all_logits=False)[-1]
+            logits = runtime.target.new_sequence().eval(ids + plain_tokens[:pos], all_logits=False)[-1]
             top2 = np.sort(logits)[-2:]
             scale = float(np.abs(logits).max())
             found.append({"position": pos, "plain": a, "spec": b, "margin": float(top2[1] - top2[0]), "scale": scale})

@@ -75,7 +75,7 @@ def test_generation_ends_at_the_context_limit(runtime):
     small = load_backend("torch-int8", resolve_model(DEFAULT_DRAFT, False), n_ctx=48, show_progress=False)
     ids = runtime.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
     generation = Generation(
-        LocalTarget(small),
+        LocalTarget(small.new_sequence()),
         runtime.tokenizer.decode_bytes,
         frozenset(),
         ids,

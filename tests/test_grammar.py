@@ -40,7 +40,7 @@ REGEX = "(a|b)+c(a|d)*"
 def generate(grammar: str, proposer, k: int, seed: int, temperature: float = 1.0, max_tokens: int = 12):
     params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
     generation = Generation(
-        LocalTarget(TableModel()),
+        LocalTarget(TableModel().new_sequence()),
         lambda ids: b"".join(PIECES[i] for i in ids),
         frozenset({4}),
         [3],
@@ -57,7 +57,9 @@ def test_a_draft_masked_like_the_target_is_always_accepted_and_the_reply_matches
     import re
 
     for seed in range(20):
-        generation = generate(regex_grammar(REGEX), DraftModelProposer(TableModel()), 4, seed, temperature)
+        generation = generate(
+            regex_grammar(REGEX), DraftModelProposer(TableModel().new_sequence()), 4, seed, temperature
+        )
         text = "".join(PIECES[t].decode() for t in generation.tokens)
         assert re.fullmatch(REGEX, text) or generation.finish_reason == "length", text
         assert generation.stats.accepted == generation.stats.drafted > 0
@@ -75,7 +77,9 @@ def test_the_first_token_follows_the_masked_target_distribution():
     n = 3000
     counts = np.zeros(5)
     for seed in range(n):
-        generation = generate(regex_grammar(REGEX), DraftModelProposer(TableModel()), 4, seed, max_tokens=1)
+        generation = generate(
+            regex_grammar(REGEX), DraftModelProposer(TableModel().new_sequence()), 4, seed, max_tokens=1
+        )
         counts[generation.tokens[0]] += 1
     p = probabilities(TABLE[3], SamplingParams(temperature=1.0))
     p[[2, 3, 4]] = 0  # the regex starts with a or b

@@ -22,7 +22,7 @@ PENALTIES = {"presence_penalty": 0.7, "frequency_penalty": 0.4, "repetition_pena
 def generate(proposer_factory, k: int, **params) -> Generation:
     draft = proposer_factory()
     generation = Generation(
-        LocalTarget(TableModel()),
+        LocalTarget(TableModel().new_sequence()),
         lambda ids: bytes(ids),
         frozenset(),
         [0, 1, 1, 2],
@@ -38,7 +38,7 @@ def generate(proposer_factory, k: int, **params) -> Generation:
 @pytest.mark.parametrize("method", ["draft", "cascade"])
 def test_a_draft_penalized_like_the_target_is_always_accepted(temperature, method):
     def proposer():
-        draft = DraftModelProposer(TableModel())
+        draft = DraftModelProposer(TableModel().new_sequence())
         return CascadeProposer(draft, NgramProposer()) if method == "cascade" else draft
 
     speculative = generate(proposer, 4, temperature=temperature, **PENALTIES)

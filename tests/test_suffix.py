@@ -86,7 +86,7 @@ def test_scopes_follow_the_draft_cache_setting():
 def test_cascade_drafts_from_the_tree_when_it_can_else_with_the_draft_model():
     model = TableModel()  # 5 tokens of vocabulary
     quoted = [1, 2, 3, 4, 1, 3, 2, 4, 4, 3, 1, 1]
-    cascade = SuffixCascade(SuffixProposer([0, *quoted]), DraftModelProposer(model), k_max=4)
+    cascade = SuffixCascade(SuffixProposer([0, *quoted]), DraftModelProposer(model.new_sequence()), k_max=4)
     found = [0, *quoted, 0, *quoted[:6]]
     assert not cascade.drafts_with_model(found) and cascade.sync_rows(found) == 0
     assert cascade.propose(found, 3, GREEDY, RNG).tokens == quoted[6:9] and model.passes == 0

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from specserve import SpecserveError
 from specserve.config import BACKENDS
-from specserve.engine.model import Backend
+from specserve.engine.model import Model
 
 
-def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True) -> Backend:
-    """A backend by name (not `auto`: the runtime resolves that, see backends/choose.py). Each module is
+def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True) -> Model:
+    """A model on a backend by name (not `auto`: the runtime resolves that, see backends/choose.py). Each module is
     imported only when asked for: llama.cpp and torch take seconds to load."""
     if kind == "llama.cpp":
         from specserve.backends.llamacpp import LlamaCppBackend

@@ -37,7 +37,7 @@ from specserve.backends import load_backend
 from specserve.engine.costs import measure_rows
 
 if TYPE_CHECKING:
-    from specserve.engine.model import Backend
+    from specserve.engine.model import Model
     from specserve.models.tokenizer import Tokenizer
 
 # Acceptance rates the target is judged at (plain decoding, prose-like and code-like text): a target is
@@ -203,7 +203,7 @@ def measure_in_child(
     return result
 
 
-def exact_window_sizes(backend: Backend, tokenizer: Tokenizer, rows: tuple[int, ...]) -> list[int]:
+def exact_window_sizes(model: Model, tokenizer: Tokenizer, rows: tuple[int, ...]) -> list[int]:
     """The window sizes among `rows` whose logits are bitwise those of one-token steps over the same tokens,
     on two contexts of different lengths (kernels switch by row count, not by the tokens)."""
     import numpy as np
@@ -211,16 +211,17 @@ def exact_window_sizes(backend: Backend, tokenizer: Tokenizer, rows: tuple[int, 
     context = tokenizer.encode(_CHECK_TEXT)
     window = (tokenizer.encode(_WINDOW_TEXT) * max(rows))[: max(rows)]
     exact = list(rows)
+    sequence = model.new_sequence()
     for prefix in (context, context * 6):
-        backend.reset()
-        backend.eval(prefix, all_logits=False)
-        base = backend.n_past
-        singles = np.concatenate([backend.eval([token]) for token in window])
+        sequence.reset()
+        sequence.eval(prefix, all_logits=False)
+        base = sequence.n_past
+        singles = np.concatenate([sequence.eval([token]) for token in window])
         for size in rows:
-            backend.truncate(base)
-            if size in exact and not np.array_equal(backend.eval(window[:size]), singles[:size]):
+            sequence.truncate(base)
+            if size in exact and not np.array_equal(sequence.eval(window[:size]), singles[:size]):
                 exact.remove(size)
-    backend.reset()
+    sequence.reset()
     return exact
 
 
@@ -231,7 +232,7 @@ def measure(backend: str, model: Path, rows: tuple[int, ...], exact: bool) -> di
 
     loaded = load_backend(backend, model, n_ctx=2048, show_progress=False)
     tokenizer = Tokenizer(model)
-    seconds = measure_rows(loaded, tokenizer.encode(_CHECK_TEXT), rows, repeats=3)
+    seconds = measure_rows(loaded.new_sequence(), tokenizer.encode(_CHECK_TEXT), rows, repeats=3)
     exact_sizes = exact_window_sizes(loaded, tokenizer, rows) if exact else []
     return {"seconds": seconds, "exact": exact_sizes, "memory": loaded.memory_bytes()}
 

@@ -33,9 +33,9 @@ class _ContextPool:
 
     def __init__(self, llama: llama_cpp.Llama):
         self._llama = llama
-        self._free: list[LlamaContext] = []
+        self._free: list[LlamaContext] = [llama._ctx]  # the one the model was loaded with
         self._lock = threading.Lock()  # sequences are collected on whichever thread drops them
-        self.created = 0
+        self.created = 0  # contexts made beyond the first
 
     def take(self) -> LlamaContext:
         with self._lock:
@@ -52,9 +52,9 @@ class _ContextPool:
 
 
 class LlamaCppBackend:
-    """One sequence (one llama.cpp context) on a model; `new_sequence` opens another context on the same
-    weights. Sequences are evaluated one after another: llama.cpp is compute-bound for many rows, so
-    batching them would cost as much as running them in turn, and each keeps its own window shapes."""
+    """A GGUF model on llama.cpp (the `Model` protocol); each sequence is a llama.cpp context of its own.
+    Sequences are evaluated one after another: llama.cpp is compute-bound for many rows, so batching them
+    would cost as much as running them in turn, and each keeps its own window shapes."""
 
     name = "llama.cpp"
     copies_prefix = False  # contexts do not share KV memory
@@ -68,41 +68,48 @@ class LlamaCppBackend:
         n_threads: int | None = None,
         n_batch: int = 512,
         flash_attn: bool = True,
-        _shared: tuple[llama_cpp.Llama, _ContextPool] | None = None,
     ):
         """`flash_attn`: llama.cpp's fused attention, which computes each row alike whatever the window
         (without it, a 2-row window already rounds differently from two 1-row steps, see choose.py)."""
-        self._ctx: LlamaContext | None = None
-        self._borrowed = False  # whether `_ctx` came from the pool (and goes back to it)
         threads = n_threads or os.cpu_count() or 1
         try:
             with quiet_stderr():
-                if _shared is None:
-                    self._llama = llama_cpp.Llama(
-                        str(model_path),
-                        n_ctx=n_ctx,
-                        n_batch=n_batch,
-                        n_ubatch=n_batch,
-                        n_threads=threads,
-                        n_threads_batch=threads,
-                        flash_attn=flash_attn,
-                        verbose=False,
-                    )
-                    self._ctx = self._llama._ctx
-                    self._pool = _ContextPool(self._llama)
-                else:
-                    self._llama, self._pool = _shared  # keeps the shared model alive as long as this sequence
-                    # Its context (KV cache and buffers, ~120 MB at n_ctx 4096) comes with the first eval, so
-                    # a request waiting in the server's queue holds none.
-                    self._borrowed = True
+                self.llama = llama_cpp.Llama(
+                    str(model_path),
+                    n_ctx=n_ctx,
+                    n_batch=n_batch,
+                    n_ubatch=n_batch,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    flash_attn=flash_attn,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp cannot load {model_path}: {exc}") from None
+        self.pool = _ContextPool(self.llama)
         self.model_path = Path(model_path)
-        self.weights = self._llama
-        self.n_vocab: int = self._llama.n_vocab()
-        self.n_ctx: int = self._llama.n_ctx()
-        self._n_batch = n_batch
-        self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self.n_vocab: int = self.llama.n_vocab()
+        self.n_ctx: int = self.llama.n_ctx()
+        self.n_batch = n_batch
+
+    def new_sequence(self) -> LlamaCppSequence:
+        return LlamaCppSequence(self)
+
+    def eval_batch(self, work: list[tuple[LlamaCppSequence, list[int], bool]]) -> list[np.ndarray]:
+        return [seq.eval(tokens, all_logits) for seq, tokens, all_logits in work]
+
+    def memory_bytes(self) -> int:
+        return int(llama_cpp.llama_model_size(self.llama._model.model))
+
+
+class LlamaCppSequence:
+    """One sequence on a `LlamaCppBackend`: a context borrowed from its pool at the first eval (so a request
+    waiting in the server's queue holds none) and given back when reset or collected."""
+
+    def __init__(self, model: LlamaCppBackend):
+        self.model = model  # keeps the model alive as long as this sequence
+        self._ctx: LlamaContext | None = None
+        self._batch = LlamaBatch(n_tokens=model.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._n_past = 0
 
     @property
@@ -110,45 +117,30 @@ class LlamaCppBackend:
         return self._n_past
 
     def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
-        if self._n_past + len(tokens) > self.n_ctx:
-            raise ContextOverflowError(f"{self._n_past + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        n_ctx, n_vocab, n_batch = self.model.n_ctx, self.model.n_vocab, self.model.n_batch
+        if self._n_past + len(tokens) > n_ctx:
+            raise ContextOverflowError(f"{self._n_past + len(tokens)} tokens exceed the context of {n_ctx}")
+        ctx = self._context()
         rows: list[np.ndarray] = []
-        for start in range(0, len(tokens), self._n_batch):
-            chunk = tokens[start : start + self._n_batch]
+        for start in range(0, len(tokens), n_batch):
+            chunk = tokens[start : start + n_batch]
             is_last_chunk = start + len(chunk) == len(tokens)
             self._batch.set_batch(chunk, n_past=self._n_past, logits_all=all_logits)
-            self._context().decode(self._batch)
+            ctx.decode(self._batch)
             self._n_past += len(chunk)
             n_out = len(chunk) if all_logits else 1
             if all_logits or is_last_chunk:
-                ptr = llama_cpp.llama_get_logits(self._ctx.ctx)
-                flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (n_out * self.n_vocab,))
-                rows.append(flat.reshape(n_out, self.n_vocab).copy())
+                ptr = llama_cpp.llama_get_logits(ctx.ctx)
+                flat = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (n_out * n_vocab,))
+                rows.append(flat.reshape(n_out, n_vocab).copy())
         return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
     def _context(self) -> LlamaContext:
         if self._ctx is None:
-            self._ctx = self._pool.take()
+            self._ctx = self.model.pool.take()
         return self._ctx
 
-    def _give_back_context(self) -> bool:
-        """Return a borrowed context to the pool; False when there is none (the root's is its own)."""
-        if not self._borrowed or self._ctx is None:
-            return False
-        self._pool.give_back(self._ctx)
-        self._ctx = None
-        return True
-
-    def __del__(self) -> None:
-        self._give_back_context()
-
-    def new_sequence(self) -> LlamaCppBackend:
-        return LlamaCppBackend(self.model_path, n_batch=self._n_batch, _shared=(self._llama, self._pool))
-
-    def eval_batch(self, work: list[tuple[LlamaCppBackend, list[int], bool]]) -> list[np.ndarray]:
-        return [seq.eval(tokens, all_logits) for seq, tokens, all_logits in work]
-
-    def copy_prefix(self, other: LlamaCppBackend, length: int) -> int:
+    def copy_prefix(self, other: LlamaCppSequence, length: int) -> int:
         return 0  # contexts do not share KV memory; llama.cpp re-evaluates the prompt instead
 
     def truncate(self, length: int) -> None:
@@ -157,10 +149,11 @@ class LlamaCppBackend:
             self._n_past = length
 
     def reset(self) -> None:
-        # an empty sequence holds no context; the next eval borrows one
-        if not self._give_back_context() and self._ctx is not None:
-            self._ctx.kv_cache_clear()
+        """Empty: the context goes back to the pool; the next eval borrows one."""
+        if self._ctx is not None:
+            self.model.pool.give_back(self._ctx)
+            self._ctx = None
         self._n_past = 0
 
-    def memory_bytes(self) -> int:
-        return int(llama_cpp.llama_model_size(self._llama._model.model))
+    def __del__(self) -> None:
+        self.reset()

@@ -216,63 +216,61 @@ class Qwen2Model:
 
 
 class Qwen2Backend:
-    """One sequence (its own KV cache) on a Qwen2 model; `new_sequence` adds more on the same weights.
-    Subclasses name the backend and load the model (`load_model`)."""
+    """A Qwen2 model in this process (the `Model` protocol): its sequences share the weights and run
+    together in one forward pass. Subclasses name the backend and load the weights (`load_model`)."""
 
     name = "torch"
     copies_prefix = True
     batch_invariant = True  # per-row activation scales, row-by-row attention (module docstring)
     batches_sequences = True  # one forward pass over every sequence's rows
 
-    def __init__(
-        self,
-        model_path: Path,
-        n_ctx: int = 4096,
-        n_threads: int | None = None,
-        show_progress: bool = True,
-        _model: Qwen2Model | None = None,
-    ):
-        if _model is None:
-            torch.set_num_threads(n_threads or os.cpu_count() or 1)
-        model = _model or self.load_model(Path(model_path), n_ctx, show_progress)
+    def __init__(self, model_path: Path, n_ctx: int = 4096, n_threads: int | None = None, show_progress: bool = True):
+        torch.set_num_threads(n_threads or os.cpu_count() or 1)
         self.model_path = Path(model_path)
-        self._model = self.weights = model
-        self.config = model.config
-        self.n_vocab = model.config.n_vocab
-        self.n_ctx = model.n_ctx
-        self._cache = KVCache(model.config, model.n_ctx)
+        self.net = self.load_model(self.model_path, n_ctx, show_progress)
+        self.config = self.net.config
+        self.n_vocab = self.net.config.n_vocab
+        self.n_ctx = self.net.n_ctx
 
     def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Model:
         raise NotImplementedError
 
-    def new_sequence(self) -> Qwen2Backend:
-        return type(self)(self.model_path, _model=self._model)
+    def new_sequence(self) -> Qwen2Sequence:
+        return Qwen2Sequence(self)
+
+    def memory_bytes(self) -> int:
+        return self.net.memory_bytes()
+
+    def eval_batch(self, work: list[tuple[Qwen2Sequence, list[int], bool]]) -> list[np.ndarray]:
+        if any(seq.model is not self for seq, _, _ in work):
+            raise ValueError("eval_batch needs sequences of this model")
+        return self.net.forward([(seq.cache, tokens, all_logits) for seq, tokens, all_logits in work])
+
+
+class Qwen2Sequence:
+    """One sequence's KV cache on a `Qwen2Backend`."""
+
+    def __init__(self, model: Qwen2Backend):
+        self.model = model
+        self.cache = KVCache(model.config, model.n_ctx)
 
     @property
     def n_past(self) -> int:
-        return self._cache.n_past
+        return self.cache.n_past
 
-    def memory_bytes(self) -> int:
-        return self._model.memory_bytes()
+    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
+        return self.model.net.forward([(self.cache, tokens, all_logits)])[0]
 
     def truncate(self, length: int) -> None:
         # Positions past n_past are never read (attention is bounded by position), so no clearing needed.
-        self._cache.n_past = min(self._cache.n_past, length)
+        self.cache.n_past = min(self.cache.n_past, length)
 
     def reset(self) -> None:
-        self._cache.n_past = 0
+        self.cache.n_past = 0
 
-    def copy_prefix(self, other: Qwen2Backend, length: int) -> int:
-        if other._model is not self._model:
+    def copy_prefix(self, other: Qwen2Sequence, length: int) -> int:
+        if other.model is not self.model:
             return 0
         length = min(length, other.n_past)
-        self._cache.copy_prefix(other._cache, length)
+        self.cache.copy_prefix(other.cache, length)
         return length
-
-    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
-        return self._model.forward([(self._cache, tokens, all_logits)])[0]
-
-    def eval_batch(self, work: list[tuple[Qwen2Backend, list[int], bool]]) -> list[np.ndarray]:
-        if any(seq._model is not self._model for seq, _, _ in work):
-            raise ValueError("eval_batch needs sequences of one model")
-        return self._model.forward([(seq._cache, tokens, all_logits) for seq, tokens, all_logits in work])

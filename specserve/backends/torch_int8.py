@@ -150,7 +150,7 @@ def _int8_model(state: dict, n_ctx: int) -> Qwen2Model:
 
 
 class TorchInt8Backend(Qwen2Backend):
-    """One sequence on an int8 Qwen2 model (FBGEMM GEMMs); `new_sequence` adds more on the same weights."""
+    """An int8 Qwen2 model (FBGEMM GEMMs)."""
 
     name = "torch-int8"
     engine = "fbgemm"

@@ -153,7 +153,7 @@ def load_q4_model(model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Mod
 
 
 class TorchQ4Backend(Qwen2Backend):
-    """One sequence of a Qwen2 model on specserve's kernels; `new_sequence` adds more on the same weights."""
+    """A Qwen2 model on specserve's kernels."""
 
     name = "torch-q4"
 

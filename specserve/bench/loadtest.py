@@ -53,8 +53,9 @@ async def _one_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_
             await asyncio.sleep(float(exc.response.headers.get("retry-after", 1)))
 
 
-async def open_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int):
-    """A streamed chat completion of one user prompt with the given speculation method."""
+async def open_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int, **options):
+    """A streamed chat completion of one user prompt with the given speculation method; `options`: more
+    fields of the request (temperature, stop, ...)."""
     return await client.chat.completions.create(
         model=None,
         messages=[{"role": "user", "content": prompt}],
@@ -62,6 +63,7 @@ async def open_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_
         stream=True,
         seed=seed,
         extra_body={"speculation": {"method": method}},
+        **options,
     )
 
 

@@ -6,14 +6,14 @@ import numpy as np
 
 from specserve.engine.costs import measure_rows
 from specserve.engine.loop import Generation
-from specserve.engine.model import Backend
+from specserve.engine.model import Sequence
 
 COST_WINDOWS = (1, 2, 4, 5, 8, 16)
 
 
-def window_costs(backend: Backend, context: list[int], repeats: int = 5) -> dict[str, float]:
+def window_costs(sequence: Sequence, context: list[int], repeats: int = 5) -> dict[str, float]:
     """Time to append k tokens to a warm sequence relative to one token (medians), and the 1-token ms."""
-    seconds = measure_rows(backend, context, COST_WINDOWS, repeats)
+    seconds = measure_rows(sequence, context, COST_WINDOWS, repeats)
     one = seconds[1]
     return {"ms_1": round(one * 1000, 1), **{f"k{k}": round(seconds[k] / one, 2) for k in COST_WINDOWS[1:]}}
 

@@ -246,10 +246,11 @@ def run_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     probe = tokenizer.encode(tokenizer.render_chat(prompts[0]["messages"]))
     console.print("measuring the backend cost table ...")
     costs = {worker.label: worker.costs(probe) for worker in workers.values()}
-    costs[f"{runtime.target.name} {runtime.target.model_path.name}"] = window_costs(runtime.target, probe)
+    target = runtime.target
+    costs[f"{target.name} {target.model_path.name}"] = window_costs(target.new_sequence(), probe)
     drafts = {id(rt.draft): rt.draft for rt in [runtime, *(c.runtime for c in configs if c.runtime)] if rt.draft}
     for draft in drafts.values():  # every draft a row uses, on the backend it runs on
-        costs.setdefault(f"{draft.name} {draft.model_path.name}", window_costs(draft, probe))
+        costs.setdefault(f"{draft.name} {draft.model_path.name}", window_costs(draft.new_sequence(), probe))
 
     runs: list[dict] = []
     encoded: dict[str, list[int]] = {}

@@ -1,14 +1,16 @@
 """`specserve loadtest --soak MINUTES`: streaming clients for a long while, watching the server for leaks.
 
-The first `--concurrency` level of clients stream chat completions without pause for MINUTES; every
-`ABANDON_EVERY`-th request is dropped after its first chunks, as a client that goes away (the server must
-cancel it and free its sequence). Every `SAMPLE_EVERY_S` the server's own `/metrics` give its resident
-memory, open file descriptors, active sequences and queue depth, so it works against any server (`--url`).
+The first `--concurrency` level of clients stream chat completions without pause for MINUTES, each cycling
+through a mix of requests (`MIX`): greedy and sampled, with stop strings, repeats of one greedy request (the
+response cache answers them), clients that leave mid-stream and clients that give up before their first
+token (the server must cancel both and free their sequences). Every `SAMPLE_EVERY_S` the server's own
+`/metrics` give its resident memory, open file descriptors, active sequences, queue depth, cache hits and
+errors logged, so it works against any server (`--url`).
 
-Verdict (exit 1 when it fails): no request failed; once the clients are gone, no sequence is active, none
-waits, and the server holds no more file descriptors than before the load; resident memory after the
-warm-up (the first `WARM_UP_SHARE` of the run, where caches and allocators fill) grew by at most
-`RSS_GROWTH_LIMIT` — the bounded caches (response, prefix, suffix trees) must stop growing.
+Verdict (exit 1 when it fails): no request failed and the server logged no error; once the clients are gone,
+no sequence is active, none waits, and the server holds no more file descriptors than before the load;
+resident memory after the warm-up (the first `WARM_UP_SHARE` of the run, where caches and allocators fill)
+grew by at most `RSS_GROWTH_LIMIT` — the bounded caches (response, prefix, suffix trees) must stop growing.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ from rich.table import Table
 from specserve.bench.loadtest import open_stream
 from specserve.bench.run import load_prompts, prompt_files
 
-ABANDON_EVERY = 4
+# What request n of client c is: MIX[(c + n) % len(MIX)]
+MIX = ("greedy", "sampled", "stop", "repeat", "abandon", "sampled", "cancel", "greedy")
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+STOP = ["\n\n", "```"]
 ABANDON_AFTER_CHUNKS = 2
+CANCEL_AFTER_S = 0.2  # a "cancel" client gives up this soon: in the queue or the prompt's prefill
+REPEATED_PROMPTS = 3  # "repeat" requests ask one of these few greedy questions again and again
 SAMPLE_EVERY_S = 5.0
 SETTLE_S = 30.0  # after the load: how long the server may take to drop the last cancelled sequences
 WARM_UP_SHARE = 0.25
@@ -39,6 +46,8 @@ _SAMPLED = {
     "process_open_fds": "open_fds",
     "specserve_active_sequences": "active",
     "specserve_queue_depth": "waiting",
+    "specserve_cache_hits_total": "cache_hits",
+    "specserve_logged_errors_total": "logged_errors",
 }
 
 
@@ -46,24 +55,35 @@ async def _sample(http: httpx.AsyncClient, start: float) -> dict:
     text = (await http.get("/metrics")).text
     sample = {"t_s": round(time.monotonic() - start, 1)}
     for family in text_string_to_metric_families(text):
-        if family.name in _SAMPLED:
-            sample[_SAMPLED[family.name]] = family.samples[0].value
+        for metric in family.samples:
+            if metric.name in _SAMPLED:
+                sample[_SAMPLED[metric.name]] = metric.value
     return sample
 
 
-async def _request(client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int, abandon: bool):
-    stream = await open_stream(client, prompt, method, max_tokens, seed)
-    chunks = 0
-    async for _ in stream:
-        chunks += 1
-        if abandon and chunks == ABANDON_AFTER_CHUNKS:
-            await stream.close()  # the connection goes: the server sees the client leave
-            return
+async def _request(client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int, kind: str):
+    """One request of the mix; returns how it ended: completed, abandoned or cancelled."""
+    options = {"sampled": SAMPLED, "stop": {"stop": STOP}}.get(kind, {})
+    seed = 0 if kind == "repeat" else seed  # the same request each time: after the first, the response cache's
+    stream, chunks = None, 0
+    try:
+        async with asyncio.timeout(CANCEL_AFTER_S if kind == "cancel" else None):
+            stream = await open_stream(client, prompt, method, max_tokens, seed, **options)
+            async for _ in stream:
+                chunks += 1
+                if kind == "abandon" and chunks == ABANDON_AFTER_CHUNKS:
+                    return "abandoned"
+    except TimeoutError:
+        return "cancelled"
+    finally:
+        if stream is not None:
+            await stream.close()  # done with, or left: a connection that goes is a client the server sees leave
+    return "completed"
 
 
 async def _soak(base: str, prompts: list[str], method: str, clients: int, seconds: float, max_tokens: int) -> dict:
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
-    counts = {"completed": 0, "abandoned": 0, "failed": 0, "retried_429": 0}
+    counts = {"completed": 0, "abandoned": 0, "cancelled": 0, "failed": 0, "retried_429": 0}
     failures: list[str] = []
     samples: list[dict] = []
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
@@ -74,11 +94,10 @@ async def _soak(base: str, prompts: list[str], method: str, clients: int, second
         async def one_client(c: int) -> None:
             n = 0
             while time.monotonic() < stop_at:
-                abandon = (c + n) % ABANDON_EVERY == 0
+                kind = MIX[(c + n) % len(MIX)]
+                prompt = prompts[(c + n * clients) % (REPEATED_PROMPTS if kind == "repeat" else len(prompts))]
                 try:
-                    prompt = prompts[(c + n * clients) % len(prompts)]
-                    await _request(client, prompt, method, max_tokens, seed=c + n * clients, abandon=abandon)
-                    counts["abandoned" if abandon else "completed"] += 1
+                    counts[await _request(client, prompt, method, max_tokens, c + n * clients, kind)] += 1
                 except openai.RateLimitError as exc:
                     counts["retried_429"] += 1
                     await asyncio.sleep(float(exc.response.headers.get("retry-after", 1)))
@@ -115,6 +134,8 @@ def verdict(report: dict) -> list[str]:
     problems = []
     if report["failed"]:
         problems.append(f"{report['failed']} requests failed: {report['failures'][:3]}")
+    if last.get("logged_errors", 0) > first.get("logged_errors", 0):
+        problems.append(f"the server logged {last['logged_errors'] - first['logged_errors']:.0f} errors")
     if last["active"] or last["waiting"]:
         problems.append(f"after the load {last['active']:.0f} sequences active, {last['waiting']:.0f} waiting")
     if last["open_fds"] > first["open_fds"] + FD_SLACK:
@@ -143,7 +164,9 @@ def run_soak(args, base: str) -> int:
         row = (s["t_s"], s["rss_bytes"] / 2**20, s["open_fds"], s["active"], s["waiting"])
         table.add_row(*(f"{v:.0f}" for v in row))
     console.print(table)
-    counts = ", ".join(f"{k} {report[k]}" for k in ("completed", "abandoned", "failed", "retried_429"))
+    report["cache_hits"] = samples[-1].get("cache_hits", 0) - samples[0].get("cache_hits", 0)
+    counts = ("completed", "abandoned", "cancelled", "failed", "retried_429", "cache_hits")
+    counts = ", ".join(f"{k} {report[k]:g}" for k in counts)
     console.print(f"requests: {counts}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

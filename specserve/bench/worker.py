@@ -27,23 +27,22 @@ def _serve(conn, kind: str, model_path: str, n_ctx: int, flash_attn: bool) -> No
 
     path = Path(model_path)
     if kind == "llama.cpp":
-        backend = LlamaCppBackend(path, n_ctx=n_ctx, flash_attn=flash_attn)
+        model = LlamaCppBackend(path, n_ctx=n_ctx, flash_attn=flash_attn)
     else:
-        backend = load_backend(kind, path, n_ctx, show_progress=False)
+        model = load_backend(kind, path, n_ctx, show_progress=False)
     tokenizer = Tokenizer(path)
-    conn.send(backend.memory_bytes())
+    conn.send(model.memory_bytes())
     while (request := conn.recv()) is not None:
         kind, payload = request
         if kind == "costs":
-            conn.send(window_costs(backend, payload))
+            conn.send(window_costs(model.new_sequence(), payload))
         elif kind == "argmax":  # teacher-forced greedy choices after each token of prompt + continuation
             prompt, tokens = payload
-            backend.reset()
-            logits = backend.eval(prompt + tokens, all_logits=True)[len(prompt) - 1 : -1]
+            logits = model.new_sequence().eval(prompt + tokens, all_logits=True)[len(prompt) - 1 : -1]
             conn.send(np.argmax(logits, axis=-1).tolist())
         else:
             ids, params = payload
-            target = LocalTarget(backend)
+            target = LocalTarget(model.new_sequence())
             generation = Generation(target, tokenizer.decode_bytes, tokenizer.stop_ids, ids, params, None, FixedK(0))
             conn.send(run_generation(generation))
 

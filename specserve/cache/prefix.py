@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 
-from specserve.engine.model import Backend
+from specserve.engine.model import Sequence
 from specserve.engine.proposers import common_prefix
 
 
@@ -22,12 +22,12 @@ class PrefixCache:
         self.align = align  # reuse only multiples of this many tokens (the prefill chunk for exactness)
         # The latest sequences, live or finished; a prompt region is never rewritten, so it can be read
         # while its own generation continues in the scheduler thread.
-        self._entries: collections.deque[tuple[list[int], Backend]] = collections.deque(maxlen=max_entries)
+        self._entries: collections.deque[tuple[list[int], Sequence]] = collections.deque(maxlen=max_entries)
 
-    def remember(self, prompt: list[int], sequence: Backend) -> None:
+    def remember(self, prompt: list[int], sequence: Sequence) -> None:
         self._entries.append((prompt, sequence))
 
-    def fork(self, prompt: list[int], sequence: Backend, limit: int | None = None) -> int:
+    def fork(self, prompt: list[int], sequence: Sequence, limit: int | None = None) -> int:
         """Fill a fresh `sequence` with the longest reusable prefix of `prompt`; returns its length."""
         limit = len(prompt) - 1 if limit is None else limit  # leave a token to evaluate: it gives the logits
         best, donor = 0, None

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 
 import grpc
 
@@ -85,6 +86,19 @@ class _Stream:
         self._out.put(None)
 
 
+@dataclass(frozen=True)
+class RemoteVerifier:
+    """The verifier replicas of a pool: every session's window is sent before any verdict is awaited, so the
+    round trips overlap and a replica batches the windows that arrive together."""
+
+    pool: VerifierPool
+
+    def run(self, sessions: list[RemoteTarget], windows: list[Window]) -> list[Verdict | None]:
+        for session, window in zip(sessions, windows, strict=True):
+            session._send(window)
+        return [session._receive(window) for session, window in zip(sessions, windows, strict=True)]
+
+
 def _close_stream(pool: VerifierPool, holder: list) -> None:
     if holder:
         stream = holder.pop()
@@ -101,7 +115,7 @@ class RemoteTarget:
         self.pool = pool
         self._metadata = (*pool.metadata, *(trace_context or {}).items())
         self.n_ctx = pool.n_ctx
-        self.batch_key = pool  # one run_many sends every session's window before waiting for any verdict
+        self.verifier = RemoteVerifier(pool)
         self.failovers = 0  # sessions re-opened with a replay (for stats and tests)
         self._cache: list[int] = []  # the tokens the verifier's KV cache holds for this session
         self._prompt_tokens = 0  # how many of them came as prompt chunks (up to the first verdict)
@@ -130,13 +144,6 @@ class RemoteTarget:
 
     def close(self) -> None:
         _close_stream(self.pool, self._stream_holder)
-
-    @staticmethod
-    def run_many(sessions: list[RemoteTarget], windows: list[Window]) -> list[Verdict | None]:
-        # Send everything first: the round trips overlap and the verifier can batch what arrives together.
-        for session, window in zip(sessions, windows, strict=True):
-            session._send(window)
-        return [session._receive(window) for session, window in zip(sessions, windows, strict=True)]
 
     def _send(self, window: Window) -> None:
         self._open_params = params_to_wire(window.params)

@@ -48,7 +48,7 @@ class ClientOptions:
     on_wait: Callable[[str], None] | None = None  # told why while it waits (the server's /health)
 
 
-@dataclass(eq=False)  # identity: it is the batch key of its sessions
+@dataclass(eq=False)  # identity: sessions on one pool share its verifier (remote.py)
 class VerifierPool:
     """Replicas behind `--verifier HOST:PORT[,HOST:PORT...]`; `RemoteTarget(pool)` opens a session on one."""
 

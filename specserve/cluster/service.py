@@ -31,7 +31,7 @@ from specserve.cluster.metrics import VerifierMetrics
 from specserve.cluster.protocol import AUTH_HEADER, ProtocolError, params_from_wire, window_from_wire
 from specserve.config import PREFILL_CHUNK, REMOTE_K_MAX, VERIFIER_MAX_BATCH, VERIFIER_MAX_SESSIONS, VerifierConfig
 from specserve.engine.costs import CALIBRATION_TEXT, measure_rows
-from specserve.engine.model import Backend
+from specserve.engine.model import Model
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.target import LocalTarget, Window, target_pass
 from specserve.engine.verify import Verdict
@@ -163,8 +163,8 @@ class TargetWorker:
 class SessionTable:
     """Live sessions in least-recently-used order; bounded, with idle expiry. Event-loop thread only."""
 
-    def __init__(self, root: Backend, max_sessions: int, idle_s: float, metrics: VerifierMetrics, worker: TargetWorker):
-        self.root, self.max_sessions, self.idle_s, self.metrics = root, max_sessions, idle_s, metrics
+    def __init__(self, model: Model, max_sessions: int, idle_s: float, metrics: VerifierMetrics, worker: TargetWorker):
+        self.model, self.max_sessions, self.idle_s, self.metrics = model, max_sessions, idle_s, metrics
         self.worker = worker  # releases the sessions that leave the table
         self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
 
@@ -182,7 +182,7 @@ class SessionTable:
             self.metrics.evictions.labels(reason="lru").inc()
             self.worker.release(oldest)
         session = _Session(
-            uuid.uuid4().hex[:12], LocalTarget(self.root.new_sequence()), params, np.random.default_rng(params.seed)
+            uuid.uuid4().hex[:12], LocalTarget(self.model.new_sequence()), params, np.random.default_rng(params.seed)
         )
         self._sessions[session.id] = session
         self.metrics.sessions.set(len(self._sessions))
@@ -212,7 +212,7 @@ class SessionTable:
 class VerifierService(pb_grpc.VerifierServicer):
     def __init__(
         self,
-        root: Backend,
+        model: Model,
         tokenizer: Tokenizer,
         model_name: str,
         window_cost_s: dict[int, float],
@@ -221,11 +221,11 @@ class VerifierService(pb_grpc.VerifierServicer):
         auth_token: str | None = None,
         max_batch: int = VERIFIER_MAX_BATCH,
     ):
-        self.root, self.tokenizer, self.model_name = root, tokenizer, model_name
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.window_cost_s = window_cost_s
         self.metrics = VerifierMetrics()
         self.worker = TargetWorker(self.metrics, max_batch)
-        self.sessions = SessionTable(root, max_sessions, idle_s, self.metrics, self.worker)
+        self.sessions = SessionTable(model, max_sessions, idle_s, self.metrics, self.worker)
         self.auth_token = auth_token
         self.expiry: asyncio.Task | None = None
 
@@ -249,7 +249,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         await self._authorize(context)
         return pb.InfoReply(
             model=self.model_name,
-            n_ctx=self.root.n_ctx,
+            n_ctx=self.model.n_ctx,
             n_vocab=self.tokenizer.n_vocab,
             tokenizer_digest=self.tokenizer.digest,
             chat_template=self.tokenizer.chat_template or "",
@@ -307,7 +307,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     ) -> None:
         """Rebuild a session's cache from its context (after failover or eviction) in the same chunks as the
         first time: a prefill chunk and a token window round differently (numerics must not change)."""
-        if len(tokens) >= self.root.n_ctx or any(t < 0 or t >= self.tokenizer.n_vocab for t in tokens):
+        if len(tokens) >= self.model.n_ctx or any(t < 0 or t >= self.tokenizer.n_vocab for t in tokens):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "replay context out of range")
         prompt_tokens = min(max(prompt_tokens, 0), len(tokens))
         bounds = [*range(0, prompt_tokens, PREFILL_CHUNK), *range(prompt_tokens, len(tokens), REPLAY_WINDOW)]
@@ -322,9 +322,9 @@ class VerifierService(pb_grpc.VerifierServicer):
             window, added = window_from_wire(wire, self.tokenizer.n_vocab, session.params, session.rng)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if session.target.n_past + added > self.root.n_ctx:
+        if session.target.n_past + added > self.model.n_ctx:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"window past the context of {self.root.n_ctx} tokens"
+                grpc.StatusCode.INVALID_ARGUMENT, f"window past the context of {self.model.n_ctx} tokens"
             )
         verdict = await self._run(session, window, context)
         reply = pb.Reply(server_s=time.perf_counter() - start)
@@ -395,7 +395,7 @@ def build_verifier(config: VerifierConfig, show_progress: bool = True) -> Verifi
     runtime = LocalRuntime(config.engine, show_progress=show_progress)
     # front-ends draft at most as many tokens as the windows it reports the cost of: exact ones only
     windows = CALIBRATED_WINDOWS if runtime.exact_window is None else CALIBRATED_WINDOWS[: runtime.exact_window]
-    costs = measure_rows(runtime.target, runtime.tokenizer.encode(CALIBRATION_TEXT), windows, repeats=2)
+    costs = measure_rows(runtime.target.new_sequence(), runtime.tokenizer.encode(CALIBRATION_TEXT), windows, repeats=2)
     return VerifierService(
         runtime.target,
         runtime.tokenizer,

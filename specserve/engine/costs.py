@@ -2,7 +2,7 @@
 
 Each model has a table of seconds per pass by rows, measured on this machine at start-up (`calibrate`). A pass
 over several sequences costs what one pass of their total rows costs on a backend that batches sequences,
-and the sum of their own costs on one that runs them in turn (`Backend.batches_sequences`). One request is
+and the sum of their own costs on one that runs them in turn (`Model.batches_sequences`). One request is
 a batch of one: the same tables price both.
 
 A speed factor per model scales its table to now. A shared machine's speed drifts by 1.5x within minutes,
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from specserve.engine.model import Backend
+from specserve.engine.model import Model, Sequence
 
 # Rows a drafting sequence's first draft pass holds in the steady state: the target's token, and the last
 # draft token when the whole window was accepted. Anything beyond is catch-up (a prompt, or tokens decoded
@@ -127,27 +127,25 @@ class CostModel:
         return True
 
 
-def measure_rows(backend: Backend, context: list[int], rows: tuple[int, ...], repeats: int = 3) -> dict[int, float]:
+def measure_rows(sequence: Sequence, context: list[int], rows: tuple[int, ...], repeats: int = 3) -> dict[int, float]:
     """Seconds to append each number of rows to a warm sequence (the cache is restored after): the fastest
     of the repeats, since a shared machine's noise only ever adds time. Each repeat runs every size in turn,
     so a change of the machine's speed while measuring touches all sizes alike."""
-    backend.reset()
-    backend.eval(context, all_logits=False)
-    base = backend.n_past
+    sequence.reset()
+    sequence.eval(context, all_logits=False)
+    base = sequence.n_past
     result = dict.fromkeys(rows, float("inf"))
     for _ in range(repeats):
         for size in rows:
             start = time.perf_counter()
-            backend.eval((context * size)[:size])
+            sequence.eval((context * size)[:size])
             result[size] = min(result[size], time.perf_counter() - start)
-            backend.truncate(base)
-    backend.reset()
+            sequence.truncate(base)
+    sequence.reset()
     return result
 
 
-def calibrate(
-    target: Backend, draft: Backend | None, context: list[int], k_max: int, refresh: bool = True
-) -> CostModel:
+def calibrate(target: Model, draft: Model | None, context: list[int], k_max: int, refresh: bool = True) -> CostModel:
     """Measure the tables: every window size up to k_max + 1 and bigger batched passes on the target; a
     drafted token, a window's first pass, batched draft steps and a catch-up on the draft."""
     target_rows = tuple(range(1, k_max + 2)) + (BATCH_ROWS if target.batches_sequences else ())
@@ -156,8 +154,8 @@ def calibrate(
         draft_rows = (1, 2, 4, 8, 16, 32) if draft.batches_sequences else (1, STEADY_DRAFT_ROWS, 32)
 
     def measure(repeats: int) -> tuple[dict[int, float], dict[int, float] | None]:
-        tables = measure_rows(target, context, target_rows, repeats)
-        return tables, measure_rows(draft, context, draft_rows, repeats) if draft is not None else None
+        tables = measure_rows(target.new_sequence(), context, target_rows, repeats)
+        return tables, measure_rows(draft.new_sequence(), context, draft_rows, repeats) if draft is not None else None
 
     target_table, draft_table = measure(repeats=3)
     return CostModel(

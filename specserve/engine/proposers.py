@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from specserve.engine.model import Backend
+from specserve.engine.model import Sequence
 from specserve.engine.sampling import (
     SamplingParams,
     adjust_logits,
@@ -123,13 +123,13 @@ class DraftModelProposer:
     name = "draft"
     uses_model = True
 
-    def __init__(self, backend: Backend, cached: list[int] | None = None, q_top_k: int = 0):
-        self.backend = backend
+    def __init__(self, sequence: Sequence, cached: list[int] | None = None, q_top_k: int = 0):
+        self.sequence = sequence  # the draft model's KV cache for this request
         self.q_top_k = q_top_k  # > 0: sample from the top-k of q only (sparse q for a remote verifier)
-        self._cached: list[int] = list(cached or [])  # tokens whose KV is in the draft backend
+        self._cached: list[int] = list(cached or [])  # tokens whose KV is in `sequence`
 
     def reset(self) -> None:
-        self.backend.reset()
+        self.sequence.reset()
         self._cached = []
 
     def _kept(self, context: list[int]) -> int:
@@ -152,7 +152,7 @@ class DraftModelProposer:
         """Roll the draft's cache back to what it shares with the context; return the tokens to evaluate
         so that the last row of logits predicts the token after the context."""
         common = self._kept(context)
-        self.backend.truncate(common)
+        self.sequence.truncate(common)
         self._cached = list(context)
         return context[common:]
 
@@ -161,14 +161,14 @@ class DraftModelProposer:
         len(then) + 1 rows of logits, predicting each of `then` and the token after."""
         pending = self._sync(context)
         if len(pending) > 1:  # a catch-up (a prompt): no logits, the LM head on every row cost twice its pass
-            self.backend.eval(pending[:-1], all_logits=False)
-        rows = self.backend.eval([pending[-1], *then], all_logits=True)
+            self.sequence.eval(pending[:-1], all_logits=False)
+        rows = self.sequence.eval([pending[-1], *then], all_logits=True)
         self._cached.extend(then)
         return rows
 
     def rollback(self, length: int) -> None:
         """Forget all but the first `length` cached tokens (those that were rejected)."""
-        self.backend.truncate(length)
+        self.sequence.truncate(length)
         del self._cached[length:]
 
     def propose(
@@ -192,13 +192,13 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
     """Draft-model proposals for several sequences of one draft model: each draft step evaluates one
     token of every sequence that still drafts in one batched call."""
     proposals = [Proposal([], []) for _ in requests]
-    ks = [min(r.k, r.proposer.backend.n_ctx - len(r.context)) for r in requests]
+    ks = [min(r.k, r.proposer.sequence.model.n_ctx - len(r.context)) for r in requests]
     live = [i for i, k in enumerate(ks) if k > 0]
     if not live:
         return proposals
-    backend = requests[live[0]].proposer.backend
-    work = [(requests[i].proposer.backend, requests[i].proposer._sync(requests[i].context), False) for i in live]
-    logits = {i: rows[-1] for i, rows in zip(live, backend.eval_batch(work), strict=True)}
+    model = requests[live[0]].proposer.sequence.model
+    work = [(requests[i].proposer.sequence, requests[i].proposer._sync(requests[i].context), False) for i in live]
+    logits = {i: rows[-1] for i, rows in zip(live, model.eval_batch(work), strict=True)}
     while live:
         for i in live:
             request = requests[i]
@@ -220,8 +220,8 @@ def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
             proposals[i].confidence.append(confidence)
         live = [i for i in live if len(proposals[i].tokens) < ks[i]]
         if live:
-            work = [(requests[i].proposer.backend, proposals[i].tokens[-1:], False) for i in live]
-            for i, rows in zip(live, backend.eval_batch(work), strict=True):
+            work = [(requests[i].proposer.sequence, proposals[i].tokens[-1:], False) for i in live]
+            for i, rows in zip(live, model.eval_batch(work), strict=True):
                 logits[i] = rows[-1]
                 requests[i].proposer._cached.append(proposals[i].tokens[-1])
     return proposals
@@ -284,7 +284,7 @@ class CascadeProposer:
     def propose(
         self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
     ) -> Proposal:
-        k = min(k, self.draft.backend.n_ctx - len(context) - 1)
+        k = min(k, self.draft.sequence.model.n_ctx - len(context) - 1)
         guess = self.ngram.lookup(context, k)
         if k <= 0 or not guess:
             return self.draft.propose(context, k, params, rng, with_probs)

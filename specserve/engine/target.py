@@ -1,7 +1,7 @@
 """The target model's side of a generation: append tokens to its KV cache, verify draft windows, roll back.
 
-A `TargetSession` is what the loop talks to. `LocalTarget` runs the target in this process on a backend
-sequence; a remote one (specserve/cluster) sends the same windows to a verifier service, which runs
+A `TargetSession` is what the loop talks to. `LocalTarget` runs the target in this process on a sequence
+of a model; a remote one (specserve/cluster) sends the same windows to a verifier service, which runs
 `LocalTarget`s there. Either way one call is one target pass:
 
     append   tokens not yet in the target's cache: a prompt chunk, or the pending token of the last step
@@ -9,18 +9,19 @@ sequence; a remote one (specserve/cluster) sends the same windows to a verifier 
     -> Verdict (accepted drafts + the target's own next token), with the cache rolled back to match;
        None for a prompt chunk that is not the last (nothing to predict yet)
 
-Sessions of one local model are evaluated together in one batched pass (`target_pass`).
+A session's `verifier` runs the windows of all its sessions together (`Verifier.run`): a `LocalVerifier`
+in one batched pass of its model, a remote one by sending every window before waiting for any verdict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections.abc
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
-from specserve.engine.model import Backend
+from specserve.engine.model import Model, Sequence
 from specserve.engine.sampling import SamplingParams, adjust_logits, token_logprobs, top_probability
 from specserve.engine.verify import Verdict, verify, verify_tolerance
 
@@ -36,12 +37,22 @@ class Window:
     tolerance: float | None = None  # lossy opt-in: verify with this delta instead of exactly (engine/verify.py)
     with_confidence: bool = True  # report `Verdict.confidence` (adaptive k reads it; plain decoding skips its cost)
     logprobs: int | None = None  # report `Verdict.logprobs` with this many most likely alternatives (None: not)
-    context: Sequence[int] = ()  # the tokens before the window's first prediction (penalties count them)
+    # the tokens before the window's first prediction (penalties count them)
+    context: collections.abc.Sequence[int] = ()
+
+
+class Verifier(Protocol):
+    """Runs target passes for its sessions. Sessions whose verifiers compare equal share one `run`."""
+
+    def run(self, sessions: list[TargetSession], windows: list[Window]) -> list[Verdict | None]:
+        """One window per session, evaluated together; a verdict per window (None for a prompt chunk that
+        is not the last), each session's cache rolled back to what was accepted."""
+        ...
 
 
 class TargetSession(Protocol):
     n_ctx: int
-    batch_key: object  # sessions with equal keys can share one pass (`run_many`)
+    verifier: Verifier  # what runs its windows, together with those of other sessions on the same verifier
     round_trip_s: float  # network seconds a window spends travelling (0 for a local target)
 
     @property
@@ -55,59 +66,59 @@ class TargetSession(Protocol):
         """The generation is over: release what the session holds elsewhere (a verifier's KV cache)."""
         ...
 
-    @staticmethod
-    def run_many(sessions: list[TargetSession], windows: list[Window]) -> list[Verdict | None]:
-        """One pass for windows of several sessions that share a batch key."""
-        ...
-
 
 def run_windows(sessions: list[TargetSession], windows: list[Window]) -> list[Verdict | None]:
-    """Run every window, one `run_many` call per group of sessions that can share a pass."""
-    groups: dict[object, list[int]] = {}
+    """Run every window, one `Verifier.run` per group of sessions on the same verifier."""
+    groups: dict[Verifier, list[int]] = {}
     for i, session in enumerate(sessions):
-        groups.setdefault(session.batch_key, []).append(i)
+        groups.setdefault(session.verifier, []).append(i)
     verdicts: list[Verdict | None] = [None] * len(sessions)
-    for members in groups.values():
-        first = sessions[members[0]]
-        results = first.run_many([sessions[i] for i in members], [windows[i] for i in members])
+    for verifier, members in groups.items():
+        results = verifier.run([sessions[i] for i in members], [windows[i] for i in members])
         for i, verdict in zip(members, results, strict=True):
             verdicts[i] = verdict
     return verdicts
 
 
-class LocalTarget:
-    """The target on a backend sequence in this process."""
+@dataclass(frozen=True)
+class LocalVerifier:
+    """The target model in this process: the sessions' windows go through one batched pass (`target_pass`)."""
 
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self.n_ctx = backend.n_ctx
-        self.batch_key = backend.weights  # sequences of one model share a forward pass
+    model: Model  # equal verifiers: the same model (compared by identity)
+
+    def run(self, sessions: list[LocalTarget], windows: list[Window]) -> list[Verdict | None]:
+        return target_pass(sessions, windows)
+
+
+class LocalTarget:
+    """The target on a sequence of a model in this process."""
+
+    def __init__(self, sequence: Sequence):
+        self.sequence = sequence
+        self.n_ctx = sequence.model.n_ctx
+        self.verifier = LocalVerifier(sequence.model)
         self.round_trip_s = 0.0
 
     @property
     def n_past(self) -> int:
-        return self.backend.n_past
+        return self.sequence.n_past
 
     def reset(self) -> None:
-        self.backend.reset()
+        self.sequence.reset()
 
     def close(self) -> None:
-        # A backend that copies prefixes keeps its KV for later prompts (cache/prefix.py); any other frees
-        # it now rather than when the generation is collected (a cancelled request's may live on in a
+        # A model that copies prefixes keeps the sequence's KV for later prompts (cache/prefix.py); any other
+        # frees it now rather than when the generation is collected (a cancelled request's may live on in a
         # traceback until the cyclic collector runs), so a llama.cpp context goes back to its pool at once.
-        if not self.backend.copies_prefix:
-            self.backend.reset()
-
-    @staticmethod
-    def run_many(sessions: list[LocalTarget], windows: list[Window]) -> list[Verdict | None]:
-        return target_pass(sessions, windows)
+        if not self.sequence.model.copies_prefix:
+            self.sequence.reset()
 
 
 def target_pass(sessions: list[LocalTarget], windows: list[Window]) -> list[Verdict | None]:
     """One batched target pass over several sessions of one model: evaluate each window, verify its drafts
     against the rows that predict them, roll each cache back to what was accepted."""
-    work = [(s.backend, w.append + w.drafts, bool(w.drafts)) for s, w in zip(sessions, windows, strict=True)]
-    logits = sessions[0].backend.eval_batch(work)
+    work = [(s.sequence, w.append + w.drafts, bool(w.drafts)) for s, w in zip(sessions, windows, strict=True)]
+    logits = sessions[0].sequence.model.eval_batch(work)
     verdicts: list[Verdict | None] = []
     for session, window, rows in zip(sessions, windows, logits, strict=True):
         if not window.predict:
@@ -120,7 +131,7 @@ def target_pass(sessions: list[LocalTarget], windows: list[Window]) -> list[Verd
             verdict = verify(rows, window.drafts, window.probs, window.params, window.rng)
         else:
             verdict = verify_tolerance(rows, window.drafts, window.probs, window.params, window.tolerance, window.rng)
-        session.backend.truncate(kept + verdict.accepted)  # KV rollback of the rejected drafts
+        session.sequence.truncate(kept + verdict.accepted)  # KV rollback of the rejected drafts
         if window.with_confidence:
             verdict = replace(verdict, confidence=top_probability(rows[0], window.params))
         if window.logprobs is not None:  # the rows of the emitted tokens: accepted drafts and the target's

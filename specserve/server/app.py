@@ -73,9 +73,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        logging.getLogger().addHandler(metrics.error_log)
         state.start()
         yield
         state.stop()
+        logging.getLogger().removeHandler(metrics.error_log)
 
     app = FastAPI(title="specserve", lifespan=lifespan)
     app.openapi = functools.partial(_openapi, app)

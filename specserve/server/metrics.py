@@ -4,6 +4,7 @@ servers in one process (tests) do not collide."""
 from __future__ import annotations
 
 import collections
+import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
@@ -60,6 +61,10 @@ class Metrics:
         self.cache_hits = Counter("specserve_cache_hits", "Response cache hits", registry=r)
         self.cache_misses = Counter("specserve_cache_misses", "Response cache misses", registry=r)
         self.prefix_reused = Counter("specserve_prefix_reused_tokens", "Prompt tokens whose KV was reused", registry=r)
+        self.logged_errors = Counter(
+            "specserve_logged_errors", "Log records at ERROR or above, from any logger of the process", registry=r
+        )
+        self.error_log = _CountErrors(self.logged_errors)  # on the root logger while the server runs (app.py)
         self._windows: collections.deque[tuple[int, int]] = collections.deque(maxlen=_ROLLING_WINDOWS)
 
     def observe_window(self, drafted: int, accepted: int) -> None:
@@ -80,3 +85,14 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CountErrors(logging.Handler):
+    """Counts what is logged at ERROR or above: a soak (bench/soak.py) reads it to say nothing went wrong."""
+
+    def __init__(self, counter: Counter):
+        super().__init__(level=logging.ERROR)
+        self.counter = counter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counter.inc()
