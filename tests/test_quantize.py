@@ -14,7 +14,7 @@ def _load_and_eval(path: Path, tokens: list[int]) -> tuple[int, np.ndarray]:
     from specserve.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(path, n_ctx=256, n_threads=1)  # 2 threads stall badly on a busy 2-core box
-    return backend.n_vocab, backend.eval(tokens)
+    return backend.n_vocab, backend.new_sequence().eval(tokens)
 
 
 REAL_TEXT = (
