@@ -74,6 +74,13 @@ def ablations(text: str) -> frozenset[str]:
     return names
 
 
+def speculation_methods(text: str) -> list[str]:
+    names, drafters = [t.strip() for t in text.split(",") if t.strip()], [m for m in METHODS if m != "none"]
+    if unknown := [n for n in names if n not in drafters]:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(drafters)}")
+    return names
+
+
 def engine_config(args: argparse.Namespace, with_draft: bool = True, **overrides) -> EngineConfig:
     """The engine configuration from the model options every subcommand has (`_add_model_args`)."""
     fields = {
@@ -351,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=frozenset(),
         metavar="NAME[,NAME]",
         help="add a row per adaptive-k refinement switched off (" + ", ".join(ABLATIONS) + "; engine/policy.py)",
+    )
+    bench.add_argument(
+        "--ablate-methods",
+        type=speculation_methods,
+        default=["draft"],
+        metavar="METHOD[,METHOD]",
+        help="the drafters the --ablate rows run (default draft; e.g. draft,suffix)",
     )
     bench.add_argument("--fixed-k", type=int, default=4, help="also run the draft model at this fixed k (0: skip)")
     bench.add_argument(

@@ -50,10 +50,11 @@ def test_seed_table_with_tolerance_row(tmp_path):
 
 
 def test_default_table_names_every_drafter_its_cost_the_machine_and_the_fidelity(tmp_path, runtime):
-    """Runs on the project's own prompt set: no ../shared needed."""
+    """Runs on the project's own prompt set: no ../shared needed. With an ablation row per drafter asked for."""
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "specserve.cli", "bench", "--limit", "1"]
     command += ["--max-tokens", "8", "--modes", "greedy", "--constrained", "--out", str(out)]
+    command += ["--ablate", "row-cost", "--ablate-methods", "draft,suffix"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -66,6 +67,8 @@ def test_default_table_names_every_drafter_its_cost_the_machine_and_the_fidelity
     assert any("+ suffix trees k=" in label for label in labels) and any("suffix trees, else" in x for x in labels)
     assert any(name.startswith("suffix trees") for name in report["memory_bytes"])
     assert sum("JSON grammar" in label for label in labels) == 2  # target-only and speculative, constrained
+    ablated = [label for label in labels if label.endswith("without row-cost")]  # one per drafter asked for
+    assert len(ablated) == 2 and any("suffix trees" in label for label in ablated)
     assert any(f"quantized:Q4_0/Q4_0 ({runtime.draft.name})" in label for label in labels)  # the default draft
     assert any("Q4_0-head-Q4_0" in name for name in report["cost_table"])  # and its cost row
     assert {p.rsplit("/", 1)[-1] for p in report["prompts"]} == {"prompts.jsonl"}

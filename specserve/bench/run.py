@@ -173,9 +173,11 @@ def _configs(args: argparse.Namespace, runtime: LocalRuntime, workers: dict[str,
         configs = [*baselines, *(speculative(method, args.k, runtime) for method in methods)]
         if args.fixed_k and args.k != args.fixed_k:
             configs.append(speculative("draft", args.fixed_k, runtime))
-        for feature in sorted(args.ablate):  # what each adaptive-k refinement is worth
-            row = speculative("draft", "auto", runtime.ablated(frozenset({feature})))
-            configs.append(dataclasses.replace(row, label=f"{row.label} without {feature}"))
+        for feature in sorted(args.ablate):  # what each adaptive-k refinement is worth, per drafter asked for
+            ablated = runtime.ablated(frozenset({feature}))
+            for method in args.ablate_methods:
+                row = speculative(method, "auto", ablated)
+                configs.append(dataclasses.replace(row, label=f"{row.label} without {feature}"))
     # lossy, opt-in: rows that show what the speed costs in quality
     configs += [speculative("draft", args.k, runtime, tolerance=delta) for delta in args.tolerance]
     if args.constrained:  # what a grammar costs, and what speculation still buys under one
