@@ -39,14 +39,17 @@ class _ContextPool:
 
     def take(self) -> LlamaContext:
         with self._lock:
-            if self._free:
-                return self._free.pop()
-            self.created += 1
+            ctx = self._free.pop() if self._free else None
+            self.created += ctx is None
+        if ctx is not None:
+            ctx.kv_cache_clear()  # the sequence starts empty, as in a new context
+            return ctx
         with quiet_stderr():
             return LlamaContext(model=self._llama._model, params=self._llama.context_params, verbose=False)
 
     def give_back(self, ctx: LlamaContext) -> None:
-        ctx.kv_cache_clear()  # the next sequence starts empty, as in a new context
+        """No call into llama.cpp here: a sequence collected at interpreter exit may give back a context
+        llama-cpp-python has already freed with its model."""
         with self._lock:
             self._free.append(ctx)
 

@@ -128,10 +128,11 @@ class CostModel:
 
 
 def measure_rows(sequence: Sequence, context: list[int], rows: tuple[int, ...], repeats: int = 3) -> dict[int, float]:
-    """Seconds to append each number of rows to a warm sequence (the cache is restored after): the fastest
-    of the repeats, since a shared machine's noise only ever adds time. Each repeat runs every size in turn,
-    so a change of the machine's speed while measuring touches all sizes alike."""
-    sequence.reset()
+    """Seconds to append each number of rows to a warm sequence (emptied before and after, keeping what it
+    holds: a llama.cpp context): the fastest of the repeats, since a shared machine's noise only ever adds
+    time. Each repeat runs every size in turn, so a change of the machine's speed while measuring touches all
+    sizes alike."""
+    sequence.truncate(0)
     sequence.eval(context, all_logits=False)
     base = sequence.n_past
     result = dict.fromkeys(rows, float("inf"))
@@ -141,7 +142,7 @@ def measure_rows(sequence: Sequence, context: list[int], rows: tuple[int, ...], 
             sequence.eval((context * size)[:size])
             result[size] = min(result[size], time.perf_counter() - start)
             sequence.truncate(base)
-    sequence.reset()
+    sequence.truncate(0)
     return result
 
 
@@ -153,9 +154,13 @@ def calibrate(target: Model, draft: Model | None, context: list[int], k_max: int
     if draft is not None:
         draft_rows = (1, 2, 4, 8, 16, 32) if draft.batches_sequences else (1, STEADY_DRAFT_ROWS, 32)
 
+    # The sequences measured on stay with the cost model: measuring again (a refresh, while requests run)
+    # must not need another KV cache, which for llama.cpp is another context, ~100 MB held from then on.
+    target_seq, draft_seq = target.new_sequence(), draft.new_sequence() if draft is not None else None
+
     def measure(repeats: int) -> tuple[dict[int, float], dict[int, float] | None]:
-        tables = measure_rows(target.new_sequence(), context, target_rows, repeats)
-        return tables, measure_rows(draft.new_sequence(), context, draft_rows, repeats) if draft is not None else None
+        tables = measure_rows(target_seq, context, target_rows, repeats)
+        return tables, measure_rows(draft_seq, context, draft_rows, repeats) if draft_seq is not None else None
 
     target_table, draft_table = measure(repeats=3)
     return CostModel(
