@@ -156,8 +156,7 @@ def agrees(lib, reference) -> bool:
 def ops(generic: bool = False):
     """The kernels as torch ops (`ops().linear(...)`): of the builds for this CPU that compute bitwise what
     the portable spelling does (`generic`, also for tests), the fastest, as measured on this machine
-    (`choose_build`). Neither ISA wins everywhere: on AMD Zen 4, whose AVX512 units are 256 bits wide, the
-    AVX2 build streams weights faster than the AVX512-VNNI one."""
+    (`choose_build`): which ISA streams weights faster depends on the CPU's vector units and memory."""
     reference = build("generic")
     if generic:
         return reference

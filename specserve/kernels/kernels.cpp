@@ -251,10 +251,13 @@ inline ivec dot_groups(const ivec* codes, const int8_t* const* xs) {
 }
 #endif
 
+// Every cache line of the block's codes, TILE * 16 bytes: 2 lines for AVX2, 4 for AVX512 (prefetching only
+// the first 2 left the AVX512 path waiting on memory: 5 rows cost 1.9x one row instead of 1.0x on Zen 5).
 inline void prefetch(const uint8_t* p) {
 #if defined(USE_AVX2)
-  _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH + 64), _MM_HINT_T0);
+#pragma GCC unroll 4
+  for (int64_t line = 0; line < TILE * 16; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH + line), _MM_HINT_T0);
 #else
   (void)p;
 #endif
