@@ -1,5 +1,9 @@
 """`auto`: the pick among measured backends, and measuring a backend in a process of its own."""
 
+import subprocess
+import sys
+from subprocess import PIPE
+
 import pytest
 
 from specserve.backends.choose import (
@@ -30,7 +34,7 @@ INT8 = Measured(
 
 
 def test_the_target_with_cheap_exact_windows_and_fast_single_rows_wins():
-    best, reason, scores = pick_target([LLAMA_FILE, LLAMA_Q4_0, Q4, INT8], DRAFT, 8, LLAMA_FILE)
+    best, reason, scores = pick_target([LLAMA_FILE, LLAMA_Q4_0, Q4, INT8], 8, LLAMA_FILE)
     assert best is Q4, scores
     assert "torch-q4" in reason and "llama.cpp on the model's file: 85.0" in reason
 
@@ -42,30 +46,29 @@ def scaled(m: Measured, model: str, factor: float) -> Measured:
 def test_the_models_own_weights_win_unless_a_requantization_is_clearly_faster():
     """A requantized file is another model (the bench's fidelity table): worth it only for real speed."""
     slightly = scaled(Q4, "t-Q4_0.gguf", 0.97)
-    assert pick_target([LLAMA_FILE, Q4, slightly], DRAFT, 8, LLAMA_FILE)[0] is Q4
+    assert pick_target([LLAMA_FILE, Q4, slightly], 8, LLAMA_FILE)[0] is Q4
     clearly = scaled(Q4, "t-Q4_0.gguf", 0.85)
-    assert pick_target([LLAMA_FILE, Q4, clearly], DRAFT, 8, LLAMA_FILE)[0] is clearly
+    assert pick_target([LLAMA_FILE, Q4, clearly], 8, LLAMA_FILE)[0] is clearly
 
 
 def test_a_target_slower_than_plain_llamacpp_on_plain_decoding_is_not_picked():
     """int8's windows are nearly free, but every reply drafting cannot help runs 104 ms/token instead of 85."""
-    cheap_draft = Measured("x", "d", seconds={1: 0.001, 2: 0.001, 32: 0.01})
-    assert mean_ms_per_token(INT8, cheap_draft, 8) < mean_ms_per_token(LLAMA_FILE, cheap_draft, 8)
-    best, _, _ = pick_target([LLAMA_FILE, INT8], cheap_draft, 8, LLAMA_FILE)
+    assert mean_ms_per_token(INT8, 8) < mean_ms_per_token(LLAMA_FILE, 8)
+    best, _, _ = pick_target([LLAMA_FILE, INT8], 8, LLAMA_FILE)
     assert best is LLAMA_FILE
 
 
 def test_inexact_windows_are_not_counted():
     """Windows beyond the exact ones would be cheap here, but speculation may not use them."""
     fake_cheap = Measured("llama.cpp", "t.gguf", table(85, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0), exact=[1])
-    assert mean_ms_per_token(fake_cheap, DRAFT, 8) == pytest.approx(85.0)
+    assert mean_ms_per_token(fake_cheap, 8) == pytest.approx(85.0)
 
 
 def test_broken_candidates_are_skipped():
     crashed = Measured("llama.cpp", "t.gguf", error="crashed with SIGSEGV")
-    best, _, scores = pick_target([crashed, Q4], DRAFT, 8, crashed)
+    best, _, scores = pick_target([crashed, Q4], 8, crashed)
     assert best is Q4 and crashed.label not in scores
-    assert pick_target([crashed], DRAFT, 8, crashed)[0] is None
+    assert pick_target([crashed], 8, crashed)[0] is None
 
 
 def test_the_draft_that_drafts_a_window_fastest_wins():
@@ -95,3 +98,25 @@ def test_every_candidate_is_timed_in_two_rounds_and_the_result_cached(smollm2_pa
     assert [m.usable for m in first.drafts] == [True, False, False]  # torch backends run qwen2 only
     again = choose(None, smollm2_path, k_max=2, show_progress=False)
     assert again.cached and again.draft.seconds == first.draft.seconds
+
+
+@pytest.mark.small_model
+def test_processes_started_together_measure_the_target_once_and_pick_alike(smollm2_path, isolated_cache):
+    """A verifier (no draft) and a local server (with one) started together on one machine: one measures the
+    target candidates while the other waits, and both pick the target from that one measurement, so a
+    remote verifier's greedy output is the local server's."""
+    pick = (
+        "import sys; from pathlib import Path; from specserve.backends.choose import choose; "
+        "model = Path(sys.argv[1]); c = choose(model, model if sys.argv[2] == 'draft' else None, 2); "
+        "print(c.target.label, sorted(c.target.seconds.items()))"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", pick, str(smollm2_path), role], stdout=PIPE, stderr=PIPE, text=True)
+        for role in ("draft", "none")
+    ]
+    outputs = [process.communicate(timeout=900) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    said = "".join(err for _, err in outputs)
+    assert said.count("measuring the target backends") == 1 and "waiting for its result" in said, said
+    assert said.count("measuring the draft backends") == 1
+    assert outputs[0][0] == outputs[1][0] and outputs[0][0].startswith("llama.cpp")

@@ -4,8 +4,10 @@ Every candidate is loaded and timed in a child process of its own, so a kernel t
 (llama.cpp's AMX kernels, upstream #20824) or cannot load a model is reported and skipped, not fatal. All
 are timed in two rounds, each candidate in turn, and keep their faster time per window size: a shared
 machine's speed drifts by more than the candidates differ, and a slow spell should not decide the pick. The
-measurements are cached per machine (CPU model, cores, ISA flags, library versions) and model files, so only
-the first start on a machine pays for them; a different machine measures again.
+measurements are cached per machine (CPU model, cores, ISA flags, library versions) and model file, targets and
+drafts apart, so only the first start on a machine pays for them, a verifier (no draft) and a local server
+(with one) read the same target measurements and so pick the same target, and processes started together
+measure once (the others wait for the result). A different machine measures again.
 
 Targets: llama.cpp and torch-q4 (specserve's kernels) each on the model's file and on its Q4_0
 requantization, torch-int8 on FBGEMM, and torch-int8 on oneDNN where the CPU has AVX512-VNNI or AMX. Each is
@@ -21,6 +23,7 @@ The pick (`pick_target`, `pick_draft`) is the policy, in one place: see their do
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +31,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,7 +56,7 @@ DRAFT_ROWS = (1, 2, 32)  # draft passes timed: a drafted token, a window's first
 _CHECK_TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
 _WINDOW_TEXT = "\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
 _MEASURE_TIMEOUT_S = 1800  # a first int8 conversion of a 1.5B model takes minutes on 2 cores
-_FORMAT = 2
+_FORMAT = 3
 
 
 @dataclass
@@ -110,15 +115,17 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return sum(acceptance**i for i in range(k + 1))
 
 
-def mean_ms_per_token(target: Measured, draft: Measured | None, k_max: int) -> float:
-    """Mean over REFERENCE_ACCEPTANCE of the best time per token, over exact windows up to k_max drafts."""
+def mean_ms_per_token(target: Measured, k_max: int) -> float:
+    """Mean over REFERENCE_ACCEPTANCE of the target's best time per token, over exact windows up to k_max
+    drafts. Drafting's cost is the drafter's and is left out: model-free drafters cost nothing, a front-end's
+    draft runs on another machine, and a verifier, which knows no drafter, must pick the target a local
+    server on the same machine picks (the same greedy output either way)."""
     limit = min(k_max, target.exact_windows() - 1, max(target.seconds) - 1)
     times = []
     for a in REFERENCE_ACCEPTANCE:
         best = target.seconds[1]
         for k in range(1, limit + 1):
-            draft_s = draft_window_seconds(draft, k) if draft is not None else 0.0
-            best = min(best, (draft_s + target.seconds[k + 1]) / expected_tokens(a, k))
+            best = min(best, target.seconds[k + 1] / expected_tokens(a, k))
         times.append(best)
     return 1000 * sum(times) / len(times)
 
@@ -133,14 +140,14 @@ def pick_draft(drafts: list[Measured]) -> tuple[Measured | None, str]:
 
 
 def pick_target(
-    targets: list[Measured], draft: Measured | None, k_max: int, reference: Measured | None
+    targets: list[Measured], k_max: int, reference: Measured | None
 ) -> tuple[Measured | None, str, dict[str, float]]:
-    """The target with the least mean time per token over REFERENCE_ACCEPTANCE (with this draft, at exact
+    """The target with the least mean time per token over REFERENCE_ACCEPTANCE (`mean_ms_per_token`: exact
     window sizes only), among those at most PLAIN_TOLERANCE slower on plain decoding than `reference`
     (llama.cpp on the model's own file: what a user would run instead); one on the model's own file rather
     than a requantization unless that is more than PLAIN_TOLERANCE faster."""
     usable = [t for t in targets if t.usable]
-    scores = {t.label: round(mean_ms_per_token(t, draft, k_max), 2) for t in usable}
+    scores = {t.label: round(mean_ms_per_token(t, k_max), 2) for t in usable}
     if not usable:
         return None, "no target backend runs here", scores
     fast_enough = usable
@@ -260,17 +267,18 @@ def draft_candidates(draft: Path) -> list[tuple[str, Path]]:
     return [("llama.cpp", draft), ("torch-q4", draft), ("torch-int8", draft)]
 
 
-def _machine_key(*files: Path) -> str:
+def _machine_key(role: str, model: Path, rows: tuple[int, ...]) -> str:
     import llama_cpp
     import torch
 
     from specserve import kernels
 
-    ids = [f"{f.resolve()} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files]
+    stat = model.stat()
     # the kernels' source, not its mtime (every clone has a new one), and the build chosen for this CPU
     kernel = (hashlib.sha256(kernels.SOURCE.read_bytes()).hexdigest(), kernels.ops().isa())
-    parts = (hardware.cpu_model(), str(os.cpu_count()), torch.__version__, llama_cpp.__version__, *kernel, *ids)
-    return hardware.build_key(*parts, str(_FORMAT))
+    parts = (hardware.cpu_model(), str(os.cpu_count()), torch.__version__, llama_cpp.__version__, *kernel)
+    measured = (role, f"{model.resolve()} {stat.st_size} {stat.st_mtime_ns}", ",".join(map(str, rows)))
+    return hardware.build_key(*parts, *measured, str(_FORMAT))
 
 
 def _cache_path(key: str) -> Path:
@@ -279,46 +287,64 @@ def _cache_path(key: str) -> Path:
     return cache_dir() / "auto" / f"{key}.json"
 
 
-def _load_cached(path: Path) -> tuple[list[Measured], list[Measured]] | None:
+def _load_cached(path: Path) -> list[Measured] | None:
     try:
         data = json.loads(path.read_text())
-        targets = [Measured(**{**m, "seconds": {int(k): v for k, v in m["seconds"].items()}}) for m in data["targets"]]
-        drafts = [Measured(**{**m, "seconds": {int(k): v for k, v in m["seconds"].items()}}) for m in data["drafts"]]
-        return targets, drafts
+        return [Measured(**{**m, "seconds": {int(k): v for k, v in m["seconds"].items()}}) for m in data]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+@contextmanager
+def _exclusive(path: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Held while one process measures into `path`: others started at the same time wait for its result
+    rather than time their candidates against each other on the same cores."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("another specserve process is measuring the backends; waiting for its result")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def measure_candidates(
+    role: str, model: Path, rows: tuple[int, ...], show_progress: bool = True
+) -> tuple[list[Measured], bool]:
+    """Every candidate for `role` ("target" or "draft") on `model`, measured for `rows` (or read from the
+    cache: then True)."""
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if show_progress else (lambda text: None)
+    path = _cache_path(_machine_key(role, model, rows))
+    with _exclusive(path, say):
+        if (cached := _load_cached(path)) is not None:
+            return cached, True
+        say(f"measuring the {role} backends on this CPU (once per machine; cached in {path.parent}):")
+        exact = role == "target"
+        candidates = target_candidates(model, show_progress) if exact else draft_candidates(model)
+        results = [_timed(say, role, measure_in_child(backend, file, rows, exact)) for backend, file in candidates]
+        say("  timing them all again, in turn (a slow spell of the machine hits them alike):")
+        for result in results:
+            if result.usable:
+                again = measure_in_child(result.backend, Path(result.model), rows, exact=False, load_first=False)
+                _keep_fastest(result, again)
+                _timed(say, role, result)
+        path.write_text(json.dumps([asdict(result) for result in results]))
+    return results, False
 
 
 def choose(target: Path | None, draft: Path | None, k_max: int, show_progress: bool = True) -> Choice:
     """Measure (or read the cached measurements of) the candidates on this machine and pick. No `target`:
     a front-end of remote verifiers, which picks only its draft's backend."""
-    key = _machine_key(*(f for f in (target, draft) if f))
-    path = _cache_path(key)
-    cached = _load_cached(path) if path.is_file() else None
-    if cached is None:
-        say = (lambda text: print(text, file=sys.stderr, flush=True)) if show_progress else (lambda text: None)
-        say(f"measuring the backends on this CPU (once per machine; cached in {path.parent}):")
-        targets, drafts = [], []
-        window_rows = tuple(range(1, k_max + 2))
-        for backend, model in target_candidates(target, show_progress) if target else []:
-            targets.append(_timed(say, "target", measure_in_child(backend, model, window_rows, exact=True)))
-        for backend, model in draft_candidates(draft) if draft else []:
-            drafts.append(_timed(say, "draft", measure_in_child(backend, model, DRAFT_ROWS, exact=False)))
-        say("  timing them all again, in turn (a slow spell of the machine hits them alike):")
-        rounds = [("target", t, window_rows) for t in targets] + [("draft", d, DRAFT_ROWS) for d in drafts]
-        for role, measured, rows in rounds:
-            if measured.usable:
-                again = measure_in_child(measured.backend, Path(measured.model), rows, exact=False, load_first=False)
-                _keep_fastest(measured, again)
-                _timed(say, role, measured)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"targets": [asdict(t) for t in targets], "drafts": [asdict(d) for d in drafts]}))
-    else:
-        targets, drafts = cached
+    targets, targets_cached = (
+        measure_candidates("target", target, tuple(range(1, k_max + 2)), show_progress) if target else ([], True)
+    )
+    drafts, drafts_cached = measure_candidates("draft", draft, DRAFT_ROWS, show_progress) if draft else ([], True)
     chosen_draft, draft_reason = pick_draft(drafts) if draft else (None, "no draft model")
     reference = next((t for t in targets if t.backend == "llama.cpp" and Path(t.model) == target), None)
-    chosen, reason, scores = pick_target(targets, chosen_draft, k_max, reference) if target else (None, "remote", {})
-    return Choice(chosen, chosen_draft, f"target {reason}; draft {draft_reason}", targets, drafts, scores, bool(cached))
+    chosen, reason, scores = pick_target(targets, k_max, reference) if target else (None, "remote", {})
+    reason = f"target {reason}; draft {draft_reason}"
+    return Choice(chosen, chosen_draft, reason, targets, drafts, scores, targets_cached and drafts_cached)
 
 
 def _keep_fastest(measured: Measured, again: Measured) -> None:
