@@ -176,11 +176,18 @@ class FixedSequence:
 class InProcessVerifier:
     """The real VerifierService and gRPC server, on an event loop in a thread of this process."""
 
-    def __init__(self, p: np.ndarray | None, max_sessions: int = 256, auth_token: str | None = None, model=None):
+    def __init__(
+        self,
+        p: np.ndarray | None,
+        max_sessions: int = 256,
+        auth_token: str | None = None,
+        model=None,
+        model_name: str = "fixed",
+    ):
         """Over `FixedDistribution(p)`, or over `model`."""
         model = FixedDistribution(p) if model is None else model
         tokenizer = SimpleNamespace(n_vocab=model.n_vocab, digest="fixed", chat_template="")
-        self.service = VerifierService(model, tokenizer, "fixed", {1: 1e-3}, max_sessions, 300.0)
+        self.service = VerifierService(model, tokenizer, model_name, {1: 1e-3}, max_sessions, 300.0)
         self.service.auth_token = auth_token
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -691,6 +698,26 @@ def test_a_pool_refuses_a_verifier_with_another_tokenizer():
             VerifierPool([verifier.address], "not-the-same-digest")
     finally:
         verifier.stop()
+
+
+def test_a_pool_keeps_out_a_replica_that_runs_another_target():
+    """Replicas on machines of different kinds may pick different targets (`auto`: the model's file on one,
+    its requantization on another); a session failing over between them would change models mid-reply."""
+    verifiers = [InProcessVerifier(P), InProcessVerifier(P, model_name="fixed-Q4_0")]
+    try:
+        pool = VerifierPool([v.address for v in verifiers], "fixed")
+        try:
+            assert [r.healthy for r in pool.replicas] == [True, False]
+            assert "it runs fixed on fixed-Q4_0, the pool fixed on fixed" in pool.replicas[1].error
+            session = RemoteTarget(pool)
+            RemoteVerifier(pool).run([session], [Window([1], [], [], True, SamplingParams(), np.random.default_rng(0))])
+            assert pool.replicas[0].sessions == 1 and pool.replicas[1].sessions == 0
+            session.close()
+        finally:
+            pool.close()
+    finally:
+        for verifier in verifiers:
+            verifier.stop()
 
 
 # --- Ray: a local cluster on loopback, started and stopped here ---

@@ -76,6 +76,9 @@ class VerifierPool:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._info_s = 0.0  # duration of a health check call: the network's share of a window
+        # (backend, model file) of the first replica up: a replica computing another target would change
+        # the model in the middle of a reply when a session fails over to it
+        self.target: tuple[str, str] | None = None
         up = self._wait_for_a_replica()
         first = up[0].info
         self.model_name, self.n_ctx, self.n_vocab = first.model, min(r.info.n_ctx for r in up), first.n_vocab
@@ -152,6 +155,13 @@ class VerifierPool:
         elapsed = time.perf_counter() - start
         if info.tokenizer_digest != self.tokenizer_digest:
             self.mark_down(replica, f"its model {info.model} has a different tokenizer than the draft")
+            return
+        with self._lock:
+            self.target = self.target or (info.backend, info.model)
+            runs = (info.backend, info.model)
+        if runs != self.target:
+            other = f"{self.target[0]} on {self.target[1]}"
+            self.mark_down(replica, f"it runs {runs[0]} on {runs[1]}, the pool {other}: a failover would change models")
             return
         with self._lock:
             if not replica.healthy and replica.info is not None:

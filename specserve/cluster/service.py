@@ -249,6 +249,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         await self._authorize(context)
         return pb.InfoReply(
             model=self.model_name,
+            backend=self.model.name,
             n_ctx=self.model.n_ctx,
             n_vocab=self.tokenizer.n_vocab,
             tokenizer_digest=self.tokenizer.digest,

@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model", "n_ctx", "n_vocab", "tokenizer_digest", "chat_template", "window_cost_s", "sessions", "max_sessions", "queued")
+    __slots__ = ("model", "n_ctx", "n_vocab", "tokenizer_digest", "chat_template", "window_cost_s", "sessions", "max_sessions", "queued", "backend")
     class WindowCostSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class InfoReply(_message.Message):
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     model: str
     n_ctx: int
     n_vocab: int
@@ -37,7 +38,8 @@ class InfoReply(_message.Message):
     sessions: int
     max_sessions: int
     queued: int
-    def __init__(self, model: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_vocab: _Optional[int] = ..., tokenizer_digest: _Optional[str] = ..., chat_template: _Optional[str] = ..., window_cost_s: _Optional[_Mapping[int, float]] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, model: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_vocab: _Optional[int] = ..., tokenizer_digest: _Optional[str] = ..., chat_template: _Optional[str] = ..., window_cost_s: _Optional[_Mapping[int, float]] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., queued: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
