@@ -700,7 +700,7 @@ def test_a_pool_refuses_a_verifier_with_another_tokenizer():
         verifier.stop()
 
 
-def test_a_pool_keeps_out_a_replica_that_runs_another_target():
+def test_a_pool_keeps_out_a_replica_that_runs_another_target(caplog):
     """Replicas on machines of different kinds may pick different targets (`auto`: the model's file on one,
     its requantization on another); a session failing over between them would change models mid-reply."""
     verifiers = [InProcessVerifier(P), InProcessVerifier(P, model_name="fixed-Q4_0")]
@@ -708,7 +708,8 @@ def test_a_pool_keeps_out_a_replica_that_runs_another_target():
         pool = VerifierPool([v.address for v in verifiers], "fixed")
         try:
             assert [r.healthy for r in pool.replicas] == [True, False]
-            assert "it runs fixed on fixed-Q4_0, the pool fixed on fixed" in pool.replicas[1].error
+            reason = "it runs fixed on fixed-Q4_0, the pool fixed on fixed"
+            assert reason in pool.replicas[1].error and reason in caplog.text
             session = RemoteTarget(pool)
             RemoteVerifier(pool).run([session], [Window([1], [], [], True, SamplingParams(), np.random.default_rng(0))])
             assert pool.replicas[0].sessions == 1 and pool.replicas[1].sessions == 0

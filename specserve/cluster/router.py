@@ -135,7 +135,7 @@ class VerifierPool:
 
     def mark_down(self, replica: Replica, error: str) -> None:
         with self._lock:
-            if replica.healthy:
+            if replica.healthy or error != replica.error:  # once per reason, also for one never up
                 log.warning("verifier %s is down: %s", replica.address, error)
             replica.healthy, replica.error = False, error
 
