@@ -67,18 +67,20 @@ def draft_length(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def ablations(text: str) -> frozenset[str]:
-    names = frozenset(t.strip() for t in text.split(",") if t.strip())
-    if unknown := names - set(ABLATIONS):
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(sorted(unknown))}; choose from {', '.join(ABLATIONS)}")
+def _names(text: str, known: list[str] | tuple[str, ...]) -> list[str]:
+    """A comma-separated list of names, each one of `known`."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if unknown := sorted(set(names) - set(known)):
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     return names
+
+
+def ablations(text: str) -> frozenset[str]:
+    return frozenset(_names(text, ABLATIONS))
 
 
 def speculation_methods(text: str) -> list[str]:
-    names, drafters = [t.strip() for t in text.split(",") if t.strip()], [m for m in METHODS if m != "none"]
-    if unknown := [n for n in names if n not in drafters]:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(drafters)}")
-    return names
+    return _names(text, [m for m in METHODS if m != "none"])
 
 
 def engine_config(args: argparse.Namespace, with_draft: bool = True, **overrides) -> EngineConfig:

@@ -156,9 +156,9 @@ class VerifierPool:
         if info.tokenizer_digest != self.tokenizer_digest:
             self.mark_down(replica, f"its model {info.model} has a different tokenizer than the draft")
             return
+        runs = (info.backend, info.model)
         with self._lock:
-            self.target = self.target or (info.backend, info.model)
-            runs = (info.backend, info.model)
+            self.target = self.target or runs
         if runs != self.target:
             other = f"{self.target[0]} on {self.target[1]}"
             self.mark_down(replica, f"it runs {runs[0]} on {runs[1]}, the pool {other}: a failover would change models")
