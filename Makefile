@@ -19,11 +19,13 @@ ARCTIC_VERSION := 0.3.0
 ARCTIC_BUILD_DEPS := setuptools==84.2.1 nanobind==2.9.2 ninja==1.13.2 cmake==4.4.5
 ARCTIC_WHEELS := $(CACHE)/wheels/arctic-inference-$(ARCTIC_VERSION)-$(shell $(PYTHON) -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 STAMP := $(VENV)/.installed-$(LLAMA_KEY)-arctic-$(ARCTIC_VERSION)
+# llama.cpp's own llama-server, from the same pinned source as the wheel (the served bench's peer), keyed alike.
+LLAMA_SERVER := $(CACHE)/llama-server/$(LLAMA_KEY)/bin/llama-server
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup models redis browser serve test fuzz test-quick lint bench info proto clean
+.PHONY: setup models redis browser llama-server serve test fuzz test-quick lint bench bench-served info proto clean
 
 setup: $(STAMP)
 
@@ -68,12 +70,26 @@ browser:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	}
 
+# llama-server from the llama.cpp source vendored in the pinned llama-cpp-python sdist (~5 min on 2 cores,
+# once): what users of llama.cpp run, for `specserve bench --served` to compare against.
+llama-server: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER):
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "building llama-server $(LLAMA_VERSION) for this CPU (~5 min on 2 cores; cached in $(dir $@))"; \
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_VERSION) -d "$$tmp"; \
+	tar xzf "$$tmp"/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C "$$tmp"; \
+	cmake -S "$$tmp/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp" -B "$$tmp/build" -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF $(LLAMA_CMAKE_ARGS) >/dev/null; \
+	cmake --build "$$tmp/build" -j"$$(nproc)" --target llama-server >/dev/null; \
+	mkdir -p "$(dir $@)"; cp "$$tmp/build/bin/llama-server" "$@.partial"; mv "$@.partial" "$@"; echo "$@"
+
 serve: models
 	$(VENV)/bin/specserve serve --host $(HOST) --port $(PORT)
 
 # First a real one-token eval of every backend, each in its own process: a kernel that crashes on this CPU
 # fails here in seconds, by name, not inside a test fixture.
-test: models redis browser
+test: models redis browser llama-server
 	$(VENV)/bin/specserve info --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -94,6 +110,10 @@ proto: setup
 
 bench: models
 	$(VENV)/bin/specserve bench
+
+# The headline: `specserve serve` against llama-server (plain and its own speculative modes) over HTTP.
+bench-served: models llama-server
+	$(VENV)/bin/specserve bench --served --llama-server $(LLAMA_SERVER)
 
 info: models
 	$(VENV)/bin/specserve info

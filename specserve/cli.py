@@ -23,6 +23,7 @@ from specserve.config import (  # noqa: E402
     ABLATIONS,
     BACKENDS,
     DEFAULT_DRAFT_SPEC,
+    DEFAULT_SPECULATION,
     DRAFT_CACHES,
     K_MAX,
     METHODS,
@@ -167,12 +168,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specserve.bench.run import run_bench
 
     engine = engine_config(args, k=args.k)
+    args.out = args.out or f"bench-out/{'served' if args.served else 'bench'}.json"
     if args.wan is not None:
         from specserve.bench.run import load_prompts, prompt_files
         from specserve.bench.wan import run_wan_bench
 
         prompts = load_prompts(prompt_files(args.prompts), args.limit)
         return run_wan_bench(args, engine, prompts)
+    if args.served:
+        from specserve.bench.served import run_served_bench
+
+        return run_served_bench(args, engine)
     return run_bench(args, engine)
 
 
@@ -195,7 +201,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     target = resolve_model(args.target)
     draft = resolve_draft_spec(args.draft, args.target) if args.draft not in ("none", "") else None
-    choice = choose(target, draft, K_MAX)
+    choice = choose(target, draft, K_MAX, again=args.remeasure)
     info = collect(choice)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -232,6 +238,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         request_timeout_s=args.request_timeout,
         shutdown_grace_s=args.shutdown_grace,
         stream_buffer=args.stream_buffer,
+        speculation=args.speculation,
     )
 
 
@@ -319,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="this CPU, the libraries, the backends measured here and the one `auto` picks")
     info.add_argument("--json", action="store_true", help="print the report as JSON (as the bench JSON has it)")
     info.add_argument("--check", action="store_true", help="one real token on every backend, each in its own process")
+    info.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure the backends again, replacing the cached table (e.g. one measured while the machine was busy)",
+    )
     _add_model_args(info)
     info.set_defaults(func=cmd_info)
 
@@ -375,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="add rows under a JSON-object grammar (response_format json_object): target-only and the draft",
     )
     bench.add_argument("--modes", default="greedy,sampled", help="greedy, sampled or both")
-    bench.add_argument("--out", default="bench-out/bench.json", help="JSON report; the PNG goes beside it")
+    bench.add_argument(
+        "--out", default=None, help="JSON report, the PNG beside it (default bench-out/bench.json, or served.json)"
+    )
     bench.add_argument(
         "--wan",
         default=None,
@@ -383,6 +397,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="remote target per token vs local draft + remote verifier at these round-trip times (bench-out/wan.*)",
     )
     bench.add_argument("--verifier", default=None, help="with --wan: use this verifier (default: start one here)")
+    bench.add_argument(
+        "--served",
+        action="store_true",
+        help="the headline: `specserve serve` (defaults) against llama.cpp's llama-server, plain and with its own "
+        "speculation, over HTTP with the openai client (bench-out/served.*)",
+    )
+    bench.add_argument(
+        "--llama-server",
+        default=None,
+        metavar="PATH",
+        help="with --served: the binary (default: `make llama-server`'s)",
+    )
+    bench.add_argument(
+        "--served-methods",
+        type=speculation_methods,
+        default=[],
+        metavar="METHOD[,METHOD]",
+        help="with --served: rows of these speculation methods on the same server too (e.g. suffix-draft)",
+    )
     _add_model_args(bench)
     bench.set_defaults(func=cmd_bench)
 
@@ -415,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("-k", type=draft_length, default="auto", help="default draft length, or auto")
+    serve.add_argument(
+        "--speculation",
+        choices=METHODS,
+        default=DEFAULT_SPECULATION,
+        help="the method of requests that name none in their `speculation` field, as standard clients do "
+        f"(default {DEFAULT_SPECULATION}: the served bench's pick; without a draft model a model-free one runs)",
+    )
     serve.add_argument(
         "--max-batch",
         type=positive_int,

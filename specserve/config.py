@@ -14,6 +14,8 @@ from specserve.models.registry import DEFAULT_TARGET
 BACKENDS = ("torch-q4", "torch-int8", "torch-int8-onednn", "llama.cpp")  # `auto` chooses among these
 METHODS = ("draft", "cascade", "ngram", "suffix", "suffix-draft", "none")  # speculation methods
 MODEL_METHODS = ("draft", "cascade", "suffix-draft")  # the methods that need the draft model
+# what a server runs for requests that name no method (standard clients never do); the served bench's choice
+DEFAULT_SPECULATION = "draft"
 # which replies a request's suffix drafts may come from (engine/suffix.py): those of requests with the same
 # `user`, of every request, or its own prompt and reply only
 DRAFT_CACHES = ("per-user", "global", "off")
@@ -105,6 +107,11 @@ class ServerConfig:
     request_timeout_s: float | None = None  # a request running longer ends with finish_reason "length"
     shutdown_grace_s: float = SERVER_SHUTDOWN_GRACE_S  # on SIGTERM: how long running requests may finish
     stream_buffer: int = STREAM_BUFFER_STEPS  # a client this far behind its stream is not reading: cancel it
+    speculation: str = DEFAULT_SPECULATION  # the method of requests that name none
+
+    def __post_init__(self) -> None:
+        if self.speculation not in METHODS:
+            raise SpecserveError(f"unknown speculation method {self.speculation!r}; choose one of {', '.join(METHODS)}")
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,12 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
+def cpu_family_model() -> str:
+    """x86's family and model numbers (which name a core generation: AMD family 25 model 1 is Zen 3)."""
+    info = _cpuinfo()
+    return f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+
+
 def isa(flags: frozenset[str] | None = None) -> list[str]:
     """The ISA extensions of `ISA_FLAGS` this CPU (or `flags`) has."""
     flags = cpu_flags() if flags is None else flags

@@ -43,6 +43,7 @@ def collect(choice: Choice | None = None) -> dict:
     return {
         "cpu": {
             "model": hardware.cpu_model(),
+            "family_model": hardware.cpu_family_model(),
             "machine": platform.machine(),
             "cores": os.cpu_count(),
             "isa": hardware.isa(),

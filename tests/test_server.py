@@ -87,11 +87,21 @@ def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
 
 
-def test_health_is_503_while_loading_then_ok():
-    proc, base, statuses = start_server("--max-batch", "2")
+def test_health_is_503_while_loading_then_ok_and_requests_naming_no_method_get_the_servers():
+    """`--speculation`: what runs for standard clients, which never send specserve's `speculation` field."""
+    proc, base, statuses = start_server("--max-batch", "2", "--speculation", "none")
     try:
         assert statuses[0] == 503 and statuses[-1] == 200  # the port is open long before the models are
         assert httpx.get(f"{base}/health").json()["status"] == "ok"
+        assert httpx.get(f"{base}/v1/specserve/info").json()["speculation"] == "none"
+        drafted = {}
+        for method in (None, "draft"):
+            body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "seed": len(drafted)}
+            if method is not None:
+                body["speculation"] = {"method": method, "k": 4}
+            reply = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300).json()
+            drafted[method] = reply["speculative"]["drafted"]
+        assert drafted[None] == 0 and drafted["draft"] > 0, drafted
     finally:
         stop_server(proc)
 

@@ -7,7 +7,9 @@ machine's speed drifts by more than the candidates differ, and a slow spell shou
 measurements are cached per machine (CPU model, cores, ISA flags, library versions) and model file, targets and
 drafts apart, so only the first start on a machine pays for them, a verifier (no draft) and a local server
 (with one) read the same target measurements and so pick the same target, and processes started together
-measure once (the others wait for the result). A different machine measures again.
+measure once (the others wait for the result). A different machine measures again. So does this one when a
+process finds its target passes clearly faster than the cached table says (`measured_while_busy`): that
+table was measured while something else ran, and its pick may be another phase's.
 
 Targets: llama.cpp and torch-q4 (specserve's kernels) each on the model's file and on its Q4_0
 requantization, torch-int8 on FBGEMM, and torch-int8 on oneDNN where the CPU has AVX512-VNNI or AMX. Each is
@@ -53,6 +55,10 @@ REFERENCE_ACCEPTANCE = (0.0, 0.6, 0.85)
 # weights only where it is faster than that by more than this much.
 PLAIN_TOLERANCE = 1.05
 DRAFT_ROWS = (1, 2, 32)  # draft passes timed: a drafted token, a window's first pass, a catch-up
+# The cached table is taken to be measured on a busy machine when a one-row pass runs this much faster now.
+# Both take the fastest of several passes, which a busy spell slows but a quiet one does not speed up; only
+# a faster machine now says the table is off (a slower one says that now is busy, not a time to measure).
+BUSY_WHEN_MEASURED = 1.3
 _CHECK_TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
 _WINDOW_TEXT = "\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
 _MEASURE_TIMEOUT_S = 1800  # a first int8 conversion of a 1.5B model takes minutes on 2 cores
@@ -128,6 +134,13 @@ def mean_ms_per_token(target: Measured, k_max: int) -> float:
             best = min(best, target.seconds[k + 1] / expected_tokens(a, k))
         times.append(best)
     return 1000 * sum(times) / len(times)
+
+
+def measured_while_busy(choice: Choice, one_row_s: float) -> bool:
+    """Whether `choice` came from the cache and its target's one-row pass, which takes `one_row_s` now,
+    was measured BUSY_WHEN_MEASURED times slower or more."""
+    target = choice.target
+    return choice.cached and target is not None and target.seconds[1] > BUSY_WHEN_MEASURED * one_row_s
 
 
 def pick_draft(drafts: list[Measured]) -> tuple[Measured | None, str]:
@@ -310,15 +323,18 @@ def _exclusive(path: Path, say: Callable[[str], None]) -> Iterator[None]:
 
 
 def measure_candidates(
-    role: str, model: Path, rows: tuple[int, ...], show_progress: bool = True
+    role: str, model: Path, rows: tuple[int, ...], show_progress: bool = True, again: bool = False
 ) -> tuple[list[Measured], bool]:
     """Every candidate for `role` ("target" or "draft") on `model`, measured for `rows` (or read from the
-    cache: then True)."""
+    cache: then True). `again`: measure even if cached, and replace the cached table."""
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if show_progress else (lambda text: None)
     path = _cache_path(_machine_key(role, model, rows))
+    started = time.time()
     with _exclusive(path, say):
-        if (cached := _load_cached(path)) is not None:
-            return cached, True
+        # another process may have measured again while this one waited: its table is as new as ours would be
+        fresh = path.is_file() and path.stat().st_mtime >= started
+        if (not again or fresh) and (cached := _load_cached(path)) is not None:
+            return cached, not fresh
         say(f"measuring the {role} backends on this CPU (once per machine; cached in {path.parent}):")
         exact = role == "target"
         candidates = target_candidates(model, show_progress) if exact else draft_candidates(model)
@@ -333,13 +349,17 @@ def measure_candidates(
     return results, False
 
 
-def choose(target: Path | None, draft: Path | None, k_max: int, show_progress: bool = True) -> Choice:
+def choose(
+    target: Path | None, draft: Path | None, k_max: int, show_progress: bool = True, again: bool = False
+) -> Choice:
     """Measure (or read the cached measurements of) the candidates on this machine and pick. No `target`:
-    a front-end of remote verifiers, which picks only its draft's backend."""
-    targets, targets_cached = (
-        measure_candidates("target", target, tuple(range(1, k_max + 2)), show_progress) if target else ([], True)
+    a front-end of remote verifiers, which picks only its draft's backend. `again`: measure anew (`specserve
+    info --remeasure`, or a table found to be measured while the machine was busy)."""
+    rows = tuple(range(1, k_max + 2))
+    targets, targets_cached = measure_candidates("target", target, rows, show_progress, again) if target else ([], True)
+    drafts, drafts_cached = (
+        measure_candidates("draft", draft, DRAFT_ROWS, show_progress, again) if draft else ([], True)
     )
-    drafts, drafts_cached = measure_candidates("draft", draft, DRAFT_ROWS, show_progress) if draft else ([], True)
     chosen_draft, draft_reason = pick_draft(drafts) if draft else (None, "no draft model")
     reference = next((t for t in targets if t.backend == "llama.cpp" and Path(t.model) == target), None)
     chosen, reason, scores = pick_target(targets, k_max, reference) if target else (None, "remote", {})

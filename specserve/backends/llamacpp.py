@@ -19,6 +19,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaBatch, LlamaContext
 
+from specserve.engine.compute import on_compute_thread
 from specserve.engine.model import ContextOverflowError
 from specserve.models.fetch import ModelError
 from specserve.models.tokenizer import quiet_stderr
@@ -119,6 +120,7 @@ class LlamaCppSequence:
     def n_past(self) -> int:
         return self._n_past
 
+    @on_compute_thread  # llama.cpp's threads are OpenMP's (engine/compute.py)
     def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
         n_ctx, n_vocab, n_batch = self.model.n_ctx, self.model.n_vocab, self.model.n_batch
         if self._n_past + len(tokens) > n_ctx:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from specserve import kernels
+from specserve.engine.compute import on_compute_thread
 from specserve.engine.model import ContextOverflowError
 from specserve.models.fetch import ModelError
 
@@ -147,6 +148,7 @@ class KVCache:
         v[:, :, : self.n_past] = self.v[:, :, : self.n_past]
         self.k, self.v, self.capacity = k, v, capacity
 
+    @on_compute_thread  # a large copy runs in parallel (engine/compute.py)
     def copy_prefix(self, other: KVCache, length: int) -> None:
         self.reserve(length)
         self.k[:, :, :length] = other.k[:, :, :length]
@@ -181,6 +183,7 @@ class Qwen2Model:
     def memory_bytes(self) -> int:
         return self._embed_bytes + self.head.nbytes + sum(layer.nbytes for layer in self.layers)
 
+    @on_compute_thread
     @torch.inference_mode()
     def forward(self, work: list[tuple[KVCache, list[int], bool]]) -> list[np.ndarray]:
         """Append tokens to several sequences at once: all their rows go through the same linear layers,

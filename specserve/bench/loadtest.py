@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import openai
 from rich.console import Console
 from rich.table import Table
 
-from specserve import SpecserveError
 from specserve.bench.run import load_prompts, prompt_files
+from specserve.bench.served import ServerProcess, specserve_server
 
 _COLUMNS = (
     "clients",
@@ -118,31 +114,11 @@ async def _level(
     }
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args) -> tuple[ServerProcess, str]:
     """A `specserve serve` on a free loopback port, for a self-contained run."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.NamedTemporaryFile(prefix="specserve-loadtest-", suffix=".log", delete=False)
     max_batch = str(args.max_batch or max(args.concurrency))
-    command = [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--max-batch", max_batch]
-    command += ["--max-queue", str(args.max_queue)]
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SpecserveError(f"the server exited during start-up; see {log.name}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SpecserveError(f"the server did not become healthy; see {log.name}")
+    server = specserve_server(extra=("--max-batch", max_batch, "--max-queue", str(args.max_queue)))
+    return server, server.base
 
 
 def run_loadtest(args) -> int:
@@ -158,8 +134,7 @@ def run_loadtest(args) -> int:
         return run_soak(args, base) if args.soak else _sweep(args, base)
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
+            proc.stop()
 
 
 def _sweep(args, base: str) -> int:

@@ -57,7 +57,7 @@ class BenchConfig:
         if self.worker is not None:
             return self.worker.generate(ids, params)
         runtime = self.runtime or runtime
-        runtime.refresh_costs()  # between requests, as the server's scheduler does between steps
+        runtime.refresh_costs()  # between requests, as the server does when idle
         # Suffix drafts come from this row's earlier replies in this mode (the bench runs per-user scopes):
         # from other prompts, never from another row's reply to the same prompt.
         scope = f"{self.label}/{mode}"
@@ -308,7 +308,7 @@ def run_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = {
         "machine": collect(runtime.choice),
-        "commit": _commit(),
+        "commit": git_commit(),
         "prompts": [str(p) for p in prompt_files(args.prompts)],
         "table": args.table,
         "max_tokens": args.max_tokens,
@@ -345,7 +345,7 @@ def costs_label(backend) -> str | None:
     return f"{backend.name} {backend.model_path.name}" if backend is not None else None
 
 
-def _commit() -> str | None:
+def git_commit() -> str | None:
     import subprocess
 
     done = subprocess.run(

@@ -29,7 +29,7 @@ CALIBRATION_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 
 BATCH_ROWS = (16, 32, 64)  # batched target passes measured beyond the window sizes; beyond them: extrapolated
 SPEED_EMA = 0.1  # weight of a new pass in a speed factor
 DRIFTED = (0.8, 1.25)  # a speed factor outside this range: measure the tables again
-REFRESH_MIN_S = 30.0  # ... at most this often (it takes ~0.5 s of the models' time, which every request waits for)
+REFRESH_MIN_S = 30.0  # ... at most this often (it takes seconds of the models' time, which a new request waits for)
 
 
 @dataclass
@@ -110,7 +110,7 @@ class CostModel:
 
     def refresh(self) -> bool:
         """Measure the tables again if a speed factor has drifted (`DRIFTED`), at most every REFRESH_MIN_S.
-        Call it between steps, from the thread that runs them (it uses the models)."""
+        Call it between requests, while no step runs: it takes the models for seconds."""
         drafted = self.draft is not None and self.draft.speed.drifted()
         if self.remeasure is None or time.monotonic() - self._measured_at < REFRESH_MIN_S:
             return False

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from specserve import SpecserveError
+from specserve.engine.compute import on_compute_thread
 from specserve.hardware import build_key
 from specserve.models.fetch import cache_dir
 
@@ -153,6 +154,7 @@ def agrees(lib, reference) -> bool:
 
 
 @cache
+@on_compute_thread  # it runs the builds (the agreement check, the timing) on the thread passes run on
 def ops(generic: bool = False):
     """The kernels as torch ops (`ops().linear(...)`): of the builds for this CPU that compute bitwise what
     the portable spelling does (`generic`, also for tests), the fastest, as measured on this machine

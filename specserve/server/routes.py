@@ -83,7 +83,8 @@ async def dashboard_page() -> FileResponse:
 @router.get("/v1/specserve/info", responses=_errors(401, 503))
 async def info(request: Request) -> dict:
     """specserve's extension: the models, backends, methods and limits of this server (the web page's panel)."""
-    return _state(request).ready().summary()
+    state = _state(request)
+    return {**state.ready().summary(), "speculation": state.config.speculation}
 
 
 @router.get("/metrics", responses={200: {"content": {"text/plain": {}}}, **_errors(401)})

@@ -66,16 +66,17 @@ class Scheduler:
         metrics: Metrics,
         max_batch: int = 8,
         max_queue: int = 64,
-        between_steps: Callable[[], object] | None = None,
+        when_idle: Callable[[], object] | None = None,
         request_timeout_s: float | None = None,
         stream_buffer: int = STREAM_BUFFER_STEPS,
     ):
-        """`between_steps`: called on the scheduler thread after every step (the runtime's cost refresh,
-        which needs the models while no step runs). `request_timeout_s`: a request still running (or
+        """`when_idle`: called on the scheduler thread after a step that leaves no request running or
+        waiting (the runtime's cost refresh: it takes the models for seconds, which no running stream should
+        wait for). `request_timeout_s`: a request still running (or
         waiting) this long after it came ends there, with finish_reason "length"."""
         self.metrics, self.max_batch, self.max_queue = metrics, max_batch, max_queue
         self.request_timeout_s, self.stream_buffer = request_timeout_s, stream_buffer
-        self.between_steps = between_steps
+        self.when_idle = when_idle
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._finished: collections.deque[float] = collections.deque(maxlen=_RATE_WINDOW)  # perf_counter times
@@ -178,11 +179,11 @@ class Scheduler:
                     self._stall(job)
                 elif produced:
                     job.post(produced)
-            if self.between_steps is not None:
+            if self.when_idle is not None and not self._active and not self._waiting:
                 try:
-                    self.between_steps()
+                    self.when_idle()
                 except Exception:  # housekeeping: the requests go on without it
-                    log.exception("between-steps work failed")
+                    log.exception("idle-time work failed")
 
     def _stall(self, job: Job) -> None:
         unread = job.posted - job.taken

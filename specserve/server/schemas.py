@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class Speculation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal[METHODS] = "draft"
+    method: Literal[METHODS] | None = None  # None: the server's default (`specserve serve --speculation`)
     # capped by the runtime at what is exact on its target (`Runtime.k_limit`)
     k: Annotated[int, Field(ge=0, le=REMOTE_K_MAX)] | Literal["auto"] | None = None
     # Lossy, opt-in: accept draft tokens the target finds at most `delta` nats less likely than the draft;

@@ -19,6 +19,7 @@ from opentelemetry import propagate, trace
 from specserve import SpecserveError
 from specserve.cache import CachedResponse, ResponseCache, cache_key
 from specserve.config import ServerConfig
+from specserve.engine import compute
 from specserve.engine.model import ContextOverflowError
 from specserve.engine.sampling import SamplingParams
 from specserve.runtime import Runtime
@@ -88,7 +89,7 @@ class ServerState:
             self.metrics,
             max_batch=self.config.max_batch,
             max_queue=self.config.max_queue,
-            between_steps=self._refresh_costs,
+            when_idle=self._refresh_costs,
             request_timeout_s=self.config.request_timeout_s,
             stream_buffer=self.config.stream_buffer,
         )
@@ -110,7 +111,7 @@ class ServerState:
     def _report(self, status: str) -> None:
         self.load_status = status
 
-    def _refresh_costs(self) -> None:  # on the scheduler thread, between steps: it needs the models idle
+    def _refresh_costs(self) -> None:  # on the scheduler thread when no request runs: it needs the models idle
         if self.runtime is not None:
             self.runtime.refresh_costs()
 
@@ -146,13 +147,13 @@ class ServerState:
             if (hit := await asyncio.to_thread(self.cache.get, key)) is not None:
                 self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
                 return _replay(hit, traced)
-        job = self._submit(rt, endpoint, body, sampling, ids)
+        job = await self._submit(rt, endpoint, body, sampling, ids)
         return self._follow(job, request, key, endpoint, traced)
 
-    def _submit(
+    async def _submit(
         self, rt: Runtime, endpoint: str, body: CompletionParams, sampling: SamplingParams, ids: list[int]
     ) -> Job:
-        method = body.speculation.method
+        method = body.speculation.method or self.config.speculation
         if method not in rt.methods:  # no draft model loaded: fall back to a model-free drafter
             method = "suffix" if method == "suffix-draft" else "ngram"
         attributes = {"specserve.endpoint": endpoint, "specserve.method": method, "specserve.prompt_tokens": len(ids)}
@@ -160,7 +161,11 @@ class ServerState:
         trace_context: dict[str, str] = {}  # W3C trace context: a remote verifier's spans join this trace
         propagate.inject(trace_context, context=trace.set_span_in_context(span))
         try:
-            generation = rt.generate(
+            # A new generation copies cached prompt prefixes (KV): work for the compute thread (engine/compute.py),
+            # where it cannot overlap a pass, and which the event loop does not wait for.
+            generation = await asyncio.to_thread(
+                compute.run,
+                rt.generate,
                 ids,
                 sampling,
                 method=method,

@@ -13,7 +13,7 @@ async function loadInfo() {
     $("model").textContent = info.model;
     const method = $("method");
     method.replaceChildren(...info.methods.map((m) => new Option(m, m)));
-    method.value = info.methods.includes("draft") ? "draft" : "ngram";
+    method.value = info.methods.includes(info.speculation) ? info.speculation : "ngram";
     const k = $("k");
     k.replaceChildren(new Option("auto", "auto"));
     for (let i = 0; i <= info.k_limit; i++) k.append(new Option(String(i), String(i)));
