@@ -7,11 +7,14 @@ from subprocess import PIPE
 import pytest
 
 from specserve.backends.choose import (
+    BUSY_WHEN_MEASURED,
     DRAFT_ROWS,
+    Choice,
     Measured,
     choose,
     mean_ms_per_token,
     measure_in_child,
+    measured_while_busy,
     pick_draft,
     pick_target,
 )
@@ -98,6 +101,23 @@ def test_every_candidate_is_timed_in_two_rounds_and_the_result_cached(smollm2_pa
     assert [m.usable for m in first.drafts] == [True, False, False]  # torch backends run qwen2 only
     again = choose(None, smollm2_path, k_max=2, show_progress=False)
     assert again.cached and again.draft.seconds == first.draft.seconds
+    # `specserve info --remeasure`, or a table found to be measured while the machine was busy: anew, and kept
+    anew = choose(None, smollm2_path, k_max=2, show_progress=True, again=True)
+    assert not anew.cached and "measuring the draft backends" in capsys.readouterr().err
+    later = choose(None, smollm2_path, k_max=2, show_progress=False)
+    assert later.cached and later.draft.seconds == anew.draft.seconds != first.draft.seconds
+
+
+def test_a_table_is_measured_again_only_when_the_machine_runs_clearly_faster_now():
+    """A table measured while something else ran is slower than the machine: a faster pass now says so. A
+    slower one says the machine is busy now, no time to measure; a fresh measurement is never re-checked."""
+    cached = Choice(Q4, DRAFT, "", [Q4], [DRAFT], {}, cached=True)
+    one_row = Q4.seconds[1]
+    assert measured_while_busy(cached, one_row / (BUSY_WHEN_MEASURED + 0.05))
+    assert not measured_while_busy(cached, one_row / (BUSY_WHEN_MEASURED - 0.05))
+    assert not measured_while_busy(cached, one_row * 2)
+    fresh = Choice(Q4, DRAFT, "", [Q4], [DRAFT], {}, cached=False)
+    assert not measured_while_busy(fresh, one_row / 2)
 
 
 @pytest.mark.small_model
@@ -120,3 +140,32 @@ def test_processes_started_together_measure_the_target_once_and_pick_alike(smoll
     assert said.count("measuring the target backends") == 1 and "waiting for its result" in said, said
     assert said.count("measuring the draft backends") == 1
     assert outputs[0][0] == outputs[1][0] and outputs[0][0].startswith("llama.cpp")
+
+
+@pytest.mark.small_model
+def test_a_runtime_measures_again_when_its_cached_table_was_taken_on_a_busy_machine(
+    smollm2_path, isolated_cache, caplog
+):
+    """The cached table says every candidate ran 3x slower than the loaded target runs now (as if measured
+    while a compile ran beside it): the runtime measures the candidates again, says so, and caches the new
+    table, so the next start picks from it."""
+    import json
+    import logging
+
+    from specserve.config import EngineConfig
+    from specserve.runtime import LocalRuntime
+
+    config = EngineConfig(target=str(smollm2_path), draft=None, n_ctx=512)
+    first = LocalRuntime(config, show_progress=False)
+    assert not first.choice.cached
+    (table,) = (isolated_cache / "auto").glob("*.json")
+    measured = json.loads(table.read_text())
+    for candidate in measured:
+        candidate["seconds"] = {rows: 3 * s for rows, s in candidate["seconds"].items()}
+    table.write_text(json.dumps(measured))
+    with caplog.at_level(logging.WARNING, logger="specserve.runtime"):
+        second = LocalRuntime(config, show_progress=False)
+    assert "look taken while it was busy" in caplog.text and not second.choice.cached
+    remeasured = json.loads(table.read_text())
+    usable = [m for m in remeasured if m["seconds"]]
+    assert usable and all(m["seconds"]["1"] < 2 * first.choice.target.seconds[1] for m in usable)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
 import signal
@@ -287,8 +286,7 @@ def _machine_key(role: str, model: Path, rows: tuple[int, ...]) -> str:
     from specserve import kernels
 
     stat = model.stat()
-    # the kernels' source, not its mtime (every clone has a new one), and the build chosen for this CPU
-    kernel = (hashlib.sha256(kernels.SOURCE.read_bytes()).hexdigest(), kernels.ops().isa())
+    kernel = (kernels.source_id(), kernels.ops().isa())  # the kernels' code and the build chosen for this CPU
     parts = (hardware.cpu_model(), str(os.cpu_count()), torch.__version__, llama_cpp.__version__, *kernel)
     measured = (role, f"{model.resolve()} {stat.st_size} {stat.st_mtime_ns}", ",".join(map(str, rows)))
     return hardware.build_key(*parts, *measured, str(_FORMAT))

@@ -49,7 +49,7 @@ constexpr int64_t TILE = 16;  // output columns per weight tile: one vector of i
 constexpr int ROW_GROUP = 8;  // rows computed per pass over a tile's weights (registers allow)
 #else
 constexpr int64_t TILE = 8;
-constexpr int ROW_GROUP = 4;
+constexpr int ROW_GROUP = 5;  // of 4..8, the fastest for windows of 2..9 rows (docs/hardware.md)
 #endif
 constexpr int64_t PREFETCH = 4096;            // bytes ahead in the weight stream (measured: 1-4 KiB)
 
@@ -293,6 +293,42 @@ inline void groups_of(const Rows& x, int r, int64_t i, const int8_t** lo, const 
   }
 }
 
+// The exact int32 dot products of one block of 4-bit codes (32 inputs x TILE columns, at w) with R rows'
+// inputs from i on. Codes outer, rows inner: each group of 4 inputs is unpacked once and meets every row,
+// so R sums stay in registers (rows outer kept 8 code vectors live per row, which the AVX2 build spilled).
+// The sums are exact integers, so the order in which they add up cannot change a bit of the result.
+template <int R>
+inline void block_dots(const uint8_t* w, const Rows& x, int64_t i, ivec* dots) {
+#if defined(USE_AVX512)
+  for (int r = 0; r < R; ++r) dots[r] = zero();
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const ivec p = load_bytes(w + g * TILE * 4), lo = and_bytes(p, 0x0F), hi = and_bytes(shift_right(p, 4), 0x0F);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      dots[r] = _mm512_dpbusd_epi32(dots[r], lo, broadcast4(x.at(r, i + 4 * g)));
+      dots[r] = _mm512_dpbusd_epi32(dots[r], hi, broadcast4(x.at(r, i + 16 + 4 * g)));
+    }
+  }
+#else
+  // int16 pair sums of all 8 groups cannot saturate for 4-bit codes (see dot_groups), then widened once
+  __m256i pairs[R];
+  for (int r = 0; r < R; ++r) pairs[r] = zero();
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const ivec p = load_bytes(w + g * TILE * 4), lo = and_bytes(p, 0x0F), hi = and_bytes(shift_right(p, 4), 0x0F);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(x.at(r, i + 4 * g))),
+                                            _mm256_maddubs_epi16(hi, broadcast4(x.at(r, i + 16 + 4 * g))));
+      pairs[r] = _mm256_add_epi16(pairs[r], both);
+    }
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < R; ++r) dots[r] = _mm256_madd_epi16(pairs[r], ones);
+#endif
+}
+
 template <int R>
 void tile_q4_0(const uint8_t* w, const uint16_t* scales, const Rows& x, float* y, int64_t n) {
   const int64_t nb = x.k / QK;
@@ -301,16 +337,13 @@ void tile_q4_0(const uint8_t* w, const uint16_t* scales, const Rows& x, float* y
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w + b * TILE * 16;
     prefetch(wb);
-    ivec lo[4], hi[4], codes[8];
-    unpack4(wb, lo, hi);
-    for (int g = 0; g < 4; ++g) codes[g] = lo[g], codes[4 + g] = hi[g];
+    ivec dots[R];
+    block_dots<R>(wb, x, b * QK, dots);
     const fvec ws = half_to_f(scales + b * TILE);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const int8_t* xs[8];
-      groups_of(x, r, b * QK, xs, xs + 4);
       const ivec offset = set32(8 * (x.sum16(r, b * QK) + x.sum16(r, b * QK + 16)));
-      acc[r] = fma_i(sub32(dot_groups<8, 4>(codes, xs), offset), fmul_scalar(ws, x.scale(r, b * QK)), acc[r]);
+      acc[r] = fma_i(sub32(dots[r], offset), fmul_scalar(ws, x.scale(r, b * QK)), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) fstore(y + r * n, acc[r]);
@@ -329,15 +362,12 @@ void tile_q4_k(const uint8_t* w, const uint8_t* sc, const uint8_t* mins, const u
       const int64_t block = sb * 8 + s;
       const uint8_t* wb = w + block * TILE * 16;
       prefetch(wb);
-      ivec lo[4], hi[4], codes[8];
-      unpack4(wb, lo, hi);
-      for (int g = 0; g < 4; ++g) codes[g] = lo[g], codes[4 + g] = hi[g];
+      ivec dots[R];
+      block_dots<R>(wb, x, block * QK, dots);
       const ivec scale = u8_to_32(sc + block * TILE), min = u8_to_32(mins + block * TILE);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const int8_t* xs[8];
-        groups_of(x, r, block * QK, xs, xs + 4);
-        total[r] = add32(total[r], mul32(dot_groups<8, 4>(codes, xs), scale));
+        total[r] = add32(total[r], mul32(dots[r], scale));
         const int32_t sum = x.sum16(r, block * QK) + x.sum16(r, block * QK + 16);
         low[r] = add32(low[r], mul32(min, set32(sum)));
       }
@@ -483,8 +513,8 @@ void with_rows(int64_t count, F&& f) {
     case 8: f(std::integral_constant<int, 8>{}); break;
     case 7: f(std::integral_constant<int, 7>{}); break;
     case 6: f(std::integral_constant<int, 6>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
 #endif
+    case 5: f(std::integral_constant<int, 5>{}); break;
     case 4: f(std::integral_constant<int, 4>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
