@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-method",
         dest="method",
         choices=METHODS,
-        default="draft",
+        default=DEFAULT_SPECULATION,
         help="draft: small model; cascade: n-gram guesses checked by the draft model; ngram: prompt lookup; "
         "suffix: suffix trees over the prompt and earlier replies; suffix-draft: suffix, else the draft model; "
         "none: plain decoding",

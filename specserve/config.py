@@ -14,8 +14,9 @@ from specserve.models.registry import DEFAULT_TARGET
 BACKENDS = ("torch-q4", "torch-int8", "torch-int8-onednn", "llama.cpp")  # `auto` chooses among these
 METHODS = ("draft", "cascade", "ngram", "suffix", "suffix-draft", "none")  # speculation methods
 MODEL_METHODS = ("draft", "cascade", "suffix-draft")  # the methods that need the draft model
-# what a server runs for requests that name no method (standard clients never do); the served bench's choice
-DEFAULT_SPECULATION = "draft"
+# What a server runs for requests that name no method (standard clients never do): the served bench's choice
+# (docs/benchmarks/2026-12-06-amd-zen3-served.md): suffix trees where the reply repeats text, else the draft.
+DEFAULT_SPECULATION = "suffix-draft"
 # which replies a request's suffix drafts may come from (engine/suffix.py): those of requests with the same
 # `user`, of every request, or its own prompt and reply only
 DRAFT_CACHES = ("per-user", "global", "off")

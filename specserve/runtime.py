@@ -98,9 +98,10 @@ class Runtime(ABC):
             self.draft = load_backend(kind, file, self.config.n_ctx, show_progress)
         self._draft_prefixes = _prefix_cache(self.draft)
 
-    def refresh_costs(self) -> bool:
-        """Measure the cost tables again if the machine's speed has drifted from them (engine/costs.py)."""
-        return self.policy is not None and self.policy.costs.refresh()
+    def refresh_costs(self, wanted: Callable[[], bool] = lambda: False) -> bool:
+        """Measure the cost tables again if the machine's speed has drifted from them (engine/costs.py);
+        given up as soon as `wanted()`: a request came."""
+        return self.policy is not None and self.policy.costs.refresh(wanted)
 
     @property
     def cost_refreshes(self) -> int:

@@ -335,7 +335,8 @@ def test_unknown_features_to_ablate_are_refused():
 def test_a_runtime_whose_speed_drifted_measures_its_costs_again(runtime):
     """The cost tables are measured at start-up and refreshed: when the target runs 40% faster than it was
     calibrated (another phase of the shared machine), the next refresh measures them again, at most every
-    REFRESH_MIN_S; a steady machine is left alone. Output stays the target's."""
+    REFRESH_MIN_S, giving the models up when a request comes; a steady machine is left alone. Output stays the
+    target's."""
     import time
 
     from specserve.engine.costs import REFRESH_MIN_S
@@ -347,6 +348,10 @@ def test_a_runtime_whose_speed_drifted_measures_its_costs_again(runtime):
     refreshes = costs.refreshes
     assert not runtime.refresh_costs()  # steady: nothing to measure
     costs.target.speed.factor, costs.target.speed.observations = 0.6, 20
+    before = dict(costs.target.table)
+    passes = []  # a request comes after the second pass: the refresh gives the models up, tables untouched
+    assert not runtime.refresh_costs(wanted=lambda: passes.append(1) or len(passes) > 2)
+    assert costs.target.table == before and costs.refreshes == refreshes and len(passes) == 3
     assert runtime.refresh_costs() and costs.refreshes == refreshes + 1
     assert set(range(1, runtime.k_max + 2)) <= set(costs.target.table)  # every window size, measured
     assert all(0 < seconds < 5 for seconds in costs.target.table.values())

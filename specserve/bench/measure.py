@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from rich.table import Table
 
 from specserve.engine.costs import measure_rows
 from specserve.engine.loop import Generation
@@ -16,6 +17,18 @@ def window_costs(sequence: Sequence, context: list[int], repeats: int = 5) -> di
     seconds = measure_rows(sequence, context, COST_WINDOWS, repeats)
     one = seconds[1]
     return {"ms_1": round(one * 1000, 1), **{f"k{k}": round(seconds[k] / one, 2) for k in COST_WINDOWS[1:]}}
+
+
+def cost_table(title: str, costs: dict[str, dict[str, float]]) -> Table:
+    """`window_costs` of several models as a table: a row each."""
+    table = Table(title=title)
+    table.add_column("backend / model")
+    table.add_column("1 token ms", justify="right")
+    for k in COST_WINDOWS[1:]:
+        table.add_column(f"k={k}", justify="right")
+    for name, row in costs.items():
+        table.add_row(name, f"{row['ms_1']:.1f}", *(f"{row[f'k{k}']:.2f}" for k in COST_WINDOWS[1:]))
+    return table
 
 
 def run_generation(generation: Generation) -> dict:

@@ -27,7 +27,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 import specserve
-from specserve.bench.measure import COST_WINDOWS, run_generation, summarize, window_costs
+from specserve.bench.measure import cost_table, run_generation, summarize, window_costs
 from specserve.bench.worker import BackendProcess
 from specserve.config import MODEL_METHODS, EngineConfig
 from specserve.engine.grammar import json_schema_grammar
@@ -355,14 +355,8 @@ def git_commit() -> str | None:
 
 
 def print_report(report: dict, console: Console) -> None:
-    costs = Table(title="Backend cost: time to append k tokens, relative to 1 token (fastest of 5)")
-    costs.add_column("backend / model")
-    costs.add_column("1 token ms", justify="right")
-    for k in COST_WINDOWS[1:]:
-        costs.add_column(f"k={k}", justify="right")
-    for name, row in report["cost_table"].items():
-        costs.add_row(name, f"{row['ms_1']:.1f}", *(f"{row[f'k{k}']:.2f}" for k in COST_WINDOWS[1:]))
-    console.print(costs)
+    title = "Backend cost: time to append k tokens, relative to 1 token (fastest of 5)"
+    console.print(cost_table(title, report["cost_table"]))
     for key, rows in report["summary"].items():
         table = Table(title=f"{key}  ({report['max_tokens']} new tokens, k={report['k']})")
         for col in (

@@ -7,6 +7,8 @@ goes to every row through the official `openai` client, streaming, one row after
 per prompt, so that a slower minute of the machine hits every row alike.
 
 Per request: time to first token (TTFT) and decode ms/token after it, (t_last - t_first) / (tokens - 1).
+TTFT compares only in the first mode: each prompt comes again in the second, and llama-server keeps its
+slot's last prompt in its KV cache (specserve reuses cached prefixes in whole prefill chunks of 128 tokens).
 Speed-ups are ratios of decode ms/token (over all tokens of a kind) to plain llama-server's. Greedy replies
 are compared with plain llama-server's and with the target's own (specserve's target decoding alone, the
 reply every exact row must give).
@@ -366,16 +368,9 @@ def _costs(runtime: Runtime, messages: list[dict]) -> dict:
 
 
 def print_served(report: dict, console: Console) -> None:
-    from specserve.bench.measure import COST_WINDOWS
+    from specserve.bench.measure import cost_table
 
-    costs = Table(title="Engine cost: time to append k tokens, relative to 1 token")
-    costs.add_column("backend / model")
-    costs.add_column("1 token ms", justify="right")
-    for k in COST_WINDOWS[1:]:
-        costs.add_column(f"k={k}", justify="right")
-    for name, row in report["cost_table"].items():
-        costs.add_row(name, f"{row['ms_1']:.1f}", *(f"{row[f'k{k}']:.2f}" for k in COST_WINDOWS[1:]))
-    console.print(costs)
+    console.print(cost_table("Engine cost: time to append k tokens, relative to 1 token", report["cost_table"]))
     for key, rows in report["summary"].items():
         greedy = key.startswith("greedy")
         table = Table(title=f"{key}: decode speed over HTTP ({report['max_tokens']} new tokens), vs plain llama-server")

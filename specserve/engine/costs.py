@@ -32,6 +32,9 @@ DRIFTED = (0.8, 1.25)  # a speed factor outside this range: measure the tables a
 REFRESH_MIN_S = 30.0  # ... at most this often (it takes seconds of the models' time, which a new request waits for)
 
 
+Tables = tuple[dict[int, float], dict[int, float] | None]  # the target's and the draft's (None: no draft)
+
+
 @dataclass
 class Speed:
     """Time a model's passes take now over the time its table says: a geometric moving average, so one
@@ -86,7 +89,8 @@ class CostModel:
 
     target: PassCost
     draft: PassCost | None = None
-    remeasure: Callable[[], tuple[dict[int, float], dict[int, float] | None]] | None = None
+    # measure the tables again, or None if `wanted()` says the models are wanted before it is done
+    remeasure: Callable[[Callable[[], bool]], Tables | None] | None = None
     refreshes: int = 0  # times `refresh` measured the tables again
     _measured_at: float = field(default_factory=time.monotonic)
 
@@ -108,15 +112,18 @@ class CostModel:
         steady = self.draft.seconds([STEADY_DRAFT_ROWS])
         return max(self.draft.speed.factor * interpolate(self.draft.table, STEADY_DRAFT_ROWS + tokens) - steady, 0.0)
 
-    def refresh(self) -> bool:
+    def refresh(self, wanted: Callable[[], bool] = lambda: False) -> bool:
         """Measure the tables again if a speed factor has drifted (`DRIFTED`), at most every REFRESH_MIN_S.
-        Call it between requests, while no step runs: it takes the models for seconds."""
+        Call it between requests, while no step runs: it takes the models for seconds, so it gives them up
+        between two passes as soon as `wanted()` (a request came), and is tried again at the next call."""
         drafted = self.draft is not None and self.draft.speed.drifted()
         if self.remeasure is None or time.monotonic() - self._measured_at < REFRESH_MIN_S:
             return False
         if not self.target.speed.drifted() and not drafted:
             return False
-        target, draft = self.remeasure()
+        if (tables := self.remeasure(wanted)) is None:
+            return False
+        target, draft = tables
         self.target.table = target
         self.target.speed.recalibrated()
         if self.draft is not None and draft is not None:
@@ -127,17 +134,26 @@ class CostModel:
         return True
 
 
-def measure_rows(sequence: Sequence, context: list[int], rows: tuple[int, ...], repeats: int = 3) -> dict[int, float]:
+def measure_rows(
+    sequence: Sequence,
+    context: list[int],
+    rows: tuple[int, ...],
+    repeats: int = 3,
+    wanted: Callable[[], bool] = lambda: False,
+) -> dict[int, float] | None:
     """Seconds to append each number of rows to a warm sequence (emptied before and after, keeping what it
     holds: a llama.cpp context): the fastest of the repeats, since a shared machine's noise only ever adds
     time. Each repeat runs every size in turn, so a change of the machine's speed while measuring touches all
-    sizes alike."""
+    sizes alike. None if `wanted()` before a pass: the models are needed for something else."""
     sequence.truncate(0)
     sequence.eval(context, all_logits=False)
     base = sequence.n_past
     result = dict.fromkeys(rows, float("inf"))
     for _ in range(repeats):
         for size in rows:
+            if wanted():
+                sequence.truncate(0)
+                return None
             start = time.perf_counter()
             sequence.eval((context * size)[:size])
             result[size] = min(result[size], time.perf_counter() - start)
@@ -158,15 +174,18 @@ def calibrate(target: Model, draft: Model | None, context: list[int], k_max: int
     # must not need another KV cache, which for llama.cpp is another context, ~100 MB held from then on.
     target_seq, draft_seq = target.new_sequence(), draft.new_sequence() if draft is not None else None
 
-    def measure(repeats: int) -> tuple[dict[int, float], dict[int, float] | None]:
-        tables = measure_rows(target_seq, context, target_rows, repeats)
-        return tables, measure_rows(draft_seq, context, draft_rows, repeats) if draft_seq is not None else None
+    def measure(repeats: int, wanted: Callable[[], bool] = lambda: False) -> Tables | None:
+        target_table = measure_rows(target_seq, context, target_rows, repeats, wanted)
+        if draft_seq is None or target_table is None:
+            return (target_table, None) if target_table is not None else None
+        draft_table = measure_rows(draft_seq, context, draft_rows, repeats, wanted)
+        return (target_table, draft_table) if draft_table is not None else None
 
     target_table, draft_table = measure(repeats=3)
     return CostModel(
         PassCost(target_table, target.batches_sequences),
         PassCost(draft_table, draft.batches_sequences) if draft is not None else None,
-        remeasure=(lambda: measure(repeats=2)) if refresh else None,
+        remeasure=(lambda wanted: measure(repeats=2, wanted=wanted)) if refresh else None,
     )
 
 

@@ -205,6 +205,11 @@ inline ivec dot_groups(const ivec* codes, const int8_t* const* xs) {
   for (int i = 0; i < N; ++i) acc = _mm512_dpbusd_epi32(acc, codes[i], broadcast4(xs[i]));
   return acc;
 }
+// acc plus the products of two code vectors with 4 inputs each (block_dots); `widened`: acc as int32 sums.
+inline ivec add_products(ivec acc, ivec a, const int8_t* xa, ivec b, const int8_t* xb) {
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, a, broadcast4(xa)), b, broadcast4(xb));
+}
+inline ivec widened(ivec acc) { return acc; }
 #elif defined(USE_AVX2)
 using ivec = __m256i;
 using fvec = __m256;
@@ -249,6 +254,13 @@ inline ivec dot_groups(const ivec* codes, const int8_t* const* xs) {
   }
   return acc;
 }
+// acc plus the products of two code vectors with 4 inputs each (block_dots), as int16 pair sums: all 8
+// groups of a block of 4-bit codes fit (see dot_groups); `widened`: those sums as int32.
+inline ivec add_products(ivec acc, ivec a, const int8_t* xa, ivec b, const int8_t* xb) {
+  return _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(a, broadcast4(xa)),
+                                                _mm256_maddubs_epi16(b, broadcast4(xb))));
+}
+inline ivec widened(ivec acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
 #endif
 
 // Every cache line of the block's codes, TILE * 16 bytes: 2 lines for AVX2, 4 for AVX512 (prefetching only
@@ -299,34 +311,15 @@ inline void groups_of(const Rows& x, int r, int64_t i, const int8_t** lo, const 
 // The sums are exact integers, so the order in which they add up cannot change a bit of the result.
 template <int R>
 inline void block_dots(const uint8_t* w, const Rows& x, int64_t i, ivec* dots) {
-#if defined(USE_AVX512)
   for (int r = 0; r < R; ++r) dots[r] = zero();
 #pragma GCC unroll 4
   for (int g = 0; g < 4; ++g) {
     const ivec p = load_bytes(w + g * TILE * 4), lo = and_bytes(p, 0x0F), hi = and_bytes(shift_right(p, 4), 0x0F);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      dots[r] = _mm512_dpbusd_epi32(dots[r], lo, broadcast4(x.at(r, i + 4 * g)));
-      dots[r] = _mm512_dpbusd_epi32(dots[r], hi, broadcast4(x.at(r, i + 16 + 4 * g)));
-    }
+    for (int r = 0; r < R; ++r)
+      dots[r] = add_products(dots[r], lo, x.at(r, i + 4 * g), hi, x.at(r, i + 16 + 4 * g));
   }
-#else
-  // int16 pair sums of all 8 groups cannot saturate for 4-bit codes (see dot_groups), then widened once
-  __m256i pairs[R];
-  for (int r = 0; r < R; ++r) pairs[r] = zero();
-#pragma GCC unroll 4
-  for (int g = 0; g < 4; ++g) {
-    const ivec p = load_bytes(w + g * TILE * 4), lo = and_bytes(p, 0x0F), hi = and_bytes(shift_right(p, 4), 0x0F);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(x.at(r, i + 4 * g))),
-                                            _mm256_maddubs_epi16(hi, broadcast4(x.at(r, i + 16 + 4 * g))));
-      pairs[r] = _mm256_add_epi16(pairs[r], both);
-    }
-  }
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int r = 0; r < R; ++r) dots[r] = _mm256_madd_epi16(pairs[r], ones);
-#endif
+  for (int r = 0; r < R; ++r) dots[r] = widened(dots[r]);
 }
 
 template <int R>

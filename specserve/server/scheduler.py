@@ -66,14 +66,15 @@ class Scheduler:
         metrics: Metrics,
         max_batch: int = 8,
         max_queue: int = 64,
-        when_idle: Callable[[], object] | None = None,
+        when_idle: Callable[[Callable[[], bool]], object] | None = None,
         request_timeout_s: float | None = None,
         stream_buffer: int = STREAM_BUFFER_STEPS,
     ):
-        """`when_idle`: called on the scheduler thread after a step that leaves no request running or
-        waiting (the runtime's cost refresh: it takes the models for seconds, which no running stream should
-        wait for). `request_timeout_s`: a request still running (or
-        waiting) this long after it came ends there, with finish_reason "length"."""
+        """`when_idle(wanted)`: called on the scheduler thread after a step that leaves no request running
+        or waiting (the runtime's cost refresh: it takes the models for seconds, which no running stream
+        should wait for), with a function that says when a request has come, for it to stop there.
+        `request_timeout_s`: a request still running (or waiting) this long after it came ends there, with
+        finish_reason "length"."""
         self.metrics, self.max_batch, self.max_queue = metrics, max_batch, max_queue
         self.request_timeout_s, self.stream_buffer = request_timeout_s, stream_buffer
         self.when_idle = when_idle
@@ -181,7 +182,7 @@ class Scheduler:
                     job.post(produced)
             if self.when_idle is not None and not self._active and not self._waiting:
                 try:
-                    self.when_idle()
+                    self.when_idle(lambda: bool(self._waiting))
                 except Exception:  # housekeeping: the requests go on without it
                     log.exception("idle-time work failed")
 

@@ -111,9 +111,9 @@ class ServerState:
     def _report(self, status: str) -> None:
         self.load_status = status
 
-    def _refresh_costs(self) -> None:  # on the scheduler thread when no request runs: it needs the models idle
+    def _refresh_costs(self, wanted: Callable[[], bool]) -> None:  # on the scheduler thread, when no request runs
         if self.runtime is not None:
-            self.runtime.refresh_costs()
+            self.runtime.refresh_costs(wanted)
 
     @property
     def in_flight(self) -> int:
