@@ -28,8 +28,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cli._share_cores_politely
-
 from specserve import SpecserveError  # noqa: E402
 from specserve.cluster import verifier_pb2 as pb  # noqa: E402
 from specserve.cluster import verifier_pb2_grpc as pb_grpc  # noqa: E402

@@ -420,10 +420,12 @@ def plot_served(report: dict, path: Path) -> Path:
         ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [g.split("/")[1] for g in groups])
         ax.set_ylabel("decode speed vs plain llama-server (higher is faster)")
         ax.set_title(f"{mode}, {report['max_tokens']} new tokens, over HTTP")
-        ax.legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     cpu = report["machine"]["cpu"]
-    fig.suptitle(f"specserve serve vs llama-server, {cpu['model']}, {cpu['cores']} cores", fontsize=10)
-    fig.tight_layout()
+    where = f"{cpu['model']} ({cpu.get('family_model', '?')}), {cpu['cores']} cores"
+    fig.suptitle(f"specserve serve vs llama-server, {where}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
