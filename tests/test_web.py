@@ -11,7 +11,7 @@ from tests.test_server import start_server, stop_server
 pytestmark = pytest.mark.models
 API_KEY = "sk-web-test-4321"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web" / "chat.png"  # shown in the README
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web" / "chat.png"  # shown in docs/api.md
 # As root in a closed network: no sandbox, and none of Chromium's own connections to Google's hosts.
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -26,8 +26,8 @@ Refinements, each of which `specserve bench --ablate NAME` switches off to measu
   cost is a few percent of a pass, and a table measured on a shared machine varies by as much: one where a
   2-row window came out no dearer than one row would have a free drafter draft every window at any
   acceptance above zero (a measured failure). The floor corrects only such tables; a plan-wide margin
-  over plain decoding did the same but kept moderate-acceptance requests at k = 0 too (ablation in the
-  README);
+  over plain decoding did the same but kept moderate-acceptance requests at k = 0 too (ablation in
+  docs/benchmarks/2026-12-03-intel-amx-ablation.md);
 - speed: the cost tables follow the machine's speed (engine/costs.py), and cost-refresh: they are measured
   again when it drifts far.
 """
