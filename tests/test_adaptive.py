@@ -28,7 +28,7 @@ def request(p: AdaptiveK, acceptance: float | None = None, trials: float = 3.0) 
 
 
 def slot(state, limit=8, uses_model=True, sync_rows=2, remaining=1 << 30) -> Slot:
-    return Slot(state, limit, uses_model, sync_rows, remaining)
+    return Slot(state=state, limit=limit, uses_model=uses_model, sync_rows=sync_rows, remaining=remaining)
 
 
 def plan_one(p: AdaptiveK, state: RequestState, **kwargs) -> int:
@@ -82,7 +82,7 @@ class AlwaysWrongProposer:
         self.token = token
 
     def propose(self, context, k, params, rng, with_probs=False):
-        return Proposal([self.token] * k, [None] * k)
+        return Proposal(tokens=[self.token] * k, probs=[None] * k)
 
     def reset(self):
         pass
@@ -112,7 +112,13 @@ def test_adaptive_k_falls_to_zero_and_output_stays_the_targets(runtime):
     target = LocalTarget(runtime.target.new_sequence())
     tokenizer = runtime.tokenizer
     generation = Generation(
-        target, tokenizer.decode_bytes, tokenizer.stop_ids, ids, params, wrong, runtime.draft_length("draft", "auto")
+        target=target,
+        token_bytes=tokenizer.decode_bytes,
+        stop_ids=tokenizer.stop_ids,
+        prompt=ids,
+        params=params,
+        proposer=wrong,
+        policy=runtime.draft_length("draft", "auto"),
     )
     list(generation)
     assert generation.tokens == plain.tokens
@@ -214,7 +220,16 @@ def test_learned_confidence_cutoff_drops_tokens_the_draft_is_unsure_of():
 
 
 def window(state, drafted=4, accepted=4, expected=None, confidence=None) -> WindowResult:
-    return WindowResult(state, 1 + drafted, drafted, accepted, expected, (), confidence, True, 2)
+    return WindowResult(
+        state=state,
+        rows=1 + drafted,
+        drafted=drafted,
+        accepted=accepted,
+        expected_accepted=expected,
+        target_confidence=confidence,
+        uses_model=True,
+        sync_rows=2,
+    )
 
 
 def test_a_new_request_starts_from_the_runtimes_recent_acceptance():
@@ -295,7 +310,7 @@ def test_window_sizes_that_do_not_run_follow_the_machines_speed():
     assert costs.verify([16]) == pytest.approx(0.7 * interpolate(costs.target.table, 16), rel=0.01)  # beyond
     assert costs.drafting([2], 1) == pytest.approx(0.018, rel=0.01) and costs.drafting([2], 4) > 3 * 0.015
     # one stall of a busy machine moves a factor by a bounded ratio, not by its length
-    p.observe([WindowResult(state, rows=1)], draft_s=0.0, verify_s=10 * 0.046)
+    p.observe([WindowResult(state=state, rows=1)], draft_s=0.0, verify_s=10 * 0.046)
     assert costs.target.speed.factor < 0.95  # 0.7 * 10 ** 0.1 (a weight of 0.1): a 10x stall costs under 30%
     # ablated: the tables as calibrated
     off = policy({1: 0.046, 3: 0.050, 9: 0.070}, {1: 0.010, 2: 0.012}, ablate={"speed"})

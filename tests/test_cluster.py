@@ -49,6 +49,11 @@ PROMPTS = [
 # --- helpers ---
 
 
+def _window(append: list[int], *, drafts: list[int] | None = None, probs: list | None = None, params, rng) -> Window:
+    """A window that asks for a verdict."""
+    return Window(append=append, drafts=drafts or [], probs=probs or [], predict=True, params=params, rng=rng)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,7 +190,14 @@ class InProcessVerifier:
         """Over `FixedDistribution(p)`, or over `model`."""
         model = FixedDistribution(p) if model is None else model
         tokenizer = SimpleNamespace(n_vocab=model.n_vocab, digest="fixed", chat_template="")
-        self.service = VerifierService(model, tokenizer, model_name, {1: 1e-3}, max_sessions, 300.0)
+        self.service = VerifierService(
+            model=model,
+            tokenizer=tokenizer,
+            model_name=model_name,
+            window_cost_s={1: 1e-3},
+            max_sessions=max_sessions,
+            idle_s=300.0,
+        )
         self.service.auth_token = auth_token
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -216,14 +228,17 @@ def test_sampling_through_the_protocol_follows_the_target_distribution():
         sessions = [RemoteTarget(pool) for _ in range(80)]
         params = [SamplingParams(temperature=1.0, seed=i) for i in range(len(sessions))]
         unused = np.random.default_rng(0)  # verification randomness lives on the verifier
-        first = [Window([1], [], [], True, p, unused) for p in params]
+        first = [_window([1], params=p, rng=unused) for p in params]
         RemoteVerifier(pool).run(sessions, first)
         draft_rng = np.random.default_rng(1234)
         counts = np.zeros(len(P))
         n = 40_000
         for _ in range(n // len(sessions)):
             drafts = draft_rng.choice(len(P), p=q, size=len(sessions))
-            windows = [Window([1], [int(d)], [q], True, p, unused) for d, p in zip(drafts, params, strict=True)]
+            windows = [
+                _window([1], drafts=[int(d)], probs=[q], params=p, rng=unused)
+                for d, p in zip(drafts, params, strict=True)
+            ]
             for draft, verdict in zip(drafts, RemoteVerifier(pool).run(sessions, windows), strict=True):
                 counts[draft if verdict.accepted else verdict.next_token] += 1
                 # the low-noise acceptance estimate travels too: one tried position, sum min(p, q)
@@ -253,7 +268,7 @@ def test_evicted_session_gets_a_clear_error_and_the_client_replays():
         replies = stub.Session(iter(outbox.get, None), timeout=30)
         assert next(replies).has_verdict
         others = [RemoteTarget(pool) for _ in range(2)]
-        RemoteVerifier(pool).run(others, [Window([3], [], [], True, greedy, rng) for _ in others])
+        RemoteVerifier(pool).run(others, [_window([3], params=greedy, rng=rng) for _ in others])
         outbox.put(pb.ClientMessage(window=pb.Window(append=[4], predict=True)))
         with pytest.raises(grpc.RpcError) as error:
             next(replies)
@@ -264,8 +279,9 @@ def test_evicted_session_gets_a_clear_error_and_the_client_replays():
         # A RemoteTarget whose session was evicted re-opens with its context and gets its verdict.
         victim = others[0]
         third = RemoteTarget(pool)
-        RemoteVerifier(pool).run([third], [Window([5, 0, 1], [], [], True, greedy, rng)])  # evicts others[0]
-        verdict = RemoteVerifier(pool).run([victim], [Window([2], [0], [None], True, greedy, rng)])[0]
+        RemoteVerifier(pool).run([third], [_window([5, 0, 1], params=greedy, rng=rng)])  # evicts others[0]
+        retry = _window([2], drafts=[0], probs=[None], params=greedy, rng=rng)
+        (verdict,) = RemoteVerifier(pool).run([victim], [retry])
         assert verdict.accepted == 0 and verdict.next_token == int(np.argmax(P))
         assert victim.failovers == 1 and victim.n_past == 2
     finally:
@@ -377,7 +393,7 @@ def test_fuzzed_verifier_streams_end_in_a_status_and_spare_the_other_sessions():
     stub = pb_grpc.VerifierStub(grpc.insecure_channel(verifier.address))
     bystander = RemoteTarget(VerifierPool([verifier.address], "fixed"))  # a well-behaved session throughout
     unused = np.random.default_rng(0)
-    bystander.verifier.run([bystander], [Window([1], [], [], True, SamplingParams(), unused)])
+    bystander.verifier.run([bystander], [_window([1], params=SamplingParams(), rng=unused)])
 
     @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(_streams)
@@ -389,8 +405,10 @@ def test_fuzzed_verifier_streams_end_in_a_status_and_spare_the_other_sessions():
             refusals.append(error.details())
         if bystander.n_past > 48:  # its own context is near the limit: start it again
             bystander.reset()
-            bystander.verifier.run([bystander], [Window([1], [], [], True, SamplingParams(), unused)])
-        (verdict,) = bystander.verifier.run([bystander], [Window([2], [3], [None], True, SamplingParams(), unused)])
+            bystander.verifier.run([bystander], [_window([1], params=SamplingParams(), rng=unused)])
+        (verdict,) = bystander.verifier.run(
+            [bystander], [_window([2], drafts=[3], probs=[None], params=SamplingParams(), rng=unused)]
+        )
         assert verdict is not None and bystander.failovers == 0
 
     refusals: list[str] = []
@@ -680,7 +698,15 @@ def test_tls_with_a_ca_and_a_remote_generation(smollm2_path, tls_files):
         prompt = tokenizer.encode("The capital of France is")
         params = SamplingParams(max_tokens=8)
         remote = RemoteTarget(pool)
-        generation = Generation(remote, tokenizer.decode_bytes, tokenizer.stop_ids, prompt, params, None, FixedK(0))
+        generation = Generation(
+            target=remote,
+            token_bytes=tokenizer.decode_bytes,
+            stop_ids=tokenizer.stop_ids,
+            prompt=prompt,
+            params=params,
+            proposer=None,
+            policy=FixedK(0),
+        )
         for _ in generation:
             pass
         assert generation.stats.generated == 8 and generation.text.strip()
@@ -709,7 +735,7 @@ def test_a_pool_keeps_out_a_replica_that_runs_another_target(caplog):
             reason = "it runs fixed on fixed-Q4_0, the pool fixed on fixed"
             assert reason in pool.replicas[1].error and reason in caplog.text
             session = RemoteTarget(pool)
-            RemoteVerifier(pool).run([session], [Window([1], [], [], True, SamplingParams(), np.random.default_rng(0))])
+            RemoteVerifier(pool).run([session], [_window([1], params=SamplingParams(), rng=np.random.default_rng(0))])
             assert pool.replicas[0].sessions == 1 and pool.replicas[1].sessions == 0
             session.close()
         finally:

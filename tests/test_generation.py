@@ -75,13 +75,13 @@ def test_generation_ends_at_the_context_limit(runtime):
     small = load_backend("torch-int8", resolve_model(DEFAULT_DRAFT, False), n_ctx=48, show_progress=False)
     ids = runtime.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
     generation = Generation(
-        LocalTarget(small.new_sequence()),
-        runtime.tokenizer.decode_bytes,
-        frozenset(),
-        ids,
-        SamplingParams(max_tokens=500),
-        None,
-        FixedK(0),
+        target=LocalTarget(small.new_sequence()),
+        token_bytes=runtime.tokenizer.decode_bytes,
+        stop_ids=frozenset(),
+        prompt=ids,
+        params=SamplingParams(max_tokens=500),
+        proposer=None,
+        policy=FixedK(0),
     )
     list(generation)
     assert generation.finish_reason == "length"
@@ -128,7 +128,15 @@ def test_prefix_reuse_is_exact_and_skips_the_shared_prompt(runtime):
     list(reused)
     assert reused.stats.prefix_reused >= 2 * PREFILL_CHUNK and reused.stats.prefix_reused % PREFILL_CHUNK == 0
     target = LocalTarget(runtime.target.new_sequence())
-    fresh = Generation(target, runtime.tokenizer.decode_bytes, runtime.tokenizer.stop_ids, ids, params, None, FixedK(0))
+    fresh = Generation(
+        target=target,
+        token_bytes=runtime.tokenizer.decode_bytes,
+        stop_ids=runtime.tokenizer.stop_ids,
+        prompt=ids,
+        params=params,
+        proposer=None,
+        policy=FixedK(0),
+    )
     list(fresh)
     assert fresh.stats.prefix_reused == 0 and fresh.tokens == reused.tokens
 
@@ -142,7 +150,8 @@ def test_tolerance_mode_is_opt_in_and_loosens_acceptance(runtime):
     plain, _ = run(runtime, ids, method="none", max_tokens=24)
     speculative, _ = run(runtime, ids, method="draft", k=4, max_tokens=24)
     assert speculative.tokens == plain.tokens  # exact unless tolerance is asked for
-    generation = runtime.generate(ids, SamplingParams(max_tokens=24), method="draft", k=4, tolerance=1e9)
+    huge = ToleranceController(delta=1e9)
+    generation = runtime.generate(ids, SamplingParams(max_tokens=24), method="draft", k=4, tolerance=huge)
     list(generation)
     assert generation.stats.drafted > 0 and generation.stats.accepted == generation.stats.drafted
     controller = ToleranceController(target_acceptance=0.99, delta=0.0, step=0.5)

@@ -40,13 +40,13 @@ REGEX = "(a|b)+c(a|d)*"
 def generate(grammar: str, proposer, k: int, seed: int, temperature: float = 1.0, max_tokens: int = 12):
     params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
     generation = Generation(
-        LocalTarget(TableModel().new_sequence()),
-        lambda ids: b"".join(PIECES[i] for i in ids),
-        frozenset({4}),
-        [3],
-        SamplingParams(**{**params.__dict__, "grammar": Grammar(TOKENIZER, grammar)}),
-        proposer,
-        FixedK(k),
+        target=LocalTarget(TableModel().new_sequence()),
+        token_bytes=lambda ids: b"".join(PIECES[i] for i in ids),
+        stop_ids=frozenset({4}),
+        prompt=[3],
+        params=SamplingParams(**{**params.__dict__, "grammar": Grammar(TOKENIZER, grammar)}),
+        proposer=proposer,
+        policy=FixedK(k),
     )
     list(generation)
     return generation

@@ -22,13 +22,13 @@ PENALTIES = {"presence_penalty": 0.7, "frequency_penalty": 0.4, "repetition_pena
 def generate(proposer_factory, k: int, **params) -> Generation:
     draft = proposer_factory()
     generation = Generation(
-        LocalTarget(TableModel().new_sequence()),
-        lambda ids: bytes(ids),
-        frozenset(),
-        [0, 1, 1, 2],
-        SamplingParams(max_tokens=40, seed=3, **params),
-        draft,
-        FixedK(k),
+        target=LocalTarget(TableModel().new_sequence()),
+        token_bytes=lambda ids: bytes(ids),
+        stop_ids=frozenset(),
+        prompt=[0, 1, 1, 2],
+        params=SamplingParams(max_tokens=40, seed=3, **params),
+        proposer=draft,
+        policy=FixedK(k),
     )
     list(generation)
     return generation

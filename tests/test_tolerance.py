@@ -158,7 +158,14 @@ def test_controller_stays_in_bounds():
     for _ in range(100):
         c.observe(8, 8)
     assert c.delta == 0.2
-    assert ToleranceController(0.5, delta=50.0).delta == 10.0  # the start is clamped too
+    assert ToleranceController(target_acceptance=0.5, delta=50.0).delta == 10.0  # the start is clamped too
+
+
+def test_a_fixed_delta_is_a_controller_that_never_moves():
+    fixed = ToleranceController(delta=50.0)  # no target acceptance: no bounds but the delta itself
+    assert fixed.delta == 50.0
+    assert fixed.observe(4, 0) == 50.0 and fixed.observe(4, 4) == 50.0
+    assert (fixed.drafted, fixed.accepted) == (8, 4)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.7, 0.9])
@@ -194,4 +201,4 @@ def test_controller_rejects_bad_arguments():
         with pytest.raises(ValueError):
             ToleranceController(**kwargs)
     with pytest.raises(ValueError):
-        ToleranceController(0.5).observe(2, 3)
+        ToleranceController(target_acceptance=0.5).observe(2, 3)

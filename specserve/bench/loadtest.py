@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from specserve.bench.run import load_prompts, prompt_files
-from specserve.bench.served import ServerProcess, specserve_server
+from specserve.bench.served import ServerProcess, open_stream, specserve_server
+from specserve.bench.soak import run_soak
 
 _COLUMNS = (
     "clients",
@@ -47,20 +48,6 @@ async def _one_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_
         except openai.RateLimitError as exc:
             retried += 1
             await asyncio.sleep(float(exc.response.headers.get("retry-after", 1)))
-
-
-async def open_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int, **options):
-    """A streamed chat completion of one user prompt with the given speculation method; `options`: more
-    fields of the request (temperature, stop, ...)."""
-    return await client.chat.completions.create(
-        model=None,
-        messages=[{"role": "user", "content": prompt}],
-        max_tokens=max_tokens,
-        stream=True,
-        seed=seed,
-        extra_body={"speculation": {"method": method}},
-        **options,
-    )
 
 
 async def _stream_once(
@@ -124,8 +111,6 @@ def start_server(args) -> tuple[ServerProcess, str]:
 def run_loadtest(args) -> int:
     """The concurrency sweep, or with `--soak MINUTES` the leak watch (bench/soak.py), against `--url` or a
     server started here."""
-    from specserve.bench.soak import run_soak
-
     proc, base = None, args.url
     if base is None:
         Console().print("starting a server on the default models ...")

@@ -32,6 +32,7 @@ from specserve.bench.worker import BackendProcess
 from specserve.config import MODEL_METHODS, EngineConfig
 from specserve.engine.grammar import json_schema_grammar
 from specserve.engine.sampling import SamplingParams
+from specserve.engine.verify import ToleranceController
 from specserve.models.fetch import resolve_model
 from specserve.models.registry import DEFAULT_DRAFT
 from specserve.runtime import LocalRuntime
@@ -61,8 +62,9 @@ class BenchConfig:
         # Suffix drafts come from this row's earlier replies in this mode (the bench runs per-user scopes):
         # from other prompts, never from another row's reply to the same prompt.
         scope = f"{self.label}/{mode}"
+        tolerance = ToleranceController(delta=self.tolerance) if self.tolerance is not None else None
         generation = runtime.generate(
-            ids, params, method=self.method, k=self.k, tolerance=self.tolerance, user=scope, grammar=self.grammar
+            ids, params, method=self.method, k=self.k, tolerance=tolerance, user=scope, grammar=self.grammar
         )
         return run_generation(generation)
 

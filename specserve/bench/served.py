@@ -429,3 +429,17 @@ def plot_served(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+async def open_stream(client: openai.AsyncOpenAI, prompt: str, method: str, max_tokens: int, seed: int, **options):
+    """A streamed chat completion of one user prompt with the given speculation method; `options`: more
+    fields of the request (temperature, stop, ...)."""
+    return await client.chat.completions.create(
+        model=None,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        stream=True,
+        seed=seed,
+        extra_body={"speculation": {"method": method}},
+        **options,
+    )

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from specserve.bench.loadtest import open_stream
 from specserve.bench.run import load_prompts, prompt_files
+from specserve.bench.served import open_stream
 
 # What request n of client c is: MIX[(c + n) % len(MIX)]
 MIX = ("greedy", "sampled", "stop", "repeat", "abandon", "sampled", "cancel", "greedy")

@@ -43,7 +43,15 @@ def _serve(conn, kind: str, model_path: str, n_ctx: int, flash_attn: bool) -> No
         else:
             ids, params = payload
             target = LocalTarget(model.new_sequence())
-            generation = Generation(target, tokenizer.decode_bytes, tokenizer.stop_ids, ids, params, None, FixedK(0))
+            generation = Generation(
+                target=target,
+                token_bytes=tokenizer.decode_bytes,
+                stop_ids=tokenizer.stop_ids,
+                prompt=ids,
+                params=params,
+                proposer=None,
+                policy=FixedK(0),
+            )
             conn.send(run_generation(generation))
 
 

@@ -74,7 +74,7 @@ class PipelinedDrafter:
                 target=self._draft_ahead, args=([*context, *tokens], len(tokens) + 1, params, rng), daemon=True
             )
             self._thread.start()
-        return Proposal(tokens, [None] * len(tokens))
+        return Proposal(tokens=tokens, probs=[None] * len(tokens))
 
     def _draft_ahead(self, context: list[int], n: int, params: SamplingParams, rng: np.random.Generator) -> None:
         drafted = self.inner.propose(context, n, params, rng).tokens

@@ -74,4 +74,7 @@ def window_from_wire(
             q = np.zeros(n_vocab, dtype=np.float64)
             q[ids] = values
             probs[i] = q
-    return Window(list(wire.append), list(wire.drafts), probs, wire.predict, params, rng), len(tokens)
+    window = Window(
+        append=list(wire.append), drafts=list(wire.drafts), probs=probs, predict=wire.predict, params=params, rng=rng
+    )
+    return window, len(tokens)

@@ -182,7 +182,9 @@ class RemoteTarget:
         self._cache.extend(window.drafts[: reply.accepted])
         expected = reply.expected_accepted if reply.HasField("expected_accepted") else None
         confidence = reply.confidence if reply.HasField("confidence") else None
-        return Verdict(reply.accepted, reply.next_token, expected, confidence)
+        return Verdict(
+            accepted=reply.accepted, next_token=reply.next_token, expected_accepted=expected, confidence=confidence
+        )
 
     def _failover(self, stream: _Stream, exc: StreamFailed, attempt: int) -> None:
         evicted = exc.code == grpc.StatusCode.FAILED_PRECONDITION

@@ -212,6 +212,7 @@ class SessionTable:
 class VerifierService(pb_grpc.VerifierServicer):
     def __init__(
         self,
+        *,
         model: Model,
         tokenizer: Tokenizer,
         model_name: str,
@@ -314,7 +315,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         bounds = [*range(0, prompt_tokens, PREFILL_CHUNK), *range(prompt_tokens, len(tokens), REPLAY_WINDOW)]
         for i, start in enumerate(bounds):
             end = bounds[i + 1] if i + 1 < len(bounds) else len(tokens)
-            chunk = Window(tokens[start:end], [], [], False, session.params, session.rng)
+            chunk = Window(
+                append=tokens[start:end], drafts=[], probs=[], predict=False, params=session.params, rng=session.rng
+            )
             await self._run(session, chunk, context)
 
     async def _window(self, session: _Session, wire: pb.Window, context: grpc.aio.ServicerContext) -> pb.Reply:
@@ -398,14 +401,14 @@ def build_verifier(config: VerifierConfig, show_progress: bool = True) -> Verifi
     windows = CALIBRATED_WINDOWS if runtime.exact_window is None else CALIBRATED_WINDOWS[: runtime.exact_window]
     costs = measure_rows(runtime.target.new_sequence(), runtime.tokenizer.encode(CALIBRATION_TEXT), windows, repeats=2)
     return VerifierService(
-        runtime.target,
-        runtime.tokenizer,
-        runtime.target_name,
-        costs,
-        config.max_sessions,
-        config.idle_timeout_s,
-        config.auth_token,
-        config.max_batch,
+        model=runtime.target,
+        tokenizer=runtime.tokenizer,
+        model_name=runtime.target_name,
+        window_cost_s=costs,
+        max_sessions=config.max_sessions,
+        idle_s=config.idle_timeout_s,
+        auth_token=config.auth_token,
+        max_batch=config.max_batch,
     )
 
 

@@ -44,7 +44,7 @@ from specserve.engine.verify import ToleranceController, Verdict
 log = logging.getLogger("specserve.loop")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WindowTrace:
     """The verify window a token came out of, and its step's times (all generations of the step)."""
 
@@ -55,7 +55,7 @@ class WindowTrace:
     verify_s: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Emitted:
     token: int | None  # None: only releases text held back until the end
     text: str  # text released with this token (held-back text comes out with later tokens)
@@ -64,10 +64,15 @@ class Emitted:
     window: WindowTrace | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Step:
+    """One iteration's output and its phases' boundaries (`time.perf_counter()` values)."""
+
     events: list[list[Emitted]]  # per generation, in order
-    times: tuple[float, float, float, float]  # perf_counter at start, drafted, verified, accepted
+    started: float
+    drafted: float
+    verified: float
+    accepted: float
 
 
 def step(generations: list[Generation]) -> Step:
@@ -89,7 +94,7 @@ def step(generations: list[Generation]) -> Step:
     for policy in {id(g.policy): g.policy for g in generations}.values():
         policy.observe(results, t1 - t0, t2 - t1)
     events = [g.close_window(v, t1 - t0, t2 - t1) for g, v in zip(generations, verdicts, strict=True)]
-    return Step(events, (t0, t1, t2, time.perf_counter()))
+    return Step(events=events, started=t0, drafted=t1, verified=t2, accepted=time.perf_counter())
 
 
 def _plan(generations: list[Generation], slots: list[Slot | None]) -> list[int]:
@@ -118,6 +123,7 @@ class Generation:
 
     def __init__(
         self,
+        *,
         target: TargetSession,
         token_bytes: Callable[[list[int]], bytes],
         stop_ids: frozenset[int],
@@ -126,7 +132,7 @@ class Generation:
         proposer: Proposer | None,
         policy: DraftLengthPolicy,
         cached_prefix: int = 0,
-        tolerance: float | ToleranceController | None = None,
+        tolerance: ToleranceController | None = None,
         logprobs: int | None = None,
     ):
         """`cached_prefix`: this many prompt tokens are already in the target's cache (prefix reuse);
@@ -158,7 +164,7 @@ class Generation:
         self._start: float | None = None
         self._prefilled = cached_prefix  # prompt tokens in the target's KV cache
         self.stats.prefix_reused = cached_prefix
-        self._proposal = Proposal([], [])
+        self._proposal = Proposal(tokens=[], probs=[])
         self.tolerance = tolerance
         self.logprobs = logprobs
 
@@ -199,7 +205,14 @@ class Generation:
         # a draft that starts and then finds nothing to accept has paid for the prompt for nothing.
         sync = self.proposer.sync_rows(self.context) if self.proposer is not None else 0
         uses_model = self.proposer is not None and self.proposer.drafts_with_model(self.context)
-        return Slot(self.draft_state, limit, uses_model, sync, self.remaining, self.target.round_trip_s)
+        return Slot(
+            state=self.draft_state,
+            limit=limit,
+            uses_model=uses_model,
+            sync_rows=sync,
+            remaining=self.remaining,
+            round_trip_s=self.target.round_trip_s,
+        )
 
     def draft_request(self, slot: Slot | None, k: int) -> DraftRequest:
         """Phase 1: what to draft now: k as planned (0 while prefilling and for plain decoding)."""
@@ -208,12 +221,18 @@ class Generation:
             if self._prefilled == 0:
                 self.target.reset()
         if slot is None:
-            return DraftRequest(None, self.context, 0, self.params, self._rng)
+            return DraftRequest(proposer=None, context=self.context, k=0, params=self.params, rng=self._rng)
         self.stats.chosen_k.append(k)
         min_confidence = self.policy.min_confidence(slot) if k else 0.0
         # Tolerance needs the draft's probability of each token even when drafting greedily.
         return DraftRequest(
-            self.proposer, self.context, k, self.params, self._rng, self.tolerance is not None, min_confidence
+            proposer=self.proposer,
+            context=self.context,
+            k=k,
+            params=self.params,
+            rng=self._rng,
+            with_probs=self.tolerance is not None,
+            min_confidence=min_confidence,
         )
 
     def open_window(self, proposal: Proposal) -> Window:
@@ -223,44 +242,53 @@ class Generation:
             chunk = self.prompt[self._prefilled : self._prefilled + PREFILL_CHUNK]
             last = self._prefilled + len(chunk) == len(self.prompt)
             return Window(
-                chunk, [], [], last, self.params, self._rng, None, with_confidence, self.logprobs, self.context
+                append=chunk,
+                drafts=[],
+                probs=[],
+                predict=last,
+                params=self.params,
+                rng=self._rng,
+                with_confidence=with_confidence,
+                logprobs=self.logprobs,
+                context=self.context,
             )
         if (grammar := self.params.grammar) is not None and proposal.tokens:  # a forbidden draft is rejected:
             keep = grammar.valid_prefix(proposal.tokens)  # do not verify it (point-mass drafters propose them)
-            proposal = Proposal(proposal.tokens[:keep], proposal.probs[:keep], proposal.confidence[:keep])
+            proposal = Proposal(
+                tokens=proposal.tokens[:keep], probs=proposal.probs[:keep], confidence=proposal.confidence[:keep]
+            )
         self._proposal = proposal
-        delta = self.tolerance.delta if isinstance(self.tolerance, ToleranceController) else self.tolerance
-        drafts, probs = proposal.tokens, proposal.probs
+        delta = self.tolerance.delta if self.tolerance is not None else None
         return Window(
-            [self.context[-1]],
-            drafts,
-            probs,
-            True,
-            self.params,
-            self._rng,
-            delta,
-            with_confidence,
-            self.logprobs,
-            self.context,
+            append=[self.context[-1]],
+            drafts=proposal.tokens,
+            probs=proposal.probs,
+            predict=True,
+            params=self.params,
+            rng=self._rng,
+            tolerance=delta,
+            with_confidence=with_confidence,
+            logprobs=self.logprobs,
+            context=self.context,
         )
 
     def result(self, slot: Slot | None, window: Window, verdict: Verdict | None) -> WindowResult:
         """What the policy learns from this generation's part of the step."""
         rows = len(window.append) + len(window.drafts)
         if verdict is None:
-            return WindowResult(self.draft_state, rows)
+            return WindowResult(state=self.draft_state, rows=rows)
         drafted = len(window.drafts)
         return WindowResult(
-            self.draft_state,
-            rows,
-            drafted,
-            verdict.accepted,
-            verdict.expected_accepted,
-            tuple(self._proposal.confidence) if drafted else (),
-            verdict.confidence,
-            slot is not None and slot.uses_model,
-            slot.sync_rows if slot is not None else 0,
-            self.target.round_trip_s,
+            state=self.draft_state,
+            rows=rows,
+            drafted=drafted,
+            accepted=verdict.accepted,
+            expected_accepted=verdict.expected_accepted,
+            draft_confidence=tuple(self._proposal.confidence) if drafted else (),
+            target_confidence=verdict.confidence,
+            uses_model=slot is not None and slot.uses_model,
+            sync_rows=slot.sync_rows if slot is not None else 0,
+            round_trip_s=self.target.round_trip_s,
         )
 
     def close_window(self, verdict: Verdict | None, draft_s: float, verify_s: float) -> list[Emitted]:
@@ -271,17 +299,24 @@ class Generation:
             if verdict is None:
                 return []
             stats.prefill_s = time.perf_counter() - self._start
-            return self._accept([], verdict, WindowTrace(0, 0, 0, draft_s, verify_s))
+            window = WindowTrace(index=0, drafted=0, accepted=0, draft_s=draft_s, verify_s=verify_s)
+            return self._accept([], verdict, window)
         drafted = self._proposal.tokens
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         stats.record_window(len(drafted), verdict.accepted)
-        if isinstance(self.tolerance, ToleranceController):
+        if self.tolerance is not None:
             self.tolerance.observe(len(drafted), verdict.accepted)
         return self._accept(
             drafted[: verdict.accepted],
             verdict,
-            WindowTrace(len(stats.windows), len(drafted), verdict.accepted, draft_s, verify_s),
+            WindowTrace(
+                index=len(stats.windows),
+                drafted=len(drafted),
+                accepted=verdict.accepted,
+                draft_s=draft_s,
+                verify_s=verify_s,
+            ),
         )
 
     def stop(self, reason: str) -> list[Emitted]:
@@ -292,7 +327,7 @@ class Generation:
         self.stats.total_s = time.perf_counter() - self._start if self._start is not None else 0.0
         self.target.close()
         tail = self._text.finish()
-        return [Emitted(None, tail, False)] if tail else []
+        return [Emitted(token=None, text=tail, from_draft=False)] if tail else []
 
     def without_draft_model(self) -> Proposal:
         """After a draft failure: no drafts in this step, and no draft model from now on (k = 0)."""
@@ -300,7 +335,7 @@ class Generation:
             self.stats.chosen_k[-1] = 0  # this step drafts nothing after all
         if self.proposer is not None and self.proposer.uses_model:
             self.proposer = None
-        return Proposal([], [])
+        return Proposal(tokens=[], probs=[])
 
     # --- emitting ---
 
@@ -316,7 +351,10 @@ class Generation:
                 break
             self.tokens.append(token)
             self.stats.generated += 1
-            out.append(Emitted(token, self._text.push(token), i < len(accepted_drafts), logprob, window))
+            text = self._text.push(token)
+            out.append(
+                Emitted(token=token, text=text, from_draft=i < len(accepted_drafts), logprob=logprob, window=window)
+            )
             if self._text.stopped:
                 self.finish_reason = "stop"
             elif len(self.tokens) >= self.params.max_tokens:
@@ -332,5 +370,5 @@ class Generation:
             self.stats.total_s = time.perf_counter() - self._start
             self.target.close()
             if tail := self._text.finish():
-                out.append(Emitted(None, tail, False))  # text held back for a possible stop string
+                out.append(Emitted(token=None, text=tail, from_draft=False))  # held back for a possible stop string
         return out

@@ -59,7 +59,7 @@ class RequestState:
     probe_every: int = PROBE_EVERY
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Slot:
     """One request's next window as the policy sees it."""
 
@@ -71,7 +71,7 @@ class Slot:
     round_trip_s: float = 0.0  # network time of a remote target's window
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WindowResult:
     """One request's part of a finished step, for the policy to learn from."""
 

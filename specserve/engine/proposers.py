@@ -23,7 +23,7 @@ from specserve.engine.sampling import (
 from specserve.engine.verify import tolerance_distribution, verify
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Proposal:
     tokens: list[int]
     probs: list[np.ndarray | None]  # per token: the draft distribution q it was sampled from
@@ -88,7 +88,7 @@ class NgramProposer(ModelFreeProposer):
         self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
     ) -> Proposal:
         tokens = self.lookup(context, k)
-        return Proposal(tokens, [None] * len(tokens))
+        return Proposal(tokens=tokens, probs=[None] * len(tokens))
 
     def lookup(self, context: list[int], k: int) -> list[int]:
         if k <= 0:
@@ -174,10 +174,11 @@ class DraftModelProposer:
     def propose(
         self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
     ) -> Proposal:
-        return draft_in_lockstep([DraftRequest(self, context, k, params, rng, with_probs)])[0]
+        request = DraftRequest(proposer=self, context=context, k=k, params=params, rng=rng, with_probs=with_probs)
+        return draft_in_lockstep([request])[0]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DraftRequest:
     proposer: Proposer | None  # in `draft_in_lockstep`: a DraftModelProposer
     context: list[int]
@@ -191,7 +192,7 @@ class DraftRequest:
 def draft_in_lockstep(requests: list[DraftRequest]) -> list[Proposal]:
     """Draft-model proposals for several sequences of one draft model: each draft step evaluates one
     token of every sequence that still drafts in one batched call."""
-    proposals = [Proposal([], []) for _ in requests]
+    proposals = [Proposal(tokens=[], probs=[]) for _ in requests]
     ks = [min(r.k, r.proposer.sequence.model.n_ctx - len(r.context)) for r in requests]
     live = [i for i, k in enumerate(ks) if k > 0]
     if not live:
@@ -240,7 +241,7 @@ def draft_distribution(
 
 def propose_batch(requests: list[DraftRequest]) -> list[Proposal]:
     """Proposals for several sequences at once; those a draft model drafts share batched draft steps."""
-    proposals = [Proposal([], []) for _ in requests]
+    proposals = [Proposal(tokens=[], probs=[]) for _ in requests]
     together: dict[int, DraftRequest] = {}
     for i, r in enumerate(requests):
         if r.proposer is None or r.k <= 0:
@@ -297,4 +298,4 @@ class CascadeProposer:
         if len(tokens) < k:  # the draft model continues alone from the correction token
             more = draft.propose([*context, *tokens], k - len(tokens), params, rng, with_probs)
             tokens, probs = tokens + more.tokens, probs + more.probs
-        return Proposal(tokens, probs)
+        return Proposal(tokens=tokens, probs=probs)

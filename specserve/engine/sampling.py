@@ -154,7 +154,7 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenLogprob:
     """An emitted token's log-probability under the target, and the most likely tokens at its position."""
 
@@ -178,5 +178,6 @@ def token_logprobs(rows: np.ndarray, tokens: list[int], params: SamplingParams, 
     for row, token in zip(logprobs, tokens, strict=True):
         top = np.argpartition(-row, top_n - 1)[:top_n] if top_n > 0 else np.array([], dtype=np.int64)
         top = top[np.lexsort((top, -row[top]))]
-        out.append(TokenLogprob(int(token), float(row[token]), tuple((int(t), float(row[t])) for t in top)))
+        alternatives = tuple((int(t), float(row[t])) for t in top)
+        out.append(TokenLogprob(token=int(token), logprob=float(row[token]), top=alternatives))
     return out

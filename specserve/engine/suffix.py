@@ -29,6 +29,8 @@ from specserve.engine.sampling import SamplingParams
 MAX_DEPTH = 24  # longest context suffix matched and longest draft (vLLM's default)
 MAX_SPEC_FACTOR = 1.0  # a draft at most as long as the context it matched
 MIN_TOKEN_PROB = 0.1  # stop the draft where the tree's estimate of the next token falls below this
+MAX_SPEC_OFFSET = 0.0  # no tokens beyond MAX_SPEC_FACTOR's bound
+USE_TREE_SPEC = False  # a path, not a tree of candidates (docs/benchmarks: trees measured, not worth it)
 CASCADE_MIN_SCORE = 1.0  # the suffix cascade drafts from the trees when they expect at least this many accepted
 MAX_CACHED_TOKENS = 2_000_000  # reply tokens all scopes' trees hold at most; the oldest replies go first
 
@@ -100,7 +102,8 @@ class Reply:
 
 
 def _speculate(tree: SuffixTree, context: np.ndarray, k: int):
-    return tree.speculate_ndarray(context, k, MAX_SPEC_FACTOR, 0.0, MIN_TOKEN_PROB, False)
+    # positional only in the native call; the order is arctic's SuffixDecodingCache.speculate's
+    return tree.speculate_ndarray(context, k, MAX_SPEC_FACTOR, MAX_SPEC_OFFSET, MIN_TOKEN_PROB, USE_TREE_SPEC)
 
 
 class SuffixProposer(ModelFreeProposer):
@@ -127,7 +130,7 @@ class SuffixProposer(ModelFreeProposer):
             shared = self.reply.cache.speculate(self.reply.tree, tail, k)
             best = shared if shared.score > best.score else best
         tokens = list(best.token_ids) if best is not None else []
-        proposal = Proposal(tokens, [None] * len(tokens), list(best.probs) if tokens else [])
+        proposal = Proposal(tokens=tokens, probs=[None] * len(tokens), confidence=list(best.probs) if tokens else [])
         self._looked_up = (len(context), k, proposal)
         return proposal
 
@@ -177,5 +180,5 @@ class SuffixCascade:
         self, context: list[int], k: int, params: SamplingParams, rng: np.random.Generator, with_probs: bool = False
     ) -> Proposal:
         if (found := self._from_trees(context)) is not None:
-            return Proposal(found.tokens[:k], found.probs[:k], found.confidence[:k])
+            return Proposal(tokens=found.tokens[:k], probs=found.probs[:k], confidence=found.confidence[:k])
         return self.draft.propose(context, k, params, rng, with_probs)

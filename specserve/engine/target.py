@@ -26,7 +26,7 @@ from specserve.engine.sampling import SamplingParams, adjust_logits, token_logpr
 from specserve.engine.verify import Verdict, verify, verify_tolerance
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Window:
     append: list[int]
     drafts: list[int]

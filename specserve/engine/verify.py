@@ -23,7 +23,7 @@ import numpy as np
 from specserve.engine.sampling import SamplingParams, TokenLogprob, probabilities, sample
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Verdict:
     accepted: int  # how many draft tokens were accepted (a prefix of the window)
     next_token: int  # correction (on rejection) or bonus (all accepted), produced by the target
@@ -44,7 +44,7 @@ def verify_greedy(target_logits: np.ndarray, draft_tokens: list[int]) -> Verdict
     accepted = 0
     while accepted < len(draft_tokens) and int(choices[accepted]) == draft_tokens[accepted]:
         accepted += 1
-    return Verdict(accepted, int(choices[accepted]))
+    return Verdict(accepted=accepted, next_token=int(choices[accepted]))
 
 
 def verify_sampled(
@@ -72,8 +72,9 @@ def verify_sampled(
             residual = np.maximum(residual - q, 0.0)
         if residual.sum() <= 0.0:
             residual = p  # p == q: rejection has probability 0, but guard against rounding
-        return Verdict(i, sample(residual, rng), odds)
-    return Verdict(len(draft_tokens), sample(p_rows[len(draft_tokens)], rng), odds)
+        return Verdict(accepted=i, next_token=sample(residual, rng), expected_accepted=odds)
+    bonus = sample(p_rows[len(draft_tokens)], rng)
+    return Verdict(accepted=len(draft_tokens), next_token=bonus, expected_accepted=odds)
 
 
 def verify(
@@ -152,9 +153,9 @@ def verify_tolerance(
         p = float(p_row[token])
         if p > 0.0 and p >= q * threshold:
             continue
-        return Verdict(i, _target_choice(row, p_row, params, rng))
+        return Verdict(accepted=i, next_token=_target_choice(row, p_row, params, rng))
     row = target_logits[len(draft_tokens)]
-    return Verdict(len(draft_tokens), _target_choice(row, None, params, rng))
+    return Verdict(accepted=len(draft_tokens), next_token=_target_choice(row, None, params, rng))
 
 
 def _target_choice(row: np.ndarray, p_row: np.ndarray | None, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -165,25 +166,29 @@ def _target_choice(row: np.ndarray, p_row: np.ndarray | None, params: SamplingPa
 
 
 class ToleranceController:
-    """Online calibration of the tolerance delta to hold a chosen acceptance rate.
+    """The lossy tolerance rule's delta: fixed, or (with a target acceptance) calibrated online to hold it.
 
     Why: the delta that gives, say, 80% acceptance depends on the model pair and on the text (code accepts far
     more than prose), so a fixed delta is either too loose on one or useless on the other. After each verify
     step, delta moves by `step` nats per drafted token times the gap to the target: up for every token short
     of `target_acceptance * drafted`, down for every token beyond it (a stochastic-approximation step whose
     fixed point is the delta at which the expected acceptance equals the target). Acceptance rises with delta,
-    so this converges; it is clamped to [min_delta, max_delta].
+    so this converges; it is clamped to [min_delta, max_delta]. Without a target acceptance the delta is
+    fixed: a controller that never moves, so the loop has one rule type to apply.
     """
 
     def __init__(
         self,
-        target_acceptance: float,
+        *,
         delta: float = 1.0,
+        target_acceptance: float | None = None,
         step: float = 0.05,
         min_delta: float = 0.0,
         max_delta: float = 10.0,
     ):
-        if not 0.0 < target_acceptance <= 1.0:
+        if target_acceptance is None:
+            min_delta = max_delta = delta
+        elif not 0.0 < target_acceptance <= 1.0:
             raise ValueError(f"target_acceptance must be in (0, 1], got {target_acceptance}")
         if not 0.0 <= min_delta <= max_delta:
             raise ValueError(f"need 0 <= min_delta <= max_delta, got {min_delta}, {max_delta}")
@@ -205,14 +210,14 @@ class ToleranceController:
         """Record one verify step (accepted of drafted tokens); returns the updated delta."""
         if not 0 <= accepted <= drafted:
             raise ValueError(f"need 0 <= accepted <= drafted, got accepted={accepted}, drafted={drafted}")
-        if drafted:
-            self.drafted += drafted
-            self.accepted += accepted
+        self.drafted += drafted
+        self.accepted += accepted
+        if drafted and self.target_acceptance is not None:
             shortfall = self.target_acceptance * drafted - accepted  # > 0: too few accepted, loosen
             self._delta = min(max(self._delta + self.step * shortfall, self.min_delta), self.max_delta)
         return self._delta
 
 
-def tolerance_rule(delta: float, target_acceptance: float | None) -> float | ToleranceController:
+def tolerance_rule(delta: float, target_acceptance: float | None) -> ToleranceController:
     """What a request asks for: a fixed delta, or (with a target acceptance) a controller starting there."""
-    return delta if target_acceptance is None else ToleranceController(target_acceptance, delta)
+    return ToleranceController(delta=delta, target_acceptance=target_acceptance)

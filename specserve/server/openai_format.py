@@ -74,7 +74,7 @@ class TokenOrigin:
 
 
 def token_origin(emitted: Emitted) -> TokenOrigin:
-    window = emitted.window or WindowTrace(0, 0, 0, 0.0, 0.0)
+    window = emitted.window or WindowTrace(index=0, drafted=0, accepted=0, draft_s=0.0, verify_s=0.0)
     return TokenOrigin(
         "draft" if emitted.from_draft else "target",
         window.index,

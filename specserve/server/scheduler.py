@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
-from specserve.config import STREAM_BUFFER_STEPS
+from specserve.config import ServerConfig
 from specserve.engine.loop import Emitted, Generation, Step, step
 from specserve.server.metrics import Metrics
 
@@ -64,19 +64,19 @@ class Scheduler:
     def __init__(
         self,
         metrics: Metrics,
-        max_batch: int = 8,
-        max_queue: int = 64,
+        *,
+        config: ServerConfig,
         when_idle: Callable[[Callable[[], bool]], object] | None = None,
-        request_timeout_s: float | None = None,
-        stream_buffer: int = STREAM_BUFFER_STEPS,
     ):
-        """`when_idle(wanted)`: called on the scheduler thread after a step that leaves no request running
-        or waiting (the runtime's cost refresh: it takes the models for seconds, which no running stream
-        should wait for), with a function that says when a request has come, for it to stop there.
-        `request_timeout_s`: a request still running (or waiting) this long after it came ends there, with
-        finish_reason "length"."""
-        self.metrics, self.max_batch, self.max_queue = metrics, max_batch, max_queue
-        self.request_timeout_s, self.stream_buffer = request_timeout_s, stream_buffer
+        """Limits from `config`: `max_batch` requests run together, `max_queue` more wait; a request still
+        running (or waiting) `request_timeout_s` after it came ends there with finish_reason "length"; a
+        client `stream_buffer` steps behind its stream is cancelled. `when_idle(wanted)`: called on the
+        scheduler thread after a step that leaves no request running or waiting (the runtime's cost refresh:
+        it takes the models for seconds, which no running stream should wait for), with a function that says
+        when a request has come, for it to stop there."""
+        self.metrics = metrics
+        self.max_batch, self.max_queue = config.max_batch, config.max_queue
+        self.request_timeout_s, self.stream_buffer = config.request_timeout_s, config.stream_buffer
         self.when_idle = when_idle
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -166,25 +166,29 @@ class Scheduler:
                 self._active = [j for j in self._active if j not in batch]
                 continue
             self._account(batch, prefilling, result)
-            now = time.perf_counter()
-            events = [
-                produced + (job.generation.stop("length") if job.deadline <= now else [])
-                for job, produced in zip(batch, result.events, strict=True)
-            ]
-            # Leave the batch before the client hears the end, so that in_flight is exact by then.
-            self._active = [j for j in self._active if not j.generation.done]
-            for job, produced in zip(batch, events, strict=True):
-                if job.generation.done:
-                    self._end(job, produced)
-                elif job.posted - job.taken >= self.stream_buffer:
-                    self._stall(job)
-                elif produced:
-                    job.post(produced)
+            self._deliver(batch, result)
             if self.when_idle is not None and not self._active and not self._waiting:
                 try:
                     self.when_idle(lambda: bool(self._waiting))
                 except Exception:  # housekeeping: the requests go on without it
                     log.exception("idle-time work failed")
+
+    def _deliver(self, batch: list[Job], result: Step) -> None:
+        """Post each job its step's events; end the finished and the timed-out, cancel the unread."""
+        now = time.perf_counter()
+        events = [
+            produced + (job.generation.stop("length") if job.deadline <= now else [])
+            for job, produced in zip(batch, result.events, strict=True)
+        ]
+        # Leave the batch before the client hears the end, so that in_flight is exact by then.
+        self._active = [j for j in self._active if not j.generation.done]
+        for job, produced in zip(batch, events, strict=True):
+            if job.generation.done:
+                self._end(job, produced)
+            elif job.posted - job.taken >= self.stream_buffer:
+                self._stall(job)
+            elif produced:
+                job.post(produced)
 
     def _stall(self, job: Job) -> None:
         unread = job.posted - job.taken
@@ -200,7 +204,7 @@ class Scheduler:
         job.post(None)
 
     def _account(self, batch: list[Job], prefilling: list[bool], result: Step) -> None:
-        t0, t1, t2, t3 = result.times
+        t0, t1, t2, t3 = result.started, result.drafted, result.verified, result.accepted
         m = self.metrics
         m.batch_size.observe(len(batch))
         m.draft_latency_ms.observe((t1 - t0) * 1000)

@@ -31,7 +31,7 @@ class Speculation(BaseModel):
     # Streams only: each chunk says where its token came from (`specserve.token`, openai_format.TokenOrigin)
     trace: bool = False
 
-    def tolerance(self) -> float | ToleranceController | None:
+    def tolerance(self) -> ToleranceController | None:
         if self.acceptance == "exact":
             return None
         return tolerance_rule(self.delta, self.target_acceptance)

@@ -85,14 +85,7 @@ class ServerState:
         self.tracer = trace.get_tracer("specserve")
 
     def start(self) -> None:
-        self.scheduler = Scheduler(
-            self.metrics,
-            max_batch=self.config.max_batch,
-            max_queue=self.config.max_queue,
-            when_idle=self._refresh_costs,
-            request_timeout_s=self.config.request_timeout_s,
-            stream_buffer=self.config.stream_buffer,
-        )
+        self.scheduler = Scheduler(self.metrics, config=self.config, when_idle=self._refresh_costs)
         if self._factory is not None:
             threading.Thread(target=self._load, name="specserve-load", daemon=True).start()
 
