@@ -20,7 +20,7 @@ from specserve.backends import load_backend
 from specserve.backends.choose import Choice, choose, exact_prefix, exact_window_sizes, measured_while_busy
 from specserve.cache.prefix import PrefixCache
 from specserve.config import K_MAX, METHODS, MODEL_METHODS, PREFILL_CHUNK, REMOTE_K_MAX, REMOTE_Q_TOP_K, EngineConfig
-from specserve.engine.costs import CALIBRATION_TEXT, CostModel, PassCost, calibrate, measure_rows
+from specserve.engine.costs import CALIBRATION_TEXT, DRAFT_ROWS, CostModel, PassCost, calibrate, measure_rows
 from specserve.engine.grammar import Grammar
 from specserve.engine.loop import Generation
 from specserve.engine.model import Model
@@ -328,8 +328,8 @@ class RemoteRuntime(Runtime):
         self.k_max = self.k_limit = min(config.k_max, max(verify) - 1)
         draft = None
         if self.draft is not None:
-            rows = (1, 2, 32)  # a drafted token, a window's first pass, a catch-up; batches form on the verifiers
-            table = measure_rows(self.draft.new_sequence(), self.tokenizer.encode(CALIBRATION_TEXT), rows)
+            # one sequence at a time: batches form on the verifiers
+            table = measure_rows(self.draft.new_sequence(), self.tokenizer.encode(CALIBRATION_TEXT), DRAFT_ROWS)
             draft = PassCost(table, batches_sequences=False)
         # KV lives on the verifiers: no local prefix reuse; windows are planned one request at a time
         self.policy = AdaptiveK(

@@ -6,18 +6,15 @@ from subprocess import PIPE
 
 import pytest
 
-from specserve.backends.choose import (
+from specserve.backends.choose import Choice, Measured, choose, measure_in_child
+from specserve.backends.choose.pick import (
     BUSY_WHEN_MEASURED,
-    DRAFT_ROWS,
-    Choice,
-    Measured,
-    choose,
     mean_ms_per_token,
-    measure_in_child,
     measured_while_busy,
     pick_draft,
     pick_target,
 )
+from specserve.engine.costs import DRAFT_ROWS
 
 
 def table(one_ms, *ratios):

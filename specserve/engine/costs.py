@@ -25,6 +25,7 @@ from specserve.engine.model import Model, Sequence
 # draft token when the whole window was accepted. Anything beyond is catch-up (a prompt, or tokens decoded
 # without drafting), a one-off that later windows share (engine/policy.py charges it).
 STEADY_DRAFT_ROWS = 2
+DRAFT_ROWS = (1, STEADY_DRAFT_ROWS, 32)  # draft passes timed: a drafted token, a window's first pass, a catch-up
 CALIBRATION_TEXT = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
 BATCH_ROWS = (16, 32, 64)  # batched target passes measured beyond the window sizes; beyond them: extrapolated
 SPEED_EMA = 0.1  # weight of a new pass in a speed factor
@@ -82,6 +83,12 @@ class PassCost:
         self.speed.observe(measured_s, self.calibrated(rows))
 
 
+def drafting_seconds(*, first_pass_s: float, one_row_s: float, k: int) -> float:
+    """A window of k drafts: a first pass (the pending token, and the one before it after a full accept),
+    then one pass of one row per further token."""
+    return 0.0 if k <= 0 else first_pass_s + (k - 1) * one_row_s
+
+
 @dataclass
 class CostModel:
     """The target's and the draft's pass costs (no draft model: `draft` is None, drafting is free), and how
@@ -101,9 +108,11 @@ class CostModel:
     def drafting(self, first_rows: list[int], k: int) -> float:
         """Seconds to draft k tokens for each sequence whose first draft pass evaluates `first_rows[i]`
         tokens (the steady 1-2, see STEADY_DRAFT_ROWS): that pass, then k - 1 passes of one row each."""
-        if self.draft is None or k <= 0 or not first_rows:
+        if self.draft is None or not first_rows:
             return 0.0
-        return self.draft.seconds(first_rows) + (k - 1) * self.draft.seconds([1] * len(first_rows))
+        return drafting_seconds(
+            first_pass_s=self.draft.seconds(first_rows), one_row_s=self.draft.seconds([1] * len(first_rows)), k=k
+        )
 
     def catch_up(self, tokens: float) -> float:
         """Seconds for the draft to evaluate `tokens` it has not seen, beyond a steady first pass."""
@@ -168,7 +177,7 @@ def calibrate(target: Model, draft: Model | None, context: list[int], k_max: int
     target_rows = tuple(range(1, k_max + 2)) + (BATCH_ROWS if target.batches_sequences else ())
     draft_rows = ()
     if draft is not None:
-        draft_rows = (1, 2, 4, 8, 16, 32) if draft.batches_sequences else (1, STEADY_DRAFT_ROWS, 32)
+        draft_rows = (1, 2, 4, 8, 16, 32) if draft.batches_sequences else DRAFT_ROWS
 
     # The sequences measured on stay with the cost model: measuring again (a refresh, while requests run)
     # must not need another KV cache, which for llama.cpp is another context, ~100 MB held from then on.
