@@ -18,13 +18,13 @@ from pathlib import Path
 from specserve import SpecserveError
 from specserve.backends import load_backend
 from specserve.backends.choose import Choice, choose, exact_prefix, exact_window_sizes, measured_while_busy
-from specserve.cache.prefix import PrefixCache
 from specserve.config import K_MAX, METHODS, MODEL_METHODS, PREFILL_CHUNK, REMOTE_K_MAX, REMOTE_Q_TOP_K, EngineConfig
 from specserve.engine.costs import CALIBRATION_TEXT, DRAFT_ROWS, CostModel, PassCost, calibrate, measure_rows
 from specserve.engine.grammar import Grammar
 from specserve.engine.loop import Generation
 from specserve.engine.model import Model
 from specserve.engine.policy import AdaptiveK, DraftLengthPolicy, FixedK
+from specserve.engine.prefix import PrefixCache
 from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer, Proposer
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.suffix import SuffixCache, SuffixCascade, SuffixProposer
@@ -303,8 +303,16 @@ class LocalRuntime(Runtime):
 class RemoteRuntime(Runtime):
     """Front-end of remote verifiers (specserve/cluster): the draft and tokenizer here, the target there."""
 
-    def __init__(self, config: EngineConfig, show_progress: bool = True, on_wait: Callable[[str], None] | None = None):
-        """`on_wait`: told why, while no verifier answers yet (for up to `config.verifier_wait_s`)."""
+    def __init__(
+        self,
+        config: EngineConfig,
+        show_progress: bool = True,
+        on_wait: Callable[[str], None] | None = None,
+        *,
+        interceptors: tuple = (),
+    ):
+        """`on_wait`: told why, while no verifier answers yet (for up to `config.verifier_wait_s`);
+        `interceptors`: gRPC client interceptors on the verifiers' channels."""
         from specserve.cluster.router import ClientOptions, VerifierPool
 
         t0 = time.perf_counter()
@@ -313,7 +321,11 @@ class RemoteRuntime(Runtime):
         local = resolve_draft_spec(config.draft, config.target, show_progress) if config.draft else None
         self.tokenizer = Tokenizer(local or resolve_model(config.target, show_progress))
         options = ClientOptions(
-            auth_token=config.auth_token, tls_ca=config.tls_ca, wait_s=config.verifier_wait_s, on_wait=on_wait
+            auth_token=config.auth_token,
+            tls_ca=config.tls_ca,
+            wait_s=config.verifier_wait_s,
+            on_wait=on_wait,
+            interceptors=interceptors,
         )
         self.pool = VerifierPool(list(config.verifiers), self.tokenizer.digest, options)
         self.tokenizer.chat_template = self.pool.chat_template or self.tokenizer.chat_template  # the target's

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specserve import SpecserveError
-from specserve.cache import CachedResponse, LRUCache, RedisCache, ResponseCache, cache_key, open_cache
+from specserve.server.response_cache import CachedResponse, LRUCache, RedisCache, ResponseCache, cache_key, open_cache
 from tests.redis_server import _free_port
 
 RESP = CachedResponse(

@@ -715,6 +715,30 @@ def test_tls_with_a_ca_and_a_remote_generation(smollm2_path, tls_files):
         verifier.stop()
 
 
+def test_a_client_interceptor_delays_every_message_and_the_pool_measures_it():
+    """The WAN bench's latency (`bench.wan.Delay`) is a gRPC client interceptor on the pool's channels: the
+    health check's round trip, which adaptive k plans with, includes it, and so does every window."""
+    from specserve.bench.wan import Delay
+
+    verifier = InProcessVerifier(P)
+    delay = Delay()
+    pool = VerifierPool([verifier.address], "fixed", ClientOptions(interceptors=(delay,)))
+    try:
+        delay.one_way_s = 0.05
+        pool.check_now()
+        assert pool.round_trip_s >= 2 * delay.one_way_s
+        session = RemoteTarget(pool)
+        start = time.perf_counter()
+        window = _window([1, 2], params=SamplingParams(), rng=np.random.default_rng())
+        (verdict,) = session.verifier.run([session], [window])
+        assert time.perf_counter() - start >= 2 * delay.one_way_s
+        assert verdict.accepted == 0 and verdict.next_token == int(np.argmax(P))
+        session.close()
+    finally:
+        pool.close()
+        verifier.stop()
+
+
 def test_a_pool_refuses_a_verifier_with_another_tokenizer():
     verifier = InProcessVerifier(P)
     try:

@@ -6,7 +6,7 @@ Per round-trip time, on the same prompts, interleaved per prompt (greedy):
   + pipelined     the same, drafting the next window while the current one is verified (cluster/pipeline.py)
 
 The verifier is a real `specserve verifier` process on loopback (started here unless --verifier is given),
-reached over real gRPC. WAN latency is injected by a delay shim in the client transport: every message is
+reached over real gRPC. WAN latency is injected by a gRPC client interceptor (`Delay`): every message is
 held RTT/2 before it is sent and every reply RTT/2 after it arrives (no tc netem).
 """
 
@@ -17,13 +17,16 @@ import dataclasses
 import json
 import os
 import platform
+import queue
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -35,11 +38,68 @@ from specserve.config import EngineConfig
 from specserve.engine.sampling import SamplingParams
 from specserve.runtime import RemoteRuntime
 
-SHIM = "delay shim in the client transport (each gRPC message held RTT/2 in each direction)"
+SHIM = "delay interceptor on the gRPC client (each message held RTT/2 in each direction)"
 BASELINE = "baseline: remote target per token (k=0)"
 DISAGGREGATED = "disaggregated: local draft, k=auto"
 PIPELINED = "disaggregated + pipelined drafting"
 CONFIGS = ((BASELINE, "none"), (DISAGGREGATED, "draft"), (PIPELINED, "draft"))
+
+
+class Delay(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """A WAN's latency on a gRPC client: each message leaves `one_way_s` after it is sent (messages sent
+    together stay together, as on a link) and each reply is handed over `one_way_s` after it arrives. The
+    health checks' calls pass through it too, so the pool's measured round trip includes it."""
+
+    def __init__(self) -> None:
+        self.one_way_s = 0.0
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        time.sleep(self.one_way_s)
+        response = continuation(client_call_details, request)
+        try:
+            response.result()  # wait for the reply, then hold it
+        except grpc.RpcError:
+            return response  # a failed call fails at once, as it would over the WAN after its round trip
+        time.sleep(self.one_way_s)
+        return response
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return _DelayedReplies(continuation(client_call_details, self._held(request_iterator)), self)
+
+    def _held(self, requests):
+        """The requests, each released `one_way_s` after the caller produced it (a reader thread takes them
+        as they come, so one message's wait does not add to the next's)."""
+        sent: queue.Queue = queue.Queue()
+
+        def take() -> None:
+            for message in requests:
+                sent.put((message, time.perf_counter()))
+            sent.put(None)
+
+        threading.Thread(target=take, name="wan-delay", daemon=True).start()
+        while (item := sent.get()) is not None:
+            message, at = item
+            if (wait := at + self.one_way_s - time.perf_counter()) > 0:
+                time.sleep(wait)
+            yield message
+
+
+class _DelayedReplies:
+    """A stream call whose replies are handed over `one_way_s` late; everything else is the call's."""
+
+    def __init__(self, call, delay: Delay):
+        self._call, self._delay = call, delay
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        reply = next(self._call)
+        time.sleep(self._delay.one_way_s)
+        return reply
+
+    def __getattr__(self, name: str):
+        return getattr(self._call, name)
 
 
 def parse_rtts(text: str) -> list[float]:
@@ -77,14 +137,16 @@ def run_wan_bench(args: argparse.Namespace, engine: EngineConfig, prompts: list[
     if not address:
         proc, address = start_local_verifier(args, console)
     try:
-        runtime = RemoteRuntime(dataclasses.replace(engine, verifiers=tuple(address.split(","))))
+        delay = Delay()
+        runtime = RemoteRuntime(dataclasses.replace(engine, verifiers=tuple(address.split(","))), interceptors=(delay,))
         pool = runtime.pool
         tokenizer = runtime.tokenizer
         runs: list[dict] = []
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("WAN bench", total=len(rtts) * len(prompts) * len(CONFIGS))
             for rtt in rtts:
-                pool.options.one_way_delay_s = rtt / 2000
+                delay.one_way_s = rtt / 2000
+                pool.check_now()  # the round trip adaptive k plans with, at this delay
                 for prompt in prompts:
                     ids = tokenizer.encode(tokenizer.render_chat(prompt["messages"]))
                     params = SamplingParams(max_tokens=args.max_tokens)
@@ -196,7 +258,7 @@ def plot_wan(report: dict, path: Path) -> Path:
             spec = report["summary"][f"{kind}/{rtt:g}"][DISAGGREGATED]
             point = (rtt, spec["ms_per_token_mean"])
             ax.annotate(f"{spec['speedup']:.2f}x", point, textcoords="offset points", xytext=(0, -14), ha="center")
-        ax.set_xlabel("round-trip time, ms (delay shim)")
+        ax.set_xlabel("round-trip time, ms (delay interceptor)")
         ax.set_ylabel("ms per token (mean)")
         ax.set_title(f"{kind} prompts")
         ax.legend(fontsize=8)

@@ -38,38 +38,30 @@ class StreamFailed(Exception):
 
 class _Stream:
     """One bidirectional call: messages go out through a queue, replies come in through a reader thread
-    (so waiting for a reply can have a deadline). The WAN shim holds each message `delay` seconds."""
+    (so waiting for a reply can have a deadline)."""
 
     def __init__(self, replica: Replica, pool: VerifierPool, first: pb.ClientMessage, metadata: tuple):
         self.replica = replica
-        self._delay = pool.options.one_way_delay_s
-        self._out: queue.Queue[tuple[pb.ClientMessage, float] | None] = queue.Queue()
+        self._out: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         self._in: queue.Queue[pb.Reply | StreamFailed] = queue.Queue()
-        self._out.put((first, time.perf_counter()))
+        self._out.put(first)
         self._call = replica.stub.Session(self._requests(), metadata=metadata, timeout=SESSION_TIMEOUT_S)
         threading.Thread(target=self._read, name="specserve-stream-reader", daemon=True).start()
 
-    def _hold(self, since: float) -> None:
-        if self._delay and (wait := since + self._delay - time.perf_counter()) > 0:
-            time.sleep(wait)
-
     def _requests(self):
-        while (item := self._out.get()) is not None:
-            message, sent = item
-            self._hold(sent)
+        while (message := self._out.get()) is not None:
             yield message
 
     def _read(self) -> None:
         try:
             for reply in self._call:
-                self._hold(time.perf_counter())
                 self._in.put(reply)
             self._in.put(StreamFailed(grpc.StatusCode.ABORTED, "the verifier ended the stream"))
         except grpc.RpcError as exc:
             self._in.put(StreamFailed(exc.code(), exc.details() or ""))
 
     def send(self, message: pb.ClientMessage) -> None:
-        self._out.put((message, time.perf_counter()))
+        self._out.put(message)
 
     def receive(self, timeout: float) -> pb.Reply:
         try:
@@ -82,7 +74,7 @@ class _Stream:
         return item
 
     def close(self) -> None:
-        self._out.put((pb.ClientMessage(close=pb.Close()), time.perf_counter()))
+        self._out.put(pb.ClientMessage(close=pb.Close()))
         self._out.put(None)
 
 
@@ -161,7 +153,7 @@ class RemoteTarget:
         self._stream_holder.append(_Stream(replica, self.pool, first, self._metadata))
 
     def _receive(self, window: Window) -> Verdict | None:
-        timeout = self.pool.options.window_timeout_s + 2 * self.pool.options.one_way_delay_s
+        timeout = self.pool.options.window_timeout_s + self.pool.round_trip_s
         for attempt in range(MAX_REOPENS + 1):
             stream = self._stream_holder[0]
             try:

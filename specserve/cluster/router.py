@@ -43,7 +43,7 @@ class ClientOptions:
     auth_token: str | None = None
     tls_ca: str | None = None  # PEM file: use TLS and trust this CA
     window_timeout_s: float = 60.0  # deadline for one window's verdict
-    one_way_delay_s: float = 0.0  # WAN shim for the bench: each message is held this long in each direction
+    interceptors: tuple = ()  # gRPC client interceptors on every replica's channel
     wait_s: float = 0.0  # how long to retry when no replica answers at first (EngineConfig.verifier_wait_s)
     on_wait: Callable[[str], None] | None = None  # told why while it waits (the server's /health)
 
@@ -71,6 +71,7 @@ class VerifierPool:
             if ":" not in address:
                 raise SpecserveError(f"verifier address must be HOST:PORT, got {address!r}")
             channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+            channel = grpc.intercept_channel(channel, *self.options.interceptors)
             self.replicas.append(Replica(address, channel, pb_grpc.VerifierStub(channel)))
         self.metadata = auth_metadata(self.options.auth_token)
         self._lock = threading.Lock()
@@ -92,10 +93,7 @@ class VerifierPool:
         deadline = time.monotonic() + self.options.wait_s
         pause, said = RETRY_FIRST_S, ""
         while True:
-            for _ in range(2):  # the first call includes connecting: time the second
-                self._info_s = 0.0
-                for replica in self.replicas:
-                    self._check(replica)
+            self.check_now()
             if up := [r for r in self.replicas if r.healthy]:
                 return up
             reasons = "; ".join(f"{r.address}: {r.error}" for r in self.replicas)
@@ -170,6 +168,14 @@ class VerifierPool:
             replica.remote_load = info.sessions + info.queued
             self._info_s = elapsed if not self._info_s else 0.8 * self._info_s + 0.2 * elapsed
 
+    def check_now(self) -> None:
+        """Check every replica now, timing the network afresh (the first call includes connecting: the
+        second is timed)."""
+        for _ in range(2):
+            self._info_s = 0.0
+            for replica in self.replicas:
+                self._check(replica)
+
     def _watch(self) -> None:
         while not self._closed.wait(HEALTH_EVERY_S):
             for replica in self.replicas:
@@ -177,8 +183,8 @@ class VerifierPool:
 
     @property
     def round_trip_s(self) -> float:
-        """Network seconds per window, for adaptive k (the WAN shim's delay included)."""
-        return self._info_s + 2 * self.options.one_way_delay_s
+        """Network seconds per window, for adaptive k: a health check's round trip."""
+        return self._info_s
 
     def close(self) -> None:
         self._closed.set()

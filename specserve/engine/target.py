@@ -107,7 +107,7 @@ class LocalTarget:
         self.sequence.reset()
 
     def close(self) -> None:
-        # A model that copies prefixes keeps the sequence's KV for later prompts (cache/prefix.py); any other
+        # A model that copies prefixes keeps the sequence's KV for later prompts (engine/prefix.py); any other
         # frees it now rather than when the generation is collected (a cancelled request's may live on in a
         # traceback until the cyclic collector runs), so a llama.cpp context goes back to its pool at once.
         if not self.sequence.model.copies_prefix:

@@ -26,11 +26,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specserve import __version__
-from specserve.cache import ResponseCache, open_cache
 from specserve.config import ServerConfig
 from specserve.runtime import Runtime, open_runtime
 from specserve.server.metrics import Metrics
 from specserve.server.openai_format import ApiError, error_body
+from specserve.server.response_cache import ResponseCache, open_cache
 from specserve.server.routes import STATIC, router
 from specserve.server.state import ServerState
 from specserve.tracing import setup_tracing

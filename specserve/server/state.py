@@ -17,7 +17,6 @@ from fastapi import Request
 from opentelemetry import propagate, trace
 
 from specserve import SpecserveError
-from specserve.cache import CachedResponse, ResponseCache, cache_key
 from specserve.config import ServerConfig
 from specserve.engine import compute
 from specserve.engine.model import ContextOverflowError
@@ -33,6 +32,7 @@ from specserve.server.openai_format import (
     request_log,
     token_origin,
 )
+from specserve.server.response_cache import CachedResponse, ResponseCache, cache_key
 from specserve.server.scheduler import Job, QueueFull, Scheduler, StreamStalled
 from specserve.server.schemas import CompletionParams
 
