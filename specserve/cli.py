@@ -43,6 +43,8 @@ from specserve.config import (  # noqa: E402
 from specserve.engine.model import ContextOverflowError  # noqa: E402
 from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS  # noqa: E402
 
+SubParsers = argparse._SubParsersAction  # what `add_subparsers` returns: each command's function adds to it
+
 
 def positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
@@ -282,10 +284,7 @@ def _add_auth_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specserve", description="Lossless speculative decoding on CPU.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _generate_parser(sub: SubParsers) -> None:
     gen = sub.add_parser("generate", help="generate text for one prompt, streaming")
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -323,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
 
+
+def _info_parser(sub: SubParsers) -> None:
     info = sub.add_parser("info", help="this CPU, the libraries, the backends measured here and the one `auto` picks")
     info.add_argument("--json", action="store_true", help="print the report as JSON (as the bench JSON has it)")
     info.add_argument("--check", action="store_true", help="one real token on every backend, each in its own process")
@@ -334,10 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info)
     info.set_defaults(func=cmd_info)
 
+
+def _fetch_parser(sub: SubParsers) -> None:
     fetch = sub.add_parser("fetch", help="fetch, assemble and verify registered models")
     fetch.add_argument("models", nargs="*", help="registry names (" + ", ".join(MODELS) + "); default: the pair")
     fetch.set_defaults(func=cmd_fetch)
 
+
+def _bench_parser(sub: SubParsers) -> None:
     bench = sub.add_parser("bench", help="benchmark target-only vs speculative, side by side")
     bench.add_argument(
         "--prompts", default=None, help="project (default: the set in the package), public (../shared) or JSONL files"
@@ -419,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     bench.set_defaults(func=cmd_bench)
 
+
+def _loadtest_parser(sub: SubParsers) -> None:
     load = sub.add_parser("loadtest", help="concurrent streaming clients against a server, speculative vs plain")
     load.add_argument("--url", default=None, help="server base URL (default: start one on the default models)")
     load.add_argument(
@@ -444,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--out", default="bench-out/loadtest.json", help="JSON report; the PNG goes beside it")
     load.set_defaults(func=cmd_loadtest)
 
+
+def _serve_parser(sub: SubParsers) -> None:
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -519,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve.set_defaults(func=cmd_serve)
 
+
+def _verifier_parser(sub: SubParsers) -> None:
     verifier = sub.add_parser("verifier", help="serve the target model to remote front-ends (gRPC)")
     verifier.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT", help="default 127.0.0.1:50051")
     verifier.add_argument(
@@ -534,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(verifier)
     verifier.set_defaults(func=cmd_verifier)
 
+
+def _ray_parser(sub: SubParsers) -> None:
     ray = sub.add_parser("ray", help="verifier replicas and a front-end as Ray actors (Ray places and restarts them)")
     ray.add_argument("action", choices=("up", "status", "down"))
     ray.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
@@ -546,6 +559,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_auth_args(ray)
     _add_model_args(ray)
     ray.set_defaults(func=cmd_ray)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one function per command adds its subparser."""
+    parser = argparse.ArgumentParser(prog="specserve", description="Lossless speculative decoding on CPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _generate_parser,
+        _info_parser,
+        _fetch_parser,
+        _bench_parser,
+        _loadtest_parser,
+        _serve_parser,
+        _verifier_parser,
+        _ray_parser,
+    ):
+        add(sub)
     return parser
 
 
