@@ -93,9 +93,9 @@ test: models redis browser llama-server
 	$(VENV)/bin/specserve info --check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# A longer run of the HTTP API fuzzing than the suite's (tests/test_fuzz.py): EXAMPLES per operation.
+# A longer run of the HTTP API fuzzing than the suite's (tests/server/test_fuzz.py): EXAMPLES per operation.
 fuzz: models
-	SPECSERVE_FUZZ_EXAMPLES=$(or $(EXAMPLES),500) $(PY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
+	SPECSERVE_FUZZ_EXAMPLES=$(or $(EXAMPLES),500) $(PY) -m pytest tests/server/test_fuzz.py $(PYTEST_ARGS)
 
 test-quick: setup redis
 	$(PY) -m pytest -m "not models and not small_model" $(PYTEST_ARGS)

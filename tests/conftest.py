@@ -1,24 +1,7 @@
-import json
 import os
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PROMPTS = ROOT / "specserve" / "bench" / "prompts.jsonl"  # ships with the project: no ../shared needed
-
-
-def project_prompts(per_kind: int | None = None) -> list[dict]:
-    """The project's prompt set (code, prose, random words, code edits), the first `per_kind` of each kind."""
-    prompts = [json.loads(line) for line in PROJECT_PROMPTS.read_text().splitlines() if line.strip()]
-    if per_kind is None:
-        return prompts
-    kept: dict[str, list[dict]] = {}
-    for prompt in prompts:
-        kept.setdefault(prompt["kind"], [])
-        if len(kept[prompt["kind"]]) < per_kind:
-            kept[prompt["kind"]].append(prompt)
-    return [p for group in kept.values() for p in group]
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +41,7 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def redis_url():
     """URL of a real redis-server shared by the session (fails, not skips, if redis-server is missing)."""
-    from tests.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer
 
     server = RedisServer().start()
     try:
@@ -70,7 +53,7 @@ def redis_url():
 @pytest.fixture
 def redis_server():
     """A private redis-server for one test, which the test may stop (to simulate Redis going away)."""
-    from tests.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer
 
     server = RedisServer().start()
     try:

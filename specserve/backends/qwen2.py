@@ -6,7 +6,7 @@ RMS norm, rotary embedding with the KV-cache write, attention and SiLU, each row
 
 Exactness: when the linear layers are batch-invariant too (both are), a row's logits do not depend on which
 other rows share its pass, so a verify window is bitwise k one-token steps, and concurrent sequences in one
-pass get bitwise what each would get alone (tests/test_backends.py checks both).
+pass get bitwise what each would get alone (tests/backends/test_backends.py checks both).
 """
 
 from __future__ import annotations

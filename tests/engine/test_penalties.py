@@ -13,8 +13,7 @@ from specserve.engine.policy import FixedK
 from specserve.engine.proposers import CascadeProposer, DraftModelProposer, NgramProposer
 from specserve.engine.sampling import SamplingParams, adjust_logits
 from specserve.engine.target import LocalTarget
-
-from .test_cascade import TableModel
+from tests.support.table_model import TableModel
 
 PENALTIES = {"presence_penalty": 0.7, "frequency_penalty": 0.4, "repetition_penalty": 1.5, "logit_bias": ((4, -1.0),)}
 

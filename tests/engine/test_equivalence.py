@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from specserve.engine.sampling import SamplingParams
-
-from .conftest import project_prompts
+from tests.support.prompts import project_prompts
 
 pytestmark = pytest.mark.models
 NEW_TOKENS = 32  # a divergence shows within a few windows; more tokens per setting only cost CI time

@@ -3,12 +3,8 @@ Redis as its response cache), plus an in-process app for the OpenTelemetry span 
 
 import concurrent.futures
 import json
-import os
 import re
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +12,8 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.servers import start_server, stop_server
 
 pytestmark = pytest.mark.models
 API_KEY = "sk-test-0123456789"  # the module's server requires it (`--api-key`)
@@ -33,44 +31,6 @@ TOPICS = [
     "remove duplicates",
     "parse an int",
 ]
-
-
-def start_server(
-    *extra: str, healthy: bool = True, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen, str, list[int]]:
-    """A `specserve serve` process on a free port; returns once /health is 200 (or, not `healthy`, once it
-    answers at all), with the statuses seen. `env`: variables added to this process's environment."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--n-ctx", "2048", *extra],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
-    base = f"http://127.0.0.1:{port}"
-    statuses: list[int] = []
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited: {log.read()[-3000:].decode(errors='replace')}")
-        try:
-            statuses.append(httpx.get(f"{base}/health", timeout=1).status_code)
-            if statuses[-1] == 200 or not healthy:
-                return proc, base, statuses
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    pytest.fail("server did not become healthy")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -579,7 +539,7 @@ def test_alert_rules_parse_and_watch_acceptance():
 
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
+    path = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
     rules = [r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
     low = next(r for r in rules if r["alert"] == "SpecserveLowAcceptance")
     assert low["expr"].replace(" ", "") == "specserve_acceptance_rate<0.6" and low["for"] == "5m"
@@ -589,7 +549,7 @@ def test_alert_rules_parse_and_watch_acceptance():
 
 def test_the_grafana_dashboard_queries_only_metrics_the_server_has(server, client):
     client.chat.completions.create(model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
-    path = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "specserve.json"
+    path = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "specserve.json"
     exprs = [t["expr"] for panel in json.loads(path.read_text())["panels"] for t in panel["targets"]]
     queried = {name for e in exprs for name in re.findall(r"\b(specserve_\w+)", e)}
     text = httpx.get(f"{server}/metrics", headers=AUTH).text

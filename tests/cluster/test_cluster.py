@@ -37,8 +37,8 @@ from specserve.cluster.router import ClientOptions, VerifierPool  # noqa: E402
 from specserve.cluster.service import VerifierService, start_server  # noqa: E402
 from specserve.engine.sampling import SamplingParams, keep_top_k  # noqa: E402
 from specserve.engine.target import Window  # noqa: E402
-from tests.test_server import start_server as start_frontend  # noqa: E402
-from tests.test_server import stop_server as stop_frontend  # noqa: E402
+from tests.support.servers import start_server as start_frontend  # noqa: E402
+from tests.support.servers import stop_server as stop_frontend  # noqa: E402
 
 PROMPTS = [
     "Write a Python function `is_prime(n)` that returns True if n is prime.",

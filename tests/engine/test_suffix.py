@@ -13,8 +13,7 @@ from specserve.engine.proposers import DraftModelProposer
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.suffix import SuffixCache, SuffixCascade, SuffixProposer
 from specserve.runtime import Runtime
-
-from .test_cascade import TableModel
+from tests.support.table_model import TableModel
 
 GREEDY = SamplingParams()
 RNG = np.random.default_rng(0)

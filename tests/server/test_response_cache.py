@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from specserve import SpecserveError
 from specserve.server.response_cache import CachedResponse, LRUCache, RedisCache, ResponseCache, cache_key, open_cache
-from tests.redis_server import _free_port
+from tests.support.redis_server import _free_port
 
 RESP = CachedResponse(
     pieces=["Hello", ",", " wörld", " 🙂"],

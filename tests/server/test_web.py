@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_server import start_server, stop_server
+from tests.support.servers import start_server, stop_server
 
 pytestmark = pytest.mark.models
 API_KEY = "sk-web-test-4321"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web" / "chat.png"  # shown in docs/api.md
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "web" / "chat.png"  # shown in docs/api.md
 # As root in a closed network: no sandbox, and none of Chromium's own connections to Google's hosts.
 CHROMIUM_ARGS = [
     "--no-sandbox",

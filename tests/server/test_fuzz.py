@@ -15,7 +15,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.test_server import start_server, stop_server
+from tests.support.servers import start_server, stop_server
 
 pytestmark = pytest.mark.small_model
 SMALL = ("--target", "smollm2-135m", "--target-backend", "llama.cpp", "--draft", "none")

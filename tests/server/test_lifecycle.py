@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.test_server import start_server
+from tests.support.servers import start_server
 
 pytestmark = pytest.mark.small_model
 SMALL = ("--target", "smollm2-135m", "--target-backend", "llama.cpp", "--draft", "none")

@@ -18,8 +18,7 @@ from specserve.engine.policy import FixedK
 from specserve.engine.proposers import DraftModelProposer, NgramProposer
 from specserve.engine.sampling import SamplingParams, probabilities
 from specserve.engine.target import LocalTarget
-
-from .test_cascade import TABLE, TableModel
+from tests.support.table_model import TABLE, TableModel
 
 PIECES = [b"a", b"b", b"c", b"d", b"\xff<eos>"]  # token 4 ends the reply (0xff: a special token)
 
