@@ -31,7 +31,7 @@ import numpy as np
 
 from specserve.config import PREFILL_CHUNK
 from specserve.engine.model import ContextOverflowError
-from specserve.engine.policy import DraftLengthPolicy, Slot, WindowResult
+from specserve.engine.policy import DraftLengthPolicy, WindowRecord
 from specserve.engine.proposers import DraftRequest, Proposal, Proposer, propose_batch
 from specserve.engine.sampling import SamplingParams, TokenLogprob
 from specserve.engine.stats import GenerationStats
@@ -97,14 +97,14 @@ def step(generations: list[Generation]) -> Step:
     return Step(events=events, started=t0, drafted=t1, verified=t2, accepted=time.perf_counter())
 
 
-def _plan(generations: list[Generation], slots: list[Slot | None]) -> list[int]:
+def _plan(generations: list[Generation], slots: list[WindowRecord]) -> list[int]:
     """Draft lengths for one step. Generations that share a policy are planned together; the rows of the
     others (prefill chunks, other policies' windows at their most) count as rows of the same pass."""
     planned = [0] * len(generations)
     groups: dict[int, list[int]] = {}
     rows = 0
     for i, (g, slot) in enumerate(zip(generations, slots, strict=True)):
-        if slot is None:
+        if g.prefilling:
             rows += min(PREFILL_CHUNK, len(g.prompt) - g.prefilled)
         else:
             rows += 1 + slot.limit
@@ -195,17 +195,17 @@ class Generation:
         """Tokens the reply may still produce (max_tokens allowing)."""
         return self.params.max_tokens - len(self.tokens)
 
-    def slot(self) -> Slot | None:
-        """The next window as the policy plans it; None while the prompt is still being prefilled."""
-        if self._prefilled < len(self.prompt):
-            return None
+    def slot(self) -> WindowRecord:
+        """The next window as the policy plans it (while the prompt is prefilled: one of no drafts)."""
+        if self.prefilling:
+            return WindowRecord(state=self.draft_state, remaining=self.remaining, round_trip_s=self.target.round_trip_s)
         room = self.target.n_ctx - self.target.n_past - 1  # window slots left after the pending token
         limit = max(0, min(self.policy.k_max, room, self.remaining - 1)) if self.proposer is not None else 0
         # Tokens the draft must evaluate before it drafts again, the prompt too when it has not drafted yet:
         # a draft that starts and then finds nothing to accept has paid for the prompt for nothing.
         sync = self.proposer.sync_rows(self.context) if self.proposer is not None else 0
         uses_model = self.proposer is not None and self.proposer.drafts_with_model(self.context)
-        return Slot(
+        return WindowRecord(
             state=self.draft_state,
             limit=limit,
             uses_model=uses_model,
@@ -214,13 +214,13 @@ class Generation:
             round_trip_s=self.target.round_trip_s,
         )
 
-    def draft_request(self, slot: Slot | None, k: int) -> DraftRequest:
+    def draft_request(self, slot: WindowRecord, k: int) -> DraftRequest:
         """Phase 1: what to draft now: k as planned (0 while prefilling and for plain decoding)."""
         if self._start is None:
             self._start = time.perf_counter()
             if self._prefilled == 0:
                 self.target.reset()
-        if slot is None:
+        if self.prefilling:
             return DraftRequest(proposer=None, context=self.context, k=0, params=self.params, rng=self._rng)
         self.stats.chosen_k.append(k)
         min_confidence = self.policy.min_confidence(slot) if k else 0.0
@@ -238,7 +238,7 @@ class Generation:
     def open_window(self, proposal: Proposal) -> Window:
         """Phase 2: what the target pass appends and verifies for this generation."""
         with_confidence = self.draft_state is not None  # only a policy with state reads the target's confidence
-        if self._prefilled < len(self.prompt):
+        if self.prefilling:
             chunk = self.prompt[self._prefilled : self._prefilled + PREFILL_CHUNK]
             last = self._prefilled + len(chunk) == len(self.prompt)
             return Window(
@@ -272,29 +272,26 @@ class Generation:
             context=self.context,
         )
 
-    def result(self, slot: Slot | None, window: Window, verdict: Verdict | None) -> WindowResult:
-        """What the policy learns from this generation's part of the step."""
+    def result(self, slot: WindowRecord, window: Window, verdict: Verdict | None) -> WindowRecord:
+        """What the policy learns from this generation's part of the step: its record, with the outcome."""
         rows = len(window.append) + len(window.drafts)
         if verdict is None:
-            return WindowResult(state=self.draft_state, rows=rows)
+            return replace(slot, rows=rows)
         drafted = len(window.drafts)
-        return WindowResult(
-            state=self.draft_state,
+        return replace(
+            slot,
             rows=rows,
             drafted=drafted,
             accepted=verdict.accepted,
             expected_accepted=verdict.expected_accepted,
             draft_confidence=tuple(self._proposal.confidence) if drafted else (),
             target_confidence=verdict.confidence,
-            uses_model=slot is not None and slot.uses_model,
-            sync_rows=slot.sync_rows if slot is not None else 0,
-            round_trip_s=self.target.round_trip_s,
         )
 
     def close_window(self, verdict: Verdict | None, draft_s: float, verify_s: float) -> list[Emitted]:
         """Phase 3: take the target's verdict on the window, emit."""
         stats = self.stats
-        if self._prefilled < len(self.prompt):
+        if self.prefilling:
             self._prefilled += min(PREFILL_CHUNK, len(self.prompt) - self._prefilled)
             if verdict is None:
                 return []

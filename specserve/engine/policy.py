@@ -60,31 +60,23 @@ class RequestState:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Slot:
-    """One request's next window as the policy sees it."""
+class WindowRecord:
+    """One request's window in a step: what the policy plans it from, then (`dataclasses.replace`d after the
+    target pass) what the pass did with it, for the policy to learn from."""
 
-    state: RequestState | None  # what the policy keeps for it (None: the policy keeps nothing)
-    limit: int  # the most drafts the window may hold (k_max, the context and max_tokens allowing)
-    uses_model: bool  # whether its drafts cost draft-model passes
-    sync_rows: int  # tokens its draft evaluates first (`Proposer.sync_rows`); beyond the steady 1-2: catch-up
-    remaining: int  # tokens the reply may still produce
+    state: RequestState | None  # what the policy keeps for the request (None: the policy keeps nothing)
+    limit: int = 0  # the most drafts the window may hold (k_max, the context and max_tokens allowing)
+    uses_model: bool = False  # whether its drafts cost draft-model passes
+    sync_rows: int = 0  # tokens its draft evaluates first (`Proposer.sync_rows`); beyond the steady 1-2: catch-up
+    remaining: int = 0  # tokens the reply may still produce
     round_trip_s: float = 0.0  # network time of a remote target's window
-
-
-@dataclass(frozen=True, kw_only=True)
-class WindowResult:
-    """One request's part of a finished step, for the policy to learn from."""
-
-    state: RequestState | None
-    rows: int  # tokens the target pass appended for it
+    # after the pass
+    rows: int = 0  # tokens the target pass appended for it
     drafted: int = 0
     accepted: int = 0
     expected_accepted: float | None = None  # `Verdict.expected_accepted`
     draft_confidence: tuple[float, ...] = ()  # the draft's probability of each drafted token
     target_confidence: float | None = None  # `Verdict.confidence`
-    uses_model: bool = False
-    sync_rows: int = 0
-    round_trip_s: float = 0.0
 
 
 class DraftLengthPolicy(Protocol):
@@ -94,15 +86,15 @@ class DraftLengthPolicy(Protocol):
         """State for a new request drafting with `method`."""
         ...
 
-    def plan(self, slots: list[Slot], other_rows: int) -> list[int]:
+    def plan(self, slots: list[WindowRecord], other_rows: int) -> list[int]:
         """Draft lengths for windows that share one target pass with `other_rows` rows planned elsewhere."""
         ...
 
-    def min_confidence(self, slot: Slot) -> float:
+    def min_confidence(self, slot: WindowRecord) -> float:
         """The draft probability below which the window's drafting stops."""
         ...
 
-    def observe(self, results: list[WindowResult], draft_s: float, verify_s: float) -> None:
+    def observe(self, results: list[WindowRecord], draft_s: float, verify_s: float) -> None:
         """A finished step: every window of its target pass, and how long drafting and the pass took."""
         ...
 
@@ -116,13 +108,13 @@ class FixedK:
     def start(self, method: str, greedy: bool) -> RequestState | None:
         return None
 
-    def plan(self, slots: list[Slot], other_rows: int) -> list[int]:
+    def plan(self, slots: list[WindowRecord], other_rows: int) -> list[int]:
         return [slot.limit for slot in slots]
 
-    def min_confidence(self, slot: Slot) -> float:
+    def min_confidence(self, slot: WindowRecord) -> float:
         return 0.0
 
-    def observe(self, results: list[WindowResult], draft_s: float, verify_s: float) -> None:
+    def observe(self, results: list[WindowRecord], draft_s: float, verify_s: float) -> None:
         pass
 
 
@@ -157,12 +149,12 @@ class AdaptiveK:
 
     # --- planning ---
 
-    def plan(self, slots: list[Slot], other_rows: int) -> list[int]:
+    def plan(self, slots: list[WindowRecord], other_rows: int) -> list[int]:
         if not self.costs.target.batches_sequences:  # passes cost the sum of their sequences': each alone
             return [self._plan_together([slot], 0)[0] for slot in slots]
         return self._plan_together(slots, other_rows)
 
-    def _plan_together(self, slots: list[Slot], other_rows: int) -> list[int]:
+    def _plan_together(self, slots: list[WindowRecord], other_rows: int) -> list[int]:
         plan, _ = self._best(slots, [self._acceptance(s) for s in slots], other_rows)
         if "probes" in self.on:
             could_pay: bool | None = None  # whether any drafting could pay here, worked out when needed
@@ -177,10 +169,10 @@ class AdaptiveK:
         return plan
 
     @staticmethod
-    def _acceptance(slot: Slot) -> float:
+    def _acceptance(slot: WindowRecord) -> float:
         return slot.state.acceptance.value
 
-    def _best(self, slots: list[Slot], acceptance: list[float], other_rows: int) -> tuple[list[int], float]:
+    def _best(self, slots: list[WindowRecord], acceptance: list[float], other_rows: int) -> tuple[list[int], float]:
         """The plan with the most expected tokens per second, and that rate. Candidates: a common k for the m
         sequences most likely to accept (capped per sequence at its limit)."""
         costs, n = self.costs, len(slots)
@@ -215,7 +207,7 @@ class AdaptiveK:
         plan = [min(best_k, s.limit) if i in chosen else 0 for i, s in enumerate(slots)]
         return plan, best_rate if best_k else plain_rate
 
-    def _probe_due(self, slot: Slot) -> bool:
+    def _probe_due(self, slot: WindowRecord) -> bool:
         state = slot.state
         if slot.limit <= 0 or state.steps_at_zero + 1 < state.probe_every or slot.remaining <= PROBE_EVERY:
             return False
@@ -231,7 +223,7 @@ class AdaptiveK:
         else:
             state.steps_at_zero += 1
 
-    def min_confidence(self, slot: Slot) -> float:
+    def min_confidence(self, slot: WindowRecord) -> float:
         """One more draft token costs a draft pass, which at the slot's best rate would buy that many
         seconds' tokens: worth it only from the confidence at which tokens are accepted that often."""
         if "draft-p-min" not in self.on or not slot.uses_model or self.costs.draft is None:
@@ -241,7 +233,7 @@ class AdaptiveK:
 
     # --- learning ---
 
-    def observe(self, results: list[WindowResult], draft_s: float, verify_s: float) -> None:
+    def observe(self, results: list[WindowRecord], draft_s: float, verify_s: float) -> None:
         for r in results:
             if r.state is None:
                 continue
@@ -253,7 +245,7 @@ class AdaptiveK:
         self.costs.target.observe([r.rows for r in results], max(verify_s - round_trip, 0.0))
         self._observe_drafting([r for r in results if r.uses_model and r.drafted], draft_s)
 
-    def _observe_drafting(self, drafters: list[WindowResult], draft_s: float) -> None:
+    def _observe_drafting(self, drafters: list[WindowRecord], draft_s: float) -> None:
         """The draft's speed, from steps without a catch-up only: one (a prompt, hundreds of ms, its cost
         per token known only roughly) would swamp the drafting's own few ms."""
         draft = self.costs.draft

@@ -8,7 +8,7 @@ import pytest
 
 from specserve.engine.acceptance import Acceptance, DraftConfidence, SharedAcceptance
 from specserve.engine.costs import CostModel, PassCost, Speed, interpolate
-from specserve.engine.policy import AdaptiveK, RequestState, Slot, WindowResult
+from specserve.engine.policy import AdaptiveK, RequestState, WindowRecord
 from specserve.engine.proposers import Proposal
 from specserve.engine.sampling import SamplingParams
 
@@ -27,8 +27,8 @@ def request(p: AdaptiveK, acceptance: float | None = None, trials: float = 3.0) 
     return state
 
 
-def slot(state, limit=8, uses_model=True, sync_rows=2, remaining=1 << 30) -> Slot:
-    return Slot(state=state, limit=limit, uses_model=uses_model, sync_rows=sync_rows, remaining=remaining)
+def slot(state, limit=8, uses_model=True, sync_rows=2, remaining=1 << 30) -> WindowRecord:
+    return WindowRecord(state=state, limit=limit, uses_model=uses_model, sync_rows=sync_rows, remaining=remaining)
 
 
 def plan_one(p: AdaptiveK, state: RequestState, **kwargs) -> int:
@@ -219,8 +219,8 @@ def test_learned_confidence_cutoff_drops_tokens_the_draft_is_unsure_of():
     assert off.min_confidence(slot(request(off, 0.8))) == 0.0
 
 
-def window(state, drafted=4, accepted=4, expected=None, confidence=None) -> WindowResult:
-    return WindowResult(
+def window(state, drafted=4, accepted=4, expected=None, confidence=None) -> WindowRecord:
+    return WindowRecord(
         state=state,
         rows=1 + drafted,
         drafted=drafted,
@@ -310,7 +310,7 @@ def test_window_sizes_that_do_not_run_follow_the_machines_speed():
     assert costs.verify([16]) == pytest.approx(0.7 * interpolate(costs.target.table, 16), rel=0.01)  # beyond
     assert costs.drafting([2], 1) == pytest.approx(0.018, rel=0.01) and costs.drafting([2], 4) > 3 * 0.015
     # one stall of a busy machine moves a factor by a bounded ratio, not by its length
-    p.observe([WindowResult(state=state, rows=1)], draft_s=0.0, verify_s=10 * 0.046)
+    p.observe([WindowRecord(state=state, rows=1)], draft_s=0.0, verify_s=10 * 0.046)
     assert costs.target.speed.factor < 0.95  # 0.7 * 10 ** 0.1 (a weight of 0.1): a 10x stall costs under 30%
     # ablated: the tables as calibrated
     off = policy({1: 0.046, 3: 0.050, 9: 0.070}, {1: 0.010, 2: 0.012}, ablate={"speed"})
