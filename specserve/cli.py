@@ -10,8 +10,8 @@ import sys
 
 def _share_cores_politely() -> None:
     """A front-end and a verifier on the same cores: OpenMP workers that spin while idle starve the other
-    process's (measured here: a draft step went from 24 ms to 1.3 s). libgomp reads this once, when it
-    loads (with llama_cpp, imported below through the runtime), so it is set before any import."""
+    process's (docs/distributed.md has the measurement). libgomp reads this once, when it loads (with
+    llama_cpp, imported below through the runtime), so it is set before any import."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

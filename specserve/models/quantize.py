@@ -9,14 +9,13 @@ Draft spec strings (`resolve_draft_spec`):
   quantized:Q2_K        the default draft model, requantized to Q2_K
   self:Q2_K             the target model, requantized to Q2_K
   <name-or-path>@Q4_0   any registry name or GGUF path, requantized to Q4_0
-  quantized:Q4_0/Q4_0   the same with the LM head (output tensor) requantized too (fastest draft measured)
+  quantized:Q4_0/Q4_0   the same with the LM head (output tensor) requantized too (the default draft)
   anything else         `resolve_model` (a registry name or a GGUF path), as before
 
 Note: requantizing a Q4_K_M file cannot restore precision it lost; and K-quants need rows that are a multiple
 of 256 wide, so llama.cpp falls back to other types for such tensors (e.g. Qwen2.5-0.5B, d=896: its Q2_K and
-Q3_K_M files are no smaller than Q4_0). Measured here (2 threads, one token): 0.5B draft Q4_K_M 16.0 ms,
-Q4_0 13.4 ms, Q4_0/Q4_0 9.7 ms at about the same top-1 agreement with the target; the 1.5B target at Q2_K
-(28.5 ms) is no faster than the target itself (26.9 ms), so `self:Q2_K` does not pay on this CPU.
+Q3_K_M files are no smaller than Q4_0). Which spec drafts fastest is the CPU's to say: `auto` times the
+draft candidates, and `specserve bench --table seed --quantized-draft A,B,...` compares specs side by side.
 """
 
 from __future__ import annotations
