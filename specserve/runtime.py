@@ -21,7 +21,7 @@ from specserve.backends.choose import Choice, choose, exact_prefix, exact_window
 from specserve.config import K_MAX, METHODS, MODEL_METHODS, PREFILL_CHUNK, REMOTE_K_MAX, REMOTE_Q_TOP_K, EngineConfig
 from specserve.engine.costs import CALIBRATION_TEXT, DRAFT_ROWS, CostModel, PassCost, calibrate, measure_rows
 from specserve.engine.grammar import Grammar
-from specserve.engine.loop import Generation
+from specserve.engine.loop import PLAIN_DECODING, Generation
 from specserve.engine.model import Model
 from specserve.engine.policy import AdaptiveK, DraftLengthPolicy, FixedK
 from specserve.engine.prefix import PrefixCache
@@ -35,7 +35,6 @@ from specserve.models.quantize import resolve_draft_spec
 from specserve.models.tokenizer import Tokenizer, check_compatible
 
 log = logging.getLogger("specserve.runtime")
-_NO_DRAFTS = FixedK(0)
 
 
 class Runtime(ABC):
@@ -111,9 +110,9 @@ class Runtime(ABC):
         """The policy for a request: adaptive (`auto`) or a fixed k, capped at the exact window sizes."""
         k = self.config.k if k is None else k
         if method == "none":
-            return _NO_DRAFTS
+            return PLAIN_DECODING
         if k == "auto":
-            return self.policy or _NO_DRAFTS
+            return self.policy or PLAIN_DECODING
         k = int(k)
         if k > self.k_limit:
             log.info("k=%d capped at %d: longer windows are not exact on %s", k, self.k_limit, self.target_name)
@@ -172,8 +171,7 @@ class Runtime(ABC):
         target, reused = self.new_target_session(prompt_tokens, trace_context)
         return Generation(
             target=target,
-            token_bytes=self.tokenizer.decode_bytes,
-            stop_ids=self.tokenizer.stop_ids,
+            tokenizer=self.tokenizer,
             prompt=prompt_tokens,
             params=params,
             proposer=self._proposer(method, prompt_tokens, user),

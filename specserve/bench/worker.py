@@ -21,7 +21,6 @@ def _serve(conn, kind: str, model_path: str, n_ctx: int, flash_attn: bool) -> No
     from specserve.backends.llamacpp import LlamaCppBackend
     from specserve.bench.measure import run_generation, window_costs
     from specserve.engine.loop import Generation
-    from specserve.engine.policy import FixedK
     from specserve.engine.target import LocalTarget
     from specserve.models.tokenizer import Tokenizer
 
@@ -45,12 +44,9 @@ def _serve(conn, kind: str, model_path: str, n_ctx: int, flash_attn: bool) -> No
             target = LocalTarget(model.new_sequence())
             generation = Generation(
                 target=target,
-                token_bytes=tokenizer.decode_bytes,
-                stop_ids=tokenizer.stop_ids,
+                tokenizer=tokenizer,
                 prompt=ids,
                 params=params,
-                proposer=None,
-                policy=FixedK(0),
             )
             conn.send(run_generation(generation))
 

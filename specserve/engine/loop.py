@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from specserve.config import PREFILL_CHUNK
-from specserve.engine.model import ContextOverflowError
-from specserve.engine.policy import DraftLengthPolicy, WindowRecord
+from specserve.engine.model import ContextOverflowError, TokenText
+from specserve.engine.policy import DraftLengthPolicy, FixedK, WindowRecord
 from specserve.engine.proposers import DraftRequest, Proposal, Proposer, propose_batch
 from specserve.engine.sampling import SamplingParams, TokenLogprob
 from specserve.engine.stats import GenerationStats
@@ -41,6 +41,7 @@ from specserve.engine.verify import ToleranceController, Verdict
 
 # Prompt tokens go in chunks of PREFILL_CHUNK per pass: a fixed size (not one that depends on who else is
 # running) keeps a request's numerics the same alone or batched, and bounds how long a new prompt stalls others.
+PLAIN_DECODING = FixedK(0)  # the policy of a generation without a drafter (stateless: shared)
 log = logging.getLogger("specserve.loop")
 
 
@@ -125,23 +126,23 @@ class Generation:
         self,
         *,
         target: TargetSession,
-        token_bytes: Callable[[list[int]], bytes],
-        stop_ids: frozenset[int],
+        tokenizer: TokenText,
         prompt: list[int],
         params: SamplingParams,
-        proposer: Proposer | None,
-        policy: DraftLengthPolicy,
+        proposer: Proposer | None = None,
+        policy: DraftLengthPolicy = PLAIN_DECODING,
         cached_prefix: int = 0,
         tolerance: ToleranceController | None = None,
         logprobs: int | None = None,
     ):
-        """`cached_prefix`: this many prompt tokens are already in the target's cache (prefix reuse);
-        otherwise the target session is reset first. Proposers sync themselves to the context.
-        `policy`: the draft length per window (engine/policy.py), shared by a runtime's generations so that
-        concurrent ones are planned as one batch. `tolerance`: lossy opt-in verification with a fixed
-        delta, or one a controller calibrates online. `logprobs`: report each emitted token's log-probability
-        under the target with this many most likely alternatives (None: none); speculation does not change
-        them, since the rows that verify a window are the rows plain decoding would compute."""
+        """Without a `proposer` it is plain decoding. `cached_prefix`: this many prompt tokens are already in
+        the target's cache (prefix reuse); otherwise the target session is reset first. Proposers sync
+        themselves to the context. `policy`: the draft length per window (engine/policy.py), shared by a
+        runtime's generations so that concurrent ones are planned as one batch. `tolerance`: lossy opt-in
+        verification with a fixed delta, or one a controller calibrates online. `logprobs`: report each
+        emitted token's log-probability under the target with this many most likely alternatives (None:
+        none); speculation does not change them, since the rows that verify a window are the rows plain
+        decoding would compute."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= target.n_ctx:
@@ -154,12 +155,12 @@ class Generation:
         self.policy = policy
         self.proposer = proposer if policy.k_max > 0 else None
         self.draft_state = policy.start(self.proposer.name, params.greedy) if self.proposer is not None else None
-        self.stop_ids = stop_ids
+        self.stop_ids = tokenizer.stop_ids
         self.tokens: list[int] = []  # emitted tokens
         self.context = list(prompt)  # prompt + emitted tokens
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.finish_reason: str | None = None
-        self._text = TextStream(token_bytes, params.stop)
+        self._text = TextStream(tokenizer.decode_bytes, params.stop)
         self._rng = np.random.default_rng(params.seed)
         self._start: float | None = None
         self._prefilled = cached_prefix  # prompt tokens in the target's KV cache

@@ -70,5 +70,14 @@ class Sequence(Protocol):
         ...
 
 
+class TokenText(Protocol):
+    """What a generation needs of a tokenizer: each token's bytes (text is decoded from them incrementally,
+    so a character split across tokens comes out whole) and the tokens that end a reply."""
+
+    stop_ids: frozenset[int]
+
+    def decode_bytes(self, ids: list[int]) -> bytes: ...
+
+
 class ContextOverflowError(ValueError):
     """More tokens than the model's context window."""

@@ -683,7 +683,6 @@ def test_one_trace_spans_the_frontend_and_the_verifier_which_has_its_own_metrics
 @pytest.mark.small_model
 def test_tls_with_a_ca_and_a_remote_generation(smollm2_path, tls_files):
     from specserve.engine.loop import Generation
-    from specserve.engine.policy import FixedK
     from specserve.models.tokenizer import Tokenizer
 
     cert, key = tls_files
@@ -700,12 +699,9 @@ def test_tls_with_a_ca_and_a_remote_generation(smollm2_path, tls_files):
         remote = RemoteTarget(pool)
         generation = Generation(
             target=remote,
-            token_bytes=tokenizer.decode_bytes,
-            stop_ids=tokenizer.stop_ids,
+            tokenizer=tokenizer,
             prompt=prompt,
             params=params,
-            proposer=None,
-            policy=FixedK(0),
         )
         for _ in generation:
             pass

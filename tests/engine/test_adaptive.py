@@ -113,8 +113,7 @@ def test_adaptive_k_falls_to_zero_and_output_stays_the_targets(runtime):
     tokenizer = runtime.tokenizer
     generation = Generation(
         target=target,
-        token_bytes=tokenizer.decode_bytes,
-        stop_ids=tokenizer.stop_ids,
+        tokenizer=tokenizer,
         prompt=ids,
         params=params,
         proposer=wrong,

@@ -2,12 +2,12 @@
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from specserve.engine.loop import Generation
 from specserve.engine.model import ContextOverflowError
-from specserve.engine.policy import FixedK
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.target import LocalTarget
 
@@ -76,12 +76,9 @@ def test_generation_ends_at_the_context_limit(runtime):
     ids = runtime.tokenizer.encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
     generation = Generation(
         target=LocalTarget(small.new_sequence()),
-        token_bytes=runtime.tokenizer.decode_bytes,
-        stop_ids=frozenset(),
+        tokenizer=SimpleNamespace(decode_bytes=runtime.tokenizer.decode_bytes, stop_ids=frozenset()),  # no EOS
         prompt=ids,
         params=SamplingParams(max_tokens=500),
-        proposer=None,
-        policy=FixedK(0),
     )
     list(generation)
     assert generation.finish_reason == "length"
@@ -130,12 +127,9 @@ def test_prefix_reuse_is_exact_and_skips_the_shared_prompt(runtime):
     target = LocalTarget(runtime.target.new_sequence())
     fresh = Generation(
         target=target,
-        token_bytes=runtime.tokenizer.decode_bytes,
-        stop_ids=runtime.tokenizer.stop_ids,
+        tokenizer=runtime.tokenizer,
         prompt=ids,
         params=params,
-        proposer=None,
-        policy=FixedK(0),
     )
     list(fresh)
     assert fresh.stats.prefix_reused == 0 and fresh.tokens == reused.tokens

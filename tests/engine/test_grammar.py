@@ -6,6 +6,7 @@ is accepted, and the first token's distribution is the target's masked one. On t
 output under a schema is the same with and without speculation, and validates."""
 
 import json
+from types import SimpleNamespace
 
 import jsonschema
 import numpy as np
@@ -40,8 +41,7 @@ def generate(grammar: str, proposer, k: int, seed: int, temperature: float = 1.0
     params = SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens)
     generation = Generation(
         target=LocalTarget(TableModel().new_sequence()),
-        token_bytes=lambda ids: b"".join(PIECES[i] for i in ids),
-        stop_ids=frozenset({4}),
+        tokenizer=SimpleNamespace(decode_bytes=lambda ids: b"".join(PIECES[i] for i in ids), stop_ids=frozenset({4})),
         prompt=[3],
         params=SamplingParams(**{**params.__dict__, "grammar": Grammar(TOKENIZER, grammar)}),
         proposer=proposer,

@@ -5,6 +5,8 @@ of the backend protocol), a draft whose penalties saw the same history as the ta
 every draft token is accepted, greedy or sampled. A draft that penalized a different history (missing its
 own drafted tokens, or counting the prompt) would have some rejected."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -22,8 +24,7 @@ def generate(proposer_factory, k: int, **params) -> Generation:
     draft = proposer_factory()
     generation = Generation(
         target=LocalTarget(TableModel().new_sequence()),
-        token_bytes=lambda ids: bytes(ids),
-        stop_ids=frozenset(),
+        tokenizer=SimpleNamespace(decode_bytes=bytes, stop_ids=frozenset()),
         prompt=[0, 1, 1, 2],
         params=SamplingParams(max_tokens=40, seed=3, **params),
         proposer=draft,
