@@ -176,72 +176,87 @@ def logprobs_body(chat: bool, entries: list[TokenLogprob], token_bytes: TokenByt
     return chat_logprobs(entries, token_bytes) if chat else completion_logprobs(entries, token_bytes, offset)
 
 
-def choice(
-    chat: bool,
-    text: str | None,
-    finish: str | None,
-    delta: bool,
-    logprobs: dict | None = None,
-    tool_calls: list[ToolCall] = (),
-) -> dict:
-    if not chat:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
-    if tool_calls and finish is not None:
-        finish = "tool_calls"
-    if delta:
-        content = {"content": text} if text else {}
-        calls = {"tool_calls": [c.body(index) for index, c in enumerate(tool_calls)]} if tool_calls else {}
-        body = {"index": 0, "delta": content | calls, "finish_reason": finish}
-    else:
-        message = {"role": "assistant", "content": text}
-        if tool_calls:
-            message["tool_calls"] = [c.body() for c in tool_calls]
-        body = {"index": 0, "message": message, "finish_reason": finish}
+@dataclass(frozen=True, kw_only=True)
+class ReplyFormat:
+    """How one request's reply is written: its head (id, created, model), as chat or as a (legacy)
+    completion, with logprobs (`token_bytes`, when the request asked for them) and tool calls (`tools`, when
+    it offered tools: tools.py)."""
+
+    head: dict
+    chat: bool
+    token_bytes: TokenBytes | None = None
+    tools: bool = False
+
+
+def _completion_choice(text: str | None, finish: str | None, logprobs: dict | None) -> dict:
+    return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+
+def _with_logprobs(body: dict, logprobs: dict | None) -> dict:
     return body | ({"logprobs": logprobs} if logprobs is not None else {})
 
 
-def completion(
-    head: dict, chat: bool, pieces: list[Piece], done: Finished, token_bytes: TokenBytes | None, tools: bool = False
+def message_choice(
+    chat: bool, text: str | None, finish: str | None, logprobs: dict | None, tool_calls: list[ToolCall]
 ) -> dict:
-    """The body of a non-streaming reply; `token_bytes` when the request asked for logprobs, `tools` when
-    the reply may hold tool calls (tools.py)."""
+    """`choices[0]` of a whole reply."""
+    if not chat:
+        return _completion_choice(text, finish, logprobs)
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = [c.body() for c in tool_calls]
+        finish = "tool_calls" if finish is not None else finish
+    return _with_logprobs({"index": 0, "message": message, "finish_reason": finish}, logprobs)
+
+
+def delta_choice(
+    chat: bool, text: str | None, finish: str | None, logprobs: dict | None = None, tool_calls: list[ToolCall] = ()
+) -> dict:
+    """`choices[0]` of one streamed chunk."""
+    if not chat:
+        return _completion_choice(text, finish, logprobs)
+    content = {"content": text} if text else {}
+    calls = {"tool_calls": [c.body(index) for index, c in enumerate(tool_calls)]} if tool_calls else {}
+    if tool_calls and finish is not None:
+        finish = "tool_calls"
+    return _with_logprobs({"index": 0, "delta": content | calls, "finish_reason": finish}, logprobs)
+
+
+def completion(reply: ReplyFormat, pieces: list[Piece], done: Finished) -> dict:
+    """The body of a non-streaming reply."""
     text: str | None = "".join(p.text for p in pieces)
     calls: list[ToolCall] = []
-    if tools:
+    if reply.tools:
         text, calls = parse_tool_calls(text)
     logprobs = None
-    if token_bytes is not None:
-        logprobs = logprobs_body(chat, [e for p in pieces for e in p.logprobs], token_bytes)
+    if reply.token_bytes is not None:
+        logprobs = logprobs_body(reply.chat, [e for p in pieces for e in p.logprobs], reply.token_bytes)
     return {
-        **head,
-        "object": "chat.completion" if chat else "text_completion",
-        "choices": [choice(chat, text, done.finish_reason, delta=False, logprobs=logprobs, tool_calls=calls)],
+        **reply.head,
+        "object": "chat.completion" if reply.chat else "text_completion",
+        "choices": [message_choice(reply.chat, text, done.finish_reason, logprobs, calls)],
         "usage": usage(done.prompt_tokens, done.completion_tokens),
         "speculative": done.speculative,
     }
 
 
 def sse_chunk(
-    head: dict,
-    chat: bool,
-    event: Piece | Finished | None,
-    token_bytes: TokenBytes | None = None,
-    offset: int = 0,
-    tool_calls: list[ToolCall] = (),
+    reply: ReplyFormat, event: Piece | Finished | None, offset: int = 0, tool_calls: list[ToolCall] = ()
 ) -> str:
     """One Server-Sent Event: a text piece, the final chunk (with usage, and the reply's tool calls), or
-    (None) chat's opening role chunk. `token_bytes` when the request asked for logprobs; `offset`: the
-    piece's place in the text (completions)."""
-    body = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    (None) chat's opening role chunk. `offset`: the piece's place in the text (completions)."""
+    chat = reply.chat
+    body = {**reply.head, "object": "chat.completion.chunk" if chat else "text_completion"}
     if event is None:
         body["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
     elif isinstance(event, Finished):
-        body["choices"] = [choice(chat, "", event.finish_reason, delta=True, tool_calls=tool_calls)]
+        body["choices"] = [delta_choice(chat, "", event.finish_reason, tool_calls=tool_calls)]
         body["usage"] = usage(event.prompt_tokens, event.completion_tokens)
         body["speculative"] = event.speculative
     else:
+        token_bytes = reply.token_bytes
         logprobs = logprobs_body(chat, list(event.logprobs), token_bytes, offset) if token_bytes else None
-        body["choices"] = [choice(chat, event.text, None, delta=True, logprobs=logprobs)]
+        body["choices"] = [delta_choice(chat, event.text, None, logprobs)]
         if event.origin is not None:
             body["specserve"] = {"token": asdict(event.origin)}
     return f"data: {json.dumps(body)}\n\n"

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from specserve import SpecserveError
 
+REDIS_CONNECT_TIMEOUT_S, REDIS_OP_TIMEOUT_S = 0.5, 1.0  # short: a dead or slow Redis is a miss, not a wait
 log = logging.getLogger("specserve.cache")
 
 KEY_VERSION = 1  # bump when the key payload or CachedResponse format changes, to orphan old entries
@@ -206,8 +207,6 @@ class RedisCache(_Counters):
         ttl_s: float = 3600,
         prefix: str = "specserve:resp:",
         *,
-        connect_timeout_s: float = 0.5,
-        op_timeout_s: float = 1.0,
         retry_after_s: float = 30.0,
         on_lookup: Callable[[bool], None] | None = None,
     ) -> None:
@@ -225,8 +224,8 @@ class RedisCache(_Counters):
         self.errors = 0  # failed Redis operations (connection, timeout, protocol, bad payload)
         self._client = redis.Redis.from_url(
             url,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=op_timeout_s,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=REDIS_OP_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),  # fail fast: we fall back to a miss, not to waiting
             health_check_interval=0,
         )

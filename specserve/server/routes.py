@@ -102,7 +102,7 @@ async def models(request: Request) -> dict:
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     ids = state.ready().encode_prompt(prompt=body.prompt)
-    return await _answer(state, "completions", request, body, ids, chat=False)
+    return await _answer(state, request, body, ids)
 
 
 @router.post("/v1/chat/completions", responses=_COMPLETION)
@@ -115,25 +115,30 @@ async def chat_completions(body: ChatRequest, request: Request):
         ids = state.ready().encode_prompt(messages=messages, tools=body.offered_tools)
     except (SpecserveError, ValueError) as exc:
         raise ApiError(400, str(exc), "messages") from None
-    return await _answer(state, "chat", request, body, ids, chat=True)
+    return await _answer(state, request, body, ids)
 
 
-async def _answer(state: ServerState, endpoint: str, request: Request, body: CompletionParams, ids, chat: bool):
-    events = await state.events(endpoint, request, body, ids)
+async def _answer(state: ServerState, request: Request, body: CompletionParams, ids: list[int]):
+    chat = isinstance(body, ChatRequest)
+    events = await state.events("chat" if chat else "completions", request, body, ids)
     runtime = state.ready()
-    head = fmt.response_head(chat, runtime.target_name)
     token_bytes = None
     if body.logprob_count() is not None:
         token_bytes = functools.partial(_token_bytes, runtime)
-    tools = isinstance(body, ChatRequest) and body.offered_tools is not None  # the reply may call them
+    reply = fmt.ReplyFormat(
+        head=fmt.response_head(chat, runtime.target_name),
+        chat=chat,
+        token_bytes=token_bytes,
+        tools=chat and body.offered_tools is not None,  # the reply may call them
+    )
     if body.stream:
-        stream = _sse(head, chat, events, token_bytes, StreamSplit() if tools else None)
+        stream = _sse(reply, events)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     pieces = []
     async with aclosing(events):  # leaving early closes it, which cancels the job
         async for event in events:
             if isinstance(event, Finished):
-                return fmt.completion(head, chat, pieces, event, token_bytes, tools)
+                return fmt.completion(reply, pieces, event)
             pieces.append(event)
     raise ApiError(499, "client closed the request")
 
@@ -142,16 +147,11 @@ def _token_bytes(runtime, token: int) -> bytes:
     return runtime.tokenizer.decode_bytes([token])
 
 
-async def _sse(
-    head: dict,
-    chat: bool,
-    events: AsyncIterator[Event],
-    token_bytes: fmt.TokenBytes | None,
-    calls: StreamSplit | None,
-) -> AsyncIterator[str]:
-    """`calls`: the reply may hold tool calls: its text streams until one begins, the calls come last."""
-    if chat:
-        yield fmt.sse_chunk(head, chat, None)
+async def _sse(reply: fmt.ReplyFormat, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+    """A reply that may hold tool calls streams its text until one begins; the calls come last."""
+    calls = StreamSplit() if reply.tools else None
+    if reply.chat:
+        yield fmt.sse_chunk(reply, None)
     offset = 0  # where the next piece starts in the text (completions' text_offset)
     try:
         async with aclosing(events):  # a client that disconnects cancels the job
@@ -159,12 +159,12 @@ async def _sse(
                 if calls is not None and isinstance(event, Finished):
                     rest, tool_calls = calls.finish()
                     if rest:
-                        yield fmt.sse_chunk(head, chat, fmt.Piece(rest), token_bytes)
-                    yield fmt.sse_chunk(head, chat, event, tool_calls=tool_calls)
+                        yield fmt.sse_chunk(reply, fmt.Piece(rest))
+                    yield fmt.sse_chunk(reply, event, tool_calls=tool_calls)
                     continue
                 if calls is not None:
                     event = dataclasses.replace(event, text=calls.push(event.text))
-                yield fmt.sse_chunk(head, chat, event, token_bytes, offset)
+                yield fmt.sse_chunk(reply, event, offset)
                 offset += len(event.text) if isinstance(event, fmt.Piece) else 0
     except ApiError as exc:  # the headers are gone: report in-band
         yield fmt.sse_error(exc)
