@@ -229,18 +229,19 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         verifier_wait_s=math.inf,
     )
     return ServerConfig(
-        engine,
-        args.host,
-        args.port,
-        args.max_batch,
-        args.max_queue,
-        args.cache_url,
+        engine=engine,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        cache_url=args.cache_url,
         api_key=args.api_key or None,
         metrics_need_key=args.metrics_need_key,
         request_timeout_s=args.request_timeout,
         shutdown_grace_s=args.shutdown_grace,
         stream_buffer=args.stream_buffer,
         speculation=args.speculation,
+        stay_up_on_failure=args.stay_up_on_failure,
     )
 
 
@@ -254,7 +255,7 @@ def cmd_verifier(args: argparse.Namespace) -> int:
     from specserve.cluster.service import serve_verifier
 
     config = VerifierConfig(
-        engine_config(args, with_draft=False),
+        engine=engine_config(args, with_draft=False),
         listen=args.listen,
         max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_timeout,
@@ -270,9 +271,9 @@ def cmd_ray(args: argparse.Namespace) -> int:
     from specserve.cluster import ray_deploy
 
     if args.action == "up":
-        verifier = VerifierConfig(engine_config(args, with_draft=False), auth_token=args.auth_token or None)
+        verifier = VerifierConfig(engine=engine_config(args, with_draft=False), auth_token=args.auth_token or None)
         engine = engine_config(args, auth_token=args.auth_token or None, verifier_wait_s=math.inf)
-        return ray_deploy.ray_up(args, verifier, ServerConfig(engine, args.host, args.port))
+        return ray_deploy.ray_up(args, verifier, ServerConfig(engine=engine, host=args.host, port=args.port))
     return {"status": ray_deploy.ray_status, "down": ray_deploy.ray_down}[args.action](args)
 
 
@@ -515,6 +516,12 @@ def _serve_parser(sub: SubParsers) -> None:
         help="require `Authorization: Bearer KEY` on every /v1 route (env SPECSERVE_API_KEY; /health stays open)",
     )
     serve.add_argument("--metrics-need-key", action="store_true", help="with --api-key: /metrics requires it too")
+    serve.add_argument(
+        "--stay-up-on-failure",
+        action="store_true",
+        help="when the models fail to load, keep answering /health with the reason (for a supervisor) instead "
+        "of exiting 1",
+    )
     serve.add_argument(
         "--draft-cache",
         choices=DRAFT_CACHES,

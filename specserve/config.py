@@ -58,7 +58,7 @@ def check_tolerance(delta: float, target_acceptance: float | None) -> None:
         raise SpecserveError(f"tolerance target acceptance must be in (0, 1], got {target_acceptance}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     """The models, their backends and the draft length: what a runtime loads and how it drafts."""
 
@@ -95,7 +95,7 @@ class EngineConfig:
         return REMOTE_K_MAX if self.verifiers else K_MAX
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"
@@ -109,13 +109,16 @@ class ServerConfig:
     shutdown_grace_s: float = SERVER_SHUTDOWN_GRACE_S  # on SIGTERM: how long running requests may finish
     stream_buffer: int = STREAM_BUFFER_STEPS  # a client this far behind its stream is not reading: cancel it
     speculation: str = DEFAULT_SPECULATION  # the method of requests that name none
+    # A failed model load ends the process (exit 1) unless this asks it to stay up answering /health "failed"
+    # (for supervisors that read the reason there rather than in the log).
+    stay_up_on_failure: bool = False
 
     def __post_init__(self) -> None:
         if self.speculation not in METHODS:
             raise SpecserveError(f"unknown speculation method {self.speculation!r}; choose one of {', '.join(METHODS)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VerifierConfig:
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(draft=None))
     listen: str = "127.0.0.1:50051"

@@ -18,7 +18,16 @@ from pathlib import Path
 from specserve import SpecserveError
 from specserve.backends import load_backend
 from specserve.backends.choose import Choice, choose, exact_prefix, exact_window_sizes, measured_while_busy
-from specserve.config import K_MAX, METHODS, MODEL_METHODS, PREFILL_CHUNK, REMOTE_K_MAX, REMOTE_Q_TOP_K, EngineConfig
+from specserve.config import (
+    DEFAULT_DRAFT_SPEC,
+    K_MAX,
+    METHODS,
+    MODEL_METHODS,
+    PREFILL_CHUNK,
+    REMOTE_K_MAX,
+    REMOTE_Q_TOP_K,
+    EngineConfig,
+)
 from specserve.engine.costs import CALIBRATION_TEXT, DRAFT_ROWS, CostModel, PassCost, calibrate, measure_rows
 from specserve.engine.grammar import Grammar
 from specserve.engine.loop import PLAIN_DECODING, Generation
@@ -30,7 +39,7 @@ from specserve.engine.sampling import SamplingParams
 from specserve.engine.suffix import SuffixCache, SuffixCascade, SuffixProposer
 from specserve.engine.target import LocalTarget, TargetSession
 from specserve.engine.verify import ToleranceController
-from specserve.models.fetch import resolve_model
+from specserve.models.fetch import ModelError, resolve_model
 from specserve.models.quantize import resolve_draft_spec
 from specserve.models.tokenizer import Tokenizer, check_compatible
 
@@ -228,7 +237,14 @@ class LocalRuntime(Runtime):
         draft_path = None
         if config.draft:
             draft_path = resolve_draft_spec(config.draft, config.target, show_progress)
-            check_compatible(self.tokenizer, Tokenizer(draft_path))
+            try:
+                check_compatible(self.tokenizer, Tokenizer(draft_path))
+            except ModelError as exc:
+                if config.draft != DEFAULT_DRAFT_SPEC:  # a draft asked for by name: its mismatch is an error
+                    raise
+                # the default draft beside a target of another family: draft without a model instead
+                log.warning("%s: drafting with the model-free drafters only (--draft names one for this target)", exc)
+                draft_path = None
         self.choice = None
         if (target is None and config.target_backend == "auto") or (draft_path and config.draft_backend == "auto"):
             self.choice = choose(target_path, draft_path, K_MAX, show_progress)

@@ -52,7 +52,10 @@ def read_config(reader: gguf.GGUFReader, backend: str) -> Qwen2Config:
 
     arch = field("general.architecture")
     if arch != "qwen2":
-        raise ModelError(f"the {backend} backend runs qwen2 models; this file is {arch!r} (use llama.cpp)")
+        raise ModelError(
+            f"the {backend} backend runs qwen2 models and {Path(reader.data.filename).name} is {arch!r}: "
+            "run it with --target-backend llama.cpp (or --draft-backend llama.cpp)"
+        )
     return Qwen2Config(
         n_layers=int(field("qwen2.block_count")),
         d_model=int(field("qwen2.embedding_length")),

@@ -85,7 +85,11 @@ def q4_source(model_path: Path, tile: int, show_progress: bool = True) -> Path:
     requantization. Reading a GGUF's metadata takes seconds (its vocabulary), so a packed file is not opened."""
     from specserve.models.quantize import quantized_model
 
-    if _packed_path(model_path, tile).is_file() or runs_as_is(gguf.GGUFReader(str(model_path))):
+    if _packed_path(model_path, tile).is_file():
+        return model_path
+    reader = gguf.GGUFReader(str(model_path))
+    read_config(reader, "torch-q4")  # a model the backend cannot run fails here, not after a requantization
+    if runs_as_is(reader):
         return model_path
     return quantized_model(model_path, HEAD_AND_BODY, show_progress)
 

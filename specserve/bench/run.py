@@ -40,7 +40,7 @@ from specserve.runtime import LocalRuntime
 SAMPLED_TEMPERATURE = 0.8
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchConfig:
     """One column of the comparison: a decoding method on the bench's runtime, or plain decoding in a worker."""
 
@@ -142,8 +142,8 @@ def _configs(args: argparse.Namespace, runtime: LocalRuntime, workers: dict[str,
     target = runtime.target.name
     target_mem = runtime.target.memory_bytes()
     baselines = [
-        BenchConfig(label, worker=worker, target_memory=worker.memory) for label, worker in workers.items()
-    ] + [BenchConfig(f"target-only {target}", target_memory=target_mem)]
+        BenchConfig(label=label, worker=worker, target_memory=worker.memory) for label, worker in workers.items()
+    ] + [BenchConfig(label=f"target-only {target}", target_memory=target_mem)]
 
     def speculative(method: str, k: int | str, rt: LocalRuntime, tolerance: float | None = None) -> BenchConfig:
         drafter = {
@@ -155,7 +155,15 @@ def _configs(args: argparse.Namespace, runtime: LocalRuntime, workers: dict[str,
         lossy = f", tolerance delta={tolerance:g} (lossy)" if tolerance is not None else ""
         label = f"spec {target} + {drafter} k={k}{lossy}"
         draft_mem = rt.draft.memory_bytes() if method in MODEL_METHODS else 0
-        return BenchConfig(label, method, k, None, rt, target_mem, draft_mem, tolerance)
+        return BenchConfig(
+            label=label,
+            method=method,
+            k=k,
+            runtime=rt,
+            target_memory=target_mem,
+            draft_memory=draft_mem,
+            tolerance=tolerance,
+        )
 
     if args.table == "seed":
         console.print("loading the seed table's drafts ...")
@@ -184,7 +192,7 @@ def _configs(args: argparse.Namespace, runtime: LocalRuntime, workers: dict[str,
     configs += [speculative("draft", args.k, runtime, tolerance=delta) for delta in args.tolerance]
     if args.constrained:  # what a grammar costs, and what speculation still buys under one
         json_object = json_schema_grammar({"type": "object"})
-        plain = BenchConfig(f"target-only {target}, JSON grammar", target_memory=target_mem, grammar=json_object)
+        plain = BenchConfig(label=f"target-only {target}, JSON grammar", target_memory=target_mem, grammar=json_object)
         row = speculative("draft", args.k, runtime)
         configs += [plain, dataclasses.replace(row, label=f"{row.label}, JSON grammar", grammar=json_object)]
     return configs

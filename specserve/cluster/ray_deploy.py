@@ -23,6 +23,7 @@ from specserve.config import ServerConfig, VerifierConfig
 
 NAMESPACE = "specserve"
 FRONTEND = "frontend"
+RAY_CONNECT_TIMEOUT_S = 5.0  # a GCS that does not take a TCP connection by then is not there
 
 
 def _replica_name(i: int) -> str:
@@ -68,10 +69,33 @@ def _connect(address: str):
     repo = str(Path(__file__).resolve().parents[2])  # this checkout, importable by the actors' workers
     env = {"PYTHONPATH": repo, "OMP_WAIT_POLICY": "PASSIVE"}
     try:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env={"env_vars": env}, log_to_driver=False)
+        live = _live_address(address)
+        ray.init(address=live, namespace=NAMESPACE, runtime_env={"env_vars": env}, log_to_driver=False)
     except ConnectionError as exc:
         raise SpecserveError(f"no Ray cluster at {address!r}: {exc}") from None
     return ray
+
+
+def _live_address(address: str) -> str:
+    """The GCS address `address` stands for ("auto": RAY_ADDRESS, else the cluster last started on this
+    machine), once it answers: `ray.init` retries a dead one for ten minutes, as it does for the address a
+    stopped cluster left in /tmp/ray/ray_current_cluster."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    fix = "start one with `ray start --head`, or name one with --address HOST:PORT"
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as exc:
+        raise SpecserveError(f"no Ray cluster at {address!r} ({exc}): {fix}") from None
+    if resolved is None:
+        raise SpecserveError(f"no Ray cluster at {address!r}: {fix}")
+    host, port = resolved.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        found = "" if address != "auto" else " (the address of the cluster last started here)"
+        raise SpecserveError(f"no Ray cluster answers at {resolved}{found}: {exc.strerror or exc}; {fix}") from None
+    return resolved
 
 
 def _free_port(host: str) -> int:

@@ -11,6 +11,7 @@ import hmac
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -165,5 +166,11 @@ def serve(config: ServerConfig) -> int:
     # rather than after its whole reply, so the scheduler's stream buffer (`--stream-buffer`) sees it and
     # cancels it. A stream needs ~10 KB/s.
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-    _DrainingServer(options, app.state.server, config.shutdown_grace_s).run(sockets=[listener])
+    state: ServerState = app.state.server
+    server = _DrainingServer(options, state, config.shutdown_grace_s)
+    state.on_load_failure = functools.partial(setattr, server, "should_exit", True)
+    server.run(sockets=[listener])
+    if state.load_error is not None and not config.stay_up_on_failure:
+        print(f"specserve: error: loading the models failed: {state.load_error}", file=sys.stderr)
+        return 1
     return 0

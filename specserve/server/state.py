@@ -82,6 +82,7 @@ class ServerState:
         self.load_error: str | None = None
         self.load_status: str | None = None  # what loading waits for, as the factory reports it
         self.scheduler: Scheduler | None = None
+        self.on_load_failure: Callable[[], None] | None = None  # what ends the server (`app.serve` sets it)
         self.tracer = trace.get_tracer("specserve")
 
     def start(self) -> None:
@@ -97,9 +98,18 @@ class ServerState:
     def _load(self) -> None:
         try:
             self.runtime = self._factory(self._report)
-        except Exception as exc:  # reported by /health; the process stays up to say why
+        except SpecserveError as exc:  # a reason said in one line: a missing file, a model a backend cannot run
+            log.error("loading the models failed: %s", exc)
+            self._failed(str(exc))
+        except Exception as exc:
             log.exception("loading the models failed")
-            self.load_error = str(exc)
+            self._failed(str(exc))
+
+    def _failed(self, error: str) -> None:
+        """/health says why from now on; unless the config asks to stay up, the server then ends."""
+        self.load_error = error
+        if self.on_load_failure is not None and not self.config.stay_up_on_failure:
+            self.on_load_failure()
 
     def _report(self, status: str) -> None:
         self.load_status = status

@@ -837,3 +837,26 @@ def test_ray_places_replicas_and_a_frontend_and_restarts_a_killed_replica(smollm
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        # `ray start` wrote this cluster's address for `auto` to find; stopped by signal, it leaves it behind
+        from ray._common.utils import read_ray_address, reset_ray_address
+
+        if (left := read_ray_address()) is not None and left.endswith(f":{gcs.split(':')[1]}"):
+            reset_ray_address()
+
+
+def test_ray_up_without_a_live_cluster_says_what_to_do_in_one_line(tmp_path):
+    """The address a stopped cluster left for `auto` to find (RAY_TMPDIR keeps this one away from the
+    machine's): `ray.init` would retry it for ten minutes."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "specserve.cli", "ray", "up", "--replicas", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,  # a hang's bound: the check itself takes a TCP connection attempt
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("specserve: error: no Ray cluster answers") and "ray start --head" in lines[0]

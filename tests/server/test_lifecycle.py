@@ -2,6 +2,9 @@
 The small SmolLM2 model on llama.cpp keeps it quick; what is tested is the server, not the model."""
 
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -9,11 +12,17 @@ import httpx
 import openai
 import pytest
 
-from tests.support.servers import start_server
+from tests.support.servers import start_server, stop_server
 
 pytestmark = pytest.mark.small_model
 SMALL = ("--target", "smollm2-135m", "--target-backend", "llama.cpp", "--draft", "none")
 TIMEOUT_S = 3.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -98,6 +107,57 @@ def test_a_client_that_stops_reading_is_cancelled_and_stalls_nobody(server, smol
     finally:
         reader.close()
     assert client(base).completions.create(model=None, prompt="Hi", max_tokens=4).usage.completion_tokens == 4
+
+
+def test_a_model_that_cannot_load_ends_the_server_with_one_line_that_names_the_fix(smollm2_path):
+    """Not under a supervisor, a server whose models fail to load exits 1 (here: a backend that does not run
+    the file's architecture) rather than answering 503 for ever."""
+    port = free_port()
+    command = [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--target", "smollm2-135m"]
+    command += ["--target-backend", "torch-q4", "--draft", "none"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("specserve: error:")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
+    assert "'llama'" in errors[0] and "--target-backend llama.cpp" in errors[0]
+    assert "Traceback" not in done.stderr  # a reason, not a stack
+
+
+def test_asked_to_stay_up_a_failed_server_says_why_on_health(smollm2_path):
+    proc, base, _ = start_server(
+        "--target",
+        "smollm2-135m",
+        "--target-backend",
+        "torch-q4",
+        "--draft",
+        "none",
+        "--stay-up-on-failure",
+        healthy=False,
+    )
+    try:
+        deadline = time.time() + 300
+        while (health := httpx.get(f"{base}/health")).json()["status"] == "loading" and time.time() < deadline:
+            time.sleep(0.25)
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert "--target-backend llama.cpp" in health.json()["error"] and proc.poll() is None
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.models  # the default draft (Qwen) beside a SmolLM2 target
+def test_a_target_of_another_family_without_a_draft_serves_with_a_model_free_drafter(smollm2_path):
+    proc, base, _ = start_server("--target", "smollm2-135m", "--target-backend", "llama.cpp")
+    try:
+        info = httpx.get(f"{base}/v1/specserve/info").json()
+        assert info["draft"] is None, info
+        reply = client(base).chat.completions.create(
+            model=None,
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=8,
+            extra_body={"speculation": {"method": "draft"}},  # asks for the draft model this server has not got
+        )
+        assert reply.usage.completion_tokens == 8 and reply.choices[0].message.content
+    finally:
+        stop_server(proc)
 
 
 @pytest.mark.parametrize("server", [("--shutdown-grace", "120")], indirect=True)
