@@ -243,7 +243,7 @@ class LocalRuntime(Runtime):
                 if config.draft != DEFAULT_DRAFT_SPEC:  # a draft asked for by name: its mismatch is an error
                     raise
                 # the default draft beside a target of another family: draft without a model instead
-                log.warning("%s: drafting with the model-free drafters only (--draft names one for this target)", exc)
+                log.warning("the default draft cannot draft for this target, which drafts model-free: %s", exc)
                 draft_path = None
         self.choice = None
         if (target is None and config.target_backend == "auto") or (draft_path and config.draft_backend == "auto"):

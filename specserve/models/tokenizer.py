@@ -108,14 +108,18 @@ def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, **_) -
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
 
 
+_PAIR_FIX = "give --draft a model of the target's family (or self:Q4_0, the target requantized), or --draft none"
+
+
 def check_compatible(target: Tokenizer, draft: Tokenizer) -> None:
     """Speculation compares token ids, so draft and target must share a vocabulary exactly."""
     if target.n_vocab != draft.n_vocab:
         raise ModelError(
             f"draft {draft.path.name} and target {target.path.name} have different tokenizers "
-            f"(vocab sizes {draft.n_vocab} vs {target.n_vocab})"
+            f"(vocab sizes {draft.n_vocab} vs {target.n_vocab}): {_PAIR_FIX}"
         )
     if target.fingerprint != draft.fingerprint:
         raise ModelError(
-            f"draft {draft.path.name} and target {target.path.name} have different tokenizers (token strings differ)"
+            f"draft {draft.path.name} and target {target.path.name} have different tokenizers (token strings "
+            f"differ): {_PAIR_FIX}"
         )
