@@ -273,7 +273,9 @@ def cmd_ray(args: argparse.Namespace) -> int:
     if args.action == "up":
         verifier = VerifierConfig(engine=engine_config(args, with_draft=False), auth_token=args.auth_token or None)
         engine = engine_config(args, auth_token=args.auth_token or None, verifier_wait_s=math.inf)
-        return ray_deploy.ray_up(args, verifier, ServerConfig(engine=engine, host=args.host, port=args.port))
+        # under Ray the front-end actor stays up on a failed load: its /health says why
+        frontend = ServerConfig(engine=engine, host=args.host, port=args.port, stay_up_on_failure=True)
+        return ray_deploy.ray_up(args, verifier, frontend)
     return {"status": ray_deploy.ray_status, "down": ray_deploy.ray_down}[args.action](args)
 
 

@@ -39,9 +39,9 @@ from specserve.engine.stops import TextStream
 from specserve.engine.target import TargetSession, Window, run_windows
 from specserve.engine.verify import ToleranceController, Verdict
 
+PLAIN_DECODING = FixedK(0)  # the policy of a generation without a drafter (stateless: shared)
 # Prompt tokens go in chunks of PREFILL_CHUNK per pass: a fixed size (not one that depends on who else is
 # running) keeps a request's numerics the same alone or batched, and bounds how long a new prompt stalls others.
-PLAIN_DECODING = FixedK(0)  # the policy of a generation without a drafter (stateless: shared)
 log = logging.getLogger("specserve.loop")
 
 
