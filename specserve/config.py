@@ -64,7 +64,7 @@ class EngineConfig:
 
     target: str = DEFAULT_TARGET
     draft: str | None = DEFAULT_DRAFT_SPEC  # None: no draft model (n-gram or plain decoding only)
-    target_backend: str = "auto"  # auto: the fastest exact backend measured here (backends/choose.py)
+    target_backend: str = "auto"  # auto: the fastest exact backend measured here (backends/choose/)
     draft_backend: str = "auto"
     n_ctx: int = N_CTX
     k: int | str = "auto"

@@ -12,7 +12,7 @@ from specserve.engine.model import Model
 
 @on_compute_thread  # loading runs torch and llama.cpp ops: on the thread every pass runs on
 def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True) -> Model:
-    """A model on a backend by name (not `auto`: the runtime resolves that, see backends/choose.py). Each module is
+    """A model on a backend by name (not `auto`: the runtime resolves that, see backends/choose/). Each module is
     imported only when asked for: llama.cpp and torch take seconds to load."""
     if kind == "llama.cpp":
         from specserve.backends.llamacpp import LlamaCppBackend

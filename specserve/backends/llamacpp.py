@@ -4,7 +4,7 @@ One `llama_decode` appends a window and returns logits for every position in it;
 `llama_memory_seq_rm` from the kept length on. On 2 cores llama.cpp is compute-bound once a pass has several
 rows, so a window of k tokens costs far more than one (`specserve info` prints the table). Its kernels also
 change with the row count (repacked GEMMs take rows in groups of 4), so a window may round differently from
-single steps: which window sizes are exact is measured per machine and file (backends/choose.py), and
+single steps: which window sizes are exact is measured per machine and file (backends/choose/), and
 speculation stays within them.
 """
 
@@ -74,7 +74,7 @@ class LlamaCppBackend:
         flash_attn: bool = True,
     ):
         """`flash_attn`: llama.cpp's fused attention, which computes each row alike whatever the window
-        (without it, a 2-row window already rounds differently from two 1-row steps, see choose.py)."""
+        (without it, a 2-row window already rounds differently from two 1-row steps, see backends/choose/measure.py)."""
         threads = n_threads or os.cpu_count() or 1
         try:
             with quiet_stderr():

@@ -2,7 +2,7 @@
 
 FBGEMM's int8 GEMM (and oneDNN's, `torch-int8-onednn`) is efficient for many rows, so a verify window costs
 little more than one row; but its weights are 8 bits, so one row reads ~1.7x the bytes of a 4-bit file.
-Which of the backends wins depends on the machine: `auto` measures (backends/choose.py).
+Which of the backends wins depends on the machine: `auto` measures (backends/choose/).
 
 Exactness: a dynamic int8 linear picks one activation scale per *tensor*, so a row's result would depend on
 the other rows in the batch, and a verify window would round differently from one-token decoding. We pin

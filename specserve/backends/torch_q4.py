@@ -6,7 +6,7 @@ the very weights llama.cpp runs, reading as many bytes per token; activations ar
 quantizes them for each type (Q8_0 per 32 values, Q8_K per 256). A file with other types is requantized to
 Q4_0, LM head included (llama.cpp's quantize API, `models/quantize.py`): a slightly different model, whose
 agreement with the original `specserve bench` reports. `auto` may pick a Q4_0 requantization of a Q4_K_M
-file too, where it is enough faster (backends/choose.py).
+file too, where it is enough faster (backends/choose/).
 
 Every block's dot product is exact in int32 and the blocks are summed in a fixed order, so windows and
 concurrent sequences are bitwise what single tokens alone give.

@@ -24,7 +24,7 @@ class Model(Protocol):
         bool  # whether `Sequence.copy_prefix` can copy anything (else remembering sequences only pins memory)
     )
     # Whether every row's logits are independent of the other rows of its pass, by construction (else which
-    # window sizes are exact is measured: backends/choose.py)
+    # window sizes are exact is measured: backends/choose/)
     batch_invariant: bool
     # Whether `eval_batch` runs its sequences in one pass (its cost follows the total rows), or one after
     # another (the cost of each sequence's rows, added up): how the cost model prices a batch (engine/costs.py)
