@@ -838,7 +838,8 @@ def test_ray_places_replicas_and_a_frontend_and_restarts_a_killed_replica(smollm
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         # `ray start` wrote this cluster's address for `auto` to find; stopped by signal, it leaves it behind
-        from ray._common.utils import read_ray_address, reset_ray_address
+        from ray._common.utils import reset_ray_address
+        from ray._private.utils import read_ray_address
 
         if (left := read_ray_address()) is not None and left.endswith(f":{gcs.split(':')[1]}"):
             reset_ray_address()
