@@ -82,6 +82,9 @@ def _live_address(address: str) -> str:
     stopped cluster left in /tmp/ray/ray_current_cluster."""
     from ray._private.services import canonicalize_bootstrap_address
 
+    from_env = os.environ.get("RAY_ADDRESS", "") if address == "auto" else ""
+    if "://" in (from_env or address):
+        return address  # a Ray Client URL (ray://): ray.init connects to it and says what went wrong
     fix = "start one with `ray start --head`, or name one with --address HOST:PORT"
     try:
         resolved = canonicalize_bootstrap_address(address)
@@ -93,7 +96,8 @@ def _live_address(address: str) -> str:
     try:
         socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        found = "" if address != "auto" else " (the address of the cluster last started here)"
+        where = " (RAY_ADDRESS)" if from_env else " (where the last cluster started here was)"
+        found = where if address == "auto" else ""
         raise SpecserveError(f"no Ray cluster answers at {resolved}{found}: {exc.strerror or exc}; {fix}") from None
     return resolved
 
