@@ -252,7 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_verifier(args: argparse.Namespace) -> int:
-    from specserve.cluster.service import serve_verifier
+    from specserve.cluster.verifier.service import serve_verifier
 
     config = VerifierConfig(
         engine=engine_config(args, with_draft=False),

@@ -30,7 +30,7 @@ from specserve.config import (
 )
 from specserve.engine.costs import CALIBRATION_TEXT, DRAFT_ROWS, CostModel, PassCost, calibrate, measure_rows
 from specserve.engine.grammar import Grammar
-from specserve.engine.loop import PLAIN_DECODING, Generation
+from specserve.engine.loop import PLAIN_DECODING, Generation, Speculation
 from specserve.engine.model import Model
 from specserve.engine.policy import AdaptiveK, DraftLengthPolicy, FixedK
 from specserve.engine.prefix import PrefixCache
@@ -141,8 +141,8 @@ class Runtime(ABC):
     @abstractmethod
     def new_target_session(
         self, prompt_tokens: list[int], trace_context: dict[str, str] | None = None
-    ) -> tuple[TargetSession, int]:
-        """A fresh target session for a request, and how many prompt tokens it already holds.
+    ) -> TargetSession:
+        """A fresh target session for a request (holding the prompt's prefix when it can reuse one).
         `trace_context`: the request's W3C trace context, for a remote target's spans to join."""
 
     def generate(
@@ -177,17 +177,18 @@ class Runtime(ABC):
             raise SpecserveError("logprobs are reported by a local target only, not yet through --verifier")
         if grammar is not None:
             params = dataclasses.replace(params, grammar=Grammar(self.tokenizer.guidance, grammar))
-        target, reused = self.new_target_session(prompt_tokens, trace_context)
+        if logprobs is not None:
+            params = dataclasses.replace(params, logprobs=logprobs)
+        proposer = self._proposer(method, prompt_tokens, user)
+        speculation = None
+        if proposer is not None:
+            speculation = Speculation(proposer=proposer, policy=self.draft_length(method, k), tolerance=tolerance)
         return Generation(
-            target=target,
+            target=self.new_target_session(prompt_tokens, trace_context),
             tokenizer=self.tokenizer,
             prompt=prompt_tokens,
             params=params,
-            proposer=self._proposer(method, prompt_tokens, user),
-            policy=self.draft_length(method, k),
-            cached_prefix=reused,
-            tolerance=tolerance,
-            logprobs=logprobs,
+            speculation=speculation,
         )
 
     def suffix_scope(self, user: str | None) -> str | None:
@@ -305,13 +306,12 @@ class LocalRuntime(Runtime):
 
     def new_target_session(
         self, prompt_tokens: list[int], trace_context: dict[str, str] | None = None
-    ) -> tuple[TargetSession, int]:
+    ) -> TargetSession:
         sequence = self.target.new_sequence()  # each request has its own KV cache; concurrent ones batch together
-        reused = 0
         if self._target_prefixes is not None:  # reuse whole prefill chunks of an earlier prompt
-            reused = self._target_prefixes.fork(prompt_tokens, sequence)
+            self._target_prefixes.fork(prompt_tokens, sequence)
             self._target_prefixes.remember(prompt_tokens, sequence)
-        return LocalTarget(sequence), reused
+        return LocalTarget(sequence)
 
 
 class RemoteRuntime(Runtime):
@@ -327,7 +327,7 @@ class RemoteRuntime(Runtime):
     ):
         """`on_wait`: told why, while no verifier answers yet (for up to `config.verifier_wait_s`);
         `interceptors`: gRPC client interceptors on the verifiers' channels."""
-        from specserve.cluster.router import ClientOptions, VerifierPool
+        from specserve.cluster.client.router import ClientOptions, VerifierPool
 
         t0 = time.perf_counter()
         self.config = config
@@ -373,10 +373,10 @@ class RemoteRuntime(Runtime):
 
     def new_target_session(
         self, prompt_tokens: list[int], trace_context: dict[str, str] | None = None
-    ) -> tuple[TargetSession, int]:
-        from specserve.cluster.remote import RemoteTarget
+    ) -> TargetSession:
+        from specserve.cluster.client.remote import RemoteTarget
 
-        return RemoteTarget(self.pool, trace_context), 0
+        return RemoteTarget(self.pool, trace_context)
 
 
 def open_runtime(

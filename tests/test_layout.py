@@ -77,8 +77,22 @@ def test_the_check_sees_a_cycle_and_the_package_imports():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
     assert "specserve.engine.loop" in graph["specserve.runtime"]  # a top-level import
-    assert "specserve.runtime" in graph["specserve.cluster.service"]  # one inside a function
+    assert "specserve.runtime" in graph["specserve.cluster.verifier.service"]  # one inside a function
 
 
 def test_no_import_cycle_in_the_package():
     assert cycles(import_graph()) == []
+
+
+def test_the_cluster_client_and_the_verifier_share_only_the_wire():
+    """The front-end's client and the verifier service each import the shared wire format, never each other
+    (the service reaches the client only through the runtime that loads its model, as a user would)."""
+    graph = import_graph()
+    sides = {
+        "specserve.cluster.client": "specserve.cluster.verifier",
+        "specserve.cluster.verifier": "specserve.cluster.client",
+    }
+    for side, other in sides.items():
+        for module, imported in graph.items():
+            if module == side or module.startswith(f"{side}."):
+                assert not any(m == other or m.startswith(f"{other}.") for m in imported), (module, imported)

@@ -3,7 +3,7 @@
 Per round-trip time, on the same prompts, interleaved per prompt (greedy):
   baseline        the front-end calls the remote target for every token (k = 0: one round trip per token)
   disaggregated   draft model here, verifier remote, adaptive k with the round trip in its cost model
-  + pipelined     the same, drafting the next window while the current one is verified (cluster/pipeline.py)
+  + pipelined     the same, drafting the next window while the current one is verified (cluster/client/pipeline.py)
 
 The verifier is a real `specserve verifier` process on loopback (started here unless --verifier is given),
 reached over real gRPC. WAN latency is injected by a gRPC client interceptor (`Delay`): every message is
@@ -33,7 +33,7 @@ from rich.table import Table
 
 from specserve import SpecserveError
 from specserve.bench.measure import run_generation, summarize
-from specserve.cluster.pipeline import PipelinedDrafter
+from specserve.cluster.client.pipeline import PipelinedDrafter
 from specserve.config import EngineConfig
 from specserve.engine.sampling import SamplingParams
 from specserve.runtime import RemoteRuntime

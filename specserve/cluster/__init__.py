@@ -1,5 +1,6 @@
 """Disaggregated speculative decoding: the draft in the front-end, the target in verifier services.
 
-verifier.proto (+ generated stubs), protocol.py (engine objects <-> wire), service.py (`specserve verifier`),
-remote.py (`RemoteTarget`, the client session), router.py (replicas, routing, health checks).
+verifier.proto (+ generated stubs) and protocol.py (engine objects <-> wire) are shared; client/ is the
+front-end's side, verifier/ the service's; imports point from each to the shared part, never between them.
+ray_deploy.py runs both on a Ray cluster.
 """

@@ -20,7 +20,7 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 def params_to_wire(params: SamplingParams) -> pb.SamplingParams:
-    wire = pb.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    wire = pb.SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
     if params.seed is not None:
         wire.seed = params.seed
     return wire
@@ -29,7 +29,7 @@ def params_to_wire(params: SamplingParams) -> pb.SamplingParams:
 def params_from_wire(wire: pb.SamplingParams) -> SamplingParams:
     """Only what verification uses: max_tokens and stop strings stay with the front-end."""
     seed = wire.seed if wire.HasField("seed") else None
-    return SamplingParams(temperature=wire.temperature, top_k=wire.top_k, top_p=wire.top_p, seed=seed)
+    return SamplingParams(temperature=wire.temperature, top_k=wire.top_k, top_p=wire.top_p, min_p=wire.min_p, seed=seed)
 
 
 def window_to_wire(window: Window) -> pb.Window:

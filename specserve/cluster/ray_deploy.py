@@ -34,7 +34,7 @@ class VerifierActor:
     """One `specserve verifier` inside a Ray actor process."""
 
     def __init__(self, config: VerifierConfig):
-        from specserve.cluster.service import build_verifier, start_server
+        from specserve.cluster.verifier.service import build_verifier, start_server
 
         service = build_verifier(config, show_progress=False)
         self.loop = asyncio.new_event_loop()

@@ -66,6 +66,16 @@ class Emitted:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Speculation:
+    """How a generation drafts and what it accepts. A generation without one decodes plainly."""
+
+    proposer: Proposer
+    policy: DraftLengthPolicy  # the draft length per window, shared by a runtime's generations so that
+    # concurrent ones are planned as one batch (engine/policy.py)
+    tolerance: ToleranceController | None = None  # the lossy opt-in rule instead of exact verification
+
+
+@dataclass(frozen=True, kw_only=True)
 class Step:
     """One iteration's output and its phases' boundaries (`time.perf_counter()` values)."""
 
@@ -129,20 +139,12 @@ class Generation:
         tokenizer: TokenText,
         prompt: list[int],
         params: SamplingParams,
-        proposer: Proposer | None = None,
-        policy: DraftLengthPolicy = PLAIN_DECODING,
-        cached_prefix: int = 0,
-        tolerance: ToleranceController | None = None,
-        logprobs: int | None = None,
+        speculation: Speculation | None = None,
     ):
-        """Without a `proposer` it is plain decoding. `cached_prefix`: this many prompt tokens are already in
-        the target's cache (prefix reuse); otherwise the target session is reset first. Proposers sync
-        themselves to the context. `policy`: the draft length per window (engine/policy.py), shared by a
-        runtime's generations so that concurrent ones are planned as one batch. `tolerance`: lossy opt-in
-        verification with a fixed delta, or one a controller calibrates online. `logprobs`: report each
-        emitted token's log-probability under the target with this many most likely alternatives (None:
-        none); speculation does not change them, since the rows that verify a window are the rows plain
-        decoding would compute."""
+        """`target`: a session opened for this prompt; the prefix of it already in its cache
+        (`cached_prefix`) is not evaluated again, and a session holding none is reset first. Proposers sync
+        themselves to the context. Without a `speculation` (or with a policy whose k is 0) it is plain
+        decoding."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= target.n_ctx:
@@ -152,10 +154,12 @@ class Generation:
         if params.adjusts_logits:  # penalties count the reply from here
             params = replace(params, reply_start=len(prompt))
         self.target, self.prompt, self.params = target, prompt, params
-        self.policy = policy
-        self.proposer = proposer if policy.k_max > 0 else None
-        self.draft_state = policy.start(self.proposer.name, params.greedy) if self.proposer is not None else None
-        self.stop_ids = tokenizer.stop_ids
+        speculating = speculation is not None and speculation.policy.k_max > 0
+        self.policy = speculation.policy if speculating else PLAIN_DECODING
+        self.proposer = speculation.proposer if speculating else None
+        self.tolerance = speculation.tolerance if speculating else None
+        self.draft_state = self.policy.start(self.proposer.name, params.greedy) if self.proposer is not None else None
+        self.stop_ids = (frozenset() if params.ignore_eos else tokenizer.stop_ids) | frozenset(params.stop_token_ids)
         self.tokens: list[int] = []  # emitted tokens
         self.context = list(prompt)  # prompt + emitted tokens
         self.stats = GenerationStats(prompt_tokens=len(prompt))
@@ -163,11 +167,9 @@ class Generation:
         self._text = TextStream(tokenizer.decode_bytes, params.stop)
         self._rng = np.random.default_rng(params.seed)
         self._start: float | None = None
-        self._prefilled = cached_prefix  # prompt tokens in the target's KV cache
-        self.stats.prefix_reused = cached_prefix
+        self._prefilled = target.cached_prefix  # prompt tokens in the target's KV cache
+        self.stats.prefix_reused = target.cached_prefix
         self._proposal = Proposal(tokens=[], probs=[])
-        self.tolerance = tolerance
-        self.logprobs = logprobs
 
     @property
     def text(self) -> str:
@@ -250,7 +252,6 @@ class Generation:
                 params=self.params,
                 rng=self._rng,
                 with_confidence=with_confidence,
-                logprobs=self.logprobs,
                 context=self.context,
             )
         if (grammar := self.params.grammar) is not None and proposal.tokens:  # a forbidden draft is rejected:
@@ -269,7 +270,6 @@ class Generation:
             rng=self._rng,
             tolerance=delta,
             with_confidence=with_confidence,
-            logprobs=self.logprobs,
             context=self.context,
         )
 

@@ -21,9 +21,12 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    min_p: float = 0.0  # 0 = off; else tokens below min_p times the most likely one's probability are cut
     seed: int | None = None
     max_tokens: int = 128
     stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = ()  # end the reply at any of these, as at the end-of-sequence token
+    ignore_eos: bool = False  # go on past the model's end-of-sequence tokens (max_tokens ends the reply)
     # Logit bias and penalties (`adjust_logits`), as OpenAI and vLLM define them
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -31,6 +34,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
     reply_start: int = 0  # where the reply begins in the context: presence and frequency count the reply only
     grammar: Grammar | None = None  # the grammar the reply follows; its matcher tracks the reply (engine/grammar.py)
+    # Report each emitted token's log-probability under the target with this many most likely alternatives
+    # (None: none); speculation does not change them: the rows that verify a window are plain decoding's rows.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -86,7 +92,8 @@ def _penalize(rows: np.ndarray, params: SamplingParams, context: Sequence[int], 
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Distribution actually sampled from: temperature, then top-k, then top-p (nucleus), float64.
+    """Distribution actually sampled from: temperature, then top-k, then min-p, then top-p (nucleus),
+    float64 (vLLM's order: min-p on the tempered distribution).
 
     Works on one row [V] or a batch [n, V]. Greedy callers use argmax on raw logits instead.
     """
@@ -97,6 +104,9 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     probs = np.exp(x)
     probs /= probs.sum(axis=-1, keepdims=True)
+    if params.min_p > 0.0:
+        probs = np.where(probs >= params.min_p * probs.max(axis=-1, keepdims=True), probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
     if params.top_p < 1.0:
         keep = np.zeros(probs.shape, dtype=bool)
         for row, kept in zip(probs.reshape(-1, probs.shape[-1]), keep.reshape(-1, keep.shape[-1]), strict=True):

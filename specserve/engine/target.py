@@ -23,7 +23,7 @@ import numpy as np
 
 from specserve.engine.model import Model, Sequence
 from specserve.engine.sampling import SamplingParams, adjust_logits, token_logprobs, top_probability
-from specserve.engine.verify import Verdict, verify, verify_tolerance
+from specserve.engine.verify import Verdict, target_choice, tolerated_prefix, verify
 
 
 @dataclass(kw_only=True)
@@ -36,7 +36,6 @@ class Window:
     rng: np.random.Generator
     tolerance: float | None = None  # lossy opt-in: verify with this delta instead of exactly (engine/verify.py)
     with_confidence: bool = True  # report `Verdict.confidence` (adaptive k reads it; plain decoding skips its cost)
-    logprobs: int | None = None  # report `Verdict.logprobs` with this many most likely alternatives (None: not)
     # the tokens before the window's first prediction (penalties count them)
     context: collections.abc.Sequence[int] = ()
 
@@ -52,6 +51,7 @@ class Verifier(Protocol):
 
 class TargetSession(Protocol):
     n_ctx: int
+    cached_prefix: int  # prompt tokens already in the cache when the session was opened (prefix reuse)
     verifier: Verifier  # what runs its windows, together with those of other sessions on the same verifier
     round_trip_s: float  # network seconds a window spends travelling (0 for a local target)
 
@@ -91,10 +91,12 @@ class LocalVerifier:
 
 
 class LocalTarget:
-    """The target on a sequence of a model in this process."""
+    """The target on a sequence of a model in this process. Tokens the sequence already holds are a prefix of
+    the prompt it is opened for (engine/prefix.py copied them there)."""
 
     def __init__(self, sequence: Sequence):
         self.sequence = sequence
+        self.cached_prefix = sequence.n_past
         self.n_ctx = sequence.model.n_ctx
         self.verifier = LocalVerifier(sequence.model)
         self.round_trip_s = 0.0
@@ -130,13 +132,14 @@ def target_pass(sessions: list[LocalTarget], windows: list[Window]) -> list[Verd
         if window.tolerance is None:
             verdict = verify(rows, window.drafts, window.probs, window.params, window.rng)
         else:
-            verdict = verify_tolerance(rows, window.drafts, window.probs, window.params, window.tolerance, window.rng)
+            accepted = tolerated_prefix(rows, window.drafts, window.probs, window.params, delta=window.tolerance)
+            verdict = Verdict(accepted=accepted, next_token=target_choice(rows[accepted], window.params, window.rng))
         session.sequence.truncate(kept + verdict.accepted)  # KV rollback of the rejected drafts
         if window.with_confidence:
             verdict = replace(verdict, confidence=top_probability(rows[0], window.params))
-        if window.logprobs is not None:  # the rows of the emitted tokens: accepted drafts and the target's
+        if window.params.logprobs is not None:  # the rows of the emitted tokens: accepted drafts and the target's
             emitted = [*window.drafts[: verdict.accepted], verdict.next_token]
-            logprobs = token_logprobs(rows, emitted, window.params, window.logprobs)
+            logprobs = token_logprobs(rows, emitted, window.params, window.params.logprobs)
             verdict = replace(verdict, logprobs=tuple(logprobs))
         verdicts.append(verdict)
     return verdicts

@@ -34,7 +34,7 @@ class Verdict:
     # text is there, a row every window has whatever its drafts did (None: unknown)
     confidence: float | None = None
     # per emitted token (accepted drafts, then next_token): its log-probability under the target, when the
-    # window asked for them (`Window.logprobs`)
+    # window's params asked for them (`SamplingParams.logprobs`)
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
@@ -113,17 +113,17 @@ def tolerance_distribution(logits: np.ndarray, params: SamplingParams) -> np.nda
     return probabilities(logits, SamplingParams(temperature=1.0) if params.greedy else params)
 
 
-def verify_tolerance(
+def tolerated_prefix(
     target_logits: np.ndarray,
     draft_tokens: list[int],
     draft_probs: Sequence[np.ndarray | float | None],
     params: SamplingParams,
+    *,
     delta: float,
-    rng: np.random.Generator,
-) -> Verdict:
-    """Accept draft tokens while log p(t) >= log q(t) - delta; at the first rejection emit the target's choice
-    (argmax for greedy requests, else a sample from p), and after a fully accepted window the bonus token from
-    the last row the same way.
+) -> int:
+    """How many draft tokens the rule accepts: those before the first with log p(t) < log q(t) - delta. The
+    token emitted after them is the target's own (`target_choice` on row `accepted`): at a rejection the
+    target's choice instead of the rejected token, after a fully accepted window the bonus from the last row.
 
     target_logits: k+1 rows, as for `verify_greedy`.
     draft_probs[i]: what the draft thought of token i, under `tolerance_distribution` with the same params:
@@ -138,7 +138,7 @@ def verify_tolerance(
     Two deliberate details: a token the target's sampling transform excludes (p = 0, e.g. outside top-k) is
     never accepted, whatever delta; and for greedy requests the target's own argmax is always accepted.
     Rejecting it would emit that same token as the correction and only throw away the rest of the window, so
-    acceptance is never lower than `verify_greedy`'s. The accept decisions never use `rng`.
+    acceptance is never lower than `verify_greedy`'s. No randomness decides acceptance.
     """
     if not delta >= 0.0:  # also rejects NaN
         raise ValueError(f"tolerance delta must be >= 0, got {delta}")
@@ -147,22 +147,20 @@ def verify_tolerance(
         row = target_logits[i]
         if params.greedy and token == int(np.argmax(row)):
             continue
-        p_row = tolerance_distribution(row, params)
         entry = draft_probs[i]
         q = 1.0 if entry is None else float(entry[token]) if isinstance(entry, np.ndarray) else float(entry)
-        p = float(p_row[token])
-        if p > 0.0 and p >= q * threshold:
-            continue
-        return Verdict(accepted=i, next_token=_target_choice(row, p_row, params, rng))
-    row = target_logits[len(draft_tokens)]
-    return Verdict(accepted=len(draft_tokens), next_token=_target_choice(row, None, params, rng))
+        p = float(tolerance_distribution(row, params)[token])
+        if not (p > 0.0 and p >= q * threshold):
+            return i
+    return len(draft_tokens)
 
 
-def _target_choice(row: np.ndarray, p_row: np.ndarray | None, params: SamplingParams, rng: np.random.Generator) -> int:
-    """The token the target emits itself: argmax of the raw logits when greedy, else a draw from p."""
+def target_choice(row: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """The token the target emits itself: argmax of the raw logits when greedy, else a draw from p (not the
+    residual p - q of exact verification, which is what makes the tolerance rule lossy)."""
     if params.greedy:
         return int(np.argmax(row))
-    return sample(p_row if p_row is not None else probabilities(row, params), rng)
+    return sample(probabilities(row, params), rng)
 
 
 class ToleranceController:
@@ -203,7 +201,7 @@ class ToleranceController:
 
     @property
     def delta(self) -> float:
-        """The delta to pass to `verify_tolerance` for the next step."""
+        """The delta to pass to `tolerated_prefix` for the next step."""
         return self._delta
 
     def observe(self, drafted: int, accepted: int) -> float:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,18 @@ def quiet_stderr():
         os.close(saved)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FimTokens:
+    """A code model's fill-in-the-middle control tokens (from the GGUF's vocabulary); the repository and
+    file separators are optional (Qwen2.5-Coder has them, most FIM models do not)."""
+
+    prefix: int
+    suffix: int
+    middle: int
+    repo: int | None = None
+    file_sep: int | None = None
+
+
 class Tokenizer:
     def __init__(self, model_path: Path):
         self.path = Path(model_path)
@@ -49,19 +62,37 @@ class Tokenizer:
         vocab = self._llama._model.vocab
         self.eos_id: int = llama_cpp.llama_vocab_eos(vocab)
         eot = llama_cpp.llama_vocab_eot(vocab)
-        # Chat models end a turn with EOT (<|im_end|>); base models with EOS. Stop on either.
-        self.stop_ids: frozenset[int] = frozenset(t for t in (self.eos_id, eot) if t >= 0)
+        # llama.cpp's end-of-generation set, where llama-server stops too: EOS, EOT (a chat turn's end), and a
+        # code model's file separators (a fill-in-the-middle reply ends with <|endoftext|> or <|file_sep|>).
+        eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+        self.stop_ids: frozenset[int] = frozenset(eog | {t for t in (self.eos_id, eot) if t >= 0})
         self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
 
-    def encode(self, text: str, special: bool = True) -> list[int]:
-        """`special`: parse control tokens such as <|im_start|> in the text (needed for chat prompts)."""
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+    def encode(self, text: str, special: bool = True, *, add_special: bool = False) -> list[int]:
+        """`special`: parse control tokens such as <|im_start|> in the text (needed for chat prompts);
+        `add_special`: add the tokens the model wants around a text (BOS), when it wants any."""
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=special)
 
-    def decode_bytes(self, tokens: list[int]) -> bytes:
-        return self._llama.detokenize(tokens, special=False)
+    def decode_bytes(self, tokens: list[int], *, special: bool = False) -> bytes:
+        """`special`: control tokens come out as their text (<|im_end|>) instead of nothing."""
+        return self._llama.detokenize(tokens, special=special)
 
     def decode(self, tokens: list[int]) -> str:
         return self.decode_bytes(tokens).decode("utf-8", errors="replace")
+
+    @cached_property
+    def fim(self) -> FimTokens | None:
+        """The FIM tokens, or None for a model that was not trained to fill in the middle."""
+        vocab = self._llama._model.vocab
+        ids = {
+            name: getattr(llama_cpp, f"llama_vocab_fim_{name}")(vocab) for name in ("pre", "suf", "mid", "rep", "sep")
+        }
+        if min(ids["pre"], ids["suf"], ids["mid"]) < 0:
+            return None
+        optional = {name: ids[name] if ids[name] >= 0 else None for name in ("rep", "sep")}
+        return FimTokens(
+            prefix=ids["pre"], suffix=ids["suf"], middle=ids["mid"], repo=optional["rep"], file_sep=optional["sep"]
+        )
 
     @cached_property
     def fingerprint(self) -> tuple[int, int]:

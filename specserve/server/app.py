@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from specserve import __version__
 from specserve.config import ServerConfig
 from specserve.runtime import Runtime, open_runtime
+from specserve.server import infill, responses
 from specserve.server.metrics import Metrics
 from specserve.server.openai_format import ApiError, error_body
 from specserve.server.response_cache import ResponseCache, open_cache
@@ -84,6 +85,8 @@ def create_app(
     app.openapi = functools.partial(_openapi, app)
     app.state.server = state
     app.include_router(router)
+    app.include_router(responses.router)
+    app.include_router(infill.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     expected = f"Bearer {config.api_key}".encode() if config.api_key else None

@@ -104,11 +104,12 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     speculative: dict  # drafted / accepted / acceptance_rate (+ cached) — specserve's extension field
+    cached_tokens: int = 0  # prompt tokens whose KV was reused, not evaluated again
 
 
 def finished(generation: Generation) -> Finished:
     s = generation.stats
-    return Finished(generation.finish_reason, s.prompt_tokens, s.generated, speculative_stats(s))
+    return Finished(generation.finish_reason, s.prompt_tokens, s.generated, speculative_stats(s), s.prefix_reused)
 
 
 def speculative_stats(stats: GenerationStats) -> dict:
@@ -186,6 +187,7 @@ class ReplyFormat:
     chat: bool
     token_bytes: TokenBytes | None = None
     tools: bool = False
+    index: int = 0  # the choice (requests with n > 1)
 
 
 def _completion_choice(text: str | None, finish: str | None, logprobs: dict | None) -> dict:
@@ -234,9 +236,28 @@ def completion(reply: ReplyFormat, pieces: list[Piece], done: Finished) -> dict:
     return {
         **reply.head,
         "object": "chat.completion" if reply.chat else "text_completion",
-        "choices": [message_choice(reply.chat, text, done.finish_reason, logprobs, calls)],
+        "choices": [{**message_choice(reply.chat, text, done.finish_reason, logprobs, calls), "index": reply.index}],
         "usage": usage(done.prompt_tokens, done.completion_tokens),
         "speculative": done.speculative,
+    }
+
+
+def merged_choices(bodies: list[dict]) -> dict:
+    """One body for several choices of one prompt: the prompt counted once, the completions summed."""
+    if len(bodies) == 1:
+        return bodies[0]
+    drafted = sum(b["speculative"]["drafted"] for b in bodies)
+    accepted = sum(b["speculative"]["accepted"] for b in bodies)
+    completion_tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
+    return {
+        **bodies[0],
+        "choices": [b["choices"][0] for b in bodies],
+        "usage": usage(bodies[0]["usage"]["prompt_tokens"], completion_tokens),
+        "speculative": {
+            "drafted": drafted,
+            "accepted": accepted,
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+        },
     }
 
 
@@ -248,7 +269,7 @@ def sse_chunk(
     chat = reply.chat
     body = {**reply.head, "object": "chat.completion.chunk" if chat else "text_completion"}
     if event is None:
-        body["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+        body["choices"] = [{"delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
     elif isinstance(event, Finished):
         body["choices"] = [delta_choice(chat, "", event.finish_reason, tool_calls=tool_calls)]
         body["usage"] = usage(event.prompt_tokens, event.completion_tokens)
@@ -259,6 +280,7 @@ def sse_chunk(
         body["choices"] = [delta_choice(chat, event.text, None, logprobs)]
         if event.origin is not None:
             body["specserve"] = {"token": asdict(event.origin)}
+    body["choices"] = [{**body["choices"][0], "index": reply.index}]
     return f"data: {json.dumps(body)}\n\n"
 
 

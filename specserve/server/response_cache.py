@@ -1,4 +1,5 @@
-"""Response cache for deterministic (temperature 0) completions.
+"""Response cache for deterministic (temperature 0) completions, and the store of finished Responses API
+replies that `previous_response_id` continues (`ConversationStore`, in the same Redis when there is one).
 
 Greedy decoding is a pure function of (model, prompt tokens, output-affecting sampling params), and speculative
 decoding here is lossless, so a repeated request can be answered from a cache instead of the model. Two stores
@@ -12,6 +13,7 @@ piece with the same chunk boundaries as the original generation.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -271,20 +273,28 @@ class RedisCache(_Counters):
 
     def get(self, key: str) -> CachedResponse | None:
         value: CachedResponse | None = None
-        if self._available():
-            ok, raw = self._call("GET", lambda: self._client.get(self.prefix + key))
-            if ok and raw is not None:
-                try:
-                    value = CachedResponse.from_json(raw)
-                except (ValueError, KeyError, TypeError) as e:
-                    with self._state_lock:
-                        self.errors += 1
-                    log.warning("response cache: ignoring malformed Redis entry %s%s: %s", self.prefix, key, e)
+        if (raw := self.get_text(key)) is not None:
+            try:
+                value = CachedResponse.from_json(raw)
+            except (ValueError, KeyError, TypeError) as e:
+                with self._state_lock:
+                    self.errors += 1
+                log.warning("response cache: ignoring malformed Redis entry %s%s: %s", self.prefix, key, e)
         return self._count(value)
 
     def put(self, key: str, value: CachedResponse) -> None:
+        self.put_text(key, value.to_json())
+
+    def get_text(self, key: str) -> str | bytes | None:
+        """The value under `key` (after the prefix), None when missing or Redis is down; not counted."""
+        if not self._available():
+            return None
+        ok, raw = self._call("GET", lambda: self._client.get(self.prefix + key))
+        return raw if ok else None
+
+    def put_text(self, key: str, data: str) -> None:
+        """Store `data` under `key` for the TTL; skipped while Redis is down."""
         if self._available():
-            data = value.to_json()
             self._call("SET", lambda: self._client.set(self.prefix + key, data, px=self.ttl_ms))
 
     def close(self) -> None:
@@ -324,3 +334,42 @@ def open_cache(
     if db and not db.isdigit():
         raise SpecserveError(f"bad cache URL {url!r}: database must be a number, got {db!r} ({hint})")
     return RedisCache(url, ttl_s=ttl_s, prefix=prefix, on_lookup=on_lookup)
+
+
+STORED_RESPONSES = 1000  # conversations kept for previous_response_id in process (least recently used go first)
+CONVERSATION_KEY = "conversation:"  # after the response cache's prefix
+
+
+class ConversationStore:
+    """Finished responses and the chat messages that led to them, for `previous_response_id`. In this process
+    (bounded: the least recently used go first, a restart forgets them), or in the Redis of the response
+    cache when it has one (shared by the servers on it; bounded by the cache's TTL)."""
+
+    def __init__(self, cache: ResponseCache | None = None, capacity: int = STORED_RESPONSES):
+        self.redis = cache if isinstance(cache, RedisCache) else None
+        self.capacity = capacity
+        self._items: collections.OrderedDict[str, tuple[dict, list[dict]]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, response: dict, messages: list[dict]) -> None:
+        if self.redis is not None:
+            self.redis.put_text(f"{CONVERSATION_KEY}{response['id']}", json.dumps([response, messages]))
+            return
+        with self._lock:
+            self._items[response["id"]] = (response, messages)
+            self._items.move_to_end(response["id"])
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
+        if self.redis is not None:
+            raw = self.redis.get_text(f"{CONVERSATION_KEY}{response_id}")
+            if raw is None:
+                return None
+            response, messages = json.loads(raw)
+            return response, messages
+        with self._lock:
+            found = self._items.get(response_id)
+            if found is not None:
+                self._items.move_to_end(response_id)
+            return found

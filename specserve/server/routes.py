@@ -1,5 +1,6 @@
-"""The HTTP routes: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus /health, /metrics,
-specserve's /v1/specserve/info and the web page (/ and /dashboard, static/).
+"""The HTTP routes: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, llama-server's /tokenize
+and /detokenize, plus /health, /metrics, specserve's /v1/specserve/info and the web page (/ and /dashboard,
+static/). The Responses API's route is in responses.py, /infill's in infill.py.
 
 Each completion route encodes its prompt, asks the server state for the request's events, and answers
 with one JSON body or a stream of Server-Sent Events.
@@ -7,6 +8,7 @@ with one JSON body or a stream of Server-Sent Events.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 from collections.abc import AsyncIterator
@@ -18,44 +20,26 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from specserve import SpecserveError
 from specserve.server import openai_format as fmt
+from specserve.server.http import COMPLETION_RESPONSES, error_responses, ignored_fields_header, server_state
+from specserve.server.infill import infill_ids
 from specserve.server.openai_format import ApiError, Finished
-from specserve.server.schemas import ChatRequest, CompletionParams, CompletionRequest, ErrorResponse
+from specserve.server.schemas import (
+    ChatRequest,
+    CompletionParams,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from specserve.server.state import NOT_READY_RETRY_S, Event, ServerState
 from specserve.server.tools import StreamSplit
 
 router = APIRouter()
-
-
-def _errors(*statuses: int) -> dict:
-    """The OpenAPI entries of the errors a route answers with (schemathesis holds the server to them)."""
-    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
-
-
-ERRORS = {
-    400: "malformed or unsatisfiable request",
-    401: "missing or wrong API key (with --api-key)",
-    404: "unknown model",
-    413: "request body too large",
-    429: "queue full; retry after Retry-After seconds",
-    499: "the client closed the request",
-    500: "the generation failed",
-    503: "models loading, no verifier reachable, or shutting down; retry after Retry-After seconds",
-}
-# A completion is one JSON body, or with `stream: true` a stream of server-sent events.
-_COMPLETION = {
-    200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "the completion"},
-    **_errors(400, 401, 404, 413, 429, 499, 500, 503),
-}
 STATIC = Path(__file__).parent / "static"  # the web page (GET / and /dashboard); plain files, no build step
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.server
 
 
 @router.get("/health", responses={503: {"description": "not ready (why in the body)"}})
 async def health(request: Request):
-    state = _state(request)
+    state = server_state(request)
     if state.draining:
         return _not_ready({"status": "draining", "in_flight": state.in_flight})
     if state.runtime is None:
@@ -80,34 +64,68 @@ async def dashboard_page() -> FileResponse:
     return FileResponse(STATIC / "dashboard.html")
 
 
-@router.get("/v1/specserve/info", responses=_errors(401, 503))
+@router.get("/v1/specserve/info", responses=error_responses(401, 503))
 async def info(request: Request) -> dict:
     """specserve's extension: the models, backends, methods and limits of this server (the web page's panel)."""
-    state = _state(request)
+    state = server_state(request)
     return {**state.ready().summary(), "speculation": state.config.speculation}
 
 
-@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}, **_errors(401)})
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}}}, **error_responses(401)})
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(server_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/v1/models", responses=_errors(401, 503))
+@router.get("/v1/models", responses=error_responses(401, 503))
 async def models(request: Request) -> dict:
-    name = _state(request).ready().target_name
+    name = server_state(request).ready().target_name
     return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "specserve"}]}
 
 
-@router.post("/v1/completions", responses=_COMPLETION)
+@router.post("/tokenize", responses=error_responses(400, 401, 503))
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    """llama-server's: the prompt's token ids, with `with_pieces` each one's text (its bytes as a list where
+    they are not whole UTF-8 characters)."""
+    tokenizer = server_state(request).ready().tokenizer
+    tokens = tokenizer.encode(body.content, body.parse_special, add_special=body.add_special)
+    if not body.with_pieces:
+        return {"tokens": tokens}
+    return {
+        "tokens": [{"id": token, "piece": _piece(tokenizer.decode_bytes([token], special=True))} for token in tokens]
+    }
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+@router.post("/detokenize", responses=error_responses(400, 401, 503))
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    """llama-server's: the text of token ids (control tokens as their text)."""
+    tokenizer = server_state(request).ready().tokenizer
+    if bad := [token for token in body.tokens if not 0 <= token < tokenizer.n_vocab]:
+        raise ApiError(400, f"tokens outside the vocabulary of {tokenizer.n_vocab}: {bad[:5]}", "tokens")
+    return {"content": tokenizer.decode_bytes(body.tokens, special=True).decode("utf-8", errors="replace")}
+
+
+@router.post("/v1/completions", responses=COMPLETION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
-    state = _state(request)
-    ids = state.ready().encode_prompt(prompt=body.prompt)
+    state = server_state(request)
+    runtime = state.ready()
+    if body.suffix is None:
+        ids = runtime.encode_prompt(prompt=body.prompt)
+    else:  # fill in the middle between the prompt and the suffix
+        room = runtime.n_ctx - body.max_tokens
+        ids = infill_ids(runtime.tokenizer, prefix=body.prompt, suffix=body.suffix, room=room)
     return await _answer(state, request, body, ids)
 
 
-@router.post("/v1/chat/completions", responses=_COMPLETION)
+@router.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
 async def chat_completions(body: ChatRequest, request: Request):
-    state = _state(request)
+    state = server_state(request)
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
     try:
@@ -119,26 +137,42 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 
 async def _answer(state: ServerState, request: Request, body: CompletionParams, ids: list[int]):
+    """The reply: one choice, or with `n` several, choice i being the reply to the same request with seed
+    + i (decoded together, as concurrent requests are)."""
     chat = isinstance(body, ChatRequest)
-    events = await state.events("chat" if chat else "completions", request, body, ids)
+    choices = [body]
+    if body.n > 1:
+        choices = [
+            body.model_copy(update={"seed": None if body.seed is None else body.seed + i}) for i in range(body.n)
+        ]
+    endpoint = "chat" if chat else "completions"
+    streams = [await state.events(endpoint, request, choice, ids) for choice in choices]
     runtime = state.ready()
     token_bytes = None
     if body.logprob_count() is not None:
         token_bytes = functools.partial(_token_bytes, runtime)
-    reply = fmt.ReplyFormat(
-        head=fmt.response_head(chat, runtime.target_name),
-        chat=chat,
-        token_bytes=token_bytes,
-        tools=chat and body.offered_tools is not None,  # the reply may call them
-    )
+    head = fmt.response_head(chat, runtime.target_name)
+    replies = [
+        fmt.ReplyFormat(head=head, chat=chat, token_bytes=token_bytes, tools=body.may_call_tools, index=i)
+        for i in range(len(choices))
+    ]
+    headers = ignored_fields_header(body.ignored_fields)
     if body.stream:
-        stream = _sse(reply, events)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        headers["Cache-Control"] = "no-cache"
+        stream = _merged([_sse(reply, events) for reply, events in zip(replies, streams, strict=True)])
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    async with asyncio.TaskGroup() as group:  # one failing choice cancels the others
+        tasks = [group.create_task(_collect(events)) for events in streams]
+    bodies = [fmt.completion(reply, *task.result()) for reply, task in zip(replies, tasks, strict=True)]
+    return JSONResponse(fmt.merged_choices(bodies), headers=headers)
+
+
+async def _collect(events: AsyncIterator[Event]) -> tuple[list[fmt.Piece], Finished]:
     pieces = []
     async with aclosing(events):  # leaving early closes it, which cancels the job
         async for event in events:
             if isinstance(event, Finished):
-                return fmt.completion(reply, pieces, event)
+                return pieces, event
             pieces.append(event)
     raise ApiError(499, "client closed the request")
 
@@ -148,7 +182,8 @@ def _token_bytes(runtime, token: int) -> bytes:
 
 
 async def _sse(reply: fmt.ReplyFormat, events: AsyncIterator[Event]) -> AsyncIterator[str]:
-    """A reply that may hold tool calls streams its text until one begins; the calls come last."""
+    """One choice's chunks. A reply that may hold tool calls streams its text until one begins; the calls
+    come last."""
     calls = StreamSplit() if reply.tools else None
     if reply.chat:
         yield fmt.sse_chunk(reply, None)
@@ -168,4 +203,33 @@ async def _sse(reply: fmt.ReplyFormat, events: AsyncIterator[Event]) -> AsyncIte
                 offset += len(event.text) if isinstance(event, fmt.Piece) else 0
     except ApiError as exc:  # the headers are gone: report in-band
         yield fmt.sse_error(exc)
-    yield fmt.SSE_DONE
+
+
+async def _merged(choices: list[AsyncIterator[str]]) -> AsyncIterator[str]:
+    """The choices' chunks as they come, then `[DONE]`; a client that leaves closes every choice."""
+    if len(choices) == 1:
+        async with aclosing(choices[0]) as only:
+            async for chunk in only:
+                yield chunk
+        yield fmt.SSE_DONE
+        return
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def pump(choice: AsyncIterator[str]) -> None:
+        async with aclosing(choice):
+            async for chunk in choice:
+                await queue.put(chunk)
+        await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        running = len(tasks)
+        while running:
+            if (chunk := await queue.get()) is None:
+                running -= 1
+            else:
+                yield chunk
+        yield fmt.SSE_DONE
+    finally:
+        for task in tasks:
+            task.cancel()

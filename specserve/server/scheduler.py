@@ -51,6 +51,8 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of Emitted, then None or an error
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None  # when its first token came out of a step
+    ends_at: Callable[[str], bool] | None = None  # ends the reply early when true of its text so far
     deadline: float = float("inf")  # perf_counter time past which it ends with finish_reason "length"
     posted: int = 0  # items the scheduler put in `events` ...
     taken: int = 0  # ... and the items the stream took out (its consumer counts them)
@@ -90,8 +92,11 @@ class Scheduler:
     def in_flight(self) -> int:
         return len(self._waiting) + len(self._active)
 
-    def submit(self, generation: Generation, span: trace.Span | None = None) -> Job:
-        job = Job(generation, asyncio.get_running_loop(), span)
+    def submit(
+        self, generation: Generation, span: trace.Span | None = None, *, ends_at: Callable[[str], bool] | None = None
+    ) -> Job:
+        """`ends_at`: ends the reply (finish_reason "stop") after a step whose text so far it is true of."""
+        job = Job(generation, asyncio.get_running_loop(), span, ends_at=ends_at)
         if self.request_timeout_s is not None:
             job.deadline = job.submitted + self.request_timeout_s
         with self._wake:
@@ -169,17 +174,14 @@ class Scheduler:
             self._deliver(batch, result)
             if self.when_idle is not None and not self._active and not self._waiting:
                 try:
-                    self.when_idle(lambda: bool(self._waiting))
+                    self.when_idle(lambda: bool(self._waiting) or self._stopping)  # a request, or shutdown
                 except Exception:  # housekeeping: the requests go on without it
                     log.exception("idle-time work failed")
 
     def _deliver(self, batch: list[Job], result: Step) -> None:
         """Post each job its step's events; end the finished and the timed-out, cancel the unread."""
         now = time.perf_counter()
-        events = [
-            produced + (job.generation.stop("length") if job.deadline <= now else [])
-            for job, produced in zip(batch, result.events, strict=True)
-        ]
+        events = [self._ended(job, produced, now) for job, produced in zip(batch, result.events, strict=True)]
         # Leave the batch before the client hears the end, so that in_flight is exact by then.
         self._active = [j for j in self._active if not j.generation.done]
         for job, produced in zip(batch, events, strict=True):
@@ -197,8 +199,28 @@ class Scheduler:
         job.cancelled = True  # leaves the batch at the next admission, like a client that went away
         job.post(StreamStalled(f"the stream was cancelled: its client left {unread} steps unread"))
 
+    @staticmethod
+    def _ended(job: Job, produced: list[Emitted], now: float) -> list[Emitted]:
+        """The step's events, ending the job's reply if its deadline passed or its text says it is over."""
+        if job.generation.done:
+            return produced
+        if job.deadline <= now:
+            return produced + job.generation.stop("length")
+        if job.ends_at is not None and job.ends_at(job.generation.text):
+            return produced + job.generation.stop("stop")
+        return produced
+
     def _end(self, job: Job, events: list[Emitted]) -> None:
-        self._finished.append(time.perf_counter())
+        ended = time.perf_counter()
+        self._finished.append(ended)
+        stats = job.generation.stats
+        self.metrics.observe_request(
+            prompt_tokens=stats.prompt_tokens,
+            generated=stats.generated,
+            submitted=job.submitted,
+            first_token=job.first_token,
+            ended=ended,
+        )
         if events:
             job.post(events)
         job.post(None)
@@ -214,9 +236,12 @@ class Scheduler:
         if t3 > t0:
             m.tokens_per_second.set(emitted / (t3 - t0))
         tracer = trace.get_tracer("specserve")
-        for job, prefill in zip(batch, prefilling, strict=True):
+        for job, prefill, events in zip(batch, prefilling, result.events, strict=True):
             if not prefill:
                 m.observe_window(*job.generation.stats.last_window)
+            if job.first_token is None and any(e.token is not None for e in events):
+                job.first_token = t3
+                m.ttft_s.observe(t3 - job.submitted)
             if job.span is not None and job.span.is_recording():
                 context = trace.set_span_in_context(job.span)
                 phases = (

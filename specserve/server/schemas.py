@@ -59,14 +59,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields that would change the reply but are not honoured: a 400 names them rather than a reply that silently
+# differs from what was asked (the value that changes nothing is accepted).
+_CANNOT_HONOUR = {
+    "best_of": (lambda v: v not in (None, 1), "best_of above 1 is not supported; use n"),
+    "functions": (lambda v: v is not None, "the legacy functions field is not supported; use tools"),
+    "function_call": (lambda v: v is not None, "the legacy function_call field is not supported; use tool_choice"),
+    "modalities": (lambda v: v not in (None, ["text"]), "only text output is supported"),
+    "audio": (lambda v: v is not None, "audio output is not supported"),
+    "echo": (
+        lambda v: v not in (None, False),
+        "echo is not supported: prompt log-probabilities are not computed",
+    ),
+}
+
+
+MAX_CHOICES = 16
+
+
 class CompletionParams(BaseModel):
+    # Clients send more than a server needs (OpenAI's store, metadata, service_tier, newer fields): unknown
+    # fields are accepted, logged once per name and listed in a response header (`ignored_fields`).
+    model_config = ConfigDict(extra="allow")
+
     model: str | None = None
     max_tokens: int = Field(default=128, gt=0)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # vLLM's and llama-server's extension
     seed: int | None = None
     stop: str | list[str] | None = Field(default=None)
+    stop_token_ids: list[int] | None = None  # vLLM's: token ids that end the reply like the end-of-sequence token
+    ignore_eos: bool = False  # vLLM's: decode past end-of-sequence until max_tokens
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     # vLLM's extension; logits are divided by it, so not so small that they overflow to infinity
@@ -75,11 +100,28 @@ class CompletionParams(BaseModel):
     response_format: ResponseFormat | None = None
     guided_regex: str | None = None  # vLLM's extensions: the reply matches this regex ...
     guided_grammar: str | None = None  # ... or this Lark grammar
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choice i: the reply with seed + i
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     speculation: Speculation = Speculation()
+
+    @model_validator(mode="after")
+    def _honoured(self) -> CompletionParams:
+        for name, value in (self.model_extra or {}).items():
+            if name in _CANNOT_HONOUR and _CANNOT_HONOUR[name][0](value):
+                raise ValueError(f"{name}: {_CANNOT_HONOUR[name][1]}")
+        return self
+
+    @property
+    def may_call_tools(self) -> bool:
+        """Whether the reply may hold tool calls (chat with tools offered)."""
+        return False
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        """The request's fields this server does not know (accepted: they change nothing it can tell)."""
+        return sorted(self.model_extra or ())
 
     def logprob_count(self) -> int | None:
         """How many alternatives to report with each token's log-probability (None: no logprobs)."""
@@ -115,9 +157,12 @@ class CompletionParams(BaseModel):
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
+            min_p=self.min_p,
             seed=self.seed,
             max_tokens=self.max_tokens,
             stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
@@ -130,8 +175,8 @@ MAX_TOP_LOGPROBS = 20
 
 class CompletionRequest(CompletionParams):
     prompt: str = Field(min_length=1)
+    suffix: str | None = None  # fill in the middle: the reply goes between the prompt and this (server/infill.py)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: Literal[False] = False  # the prompt's own log-probabilities are not computed
 
     def logprob_count(self) -> int | None:
         return self.logprobs
@@ -238,6 +283,10 @@ class ChatRequest(CompletionParams):
         return self
 
     @property
+    def may_call_tools(self) -> bool:
+        return self.offered_tools is not None
+
+    @property
     def offered_tools(self) -> list[dict] | None:
         """The tools the chat template lists (none with tool_choice "none")."""
         if not self.tools or self.tool_choice == "none":
@@ -258,6 +307,21 @@ class ChatRequest(CompletionParams):
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    """llama-server's POST /tokenize."""
+
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """llama-server's POST /detokenize."""
+
+    tokens: list[int]
 
 
 class ErrorDetail(BaseModel):

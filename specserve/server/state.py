@@ -32,9 +32,10 @@ from specserve.server.openai_format import (
     request_log,
     token_origin,
 )
-from specserve.server.response_cache import CachedResponse, ResponseCache, cache_key
+from specserve.server.response_cache import CachedResponse, ConversationStore, ResponseCache, cache_key
 from specserve.server.scheduler import Job, QueueFull, Scheduler, StreamStalled
 from specserve.server.schemas import CompletionParams
+from specserve.server.tools import repeats_a_call
 
 log = logging.getLogger("specserve.server")
 _DISCONNECT_POLL_S = 0.5
@@ -44,8 +45,11 @@ _KEY_FIELDS = {
     "temperature",
     "top_p",
     "top_k",
+    "min_p",
     "seed",
     "stop",
+    "stop_token_ids",
+    "ignore_eos",
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
@@ -75,10 +79,13 @@ class ServerState:
     ):
         """`runtime` may be a factory: `start` then loads it on a thread and `ready` answers 503 until done."""
         self.metrics, self.cache = metrics, cache
+        self.conversations = ConversationStore(cache)  # finished /v1/responses, for previous_response_id
         self.config = config
         self.draining = False  # shutting down: running requests finish, new ones get 503
         self.runtime: Runtime | None = runtime if isinstance(runtime, Runtime) else None
         self._factory = None if isinstance(runtime, Runtime) else runtime
+        if self.runtime is not None:
+            metrics.set_model_name(self.runtime.target_name)
         self.load_error: str | None = None
         self.load_status: str | None = None  # what loading waits for, as the factory reports it
         self.scheduler: Scheduler | None = None
@@ -98,6 +105,7 @@ class ServerState:
     def _load(self) -> None:
         try:
             self.runtime = self._factory(self._report)
+            self.metrics.set_model_name(self.runtime.target_name)
         except SpecserveError as exc:  # a reason said in one line: a missing file, a model a backend cannot run
             log.error("loading the models failed: %s", exc)
             self._failed(str(exc))
@@ -183,7 +191,7 @@ class ServerState:
             span.end()
             raise ApiError(400, str(exc)) from None
         try:
-            return self.scheduler.submit(generation, span)
+            return self.scheduler.submit(generation, span, ends_at=repeats_a_call if body.may_call_tools else None)
         except QueueFull as exc:
             span.end()
             self.metrics.requests.labels(endpoint=endpoint, status="429").inc()
@@ -253,11 +261,13 @@ def _unavailable(reason: str) -> ApiError:
 def _check(rt: Runtime, body: CompletionParams, ids: list[int]) -> None:
     if body.model not in (None, rt.target_name):
         raise ApiError(404, f"model {body.model!r} does not exist; this server has {rt.target_name!r}", "model")
-    if body.n != 1:
-        raise ApiError(400, "only n=1 is supported", "n")
     vocab = rt.tokenizer.n_vocab
     if bad := [token for token in body.logit_bias or {} if not 0 <= token < vocab]:
         raise ApiError(400, f"logit_bias names tokens outside the vocabulary of {vocab}: {bad[:5]}", "logit_bias")
+    if bad := [token for token in body.stop_token_ids or () if not 0 <= token < vocab]:
+        raise ApiError(
+            400, f"stop_token_ids names tokens outside the vocabulary of {vocab}: {bad[:5]}", "stop_token_ids"
+        )
     n_ctx = rt.n_ctx
     if len(ids) >= n_ctx:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds {n_ctx}", "prompt")

@@ -8,6 +8,10 @@ parser reads it): the template lists the tools; the model answers with
 blocks, which become `message.tool_calls`. With `tool_choice` "required" or a named function, the reply is
 constrained to such blocks by a grammar (engine/grammar.py), each call's arguments to its function's JSON
 schema; with "auto" the model decides and its calls are parsed; with "none" the template gets no tools.
+
+A small model often repeats its call until max_tokens: the reply ends at the first call that repeats an
+earlier one (`repeats_a_call`, the scheduler checks it after each step), identical calls count once, and a
+call cut off by max_tokens is dropped. Tool markup never reaches `content`.
 """
 
 from __future__ import annotations
@@ -52,10 +56,26 @@ def call_grammar(functions: list[dict], open_token: int, close_token: int, paral
     return lark_grammar(lark)
 
 
+def repeats_a_call(text: str) -> bool:
+    """Whether the last complete call in the text is the same call as an earlier one (as JSON: spacing and
+    key order aside)."""
+    blocks = [_canonical(m.group(1)) for m in _CALL.finditer(text)]
+    return len(blocks) > 1 and blocks[-1] in blocks[:-1]
+
+
+def _canonical(block: str) -> str:
+    try:
+        return json.dumps(json.loads(block), sort_keys=True)
+    except json.JSONDecodeError:
+        return block
+
+
 def parse(text: str) -> tuple[str | None, list[ToolCall]]:
-    """The reply's text outside its tool calls (None if nothing is left), and the calls. A block that is not
-    a JSON object with a name stays in the text, as vLLM's parser leaves it."""
+    """The reply's text outside its tool calls (None if nothing is left), and the distinct calls. A block
+    that is not a JSON object with a name stays in the text, as vLLM's parser leaves it; an unclosed block at
+    the end (max_tokens cut the call off) is dropped."""
     calls = []
+    seen: set[tuple[str, str]] = set()
 
     def take(match: re.Match) -> str:
         try:
@@ -66,10 +86,15 @@ def parse(text: str) -> tuple[str | None, list[ToolCall]]:
             return match.group(0)
         arguments = call.get("arguments", {})
         arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        calls.append(ToolCall(call["name"], arguments, f"call_{uuid.uuid4().hex[:24]}"))
+        if (call["name"], arguments) not in seen:
+            seen.add((call["name"], arguments))
+            calls.append(ToolCall(call["name"], arguments, f"call_{uuid.uuid4().hex[:24]}"))
         return ""
 
-    content = _CALL.sub(take, text).strip()
+    content = _CALL.sub(take, text)
+    if (cut := content.rfind(CALL_OPEN)) >= 0 and CALL_CLOSE not in content[cut:]:
+        content = content[:cut]
+    content = content.strip()
     return content or None, calls
 
 

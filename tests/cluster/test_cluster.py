@@ -31,12 +31,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from specserve import SpecserveError  # noqa: E402
 from specserve.cluster import verifier_pb2 as pb  # noqa: E402
 from specserve.cluster import verifier_pb2_grpc as pb_grpc  # noqa: E402
+from specserve.cluster.client.remote import RemoteTarget, RemoteVerifier  # noqa: E402
+from specserve.cluster.client.router import ClientOptions, VerifierPool  # noqa: E402
 from specserve.cluster.protocol import auth_metadata, params_to_wire  # noqa: E402
-from specserve.cluster.remote import RemoteTarget, RemoteVerifier  # noqa: E402
-from specserve.cluster.router import ClientOptions, VerifierPool  # noqa: E402
-from specserve.cluster.service import VerifierService, start_server  # noqa: E402
+from specserve.cluster.verifier.service import VerifierService, start_server  # noqa: E402
 from specserve.engine.sampling import SamplingParams, keep_top_k  # noqa: E402
 from specserve.engine.target import Window  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 from tests.support.servers import start_server as start_frontend  # noqa: E402
 from tests.support.servers import stop_server as stop_frontend  # noqa: E402
 
@@ -52,12 +53,6 @@ PROMPTS = [
 def _window(append: list[int], *, drafts: list[int] | None = None, probs: list | None = None, params, rng) -> Window:
     """A window that asks for a verdict."""
     return Window(append=append, drafts=drafts or [], probs=probs or [], predict=True, params=params, rng=rng)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VerifierProcess:
@@ -481,7 +476,7 @@ def test_draft_failure_falls_back_to_target_only_with_identical_output(runtime, 
 
 @pytest.mark.models
 def test_pipelined_drafting_keeps_greedy_output(runtime):
-    from specserve.cluster.pipeline import PipelinedDrafter
+    from specserve.cluster.client.pipeline import PipelinedDrafter
 
     prompt_ids = runtime.encode_prompt(messages=[{"role": "user", "content": PROMPTS[0]}])
     generation = runtime.generate(prompt_ids, SamplingParams(max_tokens=64), method="draft", k=4)

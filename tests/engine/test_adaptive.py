@@ -99,7 +99,7 @@ class AlwaysWrongProposer:
 
 @pytest.mark.models
 def test_adaptive_k_falls_to_zero_and_output_stays_the_targets(runtime):
-    from specserve.engine.loop import Generation
+    from specserve.engine.loop import Generation, Speculation
     from specserve.engine.target import LocalTarget
 
     ids = runtime.encode_prompt(
@@ -116,8 +116,7 @@ def test_adaptive_k_falls_to_zero_and_output_stays_the_targets(runtime):
         tokenizer=tokenizer,
         prompt=ids,
         params=params,
-        proposer=wrong,
-        policy=runtime.draft_length("draft", "auto"),
+        speculation=Speculation(proposer=wrong, policy=runtime.draft_length("draft", "auto")),
     )
     list(generation)
     assert generation.tokens == plain.tokens

@@ -14,7 +14,7 @@ import pytest
 from llguidance import LLTokenizer, TokenizerWrapper
 
 from specserve.engine.grammar import Grammar, GrammarError, json_schema_grammar, regex_grammar
-from specserve.engine.loop import Generation
+from specserve.engine.loop import Generation, Speculation
 from specserve.engine.policy import FixedK
 from specserve.engine.proposers import DraftModelProposer, NgramProposer
 from specserve.engine.sampling import SamplingParams, probabilities
@@ -44,8 +44,7 @@ def generate(grammar: str, proposer, k: int, seed: int, temperature: float = 1.0
         tokenizer=SimpleNamespace(decode_bytes=lambda ids: b"".join(PIECES[i] for i in ids), stop_ids=frozenset({4})),
         prompt=[3],
         params=SamplingParams(**{**params.__dict__, "grammar": Grammar(TOKENIZER, grammar)}),
-        proposer=proposer,
-        policy=FixedK(k),
+        speculation=Speculation(proposer=proposer, policy=FixedK(k)),
     )
     list(generation)
     return generation

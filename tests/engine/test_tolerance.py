@@ -8,11 +8,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specserve.engine.sampling import SamplingParams, probabilities
-from specserve.engine.verify import ToleranceController, tolerance_distribution, verify_greedy, verify_tolerance
+from specserve.engine.verify import (
+    ToleranceController,
+    Verdict,
+    target_choice,
+    tolerance_distribution,
+    tolerated_prefix,
+    verify_greedy,
+)
 
 GREEDY = SamplingParams()
 SAMPLED = SamplingParams(temperature=0.8)
 V = 12
+
+
+def verify_tolerance(target, draft, q, params, delta, rng) -> Verdict:
+    """A window under the rule, as the target pass composes it (engine/target.py)."""
+    accepted = tolerated_prefix(target, draft, q, params, delta=delta)
+    return Verdict(accepted=accepted, next_token=target_choice(target[accepted], params, rng))
 
 
 @st.composite

@@ -12,17 +12,12 @@ import httpx
 import openai
 import pytest
 
+from tests.support.ports import free_port
 from tests.support.servers import start_server, stop_server
 
 pytestmark = pytest.mark.small_model
 SMALL = ("--target", "smollm2-135m", "--target-backend", "llama.cpp", "--draft", "none")
 TIMEOUT_S = 3.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -58,7 +53,6 @@ def test_a_request_past_its_deadline_ends_as_length_and_frees_its_slot(server, s
 @pytest.mark.parametrize("server", [("--stream-buffer", "16")], indirect=True)
 def test_a_client_that_stops_reading_is_cancelled_and_stalls_nobody(server, smollm2_path):
     import json
-    import socket
     from urllib.parse import urlparse
 
     from specserve.models.tokenizer import Tokenizer

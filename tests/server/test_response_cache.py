@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from specserve import SpecserveError
 from specserve.server.response_cache import CachedResponse, LRUCache, RedisCache, ResponseCache, cache_key, open_cache
-from tests.support.redis_server import _free_port
+from tests.support.ports import free_port
 
 RESP = CachedResponse(
     pieces=["Hello", ",", " wörld", " 🙂"],
@@ -251,7 +251,7 @@ def test_redis_malformed_entry_is_a_miss(redis_url, caplog):
 
 def test_redis_unreachable_is_a_miss_with_one_warning(caplog):
     caplog.set_level(logging.WARNING, logger="specserve.cache")
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     started = time.monotonic()
     cache = open_cache(url, max_entries=8)
     for i in range(20):

@@ -13,11 +13,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.servers import start_server, stop_server
+from tests.support.servers import API_KEY, AUTH, start_server, stop_server
+from tests.support.tools import ANSWER_IN_WORDS, CURRENCY
 
 pytestmark = pytest.mark.models
-API_KEY = "sk-test-0123456789"  # the module's server requires it (`--api-key`)
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPT = "Write a Python function `is_prime(n)` that returns True if n is prime."
 TOPICS = [
     "reverse a string",
@@ -31,20 +30,6 @@ TOPICS = [
     "remove duplicates",
     "parse an int",
 ]
-
-
-@pytest.fixture(scope="module")
-def server(redis_url):
-    proc, base, _ = start_server(
-        "--max-batch", "8", "--max-queue", "48", "--cache-url", redis_url, "--api-key", API_KEY
-    )
-    yield base
-    stop_server(proc)
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
 
 
 def test_health_is_503_while_loading_then_ok_and_requests_naming_no_method_get_the_servers():
@@ -217,7 +202,7 @@ def test_required_tool_call_round_trip(client):
     results = {"get_weather": '{"temperature_c": 18, "sky": "cloudy"}', "get_time": '{"time": "14:05"}'}
     # Without a system prompt that says so, this 1.5B model answers tool results by restating its calls (and
     # after two results, even with one).
-    answer_in_words = {"role": "system", "content": "When a tool has answered, reply to the user in one sentence."}
+    answer_in_words = {"role": "system", "content": ANSWER_IN_WORDS}
     (call,) = single.choices[0].message.tool_calls
     history = [
         answer_in_words,
@@ -227,6 +212,27 @@ def test_required_tool_call_round_trip(client):
     ]
     answer = client.chat.completions.create(model=None, messages=history, max_tokens=40, tools=[WEATHER, CLOCK])
     assert answer.choices[0].finish_reason == "stop" and "18" in answer.choices[0].message.content
+
+
+def test_a_required_call_stops_instead_of_repeating_to_max_tokens(client):
+    """The 1.5B model repeats its call until max_tokens; the reply ends at the first repeat and holds the call
+    once, with no markup in the content, streamed or not."""
+    ask = [{"role": "user", "content": "How many euros are 250 US dollars? Use the tool."}]
+    kwargs = {"model": None, "messages": ask, "max_tokens": 200, "tools": [CURRENCY], "tool_choice": "required"}
+    reply = client.chat.completions.create(**kwargs)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [c.function.name for c in choice.message.tool_calls] == ["convert_currency"]
+    assert json.loads(choice.message.tool_calls[0].function.arguments)["amount"] == 250
+    assert reply.usage.completion_tokens < 200
+    content, calls = "", []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+            calls += chunk.choices[0].delta.tool_calls or []
+    assert content == "" and [(c.function.name, c.function.arguments) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    ]
 
 
 def test_a_named_tool_is_called_and_streams_as_a_delta(client):
@@ -420,7 +426,7 @@ def test_client_disconnect_cancels_the_stream(server):
         ({"max_tokens": 0}, openai.BadRequestError),
         ({"max_tokens": 100_000}, openai.BadRequestError),
         ({"temperature": -1}, openai.BadRequestError),
-        ({"n": 2}, openai.BadRequestError),
+        ({"n": 0}, openai.BadRequestError),
         ({"messages": []}, openai.BadRequestError),
         ({"messages": [{"role": "user", "content": "word " * 3000}]}, openai.BadRequestError),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, openai.BadRequestError),
@@ -506,6 +512,70 @@ def test_metrics_parse_and_count_the_work(client, server):
     assert value("specserve_requests", "_total") > 0
     assert "specserve_queue_depth" in families
     assert value("specserve_cache_hits", "_total") > 0 and value("specserve_cache_misses", "_total") > 0
+    # latencies per request, prompt tokens, windows; the speculation counters under vLLM's names agree
+    for name in ("specserve_time_to_first_token_seconds", "specserve_e2e_request_latency_seconds"):
+        assert value(name, "_count") > 0, name
+    assert value("specserve_time_per_output_token_seconds", "_count") > 0
+    assert value("specserve_prompt_tokens", "_total") > 0 and value("specserve_verify_windows", "_total") > 0
+    assert value("vllm:spec_decode_num_draft_tokens", "_total") == value("specserve_drafted_tokens", "_total")
+    assert value("vllm:spec_decode_num_accepted_tokens", "_total") == value("specserve_accepted_tokens", "_total")
+    per_position = value("vllm:spec_decode_num_accepted_tokens_per_pos", "_total")
+    assert per_position == value("vllm:spec_decode_num_accepted_tokens", "_total")
+    assert 0 < value("vllm:spec_decode_num_drafts", "_total") <= value("specserve_verify_windows", "_total")
+    model = client.models.list().data[0].id
+    assert {s.labels["model_name"] for s in families["vllm:spec_decode_num_drafts"].samples} == {model}
+
+
+def test_n_choices_are_the_replies_to_seeds_in_a_row_streamed_or_not(client):
+    kwargs = {"model": None, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 10}
+    kwargs["temperature"] = 1.0
+    singles = [client.chat.completions.create(**kwargs, seed=11 + i) for i in range(3)]
+    texts = [s.choices[0].message.content for s in singles]
+    many = client.chat.completions.create(**kwargs, n=3, seed=11)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert [c.message.content for c in many.choices] == texts and len(set(texts)) > 1
+    assert many.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert many.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**kwargs, n=3, seed=11, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**kwargs, n=17)
+
+
+def test_ignore_eos_stop_token_ids_and_min_p(client, server):
+    short = {"messages": [{"role": "user", "content": "Answer with one word: is 7 prime?"}], "max_tokens": 24}
+    ended = client.chat.completions.create(model=None, **short)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 24
+    going = client.chat.completions.create(model=None, **short, extra_body={"ignore_eos": True})
+    assert going.choices[0].finish_reason == "length" and going.usage.completion_tokens == 24
+    assert going.choices[0].message.content.startswith(ended.choices[0].message.content)
+
+    long = {"model": None, "prompt": "def bubble_sort(items):\n", "max_tokens": 32}
+    whole = client.completions.create(**long).choices[0].text
+    tokens = httpx.post(f"{server}/tokenize", json={"content": whole}, headers=AUTH).json()["tokens"]
+    cut = client.completions.create(**long, extra_body={"stop_token_ids": [tokens[4]]}).choices[0]
+    assert cut.finish_reason == "stop" and whole.startswith(cut.text) and len(cut.text) < len(whole)
+
+    # min_p = 1 keeps only the most likely token: sampling then is greedy decoding, whatever the seed
+    sampled = client.completions.create(**long, temperature=1.0, seed=3, extra_body={"min_p": 1.0}).choices[0].text
+    assert sampled == whole
+    assert client.completions.create(**long, temperature=1.0, seed=3).choices[0].text != whole
+
+
+def test_fields_a_server_does_not_know_are_accepted_and_named_and_unhonourable_ones_refused(server):
+    body = {"prompt": "1, 2, 3,", "max_tokens": 4, "store": True, "metadata": {"a": "b"}, "frobnicate": 1}
+    response = httpx.post(f"{server}/v1/completions", json=body, headers=AUTH)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"]
+    assert response.headers["x-specserve-ignored-fields"] == "frobnicate, metadata, store"
+    for field, value in [("best_of", 3), ("functions", [{"name": "f"}]), ("echo", True), ("modalities", ["audio"])]:
+        refused = httpx.post(f"{server}/v1/completions", json={"prompt": "x", field: value}, headers=AUTH)
+        assert refused.status_code == 400 and field in refused.json()["error"]["message"], field
+    one = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 1, "best_of": 1}, headers=AUTH)
+    assert one.status_code == 200
+    assert httpx.get(f"{server}/health").status_code == 200
 
 
 def test_request_span_has_draft_verify_accept_children(runtime):
@@ -551,10 +621,11 @@ def test_the_grafana_dashboard_queries_only_metrics_the_server_has(server, clien
     client.chat.completions.create(model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     path = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "specserve.json"
     exprs = [t["expr"] for panel in json.loads(path.read_text())["panels"] for t in panel["targets"]]
-    queried = {name for e in exprs for name in re.findall(r"\b(specserve_\w+)", e)}
+    queried = {name for e in exprs for name in re.findall(r"\b((?:specserve_|vllm:)[\w:]+)", e)}
     text = httpx.get(f"{server}/metrics", headers=AUTH).text
     exposed = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
-    assert len(queried) >= 12 and queried <= exposed, queried - exposed
+    assert len(queried) >= 18 and queried <= exposed, queried - exposed
+    assert {"vllm:spec_decode_num_drafts_total", "specserve_time_to_first_token_seconds_bucket"} <= queried
 
 
 def test_metrics_can_be_put_behind_the_api_key(runtime):

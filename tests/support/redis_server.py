@@ -7,7 +7,6 @@ production. Each server gets a free loopback port, no persistence, and its own t
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,11 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.ports import free_port
 
 
 class RedisServer:
@@ -44,7 +39,7 @@ class RedisServer:
             pytest.fail("redis-server not found on PATH; run `make redis` to install it (Debian package redis-server)")
         # Another process may grab the free port between our probe and redis binding it: try a few.
         for _ in range(1 if port else 3):
-            self.port = port or _free_port()
+            self.port = port or free_port()
             with open(self._log, "ab") as log:
                 self.proc = subprocess.Popen(
                     [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

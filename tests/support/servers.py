@@ -1,7 +1,6 @@
 """`specserve serve` as a process of its own on a free loopback port, as a user starts it."""
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -10,15 +9,18 @@ import time
 import httpx
 import pytest
 
+from tests.support.ports import free_port
+
+API_KEY = "sk-test-0123456789"  # the tests' shared server requires it (`--api-key`, tests/server/conftest.py)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
 
 def start_server(
     *extra: str, healthy: bool = True, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, str, list[int]]:
     """A `specserve serve` process on a free port; returns once /health is 200 (or, not `healthy`, once it
     answers at all), with the statuses seen. `env`: variables added to this process's environment."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--n-ctx", "2048", *extra],

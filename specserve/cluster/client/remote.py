@@ -1,4 +1,4 @@
-"""`RemoteTarget`: a `TargetSession` whose target pass runs on a verifier service (see service.py).
+"""`RemoteTarget`: a `TargetSession` whose target pass runs on a verifier service (see cluster/verifier/service.py).
 
 The loop in engine/loop.py uses it exactly like a local target. Each session is one gRPC stream to one
 replica (session affinity: the replica keeps the KV cache). The client keeps the list of tokens the
@@ -19,8 +19,8 @@ import grpc
 
 from specserve import SpecserveError
 from specserve.cluster import verifier_pb2 as pb
+from specserve.cluster.client.router import HEALTH_EVERY_S, Replica, VerifierPool
 from specserve.cluster.protocol import params_to_wire, window_to_wire
-from specserve.cluster.router import HEALTH_EVERY_S, Replica, VerifierPool
 from specserve.engine.target import Window
 from specserve.engine.verify import Verdict
 
@@ -107,6 +107,7 @@ class RemoteTarget:
         self.pool = pool
         self._metadata = (*pool.metadata, *(trace_context or {}).items())
         self.n_ctx = pool.n_ctx
+        self.cached_prefix = 0  # a verifier's session starts empty (prefix reuse is a local runtime's)
         self.verifier = RemoteVerifier(pool)
         self.failovers = 0  # sessions re-opened with a replay (for stats and tests)
         self._cache: list[int] = []  # the tokens the verifier's KV cache holds for this session

@@ -27,8 +27,8 @@ from opentelemetry import propagate, trace
 from specserve import SpecserveError
 from specserve.cluster import verifier_pb2 as pb
 from specserve.cluster import verifier_pb2_grpc as pb_grpc
-from specserve.cluster.metrics import VerifierMetrics
 from specserve.cluster.protocol import AUTH_HEADER, ProtocolError, params_from_wire, window_from_wire
+from specserve.cluster.verifier.metrics import VerifierMetrics
 from specserve.config import PREFILL_CHUNK, REMOTE_K_MAX, VERIFIER_MAX_BATCH, VERIFIER_MAX_SESSIONS, VerifierConfig
 from specserve.engine.costs import CALIBRATION_TEXT, measure_rows
 from specserve.engine.model import Model

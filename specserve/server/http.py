@@ -1,0 +1,67 @@
+"""What every route shares: the error statuses it documents (schemathesis holds the server to them), the
+server state of a request, and the header naming a request's fields the server did not know."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+from fastapi import Request, Response
+
+from specserve.server.schemas import ErrorResponse
+from specserve.server.state import ServerState
+
+log = logging.getLogger("specserve.server")
+IGNORED_FIELDS_HEADER = "X-Specserve-Ignored-Fields"  # the request's fields the server did not know
+
+ERRORS = {
+    400: "malformed or unsatisfiable request",
+    401: "missing or wrong API key (with --api-key)",
+    404: "unknown model",
+    413: "request body too large",
+    429: "queue full; retry after Retry-After seconds",
+    499: "the client closed the request",
+    500: "the generation failed",
+    503: "models loading, no verifier reachable, or shutting down; retry after Retry-After seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """The OpenAPI entries of the errors a route answers with."""
+    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
+
+
+# A completion is one JSON body, or with `stream: true` a stream of server-sent events.
+COMPLETION_RESPONSES = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "the completion"},
+    **error_responses(400, 401, 404, 413, 429, 499, 500, 503),
+}
+
+
+def json_response(body: dict, headers: dict[str, str]) -> Response:
+    """A JSON body that echoes request text safely: ASCII-escaped, so a lone surrogate a client sent (valid
+    JSON, not UTF-8) cannot fail the reply."""
+    return Response(json.dumps(body), media_type="application/json", headers=headers)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+_logged_fields: set[str] = set()
+_logged_lock = threading.Lock()
+
+
+def ignored_fields_header(fields: list[str]) -> dict[str, str]:
+    """The response header naming the request's unknown fields; each name is logged once per process. Names
+    are written as JSON string contents (ASCII; a comma escaped), since a header takes no other bytes."""
+    if not fields:
+        return {}
+    names = [json.dumps(name)[1:-1].replace(",", "\\u002c").replace("\x7f", "\\u007f") for name in fields]
+    with _logged_lock:
+        new = [name for name in names if name not in _logged_fields]
+        _logged_fields.update(new)
+    if new:
+        log.warning("ignoring request fields this server does not know: %s", ", ".join(new))
+    return {IGNORED_FIELDS_HEADER: ", ".join(names)}
