@@ -138,7 +138,7 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 async def _answer(state: ServerState, request: Request, body: CompletionParams, ids: list[int]):
     """The reply: one choice, or with `n` several, choice i being the reply to the same request with seed
-    + i (decoded together, as concurrent requests are)."""
+    + i (decoded together, as concurrent requests are, after the first prefilled the prompt for all)."""
     chat = isinstance(body, ChatRequest)
     choices = [body]
     if body.n > 1:
@@ -146,7 +146,10 @@ async def _answer(state: ServerState, request: Request, body: CompletionParams, 
             body.model_copy(update={"seed": None if body.seed is None else body.seed + i}) for i in range(body.n)
         ]
     endpoint = "chat" if chat else "completions"
-    streams = [await state.events(endpoint, request, choice, ids) for choice in choices]
+    streams = [await state.events(endpoint, request, choices[0], ids)]
+    if len(choices) > 1:  # the others start once the first has prefilled: they copy its KV (engine/prefix.py)
+        streams[0] = await _after_first_event(streams[0])
+        streams += [await state.events(endpoint, request, choice, ids) for choice in choices[1:]]
     runtime = state.ready()
     token_bytes = None
     if body.logprob_count() is not None:
@@ -165,6 +168,22 @@ async def _answer(state: ServerState, request: Request, body: CompletionParams, 
         tasks = [group.create_task(_collect(events)) for events in streams]
     bodies = [fmt.completion(reply, *task.result()) for reply, task in zip(replies, tasks, strict=True)]
     return JSONResponse(fmt.merged_choices(bodies), headers=headers)
+
+
+async def _after_first_event(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """The same events, once the first has come (the prompt is prefilled by then)."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:  # the client left
+        raise ApiError(499, "client closed the request") from None
+
+    async def chained() -> AsyncIterator[Event]:
+        yield first
+        async with aclosing(events):
+            async for event in events:
+                yield event
+
+    return chained()
 
 
 async def _collect(events: AsyncIterator[Event]) -> tuple[list[fmt.Piece], Finished]:

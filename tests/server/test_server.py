@@ -545,6 +545,25 @@ def test_n_choices_are_the_replies_to_seeds_in_a_row_streamed_or_not(client):
         client.chat.completions.create(**kwargs, n=17)
 
 
+def test_n_choices_prefill_a_long_prompt_once(client, server):
+    """Choices after the first copy its prompt KV (whole 128-token chunks) instead of evaluating it again."""
+
+    def reused() -> float:
+        text = httpx.get(f"{server}/metrics", headers=AUTH).text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        return sum(s.value for s in families["specserve_prefix_reused_tokens"].samples if s.name.endswith("_total"))
+
+    backend = httpx.get(f"{server}/v1/specserve/info", headers=AUTH).json()["target_backend"]
+    if backend == "llama.cpp":  # `auto` picked it on this CPU: its sequences do not copy KV
+        pytest.skip("the target runs on llama.cpp, whose sequences do not copy prefixes")
+    words = " ".join(f"item{i}" for i in range(300))  # a prompt no earlier request shares
+    messages = [{"role": "user", "content": f"Which item comes after item41 in: {words}?"}]
+    before = reused()
+    many = client.chat.completions.create(model=None, messages=messages, max_tokens=4, n=3, temperature=1.0, seed=1)
+    assert len(many.choices) == 3 and many.usage.prompt_tokens > 256
+    assert reused() - before >= 2 * 256  # choices 1 and 2: at least two whole chunks each
+
+
 def test_ignore_eos_stop_token_ids_and_min_p(client, server):
     short = {"messages": [{"role": "user", "content": "Answer with one word: is 7 prime?"}], "max_tokens": 24}
     ended = client.chat.completions.create(model=None, **short)
