@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import Request, Response
 
+from specserve.server.openai_format import ApiError, Finished, Piece
 from specserve.server.schemas import ErrorResponse
-from specserve.server.state import ServerState
+from specserve.server.state import Event, ServerState
 
 log = logging.getLogger("specserve.server")
 IGNORED_FIELDS_HEADER = "X-Specserve-Ignored-Fields"  # the request's fields the server did not know
@@ -65,3 +68,14 @@ def ignored_fields_header(fields: list[str]) -> dict[str, str]:
     if new:
         log.warning("ignoring request fields this server does not know: %s", ", ".join(new))
     return {IGNORED_FIELDS_HEADER: ", ".join(names)}
+
+
+async def collect(events: AsyncIterator[Event]) -> tuple[list[Piece], Finished]:
+    """A whole reply's pieces and its end; leaving early (an error, a client gone) cancels the job."""
+    pieces = []
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, Finished):
+                return pieces, event
+            pieces.append(event)
+    raise ApiError(499, "client closed the request")

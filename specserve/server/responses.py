@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from specserve import SpecserveError
-from specserve.server.http import COMPLETION_RESPONSES, ignored_fields_header, json_response, server_state
+from specserve.server.http import COMPLETION_RESPONSES, collect, ignored_fields_header, json_response, server_state
 from specserve.server.openai_format import ApiError, Finished
 from specserve.server.schemas import ChatRequest, Speculation
 from specserve.server.state import Event, ServerState
@@ -376,20 +376,15 @@ async def responses(body: ResponsesRequest, request: Request):
         stream = _responses_sse(state, conversation, events, writer, tools=chat.may_call_tools)
         headers["Cache-Control"] = "no-cache"
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-    pieces = []
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, Finished):
-                text: str | None = "".join(pieces)
-                calls = []
-                if chat.may_call_tools:
-                    text, calls = parse_tool_calls(text)
-                output = output_items(text, calls)
-                reply = response_body(response_id=response_id, request=body, model=model, output=output, done=event)
-                await asyncio.to_thread(state.conversations.put, reply, conversation)
-                return json_response(reply, headers)
-            pieces.append(event.text)
-    raise ApiError(499, "client closed the request")
+    pieces, done = await collect(events)
+    text: str | None = "".join(p.text for p in pieces)
+    calls = []
+    if chat.may_call_tools:
+        text, calls = parse_tool_calls(text)
+    output = output_items(text, calls)
+    reply = response_body(response_id=response_id, request=body, model=model, output=output, done=done)
+    await asyncio.to_thread(state.conversations.put, reply, conversation)
+    return json_response(reply, headers)
 
 
 async def _responses_sse(

@@ -20,7 +20,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from specserve import SpecserveError
 from specserve.server import openai_format as fmt
-from specserve.server.http import COMPLETION_RESPONSES, error_responses, ignored_fields_header, server_state
+from specserve.server.http import (
+    COMPLETION_RESPONSES,
+    collect,
+    error_responses,
+    ignored_fields_header,
+    server_state,
+)
 from specserve.server.infill import infill_ids
 from specserve.server.openai_format import ApiError, Finished
 from specserve.server.schemas import (
@@ -165,7 +171,7 @@ async def _answer(state: ServerState, request: Request, body: CompletionParams, 
         stream = _merged([_sse(reply, events) for reply, events in zip(replies, streams, strict=True)])
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     async with asyncio.TaskGroup() as group:  # one failing choice cancels the others
-        tasks = [group.create_task(_collect(events)) for events in streams]
+        tasks = [group.create_task(collect(events)) for events in streams]
     bodies = [fmt.completion(reply, *task.result()) for reply, task in zip(replies, tasks, strict=True)]
     return JSONResponse(fmt.merged_choices(bodies), headers=headers)
 
@@ -184,16 +190,6 @@ async def _after_first_event(events: AsyncIterator[Event]) -> AsyncIterator[Even
                 yield event
 
     return chained()
-
-
-async def _collect(events: AsyncIterator[Event]) -> tuple[list[fmt.Piece], Finished]:
-    pieces = []
-    async with aclosing(events):  # leaving early closes it, which cancels the job
-        async for event in events:
-            if isinstance(event, Finished):
-                return pieces, event
-            pieces.append(event)
-    raise ApiError(499, "client closed the request")
 
 
 def _token_bytes(runtime, token: int) -> bytes:
@@ -232,7 +228,9 @@ async def _merged(choices: list[AsyncIterator[str]]) -> AsyncIterator[str]:
                 yield chunk
         yield fmt.SSE_DONE
         return
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    # Bounded, so that a client that stops reading stops the pumps too, and its jobs' unread steps pile up
+    # where the scheduler sees them (`--stream-buffer`), as with one choice.
+    queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=len(choices))
 
     async def pump(choice: AsyncIterator[str]) -> None:
         async with aclosing(choice):
