@@ -77,6 +77,10 @@ class Tokenizer:
         """`special`: control tokens come out as their text (<|im_end|>) instead of nothing."""
         return self._llama.detokenize(tokens, special=special)
 
+    def token_bytes(self, token: int) -> bytes:
+        """One token's bytes: a piece of UTF-8 text, perhaps not a whole character."""
+        return self.decode_bytes([token])
+
     def decode(self, tokens: list[int]) -> str:
         return self.decode_bytes(tokens).decode("utf-8", errors="replace")
 

@@ -24,14 +24,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from specserve import SpecserveError
+from specserve.engine.sampling import TokenLogprob
 from specserve.server.http import COMPLETION_RESPONSES, collect, ignored_fields_header, json_response, server_state
-from specserve.server.openai_format import ApiError, Finished
-from specserve.server.schemas import ChatRequest, Speculation
+from specserve.server.openai_format import ApiError, Finished, Piece, TokenBytes, chat_logprobs
+from specserve.server.schemas import MAX_TOP_LOGPROBS, ChatRequest, Speculation
 from specserve.server.state import Event, ServerState
 from specserve.server.tools import StreamSplit, ToolCall
 from specserve.server.tools import parse as parse_tool_calls
 
 router = APIRouter()
+LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for the text's log-probabilities
 
 
 class InputText(BaseModel):
@@ -91,8 +93,8 @@ class TextOptions(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    # Fields this server does not know (store, metadata, reasoning, include, truncation, ...) are accepted and
-    # named in a response header, as for chat completions.
+    # Fields this server does not know (store, metadata, reasoning, truncation, ...) are accepted and named in
+    # a response header, as for chat completions.
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
@@ -109,6 +111,9 @@ class ResponsesRequest(BaseModel):
     seed: int | None = None
     user: str | None = None
     stream: bool = False
+    # Of `include`, only LOGPROBS changes what this server returns; the others name outputs of tools it has not.
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     speculation: Speculation = Speculation()
 
     @model_validator(mode="before")
@@ -123,6 +128,11 @@ class ResponsesRequest(BaseModel):
     @property
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or ())
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the text parts carry their tokens' log-probabilities (OpenAI: only when `include` asks)."""
+        return LOGPROBS in (self.include or ())
 
     def conversation(self, earlier: list[dict]) -> list[dict]:
         """The conversation as chat messages: `earlier` turns (of `previous_response_id`), then this input's
@@ -162,6 +172,8 @@ class ResponsesRequest(BaseModel):
             "parallel_tool_calls": self.parallel_tool_calls,
             "speculation": self.speculation,
         }
+        if self.logprobs:
+            chat |= {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
         if self.tools:
             chat["tools"] = [
                 {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)} for t in self.tools
@@ -189,6 +201,7 @@ class ResponsesRequest(BaseModel):
             "parallel_tool_calls": self.parallel_tool_calls,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "top_logprobs": self.top_logprobs,
             "max_output_tokens": self.max_output_tokens,
             "previous_response_id": self.previous_response_id,
             "text": {
@@ -202,13 +215,17 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def message_item(text: str, item_id: str, status: str = "completed") -> dict:
+def text_part(text: str, logprobs: list[dict]) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+
+
+def message_item(text: str, item_id: str, status: str = "completed", logprobs: list[dict] = ()) -> dict:
     return {
         "type": "message",
         "id": item_id,
         "status": status,
         "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
+        "content": [text_part(text, list(logprobs))],
     }
 
 
@@ -252,9 +269,21 @@ def response_body(
     return body
 
 
-def output_items(content: str | None, calls: list[ToolCall]) -> list[dict]:
-    items = [message_item(content, new_id("msg"))] if content else []
+def output_items(content: str | None, calls: list[ToolCall], logprobs: list[dict]) -> list[dict]:
+    items = [message_item(content, new_id("msg"), logprobs=logprobs)] if content else []
     return items + [call_item(call, new_id("fc")) for call in calls]
+
+
+def text_logprobs(pieces: list[Piece], text: str | None, token_bytes: TokenBytes) -> list[dict]:
+    """The log-probabilities of the tokens that wrote `text`, the reply's text before any tool call: those of
+    the pieces up to its length (a call's tokens are not the message's)."""
+    entries, written = [], 0
+    for piece in pieces:
+        if written >= len(text or ""):
+            break
+        entries += piece.logprobs
+        written += len(piece.text)
+    return chat_logprobs(entries, token_bytes)["content"]
 
 
 def assistant_turn(output: list[dict]) -> list[dict]:
@@ -282,6 +311,7 @@ class ResponseEvents:
         self.output: list[dict] = []
         self.message_id: str | None = None
         self.text = ""
+        self.logprobs: list[dict] = []
         self.final: dict | None = None
 
     def _event(self, kind: str, **fields: Any) -> str:
@@ -302,7 +332,8 @@ class ResponseEvents:
         body = self._body(None)
         return [self._event("response.created", response=body), self._event("response.in_progress", response=body)]
 
-    def delta(self, text: str) -> list[str]:
+    def delta(self, text: str, logprobs: list[dict]) -> list[str]:
+        """The events of more text, with the log-probabilities of the tokens that wrote it."""
         if not text:
             return []
         events = []
@@ -310,19 +341,19 @@ class ResponseEvents:
             self.message_id = new_id("msg")
             item = {**message_item("", self.message_id, "in_progress"), "content": []}
             events.append(self._event("response.output_item.added", output_index=0, item=item))
-            part = {"type": "output_text", "text": "", "annotations": []}
-            events.append(self._text_event("response.content_part.added", part=part))
+            events.append(self._text_event("response.content_part.added", part=text_part("", [])))
         self.text += text
-        events.append(self._text_event("response.output_text.delta", delta=text))
+        self.logprobs += logprobs
+        events.append(self._text_event("response.output_text.delta", delta=text, logprobs=logprobs))
         return events
 
     def finish(self, done: Finished, calls: list[ToolCall]) -> list[str]:
         events = []
         if self.message_id is not None:
-            part = {"type": "output_text", "text": self.text, "annotations": []}
-            events.append(self._text_event("response.output_text.done", text=self.text))
+            part = text_part(self.text, self.logprobs)
+            events.append(self._text_event("response.output_text.done", text=self.text, logprobs=self.logprobs))
             events.append(self._text_event("response.content_part.done", part=part))
-            self.output.append(message_item(self.text, self.message_id))
+            self.output.append(message_item(self.text, self.message_id, logprobs=self.logprobs))
             events.append(self._event("response.output_item.done", output_index=0, item=self.output[-1]))
         for call in calls:
             at, item_id = {"output_index": len(self.output)}, new_id("fc")
@@ -371,9 +402,10 @@ async def responses(body: ResponsesRequest, request: Request):
     events = await state.events("responses", request, chat, ids)
     response_id, model = new_id("resp"), runtime.target_name
     headers = ignored_fields_header(body.ignored_fields)
+    token_bytes = runtime.tokenizer.token_bytes
     if body.stream:
         writer = ResponseEvents(response_id=response_id, request=body, model=model)
-        stream = _responses_sse(state, conversation, events, writer, tools=chat.may_call_tools)
+        stream = _responses_sse(state, conversation, events, writer, tools=chat.may_call_tools, token_bytes=token_bytes)
         headers["Cache-Control"] = "no-cache"
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     pieces, done = await collect(events)
@@ -381,7 +413,7 @@ async def responses(body: ResponsesRequest, request: Request):
     calls = []
     if chat.may_call_tools:
         text, calls = parse_tool_calls(text)
-    output = output_items(text, calls)
+    output = output_items(text, calls, text_logprobs(pieces, text, token_bytes))
     reply = response_body(response_id=response_id, request=body, model=model, output=output, done=done)
     await asyncio.to_thread(state.conversations.put, reply, conversation)
     return json_response(reply, headers)
@@ -394,9 +426,12 @@ async def _responses_sse(
     stream: ResponseEvents,
     *,
     tools: bool,
+    token_bytes: TokenBytes,
 ) -> AsyncIterator[str]:
-    """The documented event sequence; text streams until a tool call begins, the calls come last."""
+    """The documented event sequence; text streams until a tool call begins, the calls come last. Text held
+    back (it may begin a call) keeps its tokens' log-probabilities until it is released; a call's are dropped."""
     calls = StreamSplit() if tools else None
+    held: list[TokenLogprob] = []
     for line in stream.start():
         yield line
     try:
@@ -404,11 +439,16 @@ async def _responses_sse(
             async for event in events:
                 if isinstance(event, Finished):
                     rest, found = calls.finish() if calls is not None else ("", [])
-                    for line in stream.delta(rest) + stream.finish(event, found):
+                    logprobs = chat_logprobs(held, token_bytes)["content"] if rest and not found else []
+                    for line in stream.delta(rest, logprobs) + stream.finish(event, found):
                         yield line
                     await asyncio.to_thread(state.conversations.put, stream.final, conversation)
                     continue
-                for line in stream.delta(calls.push(event.text) if calls is not None else event.text):
-                    yield line
+                held += event.logprobs
+                text = calls.push(event.text) if calls is not None else event.text
+                if text:
+                    logprobs, held = chat_logprobs(held, token_bytes)["content"], []
+                    for line in stream.delta(text, logprobs):
+                        yield line
     except ApiError as exc:  # the headers are gone: report in-band, as the Responses API does
         yield f"event: error\ndata: {json.dumps({'type': 'error', 'code': exc.kind, 'message': exc.message})}\n\n"

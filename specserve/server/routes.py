@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
@@ -159,7 +158,7 @@ async def _answer(state: ServerState, request: Request, body: CompletionParams, 
     runtime = state.ready()
     token_bytes = None
     if body.logprob_count() is not None:
-        token_bytes = functools.partial(_token_bytes, runtime)
+        token_bytes = runtime.tokenizer.token_bytes
     head = fmt.response_head(chat, runtime.target_name)
     replies = [
         fmt.ReplyFormat(head=head, chat=chat, token_bytes=token_bytes, tools=body.may_call_tools, index=i)
@@ -190,10 +189,6 @@ async def _after_first_event(events: AsyncIterator[Event]) -> AsyncIterator[Even
                 yield event
 
     return chained()
-
-
-def _token_bytes(runtime, token: int) -> bytes:
-    return runtime.tokenizer.decode_bytes([token])
 
 
 async def _sse(reply: fmt.ReplyFormat, events: AsyncIterator[Event]) -> AsyncIterator[str]:

@@ -43,6 +43,37 @@ def test_a_response_streams_the_documented_events_and_equals_the_whole(client, m
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
 
 
+def test_logprobs_are_the_chat_completions_streamed_or_not(client, model):
+    ask, n = "Name three colours.", 12
+    include = ["message.output_text.logprobs"]
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": ask}], max_tokens=n, logprobs=True, top_logprobs=2
+    )
+    expected = [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in chat.choices[0].logprobs.content]
+    whole = client.responses.create(model=model, input=ask, max_output_tokens=n, include=include, top_logprobs=2)
+    part = whole.output[0].content[0]
+    assert [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in part.logprobs] == expected
+    assert "".join(t.token for t in part.logprobs) == part.text == chat.choices[0].message.content
+    streamed = []
+    with client.responses.stream(
+        model=model, input=ask, max_output_tokens=n, include=include, top_logprobs=2
+    ) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                streamed += [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in event.logprobs]
+    assert streamed == expected
+    plain = client.responses.create(model=model, input=ask, max_output_tokens=n, top_logprobs=2)
+    assert plain.output[0].content[0].logprobs == [] and plain.output_text == part.text
+    # a call's tokens are not the message's: a reply that is only a call has no text, so no logprobs
+    ask = "How many euros are 250 US dollars? Use the tool."
+    with client.responses.stream(
+        model=model, input=ask, tools=[CURRENCY], tool_choice="required", max_output_tokens=200, include=include
+    ) as stream:
+        kinds = {event.type for event in stream}
+        (call,) = stream.get_final_response().output
+    assert call.type == "function_call" and "response.output_text.delta" not in kinds
+
+
 def test_a_required_call_then_its_output_continues_the_stored_conversation(client, model, redis_url):
     ask = "How many euros are 250 US dollars? Use the tool."
     called = client.responses.create(
