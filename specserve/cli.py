@@ -190,7 +190,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from specserve.backends.choose import choose
-    from specserve.info import check_backends, collect, print_info
+    from specserve.info import check_backends, collect, model_summary, print_info
     from specserve.models.fetch import resolve_model
     from specserve.models.quantize import resolve_draft_spec
 
@@ -205,6 +205,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     draft = resolve_draft_spec(args.draft, args.target) if args.draft not in ("none", "") else None
     choice = choose(target, draft, K_MAX, again=args.remeasure)
     info = collect(choice)
+    info["models"] = {"target": model_summary(target)} | ({"draft": model_summary(draft)} if draft else {})
     if args.json:
         print(json.dumps(info, indent=1))
     else:

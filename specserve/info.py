@@ -6,6 +6,7 @@ bench JSON records the same dict (`collect`).
 
 from __future__ import annotations
 
+import collections
 import os
 import platform
 import re
@@ -65,6 +66,43 @@ def collect(choice: Choice | None = None) -> dict:
     }
 
 
+def model_summary(path: Path) -> dict:
+    """A GGUF file as the backends see it: its architecture, the weight types of each kind of tensor (a
+    Q4_K_M file mixes several), and what torch-q4 does with it (runs it as it is, requantizes it to Q4_0, or
+    cannot run it: the reason)."""
+    import gguf
+
+    from specserve.backends.decoder import read_config
+    from specserve.backends.torch_q4 import HEAD_AND_BODY, runs_as_is
+    from specserve.models.fetch import ModelError
+
+    reader = gguf.GGUFReader(str(path))
+    kinds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for tensor in reader.tensors:
+        kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else tensor.name.removesuffix(".weight")
+        kinds[kind][tensor.tensor_type.name] += 1
+    try:
+        read_config(reader, "torch-q4")
+        torch_q4 = "runs it as it is" if runs_as_is(reader) else f"runs its {HEAD_AND_BODY} requantization"
+    except ModelError as exc:
+        torch_q4 = str(exc)
+    return {
+        "file": path.name,
+        "architecture": reader.fields["general.architecture"].contents(),
+        "weights": {kind: dict(types) for kind, types in kinds.items()},
+        "torch-q4": torch_q4,
+    }
+
+
+def _model_table(role: str, summary: dict) -> Table:
+    table = Table(title=f"{role} {summary['file']}: {summary['architecture']}; torch-q4 {summary['torch-q4']}")
+    table.add_column("tensors")
+    table.add_column("weight types (count)")
+    for kind, types in summary["weights"].items():
+        table.add_row(kind, ", ".join(f"{name} ({count})" for name, count in types.items()))
+    return table
+
+
 def _cost_table(title: str, measured: list[Measured], scores: dict[str, float], picked: Measured | None) -> Table:
     sizes = sorted({n for m in measured for n in m.seconds if n > 1})
     targets = bool(scores)
@@ -98,6 +136,8 @@ def print_info(info: dict, choice: Choice | None, console: Console) -> None:
     )
     console.print(f"llama-cpp-python {llama['llama-cpp-python']} (build: {llama['build']}): {llama['system_info']}")
     console.print(f"specserve kernels: {ours['isa']}, tiles of {ours['tile_width']} columns")
+    for role, summary in info.get("models", {}).items():
+        console.print(_model_table(role, summary))
     if choice is None:
         return
     cached = " (cached measurements)" if choice.cached else ""

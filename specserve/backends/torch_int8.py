@@ -1,4 +1,4 @@
-"""torch-int8 backend: the Qwen2 forward (backends/qwen2.py) on torch's int8 GEMMs, batch-invariant.
+"""torch-int8 backend: the decoder forward (backends/decoder.py) on torch's int8 GEMMs, batch-invariant.
 
 FBGEMM's int8 GEMM (and oneDNN's, `torch-int8-onednn`) is efficient for many rows, so a verify window costs
 little more than one row; but its weights are 8 bits, so one row reads ~1.7x the bytes of a 4-bit file.
@@ -26,20 +26,21 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from specserve.backends.qwen2 import (
-    Qwen2Backend,
-    Qwen2Config,
-    Qwen2Model,
+from specserve.backends.decoder import (
+    DecoderBackend,
+    DecoderConfig,
+    DecoderModel,
     build_layers,
     cached_state,
     read_config,
+    rope_halves,
 )
 from specserve.models.fetch import cache_dir
 
 # Activations are quantized to 8 bits (FBGEMM u8), so weights keep to 7 bits: AVX2's vpmaddubsw adds two
 # u8*s8 products into a saturating int16, and 255*63*2 < 32767 keeps it exact.
 _WEIGHT_QMAX = 63
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor, torch.quantize_per_channel.*")
 
@@ -88,9 +89,10 @@ def _convert(model_path: Path, show_progress: bool) -> dict:
 
     def load(name: str) -> torch.Tensor:
         t = tensors[name]
-        return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        values = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        return torch.from_numpy(rope_halves(config, name, values))
 
-    state: dict = {"config": config.__dict__}
+    state: dict = {"config": config.as_dict()}
     names = [n for n in tensors if n.endswith(".weight") or n.endswith(".bias")]
     if "output.weight" not in tensors:
         names.append("output.weight")  # tied embeddings: the head reuses token_embd
@@ -122,14 +124,14 @@ def quantized_engine(engine: str):
         torch.backends.quantized.engine = previous
 
 
-def load_int8_model(model_path: Path, n_ctx: int, show_progress: bool, engine: str = "fbgemm") -> Qwen2Model:
+def load_int8_model(model_path: Path, n_ctx: int, show_progress: bool, engine: str = "fbgemm") -> DecoderModel:
     state = load_int8_state(model_path, show_progress)
     with quantized_engine(engine):
         return _int8_model(state, n_ctx)
 
 
-def _int8_model(state: dict, n_ctx: int) -> Qwen2Model:
-    config = Qwen2Config(**state["config"])
+def _int8_model(state: dict, n_ctx: int) -> DecoderModel:
+    config = DecoderConfig(**state["config"])
 
     def linear(names: list[str], biases: list[str] | None) -> Int8Linear:
         # one GEMM over a shared input: the same per-row activation scale, so numerically identical
@@ -143,19 +145,25 @@ def _int8_model(state: dict, n_ctx: int) -> Qwen2Model:
     def embed(ids: torch.Tensor) -> torch.Tensor:
         return embed_q[ids].float() * embed_s[ids, None]
 
-    head = Int8Linear(*state["output.weight"], None)
-    embed_bytes = embed_q.numel() + embed_s.numel() * 4
-    out_norm = state["output_norm.weight"].clone()
-    return Qwen2Model(config, n_ctx, layers, embed, head, out_norm, embed_bytes)
+    return DecoderModel(
+        config=config,
+        n_ctx=n_ctx,
+        layers=layers,
+        embed=embed,
+        head=Int8Linear(*state["output.weight"], None),
+        out_norm=state["output_norm.weight"].clone(),
+        embed_bytes=embed_q.numel() + embed_s.numel() * 4,
+        rope_factors=state.get("rope_freqs.weight"),
+    )
 
 
-class TorchInt8Backend(Qwen2Backend):
-    """An int8 Qwen2 model (FBGEMM GEMMs)."""
+class TorchInt8Backend(DecoderBackend):
+    """An int8 model (FBGEMM GEMMs)."""
 
     name = "torch-int8"
     engine = "fbgemm"
 
-    def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Model:
+    def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> DecoderModel:
         return load_int8_model(model_path, n_ctx, show_progress, self.engine)
 
 

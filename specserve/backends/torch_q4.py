@@ -1,4 +1,5 @@
-"""torch-q4 backend: a Qwen2 model on specserve's own kernels (specserve/kernels), on the file's own weights.
+"""torch-q4 backend: a decoder (backends/decoder.py) on specserve's own kernels (specserve/kernels), on the
+file's own weights.
 
 The kernels take the weight types of llama.cpp's 4-bit files as they are: Q4_0, and the K-quants of a
 Q4_K_M file (Q4_K, with Q6_K for the LM head and some layers). So on the model's own Q4_K_M file this runs
@@ -25,17 +26,18 @@ import torch
 from rich.progress import Progress
 
 from specserve import kernels
-from specserve.backends.qwen2 import (
-    Qwen2Backend,
-    Qwen2Config,
-    Qwen2Model,
+from specserve.backends.decoder import (
+    DecoderBackend,
+    DecoderConfig,
+    DecoderModel,
     build_layers,
     cached_state,
     read_config,
+    rope_halves,
 )
 from specserve.models.fetch import cache_dir
 
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 HEAD_AND_BODY = "Q4_0/Q4_0"  # what a file of other types is requantized to
 Q = gguf.GGMLQuantizationType
 
@@ -102,7 +104,7 @@ def _packed_path(source: Path, tile: int) -> Path:
 def _pack(source: Path, tile: int, show_progress: bool) -> dict:
     reader = gguf.GGUFReader(str(source))
     config = read_config(reader, "torch-q4")
-    state: dict = {"config": config.__dict__}
+    state: dict = {"config": config.as_dict()}
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task(f"packing {source.name} for specserve's kernels", total=len(reader.tensors))
         tied = "output.weight" not in {t.name for t in reader.tensors}  # the head is the embedding
@@ -116,19 +118,19 @@ def _pack(source: Path, tile: int, show_progress: bool) -> dict:
                         int(t.data.shape[0]),
                     )
             elif len(t.shape) == 2:
-                parts = kernels.PACKERS[t.tensor_type.name](np.asarray(t.data), tile)
+                parts = kernels.PACKERS[t.tensor_type.name](rope_halves(config, t.name, np.asarray(t.data)), tile)
                 state[t.name] = (t.tensor_type.name, parts, int(t.data.shape[0]))
             else:
-                state[t.name] = torch.from_numpy(np.array(t.data, dtype=np.float32))
+                state[t.name] = torch.from_numpy(rope_halves(config, t.name, np.array(t.data, dtype=np.float32)))
             progress.advance(task)
     return state
 
 
-def load_q4_model(model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Model:
+def load_q4_model(model_path: Path, n_ctx: int, show_progress: bool) -> DecoderModel:
     tile = kernels.ops().tile_width()
     source = q4_source(model_path, tile, show_progress)
     state = cached_state(_packed_path(source, tile), _CACHE_FORMAT, lambda: _pack(source, tile, show_progress))
-    config = Qwen2Config(**state["config"])
+    config = DecoderConfig(**state["config"])
 
     def linear(names: list[str], biases: list[str] | None) -> KernelLinear | Concat:
         groups: list[list[int]] = []  # runs of neighbouring matrices of one type: stacked into one
@@ -152,14 +154,22 @@ def load_q4_model(model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Mod
         rows = gguf.quants.dequantize(embed_blocks[ids.numpy()], Q[embed_type])
         return torch.from_numpy(np.array(rows, np.float32))
 
-    head = linear(["output.weight"], None)
-    return Qwen2Model(config, n_ctx, layers, embed, head, state["output_norm.weight"], embed_blocks.nbytes)
+    return DecoderModel(
+        config=config,
+        n_ctx=n_ctx,
+        layers=layers,
+        embed=embed,
+        head=linear(["output.weight"], None),
+        out_norm=state["output_norm.weight"],
+        embed_bytes=embed_blocks.nbytes,
+        rope_factors=state.get("rope_freqs.weight"),
+    )
 
 
-class TorchQ4Backend(Qwen2Backend):
-    """A Qwen2 model on specserve's kernels."""
+class TorchQ4Backend(DecoderBackend):
+    """A model on specserve's kernels."""
 
     name = "torch-q4"
 
-    def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> Qwen2Model:
+    def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> DecoderModel:
         return load_q4_model(model_path, n_ctx, show_progress)

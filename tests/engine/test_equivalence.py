@@ -52,7 +52,10 @@ def divergences(runtime, ids, plain_tokens, spec_tokens):
 
 
 def check_equivalence(runtime, prompt, configs):
-    ids = runtime.encode_prompt(messages=[{"role": "user", "content": prompt["prompt"]}])
+    check_ids(runtime, runtime.encode_prompt(messages=[{"role": "user", "content": prompt["prompt"]}]), configs)
+
+
+def check_ids(runtime, ids, configs):
     plain = run(runtime, ids, "none", 0)
     report = []
     drafted = 0
@@ -64,7 +67,7 @@ def check_equivalence(runtime, prompt, configs):
             report.append(d)
         assert spec.finish_reason == plain.finish_reason
     if report:
-        print(f"divergences for {prompt['prompt'][:40]!r}: {report}")
+        print(f"divergences for {runtime.tokenizer.decode(ids)[-40:]!r}: {report}")
     bugs = [d for d in report if not d.get("near_tie")]
     assert not bugs, f"speculative output differs from target greedy (not a near-tie): {bugs}"
     assert drafted > 0, "nothing was drafted: the test would not have seen a divergence"
@@ -97,3 +100,17 @@ def test_speculation_on_a_llamacpp_target_equals_its_greedy(llamacpp_runtime, pr
     if llamacpp_runtime.k_max == 0:
         pytest.skip("llama.cpp computes no window of 2 rows as 2 single steps on this CPU: nothing to speculate")
     check_equivalence(llamacpp_runtime, prompt, [("draft", 8), ("draft", "auto"), ("ngram", 8)])
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_speculation_on_other_architectures_equals_their_greedy(name):
+    """A Llama and a Gemma 3 target on torch-q4, drafted for by a requantized copy of themselves (Q2_K, on
+    llama.cpp): speculative greedy output is the target's own greedy output."""
+    from specserve.config import EngineConfig
+    from specserve.runtime import LocalRuntime
+
+    config = EngineConfig(target=name, draft="self:Q2_K", target_backend="torch-q4", draft_backend="llama.cpp")
+    runtime = LocalRuntime(config, show_progress=False)
+    text = "def binary_search(items, target):\n    lo, hi = 0, len(items) - 1\n"
+    for prompt in (text, "The three primary colours are"):
+        check_ids(runtime, runtime.tokenizer.encode(prompt, add_special=True), [("draft", 4), ("draft", "auto")])

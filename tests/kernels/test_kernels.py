@@ -2,6 +2,8 @@
 portable C++ spelling of the same arithmetic (so the AVX2 and AVX512-VNNI paths, each tested on the CPU that
 has it, agree with each other too)."""
 
+import math
+
 import gguf
 import numpy as np
 import pytest
@@ -84,28 +86,44 @@ def test_every_other_kernel_is_bitwise_the_portable_arithmetic(native, generic):
     assert torch.equal(native.rms_norm(x, norm, 1e-6), generic.rms_norm(x, norm, 1e-6))
     gate_up = torch.from_numpy(rng.uniform(-90, 30, (3, 2 * 1000)).astype(np.float32))
     assert torch.equal(native.silu_mul(gate_up), generic.silu_mul(gate_up))
+    assert torch.equal(native.gelu_tanh_mul(gate_up), generic.gelu_tanh_mul(gate_up))
     q, keys, values = torch.randn(4, 12 * 64), torch.randn(2, 40, 64), torch.randn(2, 40, 64)
-    assert torch.equal(native.attention(q, keys, values, 20, 0.125), generic.attention(q, keys, values, 20, 0.125))
+    for window in (0, 7):
+        fast, portable = (ops.attention(q, keys, values, 20, 0.125, window) for ops in (native, generic))
+        assert torch.equal(fast, portable)
 
 
-def test_silu_mul_is_accurate_over_the_whole_range(native):
+def gelu_tanh(g: torch.Tensor) -> torch.Tensor:
+    """GeLU's tanh form as g sigmoid(2y) (1 + tanh(y) cancels to 0 below g = -10 even in double)."""
+    return g * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "function", "rtol"),
+    # GeLU's sigmoid argument is a cubic in float32: a few ulps of it, times |z| up to ~50 where the value is
+    # ~1e-20, make 1e-5 of relative error there
+    [("silu_mul", torch.nn.functional.silu, 1e-6), ("gelu_tanh_mul", gelu_tanh, 1e-5)],
+)
+def test_gated_activations_are_accurate_over_the_whole_range(native, kernel, function, rtol):
     g = torch.linspace(-80, 30, 4000).reshape(1, -1)
     up = torch.rand_like(g) + 0.5
-    got = native.silu_mul(torch.cat([g, up], dim=1)).double()
-    want = torch.nn.functional.silu(g.double()) * up.double()
-    assert ((got - want).abs() / want.abs().clamp_min(1e-30)).max() < 1e-6
+    got = getattr(native, kernel)(torch.cat([g, up], dim=1)).double()
+    want = function(g.double()) * up.double()
+    assert torch.allclose(got, want, rtol=rtol, atol=1e-30)  # far below zero gelu is below any float
 
 
 def test_attention_equals_softmax_attention(native):
     torch.manual_seed(0)
     heads, kv, hd, start, rows = 12, 2, 64, 30, 5
     q, keys, values = torch.randn(rows, heads * hd), torch.randn(kv, 64, hd), torch.randn(kv, 64, hd)
-    got = native.attention(q, keys, values, start, 1 / hd**0.5)
-    for r in range(rows):
-        for h in range(heads):
-            k_, v_ = keys[h // (heads // kv), : start + r + 1], values[h // (heads // kv), : start + r + 1]
-            p = torch.softmax(k_ @ q[r, h * hd : (h + 1) * hd] / hd**0.5, dim=0)
-            assert torch.allclose(got[r, h * hd : (h + 1) * hd], p @ v_, atol=1e-5)
+    for window in (0, 9):  # 9: the last 9 positions, as llama.cpp's sliding-window mask leaves them
+        got = native.attention(q, keys, values, start, 1 / hd**0.5, window)
+        for r in range(rows):
+            first = max(0, start + r + 1 - window) if window else 0
+            for h in range(heads):
+                k_, v_ = (cache[h // (heads // kv), first : start + r + 1] for cache in (keys, values))
+                p = torch.softmax(k_ @ q[r, h * hd : (h + 1) * hd] / hd**0.5, dim=0)
+                assert torch.allclose(got[r, h * hd : (h + 1) * hd], p @ v_, atol=1e-5)
 
 
 def test_rope_writes_the_cache_and_rotates_halves(native):

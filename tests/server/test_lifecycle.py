@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.gguf_files import with_metadata
 from tests.support.ports import free_port
 from tests.support.servers import start_server, stop_server
 
@@ -28,6 +29,13 @@ def server(request, smollm2_path):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def yarn_model(smollm2_path, tmp_path_factory):
+    """SmolLM2 with YaRN rope scaling in its metadata: llama.cpp runs it, torch-q4 does not."""
+    fields = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 2.0}
+    return with_metadata(smollm2_path, tmp_path_factory.mktemp("yarn") / "smollm2-yarn.gguf", fields)
 
 
 def client(base: str) -> openai.OpenAI:
@@ -103,23 +111,23 @@ def test_a_client_that_stops_reading_is_cancelled_and_stalls_nobody(server, smol
     assert client(base).completions.create(model=None, prompt="Hi", max_tokens=4).usage.completion_tokens == 4
 
 
-def test_a_model_that_cannot_load_ends_the_server_with_one_line_that_names_the_fix(smollm2_path):
+def test_a_model_that_cannot_load_ends_the_server_with_one_line_that_names_the_fix(yarn_model):
     """Not under a supervisor, a server whose models fail to load exits 1 (here: a backend that does not run
-    the file's architecture) rather than answering 503 for ever."""
+    the file's rope scaling) rather than answering 503 for ever."""
     port = free_port()
-    command = [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--target", "smollm2-135m"]
+    command = [sys.executable, "-m", "specserve.cli", "serve", "--port", str(port), "--target", str(yarn_model)]
     command += ["--target-backend", "torch-q4", "--draft", "none"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("specserve: error:")]
     assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
-    assert "'llama'" in errors[0] and "--target-backend llama.cpp" in errors[0]
+    assert "'yarn'" in errors[0] and "--target-backend llama.cpp" in errors[0]
     assert "Traceback" not in done.stderr  # a reason, not a stack
 
 
-def test_asked_to_stay_up_a_failed_server_says_why_on_health(smollm2_path):
+def test_asked_to_stay_up_a_failed_server_says_why_on_health(yarn_model):
     proc, base, _ = start_server(
         "--target",
-        "smollm2-135m",
+        str(yarn_model),
         "--target-backend",
         "torch-q4",
         "--draft",
