@@ -21,6 +21,15 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def yarn_model(smollm2_path, tmp_path_factory) -> Path:
+    """SmolLM2 with YaRN rope scaling in its metadata: llama.cpp runs it, the torch backends do not."""
+    from tests.support.gguf_files import with_metadata
+
+    fields = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 2.0}
+    return with_metadata(smollm2_path, tmp_path_factory.mktemp("yarn") / "smollm2-yarn.gguf", fields)
+
+
+@pytest.fixture(scope="session")
 def target_path() -> Path:
     from specserve.models.fetch import ensure_model
 

@@ -35,7 +35,6 @@ class Architecture:
     """What a model family's decoder layer does beyond the shared one (pre-norm attention and gated MLP, each
     added to the residual stream; rotary positions over each head's halves; every position attended)."""
 
-    qkv_bias: bool = False  # q, k and v projections have biases (Qwen2)
     qk_norm: bool = False  # an RMS norm over each head of q and of k before the rotation (Qwen3, Gemma 3)
     # llama.cpp's "normal" rotation (pairs of neighbouring dimensions, where its converter interleaved the
     # halves of q and k). The rows of q and k are put back in halves at load, so the one rotation kernel
@@ -50,7 +49,7 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    "qwen2": Architecture(qkv_bias=True),
+    "qwen2": Architecture(),
     "llama": Architecture(interleaved_rope=True),  # Llama 2/3, Mistral, SmolLM2, ...
     "qwen3": Architecture(qk_norm=True),
     "gemma3": Architecture(qk_norm=True, embed_scale=True, post_norms=True, activation="gelu_tanh", sliding_pattern=6),
@@ -65,6 +64,7 @@ class DecoderConfig:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    qkv_bias: bool  # q, k and v projections have biases (Qwen2's do; the file says)
     rms_eps: float
     rope_theta: float
     rope_scale: float = 1.0  # linear position scaling (positions are divided by it), layers without a window
@@ -105,7 +105,10 @@ def read_config(reader: gguf.GGUFReader, backend: str) -> DecoderConfig:
     arch = field("general.architecture")
     if arch not in ARCHITECTURES:
         raise unsupported(f"its architecture is {arch!r} (this backend runs {', '.join(ARCHITECTURES)})")
-    n_heads, d_model = int(field(f"{arch}.attention.head_count")), int(field(f"{arch}.embedding_length"))
+    heads, kv_heads = field(f"{arch}.attention.head_count"), field(f"{arch}.attention.head_count_kv", None)
+    if isinstance(heads, list) or isinstance(kv_heads, list):
+        raise unsupported("its layers differ in head counts")
+    n_heads, d_model = int(heads), int(field(f"{arch}.embedding_length"))
     head_dim = int(field(f"{arch}.attention.key_length", d_model // n_heads))
     if int(field(f"{arch}.attention.value_length", head_dim)) != head_dim:
         raise unsupported("its keys and values differ in length")
@@ -117,6 +120,9 @@ def read_config(reader: gguf.GGUFReader, backend: str) -> DecoderConfig:
     if float(field(f"{arch}.final_logit_softcapping", 0.0)):
         raise unsupported("it soft-caps its logits")
     n_layers = int(field(f"{arch}.block_count"))
+    names = {tensor.name for tensor in reader.tensors}
+    if unknown := sorted(names - _known_tensors(ARCHITECTURES[arch], n_layers)):
+        raise unsupported(f"it has tensors this forward pass does not compute ({', '.join(unknown[:3])}, ...)")
     window, pattern = int(field(f"{arch}.attention.sliding_window", 0)), ARCHITECTURES[arch].sliding_pattern
     windows = (0,) * n_layers
     if window and pattern:
@@ -130,8 +136,9 @@ def read_config(reader: gguf.GGUFReader, backend: str) -> DecoderConfig:
         n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,
-        n_kv_heads=int(field(f"{arch}.attention.head_count_kv", n_heads)),
+        n_kv_heads=int(kv_heads if kv_heads is not None else n_heads),
         head_dim=head_dim,
+        qkv_bias="blk.0.attn_q.bias" in names,
         rms_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
         rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
         rope_scale=float(field(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
@@ -140,6 +147,16 @@ def read_config(reader: gguf.GGUFReader, backend: str) -> DecoderConfig:
         n_vocab=len(reader.fields["tokenizer.ggml.tokens"].data),
         n_ctx_train=int(field(f"{arch}.context_length")),
     )
+
+
+def _known_tensors(arch: Architecture, n_layers: int) -> set[str]:
+    """The tensors the forward pass reads (biases of q, k and v where a file has them)."""
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    per_layer += ["attn_q_norm", "attn_k_norm"] if arch.qk_norm else []
+    per_layer += ["post_attention_norm", "post_ffw_norm"] if arch.post_norms else []
+    names = {f"blk.{i}.{part}.weight" for i in range(n_layers) for part in per_layer}
+    names |= {f"blk.{i}.attn_{x}.bias" for i in range(n_layers) for x in "qkv"}
+    return names | {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
 
 
 _ROTATED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
@@ -210,7 +227,7 @@ def build_layers(
     arch = config.arch
     for i in range(config.n_layers):
         p = f"blk.{i}."
-        qkv_bias = [p + f"attn_{x}.bias" for x in "qkv"] if arch.qkv_bias else None
+        qkv_bias = [p + f"attn_{x}.bias" for x in "qkv"] if config.qkv_bias else None
         layers.append(
             Layer(
                 qkv=linear([p + f"attn_{x}.weight" for x in "qkv"], qkv_bias),

@@ -40,7 +40,7 @@ from specserve.models.fetch import cache_dir
 # Activations are quantized to 8 bits (FBGEMM u8), so weights keep to 7 bits: AVX2's vpmaddubsw adds two
 # u8*s8 products into a saturating int16, and 255*63*2 < 32767 keeps it exact.
 _WEIGHT_QMAX = 63
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor, torch.quantize_per_channel.*")
 

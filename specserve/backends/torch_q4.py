@@ -37,7 +37,7 @@ from specserve.backends.decoder import (
 )
 from specserve.models.fetch import cache_dir
 
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 HEAD_AND_BODY = "Q4_0/Q4_0"  # what a file of other types is requantized to
 Q = gguf.GGMLQuantizationType
 

@@ -78,30 +78,30 @@ def test_the_draft_that_drafts_a_window_fastest_wins():
 
 
 @pytest.mark.small_model
-def test_a_backend_that_cannot_run_a_model_is_reported_not_fatal(smollm2_path):
-    """SmolLM2 is a llama model: the torch backends run qwen2 only, llama.cpp runs it."""
-    refused = measure_in_child("torch-q4", smollm2_path, (1, 2), exact=True)
-    assert not refused.usable and "qwen2" in refused.error
-    measured = measure_in_child("llama.cpp", smollm2_path, (1, 2, 3), exact=True)
+def test_a_backend_that_cannot_run_a_model_is_reported_not_fatal(yarn_model):
+    """YaRN rope scaling: the torch backends do not compute it, llama.cpp does."""
+    refused = measure_in_child("torch-q4", yarn_model, (1, 2), exact=True)
+    assert not refused.usable and "'yarn'" in refused.error
+    measured = measure_in_child("llama.cpp", yarn_model, (1, 2, 3), exact=True)
     assert measured.usable and set(measured.seconds) == {1, 2, 3} and 1 in measured.exact
 
 
 @pytest.mark.small_model
-def test_every_candidate_is_timed_in_two_rounds_and_the_result_cached(smollm2_path, isolated_cache, capsys):
-    """A front-end's draft pick (no target) on SmolLM2: only llama.cpp runs it. It is timed once per round,
-    in turn with the others, and a second start reads the measurements from the cache."""
-    first = choose(None, smollm2_path, k_max=2, show_progress=True)
+def test_every_candidate_is_timed_in_two_rounds_and_the_result_cached(yarn_model, isolated_cache, capsys):
+    """A front-end's draft pick (no target) on SmolLM2 with YaRN scaling: only llama.cpp runs it. It is timed
+    once per round, in turn with the others, and a second start reads the measurements from the cache."""
+    first = choose(None, yarn_model, k_max=2, show_progress=True)
     said = capsys.readouterr().err
     assert not first.cached and first.draft is not None and first.draft.backend == "llama.cpp"
     assert said.count("draft llama.cpp") == 2 and "timing them all again" in said
     assert set(first.draft.seconds) == set(DRAFT_ROWS) and all(s > 0 for s in first.draft.seconds.values())
-    assert [m.usable for m in first.drafts] == [True, False, False]  # torch backends run qwen2 only
-    again = choose(None, smollm2_path, k_max=2, show_progress=False)
+    assert [m.usable for m in first.drafts] == [True, False, False]  # the torch backends refuse YaRN
+    again = choose(None, yarn_model, k_max=2, show_progress=False)
     assert again.cached and again.draft.seconds == first.draft.seconds
     # `specserve info --remeasure`, or a table found to be measured while the machine was busy: anew, and kept
-    anew = choose(None, smollm2_path, k_max=2, show_progress=True, again=True)
+    anew = choose(None, yarn_model, k_max=2, show_progress=True, again=True)
     assert not anew.cached and "measuring the draft backends" in capsys.readouterr().err
-    later = choose(None, smollm2_path, k_max=2, show_progress=False)
+    later = choose(None, yarn_model, k_max=2, show_progress=False)
     assert later.cached and later.draft.seconds == anew.draft.seconds != first.draft.seconds
 
 
@@ -118,7 +118,7 @@ def test_a_table_is_measured_again_only_when_the_machine_runs_clearly_faster_now
 
 
 @pytest.mark.small_model
-def test_processes_started_together_measure_the_target_once_and_pick_alike(smollm2_path, isolated_cache):
+def test_processes_started_together_measure_the_target_once_and_pick_alike(yarn_model, isolated_cache):
     """A verifier (no draft) and a local server (with one) started together on one machine: one measures the
     target candidates while the other waits, and both pick the target from that one measurement, so a
     remote verifier's greedy output is the local server's."""
@@ -128,7 +128,7 @@ def test_processes_started_together_measure_the_target_once_and_pick_alike(smoll
         "print(c.target.label, sorted(c.target.seconds.items()))"
     )
     processes = [
-        subprocess.Popen([sys.executable, "-c", pick, str(smollm2_path), role], stdout=PIPE, stderr=PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", pick, str(yarn_model), role], stdout=PIPE, stderr=PIPE, text=True)
         for role in ("draft", "none")
     ]
     outputs = [process.communicate(timeout=900) for process in processes]
@@ -140,9 +140,7 @@ def test_processes_started_together_measure_the_target_once_and_pick_alike(smoll
 
 
 @pytest.mark.small_model
-def test_a_runtime_measures_again_when_its_cached_table_was_taken_on_a_busy_machine(
-    smollm2_path, isolated_cache, caplog
-):
+def test_a_runtime_measures_again_when_its_cached_table_was_taken_on_a_busy_machine(yarn_model, isolated_cache, caplog):
     """The cached table says every candidate ran 3x slower than the loaded target runs now (as if measured
     while a compile ran beside it): the runtime measures the candidates again, says so, and caches the new
     table, so the next start picks from it."""
@@ -152,7 +150,7 @@ def test_a_runtime_measures_again_when_its_cached_table_was_taken_on_a_busy_mach
     from specserve.config import EngineConfig
     from specserve.runtime import LocalRuntime
 
-    config = EngineConfig(target=str(smollm2_path), draft=None, n_ctx=512)
+    config = EngineConfig(target=str(yarn_model), draft=None, n_ctx=512)
     first = LocalRuntime(config, show_progress=False)
     assert not first.choice.cached
     (table,) = (isolated_cache / "auto").glob("*.json")

@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from tests.support.gguf_files import with_metadata
 from tests.support.ports import free_port
 from tests.support.servers import start_server, stop_server
 
@@ -29,13 +28,6 @@ def server(request, smollm2_path):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-
-
-@pytest.fixture(scope="module")
-def yarn_model(smollm2_path, tmp_path_factory):
-    """SmolLM2 with YaRN rope scaling in its metadata: llama.cpp runs it, torch-q4 does not."""
-    fields = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 2.0}
-    return with_metadata(smollm2_path, tmp_path_factory.mktemp("yarn") / "smollm2-yarn.gguf", fields)
 
 
 def client(base: str) -> openai.OpenAI:
