@@ -3,8 +3,10 @@ architectures in `ARCHITECTURES` (read from the GGUF's `general.architecture`).
 
 The backends differ only in their linear layers and embedding lookup (`torch_int8.py`: FBGEMM int8,
 `torch_q4.py`: specserve's kernels); the rest of a layer runs in specserve's kernels (kernels.cpp):
-RMS norm, rotary embedding with the KV-cache write, attention and SiLU, each row on its own. What one
-architecture does differently is a few fields of `Architecture`, not another forward pass.
+RMS norm, rotary embedding with the KV-cache write, attention (whole or sliding) and SiLU or GeLU, each row
+on its own. What one architecture does differently is a few fields of `Architecture`, not another forward
+pass; a file this pass would compute differently from llama.cpp (another architecture, YaRN, tensors it does
+not read) is refused by `read_config` with the reason, and `auto` runs it on llama.cpp.
 
 Exactness: when the linear layers are batch-invariant too (both are), a row's logits do not depend on which
 other rows share its pass, so a verify window is bitwise k one-token steps, and concurrent sequences in one
