@@ -304,7 +304,8 @@ class DecoderModel:
         self._embed_scale = float(np.float32(math.sqrt(config.d_model))) if arch.embed_scale else None
         self._rotation = self._rotation_table(config.rope_theta, config.rope_scale, rope_factors)
         # llama.cpp rotates the sliding-window layers at their own base, unscaled and without frequency factors
-        self._sliding_rotation = self._rotation_table(config.rope_theta_sliding, 1.0, None)
+        sliding = any(config.layer_windows)
+        self._sliding_rotation = self._rotation_table(config.rope_theta_sliding, 1.0, None) if sliding else None
         self._scale = 1.0 / math.sqrt(config.head_dim)
 
     def _rotation_table(
