@@ -8,11 +8,19 @@ from specserve.info import model_summary
 pytestmark = pytest.mark.models
 
 
-def test_a_llama_file_of_one_type_is_requantized_for_torch_q4(smollm2_path):
+def test_a_llama_file_of_the_kernels_types_runs_as_it_is(smollm2_path):
     summary = model_summary(smollm2_path)
     assert summary["architecture"] == "llama"
     assert summary["weights"]["attn_q"] == {"Q4_1": 30} and summary["weights"]["token_embd"] == {"Q8_0": 1}
-    assert summary["torch-q4"] == "runs its Q4_0/Q4_0 requantization"  # no Q4_1 kernel (yet)
+    assert summary["torch-q4"] == "runs it as it is"
+
+
+def test_a_file_with_a_type_the_kernels_lack_is_requantized_for_torch_q4(smollm2_path):
+    from specserve.models.quantize import quantized_model
+
+    summary = model_summary(quantized_model(smollm2_path, "Q2_K", show_progress=False))
+    assert summary["weights"]["ffn_down"] == {"Q3_K": 30}  # llama.cpp's Q2_K mix, for rows of 1536
+    assert summary["torch-q4"] == "runs its Q4_0/Q4_0 requantization"
 
 
 def test_a_mixed_file_lists_every_type_of_a_kind(target_path):

@@ -1,11 +1,11 @@
 """torch-q4 backend: a decoder (backends/decoder.py) on specserve's own kernels (specserve/kernels), on the
 file's own weights.
 
-The kernels take the weight types of llama.cpp's 4-bit files as they are: Q4_0, and the K-quants of a
-Q4_K_M file (Q4_K, with Q6_K for the LM head and some layers). So on the model's own Q4_K_M file this runs
-the very weights llama.cpp runs, reading as many bytes per token; activations are quantized as llama.cpp
-quantizes them for each type (Q8_0 per 32 values, Q8_K per 256). A file with other types is requantized to
-Q4_0, LM head included (llama.cpp's quantize API, `models/quantize.py`): a slightly different model, whose
+The kernels take the weight types of llama.cpp's Q4_0..Q8_0, Q4_K_M and Q5_K_M files as they are (Q4_0,
+Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). So on such a file this runs the very weights llama.cpp runs,
+reading as many bytes per token; activations are quantized as llama.cpp quantizes them for each type (Q8_0
+per 32 values, Q8_K per 256). A file with other types (Q2_K, Q3_K, IQ*, F16) is requantized to Q4_0, LM head
+included (llama.cpp's quantize API, `models/quantize.py`): a slightly different model, whose
 agreement with the original `specserve bench` reports. `auto` may pick a Q4_0 requantization of a Q4_K_M
 file too, where it is enough faster (backends/choose/).
 
@@ -47,7 +47,7 @@ class KernelLinear:
     """y = x W^T (+ b) on the kernel for W's type; W's parts packed for the kernel's tile width, stacked by
     output (tile-major, so matrices of one type stack by concatenation)."""
 
-    kind: str  # the GGUF type name: Q4_0, Q4_K or Q6_K
+    kind: str  # the GGUF type name: one of kernels.PACKERS
     parts: tuple[torch.Tensor, ...]
     n: int
     bias: torch.Tensor | None
@@ -62,7 +62,7 @@ class KernelLinear:
 
 @dataclass
 class Concat:
-    """Matrices of different types that share an input (Q4_K_M keeps v at Q6_K beside q and k at Q4_K)."""
+    """Matrices of different types that share an input (Q4_K_M keeps some v at Q6_K or Q8_0 beside q and k)."""
 
     linears: list[KernelLinear]
 

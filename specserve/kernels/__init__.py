@@ -39,7 +39,7 @@ __all__ = [
 @cache
 @on_compute_thread  # it runs the builds (the agreement check, the timing) on the thread passes run on
 def ops(generic: bool = False):
-    """The kernels as torch ops (`ops().linear(...)`): of the builds for this CPU that compute bitwise what
+    """The kernels as torch ops (`ops().linear_q4_0(...)`): of the builds for this CPU that compute bitwise what
     the portable spelling does (`generic`, also for tests), the fastest, as measured on this machine
     (`choose_build`): which ISA streams weights faster depends on the CPU's vector units and memory."""
     reference = build("generic")

@@ -1,5 +1,6 @@
-// CPU kernels of the torch-q4 backend: a Q4_0 x Q8_0 matrix product for few rows, and the other parts of a
-// decoder layer. Compiled on the machine that runs them (-march=native), see kernels/__init__.py.
+// CPU kernels of the torch-q4 backend: products of llama.cpp's weight types with int8 activations for few
+// rows, and the other parts of a decoder layer. Compiled on the machine that runs them (-march=native), see
+// kernels/__init__.py.
 //
 // Batch invariance by construction: every output value is computed by the same instructions in the same
 // order whatever the number of rows in the call (threads split output columns or rows, never a sum). So a
@@ -161,9 +162,14 @@ QuantizedRows quantize_rows(const at::Tensor& x, int64_t block) {
 // broadcast: one multiply-add instruction per 4 inputs x TILE columns.
 //
 //   Q4_0  w = d (q - 8), per block of 32: codes, then TILE fp16 d per block.
+//   Q4_1  w = d q + m: as Q4_0, with [d of the tile][m of the tile] per block.
+//   Q5_0, Q5_1  as Q4_0 and Q4_1 with 5-bit codes (q - 16): the low 4 bits as above, the fifth in TILE * 4
+//         more bytes per block ([column][4 bytes]: bit g of byte i is input 4g+i's, bit 4+g input 16+4g+i's).
+//   Q8_0  w = d q, q an int8: TILE * 32 bytes per block, [g = 0..7][column][4 bytes] (inputs 4g..4g+3).
 //   Q4_K  w = d sc q - dmin m per sub-block of 32 (sc, m: 6-bit integers), d and dmin per super-block of
 //         256: the integer dot products of the 8 sub-blocks times sc (and of the activations' sums times m)
 //         add up exactly, then one float multiply-add each per super-block. As llama.cpp computes it.
+//   Q5_K  as Q4_K with 5-bit codes, the fifth bits as Q5_0's.
 //   Q6_K  w = d sc (q - 32) per sub-block of 16 (sc: int8), q of 6 bits: the low 4 as above, the high 2 in
 //         TILE * 8 more bytes per 32 inputs ([half][column][4 bytes]: bits 2g..2g+1 of byte i are those of
 //         input 4g+i, or 16+4g+i in the second half).
@@ -210,6 +216,16 @@ inline ivec add_products(ivec acc, ivec a, const int8_t* xa, ivec b, const int8_
   return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, a, broadcast4(xa)), b, broadcast4(xb));
 }
 inline ivec widened(ivec acc) { return acc; }
+// s8 codes x s8 inputs (Q8_0), sum over the 8 groups of a block: dpbusd takes u8, so the codes go in offset by
+// 128 (`prepare_signed`, once per block) and 128 * sum(x) comes off.
+inline ivec prepare_signed(ivec w) { return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))); }
+inline ivec dot_signed(const ivec* w, const ivec* prepared, const int8_t* x, int32_t sum) {
+  (void)w;
+  ivec acc = zero();
+#pragma GCC unroll 8
+  for (int g = 0; g < 8; ++g) acc = _mm512_dpbusd_epi32(acc, prepared[g], broadcast4(x + 4 * g));
+  return sub32(acc, set32(128 * sum));
+}
 #elif defined(USE_AVX2)
 using ivec = __m256i;
 using fvec = __m256;
@@ -238,10 +254,11 @@ inline fvec fnma_i(ivec a, fvec b, fvec c) { return _mm256_fnmadd_ps(_mm256_cvte
 inline void fstore(float* p, fvec v) { _mm256_storeu_ps(p, v); }
 // maddubs adds pairs of u8 x s8 products into int16 lanes, which must not saturate: with codes of BITS bits
 // (below 2^BITS) and |x| <= 128, a lane of `terms` summed pairs holds 2 * terms * (2^BITS - 1) * 128, so
-// 4-bit codes may add all 8 groups in int16 (30720) and 6-bit codes 2 (32256) before widening exactly.
+// 4-bit codes may add all 8 groups in int16 (30720), 5-bit codes 4 (31744) and 6-bit codes 2 (32256) before
+// widening exactly.
 template <int N, int BITS>
 inline ivec dot_groups(const ivec* codes, const int8_t* const* xs) {
-  constexpr int terms = BITS <= 4 ? 8 : 2;
+  constexpr int terms = std::min(8, 32767 / (2 * ((1 << BITS) - 1) * 128));
   const __m256i ones = _mm256_set1_epi16(1);
   ivec acc = zero();
 #pragma GCC unroll 8
@@ -261,6 +278,19 @@ inline ivec add_products(ivec acc, ivec a, const int8_t* xa, ivec b, const int8_
                                                 _mm256_maddubs_epi16(b, broadcast4(xb))));
 }
 inline ivec widened(ivec acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+// s8 codes x s8 inputs (Q8_0), sum over the 8 groups of a block: maddubs takes u8, so |w| (`prepare_signed`,
+// once per block) meets x sign(w). A pair is at most 2 * 128 * 127, so each group is widened on its own.
+inline ivec prepare_signed(ivec w) { return _mm256_abs_epi8(w); }
+inline ivec dot_signed(const ivec* w, const ivec* prepared, const int8_t* x, int32_t sum) {
+  (void)sum;
+  const __m256i ones = _mm256_set1_epi16(1);
+  ivec acc = zero();
+#pragma GCC unroll 8
+  for (int g = 0; g < 8; ++g)
+    acc = add32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(prepared[g], _mm256_sign_epi8(broadcast4(x + 4 * g), w[g])),
+                                       ones));
+  return acc;
+}
 #endif
 
 // Every cache line of the block's codes, TILE * 16 bytes: 2 lines for AVX2, 4 for AVX512 (prefetching only
@@ -322,29 +352,91 @@ inline void block_dots(const uint8_t* w, const Rows& x, int64_t i, ivec* dots) {
   for (int r = 0; r < R; ++r) dots[r] = widened(dots[r]);
 }
 
-template <int R>
-void tile_q4_0(const uint8_t* w, const uint16_t* scales, const Rows& x, float* y, int64_t n) {
+// The 5-bit codes of one block: the low 4 bits as unpack4, the fifth from `high` (TILE * 4 bytes, [column][4
+// bytes]: bit g of byte i is that of input 4g+i, bit 4+g that of input 16+4g+i).
+inline void unpack5(const uint8_t* w, const uint8_t* high, ivec* lo, ivec* hi) {
+  unpack4(w, lo, hi);
+  const ivec h = load_bytes(high);
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    lo[g] = or_bytes(lo[g], shift_left(and_bytes(shift_right(h, g), 0x01), 4));
+    hi[g] = or_bytes(hi[g], shift_left(and_bytes(shift_right(h, 4 + g), 0x01), 4));
+  }
+}
+
+// One row's exact int32 dot products with a block of unpacked codes of BITS bits (inputs from i on).
+template <int BITS>
+inline ivec row_dot(const ivec* lo, const ivec* hi, const Rows& x, int r, int64_t i) {
+  const int8_t* xl[4];
+  const int8_t* xh[4];
+  groups_of(x, r, i, xl, xh);
+  return add32(dot_groups<4, BITS>(lo, xl), dot_groups<4, BITS>(hi, xh));
+}
+
+// The exact dot products of one block of BITS-bit codes (4: block_dots; 5: unpacked with `high`) with R rows.
+template <int R, int BITS>
+inline void code_dots(const uint8_t* w, const uint8_t* high, int64_t block, const Rows& x, ivec* dots) {
+  const int64_t i = block * QK;
+  if constexpr (BITS == 4) {
+    block_dots<R>(w + block * TILE * 16, x, i, dots);
+  } else {
+    ivec lo[4], hi[4];
+    unpack5(w + block * TILE * 16, high + block * TILE * 4, lo, hi);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) dots[r] = row_dot<BITS>(lo, hi, x, r, i);
+  }
+}
+
+// Q4_0 and Q5_0 (w = d (q - offset)), Q4_1 and Q5_1 (MIN: w = d q + m): d (and m) fp16 per block of 32.
+template <int R, int BITS, bool MIN>
+void tile_q32(const uint8_t* w, const uint8_t* high, const uint16_t* dm, const Rows& x, float* y, int64_t n) {
+  constexpr int32_t offset = MIN ? 0 : 1 << (BITS - 1);
+  constexpr int64_t per_block = MIN ? 2 * TILE : TILE;  // fp16 values of a block: d, then m
   const int64_t nb = x.k / QK;
   fvec acc[R];
   for (int r = 0; r < R; ++r) acc[r] = fzero();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + b * TILE * 16;
-    prefetch(wb);
+    prefetch(w + b * TILE * 16);
     ivec dots[R];
-    block_dots<R>(wb, x, b * QK, dots);
-    const fvec ws = half_to_f(scales + b * TILE);
+    code_dots<R, BITS>(w, high, b, x, dots);
+    const fvec d = half_to_f(dm + b * per_block);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const ivec offset = set32(8 * (x.sum16(r, b * QK) + x.sum16(r, b * QK + 16)));
-      acc[r] = fma_i(sub32(dots[r], offset), fmul_scalar(ws, x.scale(r, b * QK)), acc[r]);
+      const int32_t sum = x.sum16(r, b * QK) + x.sum16(r, b * QK + 16);
+      const float dx = x.scale(r, b * QK);
+      acc[r] = fma_i(sub32(dots[r], set32(offset * sum)), fmul_scalar(d, dx), acc[r]);
+      if constexpr (MIN) acc[r] = fma_i(set32(sum), fmul_scalar(half_to_f(dm + b * per_block + TILE), dx), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) fstore(y + r * n, acc[r]);
 }
 
 template <int R>
-void tile_q4_k(const uint8_t* w, const uint8_t* sc, const uint8_t* mins, const uint16_t* dd, const Rows& x, float* y,
-               int64_t n) {
+void tile_q8_0(const uint8_t* w, const uint16_t* scales, const Rows& x, float* y, int64_t n) {
+  const int64_t nb = x.k / QK;
+  fvec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = fzero();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * TILE * 32;
+    prefetch(wb);
+    prefetch(wb + TILE * 16);
+    ivec codes[8], prepared[8];
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) prepared[g] = prepare_signed(codes[g] = load_bytes(wb + g * TILE * 4));
+    const fvec ws = half_to_f(scales + b * TILE);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int32_t sum = x.sum16(r, b * QK) + x.sum16(r, b * QK + 16);
+      acc[r] = fma_i(dot_signed(codes, prepared, x.at(r, b * QK), sum), fmul_scalar(ws, x.scale(r, b * QK)), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) fstore(y + r * n, acc[r]);
+}
+
+// Q4_K and Q5_K (BITS 5: the fifth bits in `high`).
+template <int R, int BITS>
+void tile_k(const uint8_t* w, const uint8_t* high, const uint8_t* sc, const uint8_t* mins, const uint16_t* dd,
+            const Rows& x, float* y, int64_t n) {
   const int64_t nsb = x.k / 256;
   fvec acc[R];
   for (int r = 0; r < R; ++r) acc[r] = fzero();
@@ -353,10 +445,9 @@ void tile_q4_k(const uint8_t* w, const uint8_t* sc, const uint8_t* mins, const u
     for (int r = 0; r < R; ++r) total[r] = low[r] = zero();
     for (int s = 0; s < 8; ++s) {
       const int64_t block = sb * 8 + s;
-      const uint8_t* wb = w + block * TILE * 16;
-      prefetch(wb);
+      prefetch(w + block * TILE * 16);
       ivec dots[R];
-      block_dots<R>(wb, x, block * QK, dots);
+      code_dots<R, BITS>(w, high, block, x, dots);
       const ivec scale = u8_to_32(sc + block * TILE), min = u8_to_32(mins + block * TILE);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
@@ -427,30 +518,60 @@ inline int code6(const uint8_t* w, const uint8_t* high, int64_t c, int i) {
   return code4(w, c, i) | (((h >> (2 * g)) & 3) << 4);
 }
 
-inline int32_t dot_block(const uint8_t* w, int64_t c, const int8_t* x) {
+inline int code5(const uint8_t* w, const uint8_t* high, int64_t c, int i) {
+  const int j = i % 16, g = j / 4;
+  const uint8_t h = high[c * 4 + j % 4];
+  return code4(w, c, i) | (((h >> (i < 16 ? g : 4 + g)) & 1) << 4);
+}
+
+// The exact dot product of column c's codes of BITS bits in block `block` with 32 inputs x.
+template <int BITS>
+inline int32_t dot_block(const uint8_t* w, const uint8_t* high, int64_t block, int64_t c, const int8_t* x) {
   int32_t dot = 0;
-  for (int i = 0; i < QK; ++i) dot += code4(w, c, i) * x[i];
+  for (int i = 0; i < QK; ++i)
+    dot += (BITS == 4 ? code4(w + block * TILE * 16, c, i) : code5(w + block * TILE * 16, high + block * TILE * 4, c, i)) *
+           x[i];
   return dot;
 }
 
-template <int R>
-void tile_q4_0(const uint8_t* w, const uint16_t* scales, const Rows& x, float* y, int64_t n) {
+template <int R, int BITS, bool MIN>
+void tile_q32(const uint8_t* w, const uint8_t* high, const uint16_t* dm, const Rows& x, float* y, int64_t n) {
+  constexpr int32_t offset = MIN ? 0 : 1 << (BITS - 1);
+  constexpr int64_t per_block = MIN ? 2 * TILE : TILE;
   const int64_t nb = x.k / QK;
   for (int r = 0; r < R; ++r)
     for (int64_t c = 0; c < TILE; ++c) {
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
-        const int32_t offset = 8 * (x.sum16(r, b * QK) + x.sum16(r, b * QK + 16));
-        const int32_t dot = dot_block(w + b * TILE * 16, c, x.at(r, b * QK)) - offset;
-        acc = std::fma(static_cast<float>(dot), half_to_float(scales[b * TILE + c]) * x.scale(r, b * QK), acc);
+        const int32_t sum = x.sum16(r, b * QK) + x.sum16(r, b * QK + 16);
+        const float dx = x.scale(r, b * QK);
+        const int32_t dot = dot_block<BITS>(w, high, b, c, x.at(r, b * QK)) - offset * sum;
+        acc = std::fma(static_cast<float>(dot), half_to_float(dm[b * per_block + c]) * dx, acc);
+        if constexpr (MIN) acc = std::fma(static_cast<float>(sum), half_to_float(dm[b * per_block + TILE + c]) * dx, acc);
       }
       y[r * n + c] = acc;
     }
 }
 
 template <int R>
-void tile_q4_k(const uint8_t* w, const uint8_t* sc, const uint8_t* mins, const uint16_t* dd, const Rows& x, float* y,
-               int64_t n) {
+void tile_q8_0(const uint8_t* w, const uint16_t* scales, const Rows& x, float* y, int64_t n) {
+  const int64_t nb = x.k / QK;
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < TILE; ++c) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int8_t* xb = x.at(r, b * QK);
+        int32_t dot = 0;
+        for (int i = 0; i < QK; ++i) dot += static_cast<int8_t>(w[b * TILE * 32 + ((i / 4) * TILE + c) * 4 + i % 4]) * xb[i];
+        acc = std::fma(static_cast<float>(dot), half_to_float(scales[b * TILE + c]) * x.scale(r, b * QK), acc);
+      }
+      y[r * n + c] = acc;
+    }
+}
+
+template <int R, int BITS>
+void tile_k(const uint8_t* w, const uint8_t* high, const uint8_t* sc, const uint8_t* mins, const uint16_t* dd,
+            const Rows& x, float* y, int64_t n) {
   const int64_t nsb = x.k / 256;
   for (int r = 0; r < R; ++r)
     for (int64_t c = 0; c < TILE; ++c) {
@@ -459,7 +580,7 @@ void tile_q4_k(const uint8_t* w, const uint8_t* sc, const uint8_t* mins, const u
         int32_t total = 0, low = 0;
         for (int s = 0; s < 8; ++s) {
           const int64_t block = sb * 8 + s;
-          total += dot_block(w + block * TILE * 16, c, x.at(r, block * QK)) * sc[block * TILE + c];
+          total += dot_block<BITS>(w, high, block, c, x.at(r, block * QK)) * sc[block * TILE + c];
           low += mins[block * TILE + c] * (x.sum16(r, block * QK) + x.sum16(r, block * QK + 16));
         }
         const float dx = x.scale(r, sb * 256);
@@ -544,31 +665,83 @@ at::Tensor gemm(const at::Tensor& x, int64_t n, int64_t block, const std::option
   return y;
 }
 
-// y = x W^T (+ bias), x float [rows, k], W packed by kernels/__init__.py for n outputs.
+const uint16_t* halves(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
+
+// y = x W^T (+ bias), x float [rows, k], W packed by kernels/pack.py for n outputs. Types with a scale per block
+// of 32 (Q4_0, Q4_1, Q5_0, Q5_1): 4-bit codes, the fifth bits (BITS 5), d (and m: MIN) per block.
+template <int BITS, bool MIN>
+at::Tensor q32_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor* high, const at::Tensor& dm,
+                      const std::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(1), nb = k / QK, per_block = MIN ? 2 : 1;
+  TORCH_CHECK(codes.numel() == n * k / 2 && dm.numel() == per_block * n * nb && (!high || high->numel() == n * k / 8),
+              "weights of a block-of-32 type do not match n and k");
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint8_t* h = high ? high->data_ptr<uint8_t>() : nullptr;
+  const uint16_t* d = halves(dm);
+  return gemm(x, n, QK, bias, [&](int64_t t, const Rows& rows, float* y, auto R) {
+    tile_q32<decltype(R)::value, BITS, MIN>(w + t * nb * TILE * 16, h ? h + t * nb * TILE * 4 : nullptr,
+                                            d + t * nb * per_block * TILE, rows, y, n);
+  });
+}
+
 at::Tensor q4_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias, int64_t n) {
+  return q32_linear<4, false>(x, codes, nullptr, scales, bias, n);
+}
+
+at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& dm,
+                       const std::optional<at::Tensor>& bias, int64_t n) {
+  return q32_linear<4, true>(x, codes, nullptr, dm, bias, n);
+}
+
+at::Tensor q5_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& high, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, int64_t n) {
+  return q32_linear<5, false>(x, codes, &high, scales, bias, n);
+}
+
+at::Tensor q5_1_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& high, const at::Tensor& dm,
+                       const std::optional<at::Tensor>& bias, int64_t n) {
+  return q32_linear<5, true>(x, codes, &high, dm, bias, n);
+}
+
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias, int64_t n) {
   const int64_t k = x.size(1), nb = k / QK;
-  TORCH_CHECK(codes.numel() == n * k / 2 && scales.numel() == n * nb, "Q4_0 weights do not match n and k");
+  TORCH_CHECK(codes.numel() == n * k && scales.numel() == n * nb, "Q8_0 weights do not match n and k");
   const uint8_t* w = codes.data_ptr<uint8_t>();
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const uint16_t* s = halves(scales);
   return gemm(x, n, QK, bias, [&](int64_t t, const Rows& rows, float* y, auto R) {
-    tile_q4_0<decltype(R)::value>(w + t * nb * TILE * 16, s + t * nb * TILE, rows, y, n);
+    tile_q8_0<decltype(R)::value>(w + t * nb * TILE * 32, s + t * nb * TILE, rows, y, n);
+  });
+}
+
+// Q4_K and Q5_K (BITS 5: with the fifth bits).
+template <int BITS>
+at::Tensor k_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor* high, const at::Tensor& sc,
+                    const at::Tensor& mins, const at::Tensor& dd, const std::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(1), nb = k / QK, nsb = k / 256;
+  TORCH_CHECK(codes.numel() == n * k / 2 && sc.numel() == n * nb && mins.numel() == n * nb && dd.numel() == 2 * n * nsb &&
+                  (!high || high->numel() == n * k / 8),
+              "K-quant weights do not match n and k");
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint8_t* h = high ? high->data_ptr<uint8_t>() : nullptr;
+  const uint8_t* s = sc.data_ptr<uint8_t>();
+  const uint8_t* m = mins.data_ptr<uint8_t>();
+  const uint16_t* d = halves(dd);
+  return gemm(x, n, 256, bias, [&](int64_t t, const Rows& rows, float* y, auto R) {
+    tile_k<decltype(R)::value, BITS>(w + t * nb * TILE * 16, h ? h + t * nb * TILE * 4 : nullptr, s + t * nb * TILE,
+                                     m + t * nb * TILE, d + t * nsb * 2 * TILE, rows, y, n);
   });
 }
 
 at::Tensor q4_k_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc, const at::Tensor& mins,
                        const at::Tensor& dd, const std::optional<at::Tensor>& bias, int64_t n) {
-  const int64_t k = x.size(1), nb = k / QK, nsb = k / 256;
-  TORCH_CHECK(codes.numel() == n * k / 2 && sc.numel() == n * nb && mins.numel() == n * nb && dd.numel() == 2 * n * nsb,
-              "Q4_K weights do not match n and k");
-  const uint8_t* w = codes.data_ptr<uint8_t>();
-  const uint8_t* s = sc.data_ptr<uint8_t>();
-  const uint8_t* m = mins.data_ptr<uint8_t>();
-  const uint16_t* d = reinterpret_cast<const uint16_t*>(dd.data_ptr<at::Half>());
-  return gemm(x, n, 256, bias, [&](int64_t t, const Rows& rows, float* y, auto R) {
-    tile_q4_k<decltype(R)::value>(w + t * nb * TILE * 16, s + t * nb * TILE, m + t * nb * TILE, d + t * nsb * 2 * TILE,
-                                  rows, y, n);
-  });
+  return k_linear<4>(x, codes, nullptr, sc, mins, dd, bias, n);
+}
+
+at::Tensor q5_k_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& high, const at::Tensor& sc,
+                       const at::Tensor& mins, const at::Tensor& dd, const std::optional<at::Tensor>& bias, int64_t n) {
+  return k_linear<5>(x, codes, &high, sc, mins, dd, bias, n);
 }
 
 at::Tensor q6_k_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& high, const at::Tensor& sc,
@@ -579,7 +752,7 @@ at::Tensor q6_k_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const uint8_t* w = codes.data_ptr<uint8_t>();
   const uint8_t* h = high.data_ptr<uint8_t>();
   const int8_t* s = sc.data_ptr<int8_t>();
-  const uint16_t* d = reinterpret_cast<const uint16_t*>(dd.data_ptr<at::Half>());
+  const uint16_t* d = halves(dd);
   return gemm(x, n, 256, bias, [&](int64_t t, const Rows& rows, float* y, auto R) {
     tile_q6_k<decltype(R)::value>(w + t * nb * TILE * 16, h + t * nb * TILE * 8, s + t * nb * 2 * TILE,
                                   d + t * nsb * TILE, rows, y, n);
@@ -793,9 +966,18 @@ std::string isa() { return ISA_NAME; }
 }  // namespace
 
 TORCH_LIBRARY(SPECSERVE_NAMESPACE, m) {
-  m.def("linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n) -> Tensor", &q4_0_linear);
+  m.def("linear_q4_0(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n) -> Tensor", &q4_0_linear);
+  m.def("linear_q4_1(Tensor x, Tensor codes, Tensor dm, Tensor? bias, int n) -> Tensor", &q4_1_linear);
+  m.def("linear_q5_0(Tensor x, Tensor codes, Tensor high, Tensor scales, Tensor? bias, int n) -> Tensor",
+        &q5_0_linear);
+  m.def("linear_q5_1(Tensor x, Tensor codes, Tensor high, Tensor dm, Tensor? bias, int n) -> Tensor", &q5_1_linear);
+  m.def("linear_q8_0(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n) -> Tensor", &q8_0_linear);
   m.def("linear_q4_k(Tensor x, Tensor codes, Tensor sc, Tensor mins, Tensor dd, Tensor? bias, int n) -> Tensor",
         &q4_k_linear);
+  m.def(
+      "linear_q5_k(Tensor x, Tensor codes, Tensor high, Tensor sc, Tensor mins, Tensor dd, Tensor? bias, int n) -> "
+      "Tensor",
+      &q5_k_linear);
   m.def("linear_q6_k(Tensor x, Tensor codes, Tensor high, Tensor sc, Tensor dd, Tensor? bias, int n) -> Tensor",
         &q6_k_linear);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);

@@ -127,11 +127,15 @@ def test_torch_q4_agrees_with_llamacpp_on_the_same_weights(model, runtime, targe
 
 @pytest.mark.parametrize("name", OTHER_ARCHITECTURES)
 def test_torch_q4_agrees_with_llamacpp_as_well_as_llamacpp_agrees_with_itself(name):
-    """On the file torch-q4 runs, llama.cpp's greedy choice at each position of a long text (one-token steps)
-    is the reference. llama.cpp itself, evaluating the text as one window, agrees with it only so far: it
-    rounds by batch shape, and a small model has near-ties. That is the fidelity floor (the bench's, see
-    bench/run.py `fidelity`); torch-q4 must reach it, give or take two positions of 640 (a near-tie may tip
-    either way). 640 tokens: Gemma 3's sliding windows (512) slide."""
+    """On the file torch-q4 runs (now the file itself: Q4_1 and Q8_0; Q5_0, Q8_0, Q4_K, Q6_K), llama.cpp's logits
+    in one-token steps over a long text are the reference. llama.cpp itself, evaluating the text in windows
+    of other shapes, differs from them: it rounds by batch shape, and a small model has near-ties, so its
+    greedy choice differs at some positions, by shape (Gemma 3: 0.930 for windows of 8 or more, 0.9375 for
+    windows of 5). Which near-ties tip is noise: torch-q4's agreement may fall below llama.cpp's lowest by as
+    much as llama.cpp's shapes differ among themselves (at least two positions of 640). The finer check is
+    the logits' distance from the reference: within 25% of llama.cpp's own whole-text window's (RMS; a
+    missing or misplaced part, such as Qwen3's q/k norms, shows as several times the distance). 640 tokens:
+    Gemma 3's sliding windows (512) slide."""
     from specserve import kernels
     from specserve.backends import load_backend
     from specserve.backends.llamacpp import LlamaCppBackend
@@ -142,14 +146,29 @@ def test_torch_q4_agrees_with_llamacpp_as_well_as_llamacpp_agrees_with_itself(na
     path = ensure_model(name, show_progress=False)
     ids = Tokenizer(path).encode(POLICY_SOURCE.read_text(), add_special=True)[:640]
     assert len(ids) == 640
+    assert q4_source(path, kernels.ops().tile_width()) == path  # the kernels take every type of the file
     q4 = load_backend("torch-q4", path, n_ctx=1024, show_progress=False)
-    llama = LlamaCppBackend(q4_source(path, kernels.ops().tile_width()), n_ctx=1024, flash_attn=False)
+    llama = LlamaCppBackend(path, n_ctx=1024, flash_attn=False)
     stepping = llama.new_sequence()
-    reference = np.array([stepping.eval([token])[0].argmax() for token in ids])
-    floor = (llama.new_sequence().eval(ids).argmax(-1) == reference).mean()
-    ours = (q4.new_sequence().eval(ids).argmax(-1) == reference).mean()
-    assert floor > 0.9, "llama.cpp disagrees with itself: the reference says little"
-    assert ours >= floor - 2 / len(ids), f"torch-q4 {ours:.4f} vs llama.cpp's own {floor:.4f}"
+    steps = np.stack([stepping.eval([token])[0] for token in ids])
+
+    def in_windows(width: int) -> np.ndarray:
+        sequence = llama.new_sequence()
+        return np.concatenate([sequence.eval(ids[i : i + width]) for i in range(0, len(ids), width)])
+
+    def agreement(logits: np.ndarray) -> float:
+        return float((logits.argmax(-1) == steps.argmax(-1)).mean())
+
+    def distance(logits: np.ndarray) -> float:
+        return float(np.sqrt(((logits - steps) ** 2).mean() / (steps**2).mean()))
+
+    whole = in_windows(len(ids))
+    own = [agreement(whole), agreement(in_windows(5)), agreement(in_windows(2))]
+    ours = q4.new_sequence().eval(ids)
+    assert min(own) > 0.9, "llama.cpp disagrees with itself: the reference says little"
+    noise = max(max(own) - min(own), 2 / len(ids))
+    assert agreement(ours) >= min(own) - noise, f"torch-q4 {agreement(ours):.4f} vs llama.cpp's own {own}"
+    assert distance(ours) <= 1.25 * distance(whole), f"torch-q4 {distance(ours):.4f} vs {distance(whole):.4f}"
 
 
 def test_torch_q4_computes_a_qwen3_as_llamacpp_does(tiny_qwen3_path, runtime):
