@@ -1,6 +1,7 @@
 """`specserve bench --served`: what users run, side by side over HTTP, in one run.
 
-Up at once on loopback: `specserve serve` with its default settings, and llama.cpp's own `llama-server` (built
+Up at once on loopback: `specserve serve` with its default settings (but the bench's `--target`, `--draft` and
+backends, which the engine in this process runs too), and llama.cpp's own `llama-server` (built
 from the llama.cpp source the project pins: `make llama-server`) on the model's own file, plain, with the same
 draft model (`--spec-type draft-simple`) and with n-gram drafting (`--spec-type ngram-simple`). Every prompt
 goes to every row through the official `openai` client, streaming, one row after another, the order rotating
@@ -254,8 +255,11 @@ def run_served_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     target, draft = resolve_model(engine.target), resolve_model(DEFAULT_DRAFT)
     servers: list[ServerProcess] = []
     try:
-        console.print("starting specserve serve (its defaults) ...")
-        ours = specserve_server()
+        console.print("starting specserve serve (its defaults, with the bench's models and backends) ...")
+        models = ("--target", engine.target, "--draft", engine.draft or "none")
+        ours = specserve_server(
+            extra=(*models, "--target-backend", engine.target_backend, "--draft-backend", engine.draft_backend)
+        )
         servers.append(ours)
         info = httpx.get(f"{ours.base}/v1/specserve/info", timeout=10).json()
         console.print("starting llama-server: plain, draft-simple, ngram-simple ...")

@@ -154,6 +154,35 @@ def test_a_target_of_another_family_without_a_draft_serves_with_a_model_free_dra
         stop_server(proc)
 
 
+@pytest.mark.models
+def test_a_llama_target_serves_with_speculation_from_its_requantized_copy(smollm2_path):
+    """Bring your own model: SmolLM2 (Llama architecture, Q4_1) on specserve's kernels as the file is, its Q4_0
+    requantization as the draft; the speculative greedy reply is the plain one."""
+    proc, base, _ = start_server(
+        *("--target", "smollm2-135m", "--draft", "smollm2-135m@Q4_0"),
+        *("--target-backend", "torch-q4", "--draft-backend", "torch-q4"),
+    )
+    try:
+        info = httpx.get(f"{base}/v1/specserve/info").json()
+        assert info["target_backend"] == "torch-q4" and info["draft"], info
+        replies = {
+            method: client(base).chat.completions.create(
+                model=None,
+                messages=[{"role": "user", "content": "List the first ten prime numbers, one per line."}],
+                max_tokens=48,
+                temperature=0,
+                seed=seed,  # another key of the response cache, which would answer the second from the first
+                extra_body={"speculation": {"method": method, "k": 4}},
+            )
+            for seed, method in enumerate(("none", "draft"))
+        }
+        assert replies["draft"].model_extra["speculative"]["drafted"] > 0
+        assert replies["none"].model_extra["speculative"]["drafted"] == 0
+        assert replies["draft"].choices[0].message.content == replies["none"].choices[0].message.content
+    finally:
+        stop_server(proc)
+
+
 @pytest.mark.parametrize("server", [("--shutdown-grace", "120")], indirect=True)
 def test_sigterm_stops_admitting_lets_streams_finish_and_exits_0(server):
     proc, base = server
