@@ -131,8 +131,8 @@ def pack_q4_k(blocks: np.ndarray, tile: int) -> tuple[torch.Tensor, ...]:
     kernel's layout: codes as Q4_0's per block of 32, then the scales and mins [n/tile, k/32, tile] as u8 and
     d, dmin [n/tile, k/256, 2, tile] as fp16."""
     by_block = _by_block(blocks, "Q4_K")
-    values, scales_and_mins = _k_codes(by_block, by_block[:, :, 16:])
-    return _codes_layout(values, tile), *scales_and_mins(tile)
+    values = _k_codes(by_block[:, :, 16:])
+    return _codes_layout(values, tile), *_k_scales(by_block, tile)
 
 
 def pack_q5_k(blocks: np.ndarray, tile: int) -> tuple[torch.Tensor, ...]:
@@ -140,22 +140,26 @@ def pack_q5_k(blocks: np.ndarray, tile: int) -> tuple[torch.Tensor, ...]:
     byte i is input i's of sub-block s): codes as Q4_K's, the fifth bits as Q5_0's, then as Q4_K."""
     by_block = _by_block(blocks, "Q5_K")
     n, nsb = by_block.shape[:2]
-    values, scales_and_mins = _k_codes(by_block, by_block[:, :, 48:])
     bits = np.unpackbits(by_block[:, :, 16:48, None], axis=-1, bitorder="little")  # [n, nsb, 32 inputs, 8 sub-blocks]
-    values = values | (bits.transpose(0, 1, 3, 2).reshape(n, nsb * 8, 32) << 4)
-    return _codes_layout(values & 0x0F, tile), _fifth_bits_layout(values, tile), *scales_and_mins(tile)
+    values = _k_codes(by_block[:, :, 48:]) | (bits.transpose(0, 1, 3, 2).reshape(n, nsb * 8, 32) << 4)
+    return _codes_layout(values & 0x0F, tile), _fifth_bits_layout(values, tile), *_k_scales(by_block, tile)
 
 
-def _k_codes(by_block: np.ndarray, qs: np.ndarray):
-    """A Q4_K-like super-block's 4-bit codes [n, k/32, 32] (of 32 bytes, the low nibbles are sub-block 2j, the
-    high ones 2j+1) and a function of the tile giving its packed scales, mins and d, dmin."""
+def _k_codes(qs: np.ndarray) -> np.ndarray:
+    """A Q4_K-like super-block's 128 bytes of 4-bit codes -> [n, k/32, 32] in input order (of each 32 bytes,
+    the low nibbles are sub-block 2j, the high ones 2j+1)."""
+    n, nsb = qs.shape[:2]
+    qs = qs.reshape(n, nsb, 4, 1, 32)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, nsb * 8, 32)
+
+
+def _k_scales(by_block: np.ndarray, tile: int) -> tuple[torch.Tensor, ...]:
+    """Q4_K's and Q5_K's 6-bit scales and mins [n/tile, k/32, tile] as u8, d and dmin [n/tile, k/256, 2, tile]."""
     from gguf.quants import Q4_K
 
     n, nsb = by_block.shape[:2]
     sc, mins = Q4_K.get_scale_min(by_block[:, :, 4:16].reshape(-1, 12))
-    qs = qs.reshape(n, nsb, 4, 1, 32)
-    values = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, nsb * 8, 32)
-    return values, lambda tile: (
+    return (
         _tiled(sc.reshape(n, nsb * 8), tile),
         _tiled(mins.reshape(n, nsb * 8), tile),
         _tiled(_halves(by_block, 2), tile),
@@ -200,4 +204,13 @@ def packed_linear(ops, kind: str, blocks: np.ndarray):
 
 def linear_op(ops, kind: str):
     """The kernel for weights of GGUF type `kind`: (x, *packed parts, bias, n) -> x W^T + bias."""
-    return getattr(ops, f"linear_{kind.lower()}")
+    return {
+        "Q4_0": ops.linear_q4_0,
+        "Q4_1": ops.linear_q4_1,
+        "Q5_0": ops.linear_q5_0,
+        "Q5_1": ops.linear_q5_1,
+        "Q8_0": ops.linear_q8_0,
+        "Q4_K": ops.linear_q4_k,
+        "Q5_K": ops.linear_q5_k,
+        "Q6_K": ops.linear_q6_k,
+    }[kind]
