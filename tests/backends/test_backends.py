@@ -127,15 +127,14 @@ def test_torch_q4_agrees_with_llamacpp_on_the_same_weights(model, runtime, targe
 
 @pytest.mark.parametrize("name", OTHER_ARCHITECTURES)
 def test_torch_q4_agrees_with_llamacpp_as_well_as_llamacpp_agrees_with_itself(name):
-    """On the file torch-q4 runs (now the file itself: Q4_1 and Q8_0; Q5_0, Q8_0, Q4_K, Q6_K), llama.cpp's logits
-    in one-token steps over a long text are the reference. llama.cpp itself, evaluating the text in windows
-    of other shapes, differs from them: it rounds by batch shape, and a small model has near-ties, so its
-    greedy choice differs at some positions, by shape (Gemma 3: 0.930 for windows of 8 or more, 0.9375 for
-    windows of 5). Which near-ties tip is noise: torch-q4's agreement may fall below llama.cpp's lowest by as
-    much as llama.cpp's shapes differ among themselves (at least two positions of 640). The finer check is
-    the logits' distance from the reference: within 25% of llama.cpp's own whole-text window's (RMS; a
-    missing or misplaced part, such as Qwen3's q/k norms, shows as several times the distance). 640 tokens:
-    Gemma 3's sliding windows (512) slide."""
+    """On the file itself (SmolLM2: Q4_1, Q8_0; Gemma 3: Q5_0, Q8_0, Q4_K, Q6_K), llama.cpp's logits in one-token
+    steps over a long text are the reference. llama.cpp itself, evaluating the text in windows of other
+    shapes, differs from them: it rounds by batch shape, and a small model has near-ties, so its greedy
+    choice differs at some positions, and by how many depends on the shape. Which near-ties tip is noise:
+    torch-q4's agreement may fall below llama.cpp's lowest by as much as llama.cpp's shapes differ among
+    themselves (at least two positions of 640). The finer check is the logits' distance from the reference:
+    within 25% of llama.cpp's own whole-text window's (RMS; a missing or misplaced part, such as Qwen3's q/k
+    norms, shows as several times the distance). 640 tokens: Gemma 3's sliding windows (512) slide."""
     from specserve import kernels
     from specserve.backends import load_backend
     from specserve.backends.llamacpp import LlamaCppBackend
