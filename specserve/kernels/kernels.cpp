@@ -314,6 +314,7 @@ struct Rows {
   const int8_t* at(int r, int64_t i) const { return q + r * k + i; }
   float scale(int r, int64_t i) const { return d[r * (k / block) + i / block]; }
   int32_t sum16(int r, int64_t i) const { return sums[r * (k / 16) + i / 16]; }
+  int32_t sum32(int r, int64_t i) const { return sum16(r, i) + sum16(r, i + 16); }
 };
 
 #if defined(USE_AVX2)
@@ -402,7 +403,7 @@ void tile_q32(const uint8_t* w, const uint8_t* high, const uint16_t* dm, const R
     const fvec d = half_to_f(dm + b * per_block);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const int32_t sum = x.sum16(r, b * QK) + x.sum16(r, b * QK + 16);
+      const int32_t sum = x.sum32(r, b * QK);
       const float dx = x.scale(r, b * QK);
       acc[r] = fma_i(sub32(dots[r], set32(offset * sum)), fmul_scalar(d, dx), acc[r]);
       if constexpr (MIN) acc[r] = fma_i(set32(sum), fmul_scalar(half_to_f(dm + b * per_block + TILE), dx), acc[r]);
@@ -426,7 +427,7 @@ void tile_q8_0(const uint8_t* w, const uint16_t* scales, const Rows& x, float* y
     const fvec ws = half_to_f(scales + b * TILE);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const int32_t sum = x.sum16(r, b * QK) + x.sum16(r, b * QK + 16);
+      const int32_t sum = x.sum32(r, b * QK);
       acc[r] = fma_i(dot_signed(codes, prepared, x.at(r, b * QK), sum), fmul_scalar(ws, x.scale(r, b * QK)), acc[r]);
     }
   }
@@ -452,7 +453,7 @@ void tile_k(const uint8_t* w, const uint8_t* high, const uint8_t* sc, const uint
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         total[r] = add32(total[r], mul32(dots[r], scale));
-        const int32_t sum = x.sum16(r, block * QK) + x.sum16(r, block * QK + 16);
+        const int32_t sum = x.sum32(r, block * QK);
         low[r] = add32(low[r], mul32(min, set32(sum)));
       }
     }
@@ -543,7 +544,7 @@ void tile_q32(const uint8_t* w, const uint8_t* high, const uint16_t* dm, const R
     for (int64_t c = 0; c < TILE; ++c) {
       float acc = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
-        const int32_t sum = x.sum16(r, b * QK) + x.sum16(r, b * QK + 16);
+        const int32_t sum = x.sum32(r, b * QK);
         const float dx = x.scale(r, b * QK);
         const int32_t dot = dot_block<BITS>(w, high, b, c, x.at(r, b * QK)) - offset * sum;
         acc = std::fma(static_cast<float>(dot), half_to_float(dm[b * per_block + c]) * dx, acc);
@@ -581,7 +582,7 @@ void tile_k(const uint8_t* w, const uint8_t* high, const uint8_t* sc, const uint
         for (int s = 0; s < 8; ++s) {
           const int64_t block = sb * 8 + s;
           total += dot_block<BITS>(w, high, block, c, x.at(r, block * QK)) * sc[block * TILE + c];
-          low += mins[block * TILE + c] * (x.sum16(r, block * QK) + x.sum16(r, block * QK + 16));
+          low += mins[block * TILE + c] * x.sum32(r, block * QK);
         }
         const float dx = x.scale(r, sb * 256);
         const float d = half_to_float(dd[sb * 2 * TILE + c]), dmin = half_to_float(dd[sb * 2 * TILE + TILE + c]);
