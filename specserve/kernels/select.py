@@ -13,7 +13,7 @@ import torch
 from specserve.hardware import build_key
 from specserve.kernels.build import build, source_id
 from specserve.kernels.pack import LAYOUTS, packed_linear, random_blocks
-from specserve.models.fetch import cache_dir
+from specserve.models.fetch import cache_dir, exclusive
 
 
 def agrees(lib, reference) -> bool:
@@ -55,10 +55,19 @@ def choose_build(variants: list[str]) -> dict:
         return {"chosen": distinct[0], "ms": {}}
     keys = [source_id(), torch.__version__, *sorted(distinct)]
     path = cache_dir() / "kernels" / f"choice-{build_key(*keys)}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
+    # Processes started together (a verifier and a server) time once and all read that one choice: `auto`'s
+    # measurements are keyed by the build in use, so two picks would mean two measurements, or two models.
+    with exclusive(path, lambda text: print(text, file=sys.stderr)):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        result = _time_builds(distinct)
+        path.write_text(json.dumps(result))
+    return result
+
+
+def _time_builds(distinct: list[str]) -> dict:
     print("timing the specserve kernel builds on this CPU (once) ...", file=sys.stderr)
     rng = np.random.default_rng(0)
     shapes = [("Q4_K", 8960 * 2, 1536), ("Q6_K", 1536, 8960)]  # gate+up and down of one layer of the 1.5B
@@ -77,7 +86,4 @@ def choose_build(variants: list[str]) -> dict:
                     linear(inputs[rows][k], None, n)
                 best[variant][rows] = min(best[variant][rows], time.perf_counter() - start)
     totals = {variant: round(1000 * sum(times.values()), 2) for variant, times in best.items()}
-    result = {"chosen": min(totals, key=totals.get), "ms": totals}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
-    return result
+    return {"chosen": min(totals, key=totals.get), "ms": totals}

@@ -6,11 +6,14 @@ re-hashing a gigabyte. Anything wrong ends in a `ModelError` with one line a use
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -35,6 +38,21 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "specserve"
+
+
+@contextmanager
+def exclusive(path: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Held while one process measures into `path` (a cached result): others started at the same time wait
+    for its result rather than time their candidates against each other on the same cores, and all of them
+    then read the one result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("another specserve process is measuring on this machine; waiting for its result")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _marker(path: Path) -> Path:

@@ -32,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from specserve import hardware
-from specserve.backends.choose.cache import cache_path, exclusive, load_cached, machine_key
+from specserve.backends.choose.cache import cache_path, load_cached, machine_key
 from specserve.backends.choose.measure import exact_window_sizes, measure_in_child
 from specserve.backends.choose.pick import (
     BUSY_WHEN_MEASURED,
@@ -44,6 +44,7 @@ from specserve.backends.choose.pick import (
     pick_target,
 )
 from specserve.engine.costs import DRAFT_ROWS
+from specserve.models.fetch import exclusive
 
 __all__ = [
     "BUSY_WHEN_MEASURED",

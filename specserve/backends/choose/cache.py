@@ -1,13 +1,10 @@
-"""The measurements of `auto`, cached per machine and model file (`~/.cache/specserve/auto/`), and the lock
-that makes processes started together measure once."""
+"""The measurements of `auto`, cached per machine and model file (`~/.cache/specserve/auto/`); processes
+started together measure once (`models.fetch.exclusive`)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from specserve import hardware
@@ -41,17 +38,3 @@ def load_cached(path: Path) -> list[Measured] | None:
         return [Measured(**{**m, "seconds": {int(k): v for k, v in m["seconds"].items()}}) for m in data]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-@contextmanager
-def exclusive(path: Path, say: Callable[[str], None]) -> Iterator[None]:
-    """Held while one process measures into `path`: others started at the same time wait for its result
-    rather than time their candidates against each other on the same cores."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say("another specserve process is measuring the backends; waiting for its result")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
