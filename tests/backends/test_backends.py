@@ -131,15 +131,21 @@ def test_torch_q4_agrees_with_llamacpp_on_the_same_weights(model, runtime, targe
 
 
 @pytest.mark.parametrize("name", OTHER_ARCHITECTURES)
-def test_torch_q4_agrees_with_llamacpp_as_well_as_llamacpp_agrees_with_itself(name):
+def test_torch_q4_differs_from_llamacpp_only_as_llamacpp_differs_from_itself(name):
     """On the file itself (SmolLM2: Q4_1, Q8_0; Gemma 3: Q5_0, Q8_0, Q4_K, Q6_K), llama.cpp's logits in one-token
-    steps over a long text are the reference. llama.cpp itself, evaluating the text in windows of other
-    shapes, differs from them: it rounds by batch shape, and a small model has near-ties, so its greedy
-    choice differs at some positions, and by how many depends on the shape. Which near-ties tip is noise:
-    torch-q4's agreement may fall below llama.cpp's lowest by as much as llama.cpp's shapes differ among
-    themselves (at least two positions of 640). The finer check is the logits' distance from the reference:
-    within 25% of llama.cpp's own whole-text window's (RMS; a missing or misplaced part, such as Qwen3's q/k
-    norms, shows as several times the distance). 640 tokens: Gemma 3's sliding windows (512) slide."""
+    steps over a long text are the reference. llama.cpp itself, evaluating the text in windows of other shapes,
+    rounds otherwise: that is the noise any second computation of the same model shows. torch-q4 must stay
+    within it, checked two ways:
+
+    - the logits' distance from the reference (RMS) within 25% of llama.cpp's own whole-text window's: a
+      missing or misplaced part (Qwen3's q/k norms left out) shows as several times the distance;
+    - every position where torch-q4's greedy choice differs from the reference's is a near-tie there: the
+      reference's margin between the two tokens is below what llama.cpp's own windows moved that pair (at most
+      twice their largest logit change at that position). How many near-ties tip is not checked: on a small
+      model 30-50 of 640 do, in llama.cpp's own shapes too, and their count differs by CPU as llama.cpp's
+      kernels do (AVX-512 vs AVX2), so a count bound fails on one machine kind and passes on another.
+
+    640 tokens: Gemma 3's sliding windows (512) slide."""
     from specserve import kernels
     from specserve.backends import load_backend
     from specserve.backends.llamacpp import LlamaCppBackend
@@ -160,17 +166,16 @@ def test_torch_q4_agrees_with_llamacpp_as_well_as_llamacpp_agrees_with_itself(na
         sequence = llama.new_sequence()
         return np.concatenate([sequence.eval(ids[i : i + width]) for i in range(0, len(ids), width)])
 
-    def agreement(logits: np.ndarray) -> float:
-        return float((logits.argmax(-1) == steps.argmax(-1)).mean())
-
-    whole = in_windows(len(ids))
-    own = [agreement(whole), agreement(in_windows(5)), agreement(in_windows(2))]
+    own = [in_windows(len(ids)), in_windows(5), in_windows(2)]
     ours = q4.new_sequence().eval(ids)
-    assert min(own) > 0.9, "llama.cpp disagrees with itself: the reference says little"
-    noise = max(max(own) - min(own), 2 / len(ids))
-    assert agreement(ours) >= min(own) - noise, f"torch-q4 {agreement(ours):.4f} vs llama.cpp's own {own}"
-    ours_distance, own_distance = relative_rms(ours, steps), relative_rms(whole, steps)
-    assert ours_distance <= 1.25 * own_distance, f"torch-q4 {ours_distance:.4f} vs {own_distance:.4f}"
+    ours_distance, own_distance = relative_rms(ours, steps), relative_rms(own[0], steps)
+    assert ours_distance <= 1.25 * own_distance, f"torch-q4 {ours_distance:.4f} vs llama.cpp's own {own_distance:.4f}"
+    noise = np.max([np.abs(logits - steps).max(axis=-1) for logits in own], axis=0)  # per position
+    reference, chosen = steps.argmax(-1), ours.argmax(-1)
+    tipped = np.flatnonzero(chosen != reference)
+    margins = steps[tipped, reference[tipped]] - steps[tipped, chosen[tipped]]
+    beyond = {int(p): round(float(m), 3) for p, m in zip(tipped, margins, strict=True) if m >= 2 * noise[p]}
+    assert not beyond, f"torch-q4 changes choices that are no near-tie (position: reference margin): {beyond}"
 
 
 def test_torch_q4_computes_a_qwen3_as_llamacpp_does(tiny_qwen3_path, runtime):
