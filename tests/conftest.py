@@ -38,7 +38,16 @@ def target_path() -> Path:
 
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch) -> Path:
-    """A fresh, empty specserve cache dir for tests of fetching and assembly."""
+    """A fresh specserve cache dir for tests of fetching, requantizing and `auto`'s measurements: no models,
+    no requantized files, no measurements. The compiled kernels and the choice among their builds are the
+    machine's (a link to its cache): keyed by source, compiler and CPU, they are what a fresh cache would
+    compile and time again, minutes that test nothing here."""
+    from specserve.models.fetch import cache_dir
+
+    kernels = cache_dir() / "kernels"
+    kernels.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels").symlink_to(kernels, target_is_directory=True)
     monkeypatch.setenv("SPECSERVE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 

@@ -8,18 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from specserve.bench.run import BASELINE
+from specserve.bench.run import BASELINE, PROJECT_PROMPTS
 from specserve.models.registry import DEFAULT_DRAFT
 
 pytestmark = pytest.mark.models
 
 
 def test_seed_table_with_tolerance_row(tmp_path):
+    """One prompt of the project's set: what is checked here is the table's rows, each run once (the default
+    table's test runs one prompt of each kind)."""
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "specserve.cli", "bench", "--table", "seed", "--prompts", "project"]
+    one_prompt = tmp_path / "prompt.jsonl"
+    one_prompt.write_text(PROJECT_PROMPTS.read_text().splitlines()[0] + "\n")
+    command = [sys.executable, "-m", "specserve.cli", "bench", "--table", "seed", "--prompts", str(one_prompt)]
     command += [
-        "--limit",
-        "1",
         "--max-tokens",
         "12",
         "-k",

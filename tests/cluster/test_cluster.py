@@ -496,14 +496,14 @@ def test_kill_9_of_a_replica_under_16_streams_loses_nothing(runtime, verifiers):
         "Explain in two sentences what a hash map is.",
         "Write a Python function `is_prime(n)` that returns True if n is prime.",
     ]
-    expected = {p: reference(runtime, p, 128) for p in prompts}
+    expected = {p: reference(runtime, p, 64) for p in prompts}  # 61+ tokens each after the kill
     replicas = ",".join(v.address for v in verifiers)
     proc, base, _ = start_frontend("--verifier", replicas, "--max-batch", "16")  # all 16 run at once
     started = threading.Barrier(17)
 
     def stream(i: int) -> str:
         pieces = []
-        for chunk in chat(base, prompts[i % 4], 128, stream=True, seed=100 + i):
+        for chunk in chat(base, prompts[i % 4], 64, stream=True, seed=100 + i):
             if chunk.choices:
                 pieces.append(chunk.choices[0].delta.content or "")
             if len(pieces) == 3:

@@ -335,8 +335,9 @@ def test_fifty_concurrent_streams_equal_each_request_alone(server):
     assert httpx.get(f"{server}/health").json()["in_flight"] == 0
 
 
-def test_two_hundred_clients_that_honour_retry_after_all_finish_with_their_solo_text(server):
-    """Past --max-batch + --max-queue a client gets 429 + Retry-After; one that waits and retries gets in."""
+def test_a_hundred_clients_that_honour_retry_after_all_finish_with_their_solo_text(server):
+    """Past --max-batch + --max-queue a client gets 429 + Retry-After; one that waits and retries gets in. A
+    hundred at once are nearly twice what the server admits (8 running + 48 waiting)."""
 
     def patient(request: tuple[str, int]) -> tuple[str, int]:
         refused = 0
@@ -347,8 +348,8 @@ def test_two_hundred_clients_that_honour_retry_after_all_finish_with_their_solo_
                 refused += 1
                 time.sleep(float(exc.response.headers["retry-after"]))
 
-    requests = [(TOPICS[i % len(TOPICS)], 8) for i in range(200)]
-    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+    requests = [(TOPICS[i % len(TOPICS)], 8) for i in range(100)]
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
         results = list(pool.map(patient, requests))
     alone = {r: _stream_text(server, *r) for r in sorted(set(requests))}
     assert [text for text, _ in results] == [alone[r] for r in requests]  # none lost, cut or doubled
