@@ -496,7 +496,7 @@ def test_kill_9_of_a_replica_under_16_streams_loses_nothing(runtime, verifiers):
         "Explain in two sentences what a hash map is.",
         "Write a Python function `is_prime(n)` that returns True if n is prime.",
     ]
-    expected = {p: reference(runtime, p, 64) for p in prompts}  # 61+ tokens each after the kill
+    expected = {p: reference(runtime, p, 64) for p in prompts}  # most of each reply comes after the kill
     replicas = ",".join(v.address for v in verifiers)
     proc, base, _ = start_frontend("--verifier", replicas, "--max-batch", "16")  # all 16 run at once
     started = threading.Barrier(17)
