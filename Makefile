@@ -117,7 +117,7 @@ bench: models
 
 # The headline: `specserve serve` against llama-server (plain and its own speculative modes) over HTTP.
 bench-served: models llama-server
-	$(VENV)/bin/specserve bench --served --llama-server $(LLAMA_SERVER)
+	$(VENV)/bin/specserve bench --served --served-requantized --llama-server $(LLAMA_SERVER)
 
 info: models
 	$(VENV)/bin/specserve info

@@ -93,13 +93,19 @@ def engine_config(args: argparse.Namespace, with_draft: bool = True, **overrides
         "draft": args.draft if with_draft and args.draft not in ("none", "") else None,  # --draft none: no draft
         "target_backend": args.target_backend,
         "draft_backend": args.draft_backend,
+        "requantize": args.requantize,
+        "mlock": args.mlock,
         "n_ctx": args.n_ctx,
     }
     return EngineConfig(**(fields | overrides))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"registry name or GGUF path (default {DEFAULT_TARGET})")
+    p.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"registry name or GGUF path (default {DEFAULT_TARGET}); NAME@Q: its requantized copy (another model)",
+    )
     p.add_argument(
         "--draft",
         default=DEFAULT_DRAFT_SPEC,
@@ -114,6 +120,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="auto (default): the fastest exact one measured on this machine (`specserve info`)",
     )
     p.add_argument("--draft-backend", choices=backends, default="auto", help="auto (default) or one")
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="let auto serve a requantized copy of the target (Q4_0, int8) where clearly faster, and torch-q4 run "
+        "one of a file whose types its kernels lack: another model, whose replies differ from the file's "
+        "(default: the file's own weights)",
+    )
+    p.add_argument(
+        "--mlock",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the loaded weights in RAM, so that an idle server's are not paged out (default on)",
+    )
     p.add_argument("--n-ctx", type=positive_int, default=N_CTX, help=f"context window in tokens (default {N_CTX})")
 
 
@@ -191,8 +210,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from specserve.backends.choose import choose
     from specserve.info import check_backends, collect, model_summary, print_info
-    from specserve.models.fetch import resolve_model
-    from specserve.models.quantize import resolve_draft_spec
+    from specserve.models.quantize import resolve_draft_spec, resolve_target_spec
 
     console = Console(width=max(Console().width, 140))  # the cost tables are wide: do not wrap them
     if args.check:
@@ -201,9 +219,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         if failures:
             raise SpecserveError(f"{failures} backend(s) failed a one-token eval on this CPU (above)")
         return 0
-    target = resolve_model(args.target)
+    target = resolve_target_spec(args.target)
     draft = resolve_draft_spec(args.draft, args.target) if args.draft not in ("none", "") else None
-    choice = choose(target, draft, K_MAX, again=args.remeasure)
+    choice = choose(target, draft, K_MAX, again=args.remeasure, requantize=args.requantize)
     info = collect(choice)
     info["models"] = {"target": model_summary(target)} | ({"draft": model_summary(draft)} if draft else {})
     if args.json:
@@ -424,6 +442,11 @@ def _bench_parser(sub: SubParsers) -> None:
         default=[],
         metavar="METHOD[,METHOD]",
         help="with --served: rows of these speculation methods on the same server too (e.g. suffix-draft)",
+    )
+    bench.add_argument(
+        "--served-requantized",
+        action="store_true",
+        help="with --served: a row of a second `specserve serve` on the target's Q4_0 copy (another model)",
     )
     _add_model_args(bench)
     bench.set_defaults(func=cmd_bench)

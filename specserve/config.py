@@ -66,6 +66,12 @@ class EngineConfig:
     draft: str | None = DEFAULT_DRAFT_SPEC  # None: no draft model (n-gram or plain decoding only)
     target_backend: str = "auto"  # auto: the fastest exact backend measured here (backends/choose/)
     draft_backend: str = "auto"
+    # `auto` may pick a requantized copy of the target (Q4_0, int8) where clearly faster, and torch-q4 may run
+    # one of a file whose types its kernels lack: another model, so only when the user asks (`--requantize`)
+    requantize: bool = False
+    # keep the loaded weights in RAM (`hardware.lock_memory`): a kernel that reclaims idle file pages (memory
+    # pressure, or DAMON's proactive `pageout` some cloud VMs run) would otherwise fault them back in mid-reply
+    mlock: bool = True
     n_ctx: int = N_CTX
     k: int | str = "auto"
     verifiers: tuple[str, ...] = ()  # HOST:PORT of remote verifier services: the target runs there (cluster/)

@@ -120,6 +120,24 @@ def llama_key(version: str, flags: frozenset[str] | None = None) -> str:
     return f"{version}-{build_key(version, *llama_cmake_args(flags), flags=flags)}"
 
 
+_MCL_CURRENT = 1
+
+
+def lock_memory() -> str | None:
+    """Keep every page this process has mapped now (the models' weights: file-backed maps, which a kernel
+    reclaiming idle memory drops, to fault them back in at the next request) in RAM: `mlockall`, as
+    llama-server's `--mlock`. Later allocations (KV caches) are not locked. Returns why not, or None."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.mlockall(_MCL_CURRENT) == 0:
+        return None
+    error = ctypes.get_errno()
+    return f"mlockall failed: {os.strerror(error)} (the locked-memory limit, `ulimit -l`, may be too low)"
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["llama-cmake-args"]:
         print(" ".join(llama_cmake_args()))

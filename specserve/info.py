@@ -68,12 +68,12 @@ def collect(choice: Choice | None = None) -> dict:
 
 def model_summary(path: Path) -> dict:
     """A GGUF file as the backends see it: its architecture, the weight types of each kind of tensor (a
-    Q4_K_M file mixes several), and what torch-q4 does with it (runs it as it is, requantizes it to Q4_0, or
-    cannot run it: the reason)."""
+    Q4_K_M file mixes several), and what torch-q4 does with it (runs it as it is, or the types its kernels
+    lack, or why it cannot run it)."""
     import gguf
 
     from specserve.backends.decoder import read_config
-    from specserve.backends.torch_q4 import HEAD_AND_BODY, runs_as_is
+    from specserve.backends.torch_q4 import HEAD_AND_BODY, types_lacking_kernels
     from specserve.models.fetch import ModelError
 
     reader = gguf.GGUFReader(str(path))
@@ -83,7 +83,13 @@ def model_summary(path: Path) -> dict:
         kinds[kind][tensor.tensor_type.name] += 1
     try:
         read_config(reader, "torch-q4")
-        torch_q4 = "runs it as it is" if runs_as_is(reader) else f"runs its {HEAD_AND_BODY} requantization"
+        lacking = types_lacking_kernels(reader)
+        torch_q4 = (
+            f"lacks kernels for its {', '.join(lacking)} weights: runs its {HEAD_AND_BODY} requantization "
+            "(another model) only if asked (--requantize)"
+            if lacking
+            else "runs it as it is"
+        )
     except ModelError as exc:
         torch_q4 = str(exc)
     return {
@@ -147,6 +153,9 @@ def print_info(info: dict, choice: Choice | None, console: Console) -> None:
     if choice.drafts:
         console.print(_cost_table("Drafts: cost of n rows relative to 1", choice.drafts, {}, choice.draft))
     console.print(f"auto picked: {choice.reason}")
+    for role, picked in (("target", choice.target), ("draft", choice.draft)):
+        if picked is not None:
+            console.print(f"the {role} runs {picked.weights}")
 
 
 def check_backends(model: Path, backends: tuple[str, ...], console: Console) -> int:

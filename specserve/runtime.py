@@ -39,8 +39,8 @@ from specserve.engine.sampling import SamplingParams
 from specserve.engine.suffix import SuffixCache, SuffixCascade, SuffixProposer
 from specserve.engine.target import LocalTarget, TargetSession
 from specserve.engine.verify import ToleranceController
-from specserve.models.fetch import ModelError, resolve_model
-from specserve.models.quantize import resolve_draft_spec
+from specserve.models.fetch import ModelError
+from specserve.models.quantize import resolve_draft_spec, resolve_target_spec, weights_in_words
 from specserve.models.tokenizer import Tokenizer, check_compatible
 
 log = logging.getLogger("specserve.runtime")
@@ -55,6 +55,7 @@ class Runtime(ABC):
     choice: Choice | None  # what `auto` measured and picked (`specserve info`, the bench JSON)
     target_name: str
     target_backend: str  # where the target runs: its backend here, or the verifiers it runs on
+    target_weights: str  # in words: the file's own weights, or which requantized copy (`weights_in_words`)
     k_max: int  # the most drafts an adaptive window may hold here
     k_limit: int  # ... and a fixed k: windows beyond are not exact on the target
     exact_window: int | None  # windows up to this many rows are exact on the target (None: any size)
@@ -74,8 +75,10 @@ class Runtime(ABC):
         return {
             "model": self.target_name,
             "target_backend": self.target_backend,
+            "target_weights": self.target_weights,
             "draft": self.draft.model_path.name if self.draft is not None else None,
             "draft_backend": self.draft.name if self.draft is not None else None,
+            "draft_weights": self.draft_weights,
             "specserve_kernels": kernels.ops().isa(),
             "auto": self.choice.reason if self.choice is not None else None,
             "methods": self.methods,
@@ -99,11 +102,23 @@ class Runtime(ABC):
             raise SpecserveError(f"no {role} backend runs on this machine ({tried})")
         return measured.backend, Path(measured.model)
 
+    @property
+    def draft_weights(self) -> str | None:
+        """The draft's weights in words (a requantized copy is fine there: the target decides every token)."""
+        return weights_in_words(self.draft.model_path, self.draft.converted_to) if self.draft is not None else None
+
+    def _lock_weights(self) -> None:
+        """After loading: the weights stay in RAM (`EngineConfig.mlock`), or a warning says why not."""
+        from specserve import hardware
+
+        if self.config.mlock and (reason := hardware.lock_memory()) is not None:
+            log.warning("the weights may be paged out while idle (--no-mlock to not try): %s", reason)
+
     def _load_draft(self, path: Path | None, show_progress: bool) -> None:
         self.draft = None
         if path is not None:
             kind, file = self._resolve("draft", self.config.draft_backend, path)
-            self.draft = load_backend(kind, file, self.config.n_ctx, show_progress)
+            self.draft = load_backend(kind, file, self.config.n_ctx, show_progress, requantize=True)
         self._draft_prefixes = _prefix_cache(self.draft)
 
     def refresh_costs(self, wanted: Callable[[], bool] = lambda: False) -> bool:
@@ -233,7 +248,7 @@ class LocalRuntime(Runtime):
         t0 = time.perf_counter()
         self.config = config
         self.suffixes = SuffixCache()
-        target_path = resolve_model(config.target, show_progress)
+        target_path = resolve_target_spec(config.target, show_progress)
         self.tokenizer = Tokenizer(target_path)
         draft_path = None
         if config.draft:
@@ -248,7 +263,7 @@ class LocalRuntime(Runtime):
                 draft_path = None
         self.choice = None
         if (target is None and config.target_backend == "auto") or (draft_path and config.draft_backend == "auto"):
-            self.choice = choose(target_path, draft_path, K_MAX, show_progress)
+            self.choice = choose(target_path, draft_path, K_MAX, show_progress, requantize=config.requantize)
         self._load(target, target_path, draft_path, show_progress)
         if self._runs_auto_target() and measured_while_busy(self.choice, self.policy.costs.target.table[1]):
             log.warning(
@@ -259,10 +274,13 @@ class LocalRuntime(Runtime):
                 1000 * self.policy.costs.target.table[1],
             )
             before = self.choice
-            self.choice = choose(target_path, draft_path, K_MAX, show_progress, again=True)
+            self.choice = choose(
+                target_path, draft_path, K_MAX, show_progress, again=True, requantize=config.requantize
+            )
             if _picks(self.choice) != _picks(before):
                 log.warning("auto picks again: %s", self.choice.reason)
                 self._load(target, target_path, draft_path, show_progress)
+        self._lock_weights()
         self.load_s = time.perf_counter() - t0
 
     def _runs_auto_target(self) -> bool:
@@ -274,10 +292,11 @@ class LocalRuntime(Runtime):
         config = self.config
         if target is None:
             kind, path = self._resolve("target", config.target_backend, target_path)
-            target = load_backend(kind, path, config.n_ctx, show_progress)
+            target = load_backend(kind, path, config.n_ctx, show_progress, requantize=config.requantize)
         self.target = target
         self.target_name, self.n_ctx = target.model_path.name, target.n_ctx
         self.target_backend = target.name
+        self.target_weights = weights_in_words(target.model_path, target.converted_to)
         self.exact_window = None if target.batch_invariant else self._exact_window()
         self.k_max = K_MAX if self.exact_window is None else max(0, min(K_MAX, self.exact_window - 1))
         self.k_limit = REMOTE_K_MAX if self.exact_window is None else self.exact_window - 1
@@ -333,7 +352,7 @@ class RemoteRuntime(Runtime):
         self.config = config
         self.suffixes = SuffixCache()
         local = resolve_draft_spec(config.draft, config.target, show_progress) if config.draft else None
-        self.tokenizer = Tokenizer(local or resolve_model(config.target, show_progress))
+        self.tokenizer = Tokenizer(local or resolve_target_spec(config.target, show_progress))
         options = ClientOptions(
             auth_token=config.auth_token,
             tls_ca=config.tls_ca,
@@ -345,6 +364,7 @@ class RemoteRuntime(Runtime):
         self.tokenizer.chat_template = self.pool.chat_template or self.tokenizer.chat_template  # the target's
         self.target_name, self.n_ctx = self.pool.model_name, self.pool.n_ctx
         self.target_backend = f"verifiers {', '.join(config.verifiers)}"
+        self.target_weights = self.pool.weights
         self.exact_window = None  # the verifiers report only window sizes that are exact there
         self.choice = None
         if local and config.draft_backend == "auto":
@@ -361,6 +381,7 @@ class RemoteRuntime(Runtime):
         self.policy = AdaptiveK(
             CostModel(PassCost(dict(verify), batches_sequences=False), draft), self.k_max, config.ablate
         )
+        self._lock_weights()
         self.load_s = time.perf_counter() - t0
 
     def unavailable(self) -> str | None:

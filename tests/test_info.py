@@ -15,12 +15,15 @@ def test_a_llama_file_of_the_kernels_types_runs_as_it_is(smollm2_path):
     assert summary["torch-q4"] == "runs it as it is"
 
 
-def test_a_file_with_a_type_the_kernels_lack_is_requantized_for_torch_q4(smollm2_path):
+def test_a_file_with_a_type_the_kernels_lack_is_requantized_for_torch_q4_only_if_asked(smollm2_path):
     from specserve.models.quantize import quantized_model
 
     summary = model_summary(quantized_model(smollm2_path, "Q2_K", show_progress=False))
     assert summary["weights"]["ffn_down"] == {"Q3_K": 30}  # llama.cpp's Q2_K mix, for rows of 1536
-    assert summary["torch-q4"] == "runs its Q4_0/Q4_0 requantization"
+    assert summary["torch-q4"] == (
+        "lacks kernels for its Q3_K weights: runs its Q4_0/Q4_0 requantization (another model) "
+        "only if asked (--requantize)"
+    )
 
 
 def test_a_mixed_file_lists_every_type_of_a_kind(target_path):

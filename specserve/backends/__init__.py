@@ -11,9 +11,10 @@ from specserve.engine.model import Model
 
 
 @on_compute_thread  # loading runs torch and llama.cpp ops: on the thread every pass runs on
-def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True) -> Model:
+def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True, *, requantize: bool = False) -> Model:
     """A model on a backend by name (not `auto`: the runtime resolves that, see backends/choose/). Each module is
-    imported only when asked for: llama.cpp and torch take seconds to load."""
+    imported only when asked for: llama.cpp and torch take seconds to load. `requantize`: torch-q4 may run a
+    requantized copy of a file whose types its kernels lack (a draft; a target only where the user allowed it)."""
     if kind == "llama.cpp":
         from specserve.backends.llamacpp import LlamaCppBackend
 
@@ -29,5 +30,5 @@ def load_backend(kind: str, path: Path, n_ctx: int, show_progress: bool = True) 
     if kind == "torch-q4":
         from specserve.backends.torch_q4 import TorchQ4Backend
 
-        return TorchQ4Backend(path, n_ctx=n_ctx, show_progress=show_progress)
+        return TorchQ4Backend(path, n_ctx=n_ctx, show_progress=show_progress, requantize=requantize)
     raise SpecserveError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

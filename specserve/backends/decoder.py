@@ -383,6 +383,7 @@ class DecoderBackend:
     one forward pass. Subclasses name the backend and load the weights (`load_model`)."""
 
     name = "torch"
+    converted_to: str | None = None  # set by a subclass that converts the file's weights
     copies_prefix = True
     batch_invariant = True  # per-row activation scales, row-by-row attention (module docstring)
     batches_sequences = True  # one forward pass over every sequence's rows

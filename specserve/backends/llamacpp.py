@@ -61,6 +61,7 @@ class LlamaCppBackend:
     would cost as much as running them in turn, and each keeps its own window shapes."""
 
     name = "llama.cpp"
+    converted_to = None
     copies_prefix = False  # contexts do not share KV memory
     batch_invariant = False  # kernels switch with the row count; which windows stay exact is measured
     batches_sequences = False  # each sequence is its own llama.cpp context, evaluated in turn

@@ -161,6 +161,7 @@ class TorchInt8Backend(DecoderBackend):
     """An int8 model (FBGEMM GEMMs)."""
 
     name = "torch-int8"
+    converted_to = "int8 per output channel"
     engine = "fbgemm"
 
     def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> DecoderModel:

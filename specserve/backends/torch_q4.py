@@ -4,10 +4,10 @@ file's own weights.
 The kernels take the weight types of llama.cpp's Q4_0..Q8_0, Q4_K_M and Q5_K_M files as they are (Q4_0,
 Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). So on such a file this runs the very weights llama.cpp runs,
 reading as many bytes per token; activations are quantized as llama.cpp quantizes them for each type (Q8_0
-per 32 values, Q8_K per 256). A file with other types (Q2_K, Q3_K, IQ*, F16) is requantized to Q4_0, LM head
-included (llama.cpp's quantize API, `models/quantize.py`): a slightly different model, whose
-agreement with the original `specserve bench` reports. `auto` may pick a Q4_0 requantization of a Q4_K_M
-file too, where it is enough faster (backends/choose/).
+per 32 values, Q8_K per 256). A file with other types (Q2_K, Q3_K, IQ*, F16) runs only where a requantized
+copy is allowed (`requantize`: a draft, or a target with `--requantize`): its Q4_0 requantization, LM head
+included (llama.cpp's quantize API, `models/quantize.py`), a slightly different model. A target's file is
+otherwise refused, with the ways to run it.
 
 Every block's dot product is exact in int32 and the blocks are summed in a fixed order, so windows and
 concurrent sequences are bitwise what single tokens alone give.
@@ -35,7 +35,7 @@ from specserve.backends.decoder import (
     read_config,
     rope_halves,
 )
-from specserve.models.fetch import cache_dir
+from specserve.models.fetch import ModelError, cache_dir
 
 _CACHE_FORMAT = 4
 HEAD_AND_BODY = "Q4_0/Q4_0"  # what a file of other types is requantized to
@@ -73,26 +73,37 @@ class Concat:
         return torch.cat([linear(x) for linear in self.linears], dim=1)
 
 
-def runs_as_is(reader: gguf.GGUFReader) -> bool:
-    """Whether the kernels take every matrix's type (the embedding only needs its rows dequantized, unless
-    it is the LM head too)."""
+def types_lacking_kernels(reader: gguf.GGUFReader) -> list[str]:
+    """The matrices' types the kernels do not take (the embedding only needs its rows dequantized, unless it
+    is the LM head too); empty: the file runs as it is."""
     names = {t.name for t in reader.tensors}
     head = "output.weight" if "output.weight" in names else "token_embd.weight"
     matrices = [t for t in reader.tensors if len(t.shape) == 2 and (t.name != "token_embd.weight" or t.name == head)]
-    return all(t.tensor_type.name in kernels.PACKERS for t in matrices)
+    return sorted({t.tensor_type.name for t in matrices} - set(kernels.PACKERS))
 
 
-def q4_source(model_path: Path, tile: int, show_progress: bool = True) -> Path:
-    """The file the backend runs: the file itself if the kernels take its types, else its Q4_0
-    requantization. Reading a GGUF's metadata takes seconds (its vocabulary), so a packed file is not opened."""
+def runs_as_is(reader: gguf.GGUFReader) -> bool:
+    return not types_lacking_kernels(reader)
+
+
+def q4_source(model_path: Path, tile: int, show_progress: bool = True, requantize: bool = False) -> Path:
+    """The file the backend runs: the file itself if the kernels take its types, else (`requantize`) its
+    Q4_0 requantization; ModelError if not allowed. Reading a GGUF's metadata takes seconds (its
+    vocabulary), so a packed file is not opened."""
     from specserve.models.quantize import quantized_model
 
     if _packed_path(model_path, tile).is_file():
         return model_path
     reader = gguf.GGUFReader(str(model_path))
     read_config(reader, "torch-q4")  # a model the backend cannot run fails here, not after a requantization
-    if runs_as_is(reader):
+    if not (lacking := types_lacking_kernels(reader)):
         return model_path
+    if not requantize:
+        raise ModelError(
+            f"specserve's kernels do not take {model_path.name}'s {', '.join(lacking)} weights; run the file on "
+            f"llama.cpp (--target-backend llama.cpp or auto), or a requantized copy of it, which is another model "
+            f"(--target {model_path}@{HEAD_AND_BODY}, or --requantize)"
+        )
     return quantized_model(model_path, HEAD_AND_BODY, show_progress)
 
 
@@ -126,9 +137,9 @@ def _pack(source: Path, tile: int, show_progress: bool) -> dict:
     return state
 
 
-def load_q4_model(model_path: Path, n_ctx: int, show_progress: bool) -> DecoderModel:
+def load_q4_model(source: Path, n_ctx: int, show_progress: bool) -> DecoderModel:
+    """The model of `source` (a file whose types the kernels take: `q4_source`) on the kernels."""
     tile = kernels.ops().tile_width()
-    source = q4_source(model_path, tile, show_progress)
     state = cached_state(_packed_path(source, tile), _CACHE_FORMAT, lambda: _pack(source, tile, show_progress))
     config = DecoderConfig(**state["config"])
 
@@ -171,5 +182,12 @@ class TorchQ4Backend(DecoderBackend):
 
     name = "torch-q4"
 
+    def __init__(self, model_path: Path, *, n_ctx: int = 4096, show_progress: bool = True, requantize: bool = False):
+        """`requantize`: a file of types the kernels lack runs as its Q4_0 requantization (else ModelError)."""
+        self.requantize = requantize
+        super().__init__(model_path, n_ctx=n_ctx, show_progress=show_progress)
+
     def load_model(self, model_path: Path, n_ctx: int, show_progress: bool) -> DecoderModel:
-        return load_q4_model(model_path, n_ctx, show_progress)
+        source = q4_source(model_path, kernels.ops().tile_width(), show_progress, self.requantize)
+        self.converted_to = None if source == model_path else HEAD_AND_BODY
+        return load_q4_model(source, n_ctx, show_progress)

@@ -33,7 +33,7 @@ from specserve.config import MODEL_METHODS, EngineConfig
 from specserve.engine.grammar import json_schema_grammar
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.verify import ToleranceController
-from specserve.models.fetch import resolve_model
+from specserve.models.quantize import resolve_target_spec
 from specserve.models.registry import DEFAULT_DRAFT
 from specserve.runtime import LocalRuntime
 
@@ -246,7 +246,7 @@ def run_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     console.print("loading models and calibrating ...")
     runtime = LocalRuntime(dataclasses.replace(engine, draft_cache="per-user"))  # a scope per row (BenchConfig)
     tokenizer = runtime.tokenizer
-    target_path = resolve_model(args.target)
+    target_path = resolve_target_spec(args.target)
     # Plain llama.cpp runs in worker processes, alone, as a user of llama.cpp would run it.
     workers = {
         BASELINE: BackendProcess("llama.cpp", target_path, args.n_ctx),

@@ -3,7 +3,11 @@
 Up at once on loopback: `specserve serve` with its default settings (but the bench's `--target`, `--draft` and
 backends, which the engine in this process runs too), and llama.cpp's own `llama-server` (built
 from the llama.cpp source the project pins: `make llama-server`) on the model's own file, plain, with the same
-draft model (`--spec-type draft-simple`) and with n-gram drafting (`--spec-type ngram-simple`). Every prompt
+draft model (`--spec-type draft-simple`) and with n-gram drafting (`--spec-type ngram-simple`, `ngram-map-k`).
+With `--served-requantized`, a second `specserve serve` on the target's Q4_0 copy (`--target FILE@Q4_0/Q4_0`:
+another model, so its replies are not the file's; its row says so). Every server keeps its weights in RAM
+(`--mlock`): a kernel that pages out memory idle for a minute (DAMON `pageout`) would otherwise make each
+server's turn, after the others', measure page faults. Every prompt
 goes to every row through the official `openai` client, streaming, one row after another, the order rotating
 per prompt, so that a slower minute of the machine hits every row alike.
 
@@ -47,6 +51,7 @@ from specserve.runtime import Runtime
 SAMPLED_TEMPERATURE = 0.8
 BASELINE = "llama-server"  # plain decoding on the model's own file: what speed-ups are relative to
 TARGET_OWN = "engine in-process, plain"  # the target's own output
+COPY = "specserve serve, target's Q4_0 copy (another model)"
 START_TIMEOUT_S = 1800.0  # the first `specserve serve` on a machine measures the backends (`auto`) first
 
 
@@ -109,11 +114,12 @@ def specserve_server(*, extra: tuple[str, ...] = (), name: str = "specserve serv
 
 def llama_server(*, binary: Path, model: Path, extra: list[str], name: str) -> ServerProcess:
     """llama-server on `model` as its users run it: every core, the GGUF's own chat template (`--jinja`:
-    without it llama-server renders a ChatML of its own, another prompt), specserve's context size."""
+    without it llama-server renders a ChatML of its own, another prompt), specserve's context size; its
+    weights locked in RAM as specserve's are (`--load-mode mmap+mlock`, its `--mlock` of old)."""
     port = free_port()
     threads = str(os.cpu_count() or 1)
     command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", threads]
-    command += ["-tb", threads, "-c", str(N_CTX), "--jinja", *extra]
+    command += ["-tb", threads, "-c", str(N_CTX), "--jinja", "--load-mode", "mmap+mlock", *extra]
     return ServerProcess(name=name, command=command, port=port, timeout_s=300)
 
 
@@ -224,11 +230,19 @@ def summarize(runs: list[dict], baseline: list[dict]) -> dict:
     return row
 
 
-def _rows(ours: ServerProcess, peers: list[ServerProcess], default_method: str, methods: list[str]) -> list[Row]:
+def _rows(
+    ours: ServerProcess,
+    peers: list[ServerProcess],
+    default_method: str,
+    methods: list[str],
+    copy: ServerProcess | None,
+) -> list[Row]:
     # the samplers as alike as the servers allow: llama-server samples with top-k 40 and min-p 0.05 by default
     peer_fields = {"top_k": 0, "min_p": 0.0}
     rows = [Row(label=server.name, server=server, extra_body=peer_fields) for server in peers]
     rows.append(Row(label=f"specserve serve ({default_method})", server=ours, extra_body={"top_k": 0}))
+    if copy is not None:
+        rows.append(Row(label=f"{COPY} ({default_method})", server=copy, extra_body={"top_k": 0}))
     for method in [m for m in methods if m != default_method] + ["none"]:
         label = "specserve serve, plain" if method == "none" else f"specserve serve ({method})"
         rows.append(
@@ -243,6 +257,7 @@ def run_served_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     from specserve.bench.run import git_commit, load_prompts, prompt_files
     from specserve.info import collect
     from specserve.models.fetch import resolve_model
+    from specserve.models.quantize import resolve_target_spec
     from specserve.models.registry import DEFAULT_DRAFT
     from specserve.runtime import LocalRuntime
 
@@ -252,27 +267,34 @@ def run_served_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
         raise SpecserveError(f"no llama-server at {binary}: build it with `make llama-server`, or give --llama-server")
     prompts = load_prompts(prompt_files(args.prompts), args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    target, draft = resolve_model(engine.target), resolve_model(DEFAULT_DRAFT)
+    target, draft = resolve_target_spec(engine.target), resolve_model(DEFAULT_DRAFT)
     servers: list[ServerProcess] = []
     try:
         console.print("starting specserve serve (its defaults, with the bench's models and backends) ...")
-        models = ("--target", engine.target, "--draft", engine.draft or "none")
+        models = ("--target", engine.target, "--draft", engine.draft or "none", *(["--requantize"] * engine.requantize))
         ours = specserve_server(
             extra=(*models, "--target-backend", engine.target_backend, "--draft-backend", engine.draft_backend)
         )
         servers.append(ours)
         info = httpx.get(f"{ours.base}/v1/specserve/info", timeout=10).json()
-        console.print("starting llama-server: plain, draft-simple, ngram-simple ...")
+        copy = None
+        if args.served_requantized:
+            console.print("starting specserve serve on the target's Q4_0 copy ...")
+            copy_models = ("--target", f"{engine.target}@Q4_0/Q4_0", *models[2:])
+            copy = specserve_server(extra=(*copy_models, "--draft-backend", engine.draft_backend), name=COPY)
+            servers.append(copy)
+        console.print("starting llama-server: plain, draft-simple, ngram-simple, ngram-map-k ...")
         peer_options = {
             BASELINE: [],
             "llama-server draft-simple": ["-md", str(draft), "--spec-type", "draft-simple"],
             "llama-server ngram-simple": ["--spec-type", "ngram-simple"],
+            "llama-server ngram-map-k": ["--spec-type", "ngram-map-k"],
         }
         peers = [llama_server(binary=binary, model=target, extra=extra, name=n) for n, extra in peer_options.items()]
         servers += peers
         console.print("loading the engine in this process ...")
         runtime = LocalRuntime(engine)
-        rows = _rows(ours, peers, info["speculation"], args.served_methods)
+        rows = _rows(ours, peers, info["speculation"], args.served_methods, copy)
         runs = _run(args, prompts, modes, rows, runtime, console)
     finally:
         for server in servers:

@@ -120,6 +120,7 @@ def start_local_verifier(args: argparse.Namespace, console: Console) -> tuple[su
     log = tempfile.NamedTemporaryFile(prefix="specserve-verifier-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "specserve.cli", "verifier", "--listen", address, "--n-ctx", str(args.n_ctx)]
     command += ["--target", args.target, "--target-backend", args.target_backend]
+    command += ["--requantize"] if args.requantize else []
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     console.print(f"starting a verifier on {address} (log {log.name}) ...")
     while "listening on" not in Path(log.name).read_text(errors="replace"):

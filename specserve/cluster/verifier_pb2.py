@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n specserve/cluster/verifier.proto\x12\x14specserve.cluster.v1\"\r\n\x0bInfoRequest\"\xb1\x02\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05n_ctx\x18\x02 \x01(\x05\x12\x0f\n\x07n_vocab\x18\x03 \x01(\x05\x12\x18\n\x10tokenizer_digest\x18\x04 \x01(\t\x12\x15\n\rchat_template\x18\x05 \x01(\t\x12G\n\rwindow_cost_s\x18\x06 \x03(\x0b\x32\x30.specserve.cluster.v1.InfoReply.WindowCostSEntry\x12\x10\n\x08sessions\x18\x07 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x08 \x01(\x05\x12\x0e\n\x06queued\x18\t \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x1a\x32\n\x10WindowCostSEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x01\x42\x07\n\x05_seed\"d\n\x04Open\x12\x34\n\x06params\x18\x01 \x01(\x0b\x32$.specserve.cluster.v1.SamplingParams\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x01\"j\n\x06Window\x12\x0e\n\x06\x61ppend\x18\x01 \x03(\x05\x12\x0e\n\x06\x64rafts\x18\x02 \x03(\x05\x12/\n\x05\x64ists\x18\x03 \x03(\x0b\x32 .specserve.cluster.v1.SparseDist\x12\x0f\n\x07predict\x18\x04 \x01(\x08\"\x07\n\x05\x43lose\"\xa1\x01\n\rClientMessage\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.specserve.cluster.v1.OpenH\x00\x12.\n\x06window\x18\x02 \x01(\x0b\x32\x1c.specserve.cluster.v1.WindowH\x00\x12,\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1b.specserve.cluster.v1.CloseH\x00\x42\x06\n\x04kind\"\xb2\x01\n\x05Reply\x12\x13\n\x0bhas_verdict\x18\x01 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x10\n\x08server_s\x18\x04 \x01(\x01\x12\x1e\n\x11\x65xpected_accepted\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nconfidence\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_expected_acceptedB\r\n\x0b_confidence2\xa7\x01\n\x08Verifier\x12J\n\x04Info\x12!.specserve.cluster.v1.InfoRequest\x1a\x1f.specserve.cluster.v1.InfoReply\x12O\n\x07Session\x12#.specserve.cluster.v1.ClientMessage\x1a\x1b.specserve.cluster.v1.Reply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n specserve/cluster/verifier.proto\x12\x14specserve.cluster.v1\"\r\n\x0bInfoRequest\"\xc2\x02\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05n_ctx\x18\x02 \x01(\x05\x12\x0f\n\x07n_vocab\x18\x03 \x01(\x05\x12\x18\n\x10tokenizer_digest\x18\x04 \x01(\t\x12\x15\n\rchat_template\x18\x05 \x01(\t\x12G\n\rwindow_cost_s\x18\x06 \x03(\x0b\x32\x30.specserve.cluster.v1.InfoReply.WindowCostSEntry\x12\x10\n\x08sessions\x18\x07 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x08 \x01(\x05\x12\x0e\n\x06queued\x18\t \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0f\n\x07weights\x18\x0b \x01(\t\x1a\x32\n\x10WindowCostSEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x01\x42\x07\n\x05_seed\"d\n\x04Open\x12\x34\n\x06params\x18\x01 \x01(\x0b\x32$.specserve.cluster.v1.SamplingParams\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x01\"j\n\x06Window\x12\x0e\n\x06\x61ppend\x18\x01 \x03(\x05\x12\x0e\n\x06\x64rafts\x18\x02 \x03(\x05\x12/\n\x05\x64ists\x18\x03 \x03(\x0b\x32 .specserve.cluster.v1.SparseDist\x12\x0f\n\x07predict\x18\x04 \x01(\x08\"\x07\n\x05\x43lose\"\xa1\x01\n\rClientMessage\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.specserve.cluster.v1.OpenH\x00\x12.\n\x06window\x18\x02 \x01(\x0b\x32\x1c.specserve.cluster.v1.WindowH\x00\x12,\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1b.specserve.cluster.v1.CloseH\x00\x42\x06\n\x04kind\"\xb2\x01\n\x05Reply\x12\x13\n\x0bhas_verdict\x18\x01 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x10\n\x08server_s\x18\x04 \x01(\x01\x12\x1e\n\x11\x65xpected_accepted\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nconfidence\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_expected_acceptedB\r\n\x0b_confidence2\xa7\x01\n\x08Verifier\x12J\n\x04Info\x12!.specserve.cluster.v1.InfoRequest\x1a\x1f.specserve.cluster.v1.InfoReply\x12O\n\x07Session\x12#.specserve.cluster.v1.ClientMessage\x1a\x1b.specserve.cluster.v1.Reply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=58
   _globals['_INFOREQUEST']._serialized_end=71
   _globals['_INFOREPLY']._serialized_start=74
-  _globals['_INFOREPLY']._serialized_end=379
-  _globals['_INFOREPLY_WINDOWCOSTSENTRY']._serialized_start=329
-  _globals['_INFOREPLY_WINDOWCOSTSENTRY']._serialized_end=379
-  _globals['_SAMPLINGPARAMS']._serialized_start=381
-  _globals['_SAMPLINGPARAMS']._serialized_end=491
-  _globals['_OPEN']._serialized_start=493
-  _globals['_OPEN']._serialized_end=593
-  _globals['_SPARSEDIST']._serialized_start=595
-  _globals['_SPARSEDIST']._serialized_end=635
-  _globals['_WINDOW']._serialized_start=637
-  _globals['_WINDOW']._serialized_end=743
-  _globals['_CLOSE']._serialized_start=745
-  _globals['_CLOSE']._serialized_end=752
-  _globals['_CLIENTMESSAGE']._serialized_start=755
-  _globals['_CLIENTMESSAGE']._serialized_end=916
-  _globals['_REPLY']._serialized_start=919
-  _globals['_REPLY']._serialized_end=1097
-  _globals['_VERIFIER']._serialized_start=1100
-  _globals['_VERIFIER']._serialized_end=1267
+  _globals['_INFOREPLY']._serialized_end=396
+  _globals['_INFOREPLY_WINDOWCOSTSENTRY']._serialized_start=346
+  _globals['_INFOREPLY_WINDOWCOSTSENTRY']._serialized_end=396
+  _globals['_SAMPLINGPARAMS']._serialized_start=398
+  _globals['_SAMPLINGPARAMS']._serialized_end=508
+  _globals['_OPEN']._serialized_start=510
+  _globals['_OPEN']._serialized_end=610
+  _globals['_SPARSEDIST']._serialized_start=612
+  _globals['_SPARSEDIST']._serialized_end=652
+  _globals['_WINDOW']._serialized_start=654
+  _globals['_WINDOW']._serialized_end=760
+  _globals['_CLOSE']._serialized_start=762
+  _globals['_CLOSE']._serialized_end=769
+  _globals['_CLIENTMESSAGE']._serialized_start=772
+  _globals['_CLIENTMESSAGE']._serialized_end=933
+  _globals['_REPLY']._serialized_start=936
+  _globals['_REPLY']._serialized_end=1114
+  _globals['_VERIFIER']._serialized_start=1117
+  _globals['_VERIFIER']._serialized_end=1284
 # @@protoc_insertion_point(module_scope)

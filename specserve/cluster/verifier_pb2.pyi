@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model", "n_ctx", "n_vocab", "tokenizer_digest", "chat_template", "window_cost_s", "sessions", "max_sessions", "queued", "backend")
+    __slots__ = ("model", "n_ctx", "n_vocab", "tokenizer_digest", "chat_template", "window_cost_s", "sessions", "max_sessions", "queued", "backend", "weights")
     class WindowCostSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class InfoReply(_message.Message):
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     n_ctx: int
     n_vocab: int
@@ -39,7 +40,8 @@ class InfoReply(_message.Message):
     max_sessions: int
     queued: int
     backend: str
-    def __init__(self, model: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_vocab: _Optional[int] = ..., tokenizer_digest: _Optional[str] = ..., chat_template: _Optional[str] = ..., window_cost_s: _Optional[_Mapping[int, float]] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., queued: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    weights: str
+    def __init__(self, model: _Optional[str] = ..., n_ctx: _Optional[int] = ..., n_vocab: _Optional[int] = ..., tokenizer_digest: _Optional[str] = ..., chat_template: _Optional[str] = ..., window_cost_s: _Optional[_Mapping[int, float]] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., queued: _Optional[int] = ..., backend: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed", "min_p")

@@ -20,6 +20,9 @@ class Model(Protocol):
     n_vocab: int
     n_ctx: int
     model_path: Path  # the file it runs
+    # None: it runs the file's weights as they are; else the type it converted them to on load (torch-int8's
+    # int8): another model, said so wherever the served model is named (`quantize.weights_in_words`)
+    converted_to: str | None
     copies_prefix: (
         bool  # whether `Sequence.copy_prefix` can copy anything (else remembering sequences only pins memory)
     )

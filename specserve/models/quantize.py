@@ -219,6 +219,41 @@ def quantized_model(source: Path, qtype: str, show_progress: bool = True) -> Pat
     return out
 
 
+def requantized_from(path: Path) -> tuple[Path, str] | None:
+    """(the source file, the qtype) of a copy `quantized_model` made, or None: `path` is not one."""
+    marker = _marker(Path(path))
+    if not marker.is_file():
+        return None
+    source = Path(marker.read_text().rsplit(" ", 2)[0])
+    suffix = Path(path).stem.removeprefix(f"{source.stem}-")
+    return source, suffix.replace("-head-", "/")
+
+
+def weights_in_words(path: Path, converted_to: str | None = None) -> str:
+    """What a backend runs, said so that nobody takes a requantized copy for the file they chose: `path`'s own
+    weights, or a copy (a file `quantized_model` made, or weights the backend converted on load to
+    `converted_to`, e.g. torch-int8's int8)."""
+    made = [f"converted to {converted_to} on load"] if converted_to else []
+    origin = Path(path)
+    while (found := requantized_from(origin)) is not None:
+        origin, qtype = found
+        made.append(f"requantized to {qtype}")
+    if not made:
+        return f"the file's own weights ({origin.name})"
+    return f"a requantized copy, not the file's own weights: {origin.name} {', then '.join(reversed(made))}"
+
+
+def resolve_target_spec(spec: str, show_progress: bool = True) -> Path:
+    """The GGUF file `--target` names: a registry name or a path, or NAME_OR_PATH@QTYPE for its requantized
+    copy (made on first use; a copy runs only where asked for by name, see backends/choose/)."""
+    if "@" in spec and not Path(spec).expanduser().exists():
+        base, _, qtype = spec.rpartition("@")
+        if not base:
+            raise ModelError(f"target spec {spec!r} has no model before '@' (expected NAME_OR_PATH@QTYPE)")
+        return quantized_model(resolve_target_spec(base, show_progress), qtype_name(qtype), show_progress)
+    return resolve_model(spec, show_progress)
+
+
 def parse_draft_spec(spec: str, target_spec: str) -> tuple[str, str | None]:
     """Split a draft spec into (base model spec, qtype or None); no file is touched except to see whether
     `spec` names an existing file (a path that happens to contain '@' or ':' stays a path)."""

@@ -83,8 +83,9 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models", responses=error_responses(401, 503))
 async def models(request: Request) -> dict:
-    name = server_state(request).ready().target_name
-    return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "specserve"}]}
+    runtime = server_state(request).ready()
+    model = {"id": runtime.target_name, "object": "model", "owned_by": "specserve", "weights": runtime.target_weights}
+    return {"object": "list", "data": [model]}
 
 
 @router.post("/tokenize", responses=error_responses(400, 401, 503))

@@ -106,6 +106,10 @@ class ServerState:
         try:
             self.runtime = self._factory(self._report)
             self.metrics.set_model_name(self.runtime.target_name)
+            rt = self.runtime
+            log.info("serving %s on %s: %s", rt.target_name, rt.target_backend, rt.target_weights)
+            if rt.draft is not None:
+                log.info("drafting with %s on %s: %s", rt.draft.model_path.name, rt.draft.name, rt.draft_weights)
         except SpecserveError as exc:  # a reason said in one line: a missing file, a model a backend cannot run
             log.error("loading the models failed: %s", exc)
             self._failed(str(exc))

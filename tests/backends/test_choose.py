@@ -87,6 +87,34 @@ def test_a_backend_that_cannot_run_a_model_is_reported_not_fatal(yarn_model):
 
 
 @pytest.mark.small_model
+def test_a_target_runs_on_the_files_own_weights_unless_the_user_allows_a_copy(smollm2_path, isolated_cache):
+    """Lossless to the file the user chose: `auto` measures the backends that run it as it is; its
+    requantized copies (another model) and int8 conversions only with `--requantize`. torch-q4 refuses a
+    file whose types its kernels lack, in one line that names both ways to run it."""
+    from specserve.backends import load_backend
+    from specserve.backends.choose import target_candidates
+    from specserve.models.fetch import ModelError
+    from specserve.models.quantize import quantized_model
+
+    assert target_candidates(smollm2_path, requantize=False, show_progress=False) == [
+        ("llama.cpp", smollm2_path),
+        ("torch-q4", smollm2_path),
+    ]
+    allowed = target_candidates(smollm2_path, requantize=True, show_progress=False)
+    copies = {file for _, file in allowed} - {smollm2_path}
+    assert [file.name for file in copies] == [f"{smollm2_path.stem}-Q4_0-head-Q4_0.gguf"]
+    assert {"torch-int8", "llama.cpp", "torch-q4"} <= {backend for backend, _ in allowed}
+
+    q2_k = quantized_model(smollm2_path, "Q2_K", show_progress=False)  # Q3_K (ffn_down; Q4_0 elsewhere): no kernel
+    with pytest.raises(ModelError, match=r"do not take .*Q3_K weights.*--target-backend llama.cpp"):
+        load_backend("torch-q4", q2_k, n_ctx=64, show_progress=False)
+    refused = measure_in_child("torch-q4", q2_k, (1,), exact=True)  # as `auto` sees it: not usable here
+    assert not refused.usable and "--requantize" in refused.error
+    model = load_backend("torch-q4", q2_k, n_ctx=64, show_progress=False, requantize=True)
+    assert model.converted_to == "Q4_0/Q4_0" and model.model_path == q2_k
+
+
+@pytest.mark.small_model
 def test_every_candidate_is_timed_in_two_rounds_and_the_result_cached(yarn_model, isolated_cache, capsys):
     """A front-end's draft pick (no target) on SmolLM2 with YaRN scaling: only llama.cpp runs it. It is timed
     once per round, in turn with the others, and a second start reads the measurements from the cache."""

@@ -90,27 +90,31 @@ def test_served_bench_against_llama_server_keeps_the_targets_own_replies(tmp_pat
     `make llama-server`, which `make test` runs), plain and with its draft and n-gram modes, every row asked
     through the openai client; greedy replies through the server are the target's own."""
     from specserve.bench.served import BASELINE as PLAIN_LLAMA_SERVER
-    from specserve.bench.served import TARGET_OWN, default_llama_server
+    from specserve.bench.served import COPY, TARGET_OWN, default_llama_server
 
     assert default_llama_server().is_file(), "run `make llama-server` (`make test` does)"
     out = tmp_path / "served.json"
     command = [sys.executable, "-m", "specserve.cli", "bench", "--served", "--limit", "1", "--max-tokens", "12"]
-    command += ["--modes", "greedy,sampled", "--served-methods", "suffix-draft", "--out", str(out)]
+    command += ["--modes", "greedy,sampled", "--served-methods", "suffix-draft", "--served-requantized"]
+    command += ["--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["summary"]["greedy/all"]
     default = report["specserve"]["speculation"]
-    assert list(rows)[:3] == [PLAIN_LLAMA_SERVER, "llama-server draft-simple", "llama-server ngram-simple"]
+    llama_servers = ["llama-server draft-simple", "llama-server ngram-simple", "llama-server ngram-map-k"]
+    assert list(rows)[:4] == [PLAIN_LLAMA_SERVER, *llama_servers]
     assert rows[PLAIN_LLAMA_SERVER]["speedup"] == 1.0
     assert rows["llama-server draft-simple"]["acceptance"] is not None  # it did speculate
-    ours = [label for label in rows if label.startswith(("specserve serve", "engine in-process"))]
+    ours = [label for label in rows if label.startswith(("specserve serve", "engine in-process")) and COPY not in label]
     assert f"specserve serve ({default})" in ours and "specserve serve (suffix-draft)" in ours
     assert "specserve serve, plain" in ours and TARGET_OWN in ours
     requests = rows[TARGET_OWN]["requests"]
     assert requests == 4  # one prompt of each kind of the project set
     for label in ours:  # exact, through HTTP as in process
         assert rows[label]["same_as_target"] == requests, (label, rows[label])
+    assert rows[f"{COPY} ({default})"]["requests"] == requests  # another model: its replies may differ
+    assert "mmap+mlock" in report["servers"][PLAIN_LLAMA_SERVER]  # no server's weights paged out while it waits
     assert all(r["ttft_ms_p50"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
     assert set(report["summary"]) >= {"sampled/all", "greedy/code", "greedy/prose"}
     assert report["machine"]["cpu"]["family_model"] and report["cost_table"]

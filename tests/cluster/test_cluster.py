@@ -135,6 +135,7 @@ class FixedDistribution:
     """A Model whose logits are log p at every position, whatever the tokens."""
 
     name = "fixed"
+    model_path, converted_to = Path("fixed.gguf"), None  # no file: its weights are p
     copies_prefix = False
 
     def __init__(self, p: np.ndarray):
@@ -263,7 +264,8 @@ def test_evicted_session_gets_a_clear_error_and_the_client_replays():
         replies = stub.Session(iter(outbox.get, None), timeout=30)
         assert next(replies).has_verdict
         others = [RemoteTarget(pool) for _ in range(2)]
-        RemoteVerifier(pool).run(others, [_window([3], params=greedy, rng=rng) for _ in others])
+        for other in others:  # one after the other, so that others[0] is the least recently used
+            RemoteVerifier(pool).run([other], [_window([3], params=greedy, rng=rng)])
         outbox.put(pb.ClientMessage(window=pb.Window(append=[4], predict=True)))
         with pytest.raises(grpc.RpcError) as error:
             next(replies)
@@ -453,6 +455,9 @@ def test_greedy_through_a_remote_verifier_matches_single_process(runtime, verifi
         pieces = [c.choices[0].delta.content or "" for c in chat(base, PROMPTS[0], 48, stream=True, seed=7)]
         assert "".join(pieces) == expected[PROMPTS[0]]
         assert spec.model == runtime.target_name
+        # the front-end names the weights the verifiers run, as a local server names its own
+        models = httpx.get(f"{base}/v1/models").json()["data"]
+        assert models[0]["weights"] == runtime.target_weights == f"the file's own weights ({runtime.target_name})"
     finally:
         stop_frontend(proc)
 

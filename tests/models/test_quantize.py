@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from specserve.models.fetch import ModelError
-from specserve.models.quantize import HEAD_TYPES, QTYPES, parse_draft_spec, quantized_model, resolve_draft_spec
+from specserve.models.quantize import (
+    HEAD_TYPES,
+    QTYPES,
+    parse_draft_spec,
+    quantized_model,
+    resolve_draft_spec,
+    resolve_target_spec,
+    weights_in_words,
+)
 from specserve.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
@@ -141,6 +149,27 @@ def test_resolve_draft_spec(smollm2_path, isolated_cache):
     # self: on a target that is itself a requantized spec chains the two.
     chained = resolve_draft_spec("self:Q4_0", f"{target}@Q8_0", show_progress=False)
     assert chained.name == f"{smollm2_path.stem}-Q8_0-Q4_0.gguf"
+
+
+@pytest.mark.small_model
+def test_a_requantized_target_is_named_as_a_copy_wherever_it_runs(smollm2_path, isolated_cache):
+    """`--target NAME@Q` runs a copy because it was asked for by name; its description says so, and names the
+    file it came from, through a chain of copies and a backend's own conversion on load."""
+    target = str(smollm2_path)
+    assert resolve_target_spec(target, show_progress=False) == smollm2_path
+    assert weights_in_words(smollm2_path) == f"the file's own weights ({smollm2_path.name})"
+    copy = resolve_target_spec(f"{target}@Q8_0", show_progress=False)
+    assert copy == isolated_cache / "quantized" / f"{smollm2_path.stem}-Q8_0.gguf"
+    assert weights_in_words(copy) == (
+        f"a requantized copy, not the file's own weights: {smollm2_path.name} requantized to Q8_0"
+    )
+    chained = resolve_target_spec(f"{target}@Q8_0@Q4_0/Q4_0", show_progress=False)
+    assert weights_in_words(chained, "int8 per output channel") == (
+        f"a requantized copy, not the file's own weights: {smollm2_path.name} requantized to Q8_0, "
+        "then requantized to Q4_0/Q4_0, then converted to int8 per output channel on load"
+    )
+    with pytest.raises(ModelError, match="no model before '@'"):
+        resolve_target_spec("@Q4_0")
 
 
 @pytest.mark.models

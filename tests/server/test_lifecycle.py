@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -165,6 +166,14 @@ def test_a_llama_target_serves_with_speculation_from_its_requantized_copy(smollm
     try:
         info = httpx.get(f"{base}/v1/specserve/info").json()
         assert info["target_backend"] == "torch-q4" and info["draft"], info
+        # the target as the user chose it; the draft a copy, said so (it changes no reply: the target decides)
+        assert info["target_weights"] == f"the file's own weights ({smollm2_path.name})", info
+        assert info["draft_weights"].startswith("a requantized copy") and "to Q4_0" in info["draft_weights"], info
+        assert httpx.get(f"{base}/v1/models").json()["data"][0]["weights"] == info["target_weights"]
+        # the weights stay in RAM (`--mlock`, the default): an idle server's are not paged out
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        locked_kb = int(next(line for line in status.splitlines() if line.startswith("VmLck:")).split()[1])
+        assert locked_kb * 1024 > smollm2_path.stat().st_size, status
         replies = {
             method: client(base).chat.completions.create(
                 model=None,

@@ -1,6 +1,8 @@
 """A bigram language model behind the engine's Model protocol: a real implementation of the protocol, small
 enough to reason about exactly (next-token logits depend on the last token only)."""
 
+from pathlib import Path
+
 import numpy as np
 
 V = 5
@@ -21,6 +23,7 @@ class TableModel:
     """A bigram language model behind the Model protocol; `passes` counts its sequences' evals."""
 
     name, n_vocab, n_ctx = "table", V, 1000
+    model_path, converted_to = Path("table.gguf"), None  # no file: its weights are the table
     copies_prefix = False
 
     def __init__(self):

@@ -11,13 +11,17 @@ measure once (the others wait for the result). A different machine measures agai
 process finds its target passes clearly faster than the cached table says (`measured_while_busy`): that
 table was measured while something else ran, and its pick may be another phase's.
 
-Targets: llama.cpp and torch-q4 (specserve's kernels) each on the model's file and on its Q4_0
-requantization, torch-int8 on FBGEMM, and torch-int8 on oneDNN where the CPU has AVX512-VNNI or AMX. Each is
-timed for windows of 1..K_MAX+1 rows and checked for exactness: a window size is usable for speculation
-only if its logits are bitwise those of one-token steps (otherwise greedy speculation could change the
-output), so a kernel that changes arithmetic at 4 rows limits that target to windows of 3.
+Targets: the backends that run the model's file as it is, llama.cpp and torch-q4 (specserve's kernels; on
+a file whose types they take). A requantized copy is another model (the bench's fidelity table: its greedy
+replies differ from the file's), so it is a candidate only where the user allowed one (`--requantize`):
+then llama.cpp and torch-q4 on the file's Q4_0 requantization, torch-int8 on FBGEMM, and torch-int8 on
+oneDNN where the CPU has AVX512-VNNI or AMX (both convert the weights to int8) join them. Each is timed
+for windows of 1..K_MAX+1 rows and checked for exactness: a window size is usable for speculation only if
+its logits are bitwise those of one-token steps (otherwise greedy speculation could change the output), so
+a kernel that changes arithmetic at 4 rows limits that target to windows of 3.
 
-Drafts: the same backends on the draft file (a draft needs no exactness; its cost is what counts).
+Drafts: llama.cpp, torch-q4 and torch-int8 on the draft file, converted where a backend needs it (a draft
+needs no exactness and changes no output: the target decides every token; its cost is what counts).
 
 The pick (`pick.py`: `pick_target`, `pick_draft`) is the policy, in one place: see their docstrings; the
 measuring is `measure.py`, the cache `cache.py`.
@@ -63,15 +67,17 @@ def _has_onednn_int8(flags: frozenset[str]) -> bool:
     return "avx512_vnni" in flags or hardware.has_amx(flags)
 
 
-def target_candidates(target: Path, show_progress: bool) -> list[tuple[str, Path]]:
+def target_candidates(target: Path, requantize: bool, show_progress: bool) -> list[tuple[str, Path]]:
+    """The file as it is on llama.cpp and torch-q4; with `requantize`, the copies too."""
     from specserve.backends.torch_q4 import HEAD_AND_BODY
     from specserve.models.quantize import quantized_model
 
-    requantized = quantized_model(target, HEAD_AND_BODY, show_progress)
-    candidates = [("llama.cpp", target), ("llama.cpp", requantized), ("torch-q4", target), ("torch-q4", requantized)]
-    candidates.append(("torch-int8", target))
-    if _has_onednn_int8(hardware.cpu_flags()):
-        candidates.append(("torch-int8-onednn", target))
+    candidates = [("llama.cpp", target), ("torch-q4", target)]
+    if requantize:
+        requantized = quantized_model(target, HEAD_AND_BODY, show_progress)
+        candidates += [("llama.cpp", requantized), ("torch-q4", requantized), ("torch-int8", target)]
+        if _has_onednn_int8(hardware.cpu_flags()):
+            candidates.append(("torch-int8-onednn", target))
     return candidates
 
 
@@ -80,12 +86,21 @@ def draft_candidates(draft: Path) -> list[tuple[str, Path]]:
 
 
 def measure_candidates(
-    role: str, model: Path, rows: tuple[int, ...], show_progress: bool = True, again: bool = False
+    role: str,
+    model: Path,
+    rows: tuple[int, ...],
+    show_progress: bool = True,
+    again: bool = False,
+    *,
+    requantize: bool = False,
 ) -> tuple[list[Measured], bool]:
     """Every candidate for `role` ("target" or "draft") on `model`, measured for `rows` (or read from the
-    cache: then True). `again`: measure even if cached, and replace the cached table."""
+    cache: then True). `again`: measure even if cached, and replace the cached table; `requantize`: a
+    target's requantized copies are candidates too."""
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if show_progress else (lambda text: None)
-    path = cache_path(machine_key(role, model, rows))
+    exact = role == "target"
+    requantize = requantize or not exact  # a draft's copy changes no output
+    path = cache_path(machine_key(role, model, rows, requantize))
     started = time.time()
     with exclusive(path, say):
         # another process may have measured again while this one waited: its table is as new as ours would be
@@ -93,13 +108,17 @@ def measure_candidates(
         if (not again or fresh) and (cached := load_cached(path)) is not None:
             return cached, not fresh
         say(f"measuring the {role} backends on this CPU (once per machine; cached in {path.parent}):")
-        exact = role == "target"
-        candidates = target_candidates(model, show_progress) if exact else draft_candidates(model)
-        results = [_timed(say, role, measure_in_child(backend, file, rows, exact)) for backend, file in candidates]
+        candidates = target_candidates(model, requantize, show_progress) if exact else draft_candidates(model)
+        results = [
+            _timed(say, role, measure_in_child(backend, file, rows, exact, requantize=requantize))
+            for backend, file in candidates
+        ]
         say("  timing them all again, in turn (a slow spell of the machine hits them alike):")
         for result in results:
             if result.usable:
-                again = measure_in_child(result.backend, Path(result.model), rows, exact=False, load_first=False)
+                again = measure_in_child(
+                    result.backend, Path(result.model), rows, exact=False, load_first=False, requantize=requantize
+                )
                 _keep_fastest(result, again)
                 _timed(say, role, result)
         path.write_text(json.dumps([asdict(result) for result in results]))
@@ -107,13 +126,24 @@ def measure_candidates(
 
 
 def choose(
-    target: Path | None, draft: Path | None, k_max: int, show_progress: bool = True, again: bool = False
+    target: Path | None,
+    draft: Path | None,
+    k_max: int,
+    show_progress: bool = True,
+    again: bool = False,
+    *,
+    requantize: bool = False,
 ) -> Choice:
     """Measure (or read the cached measurements of) the candidates on this machine and pick. No `target`:
     a front-end of remote verifiers, which picks only its draft's backend. `again`: measure anew (`specserve
-    info --remeasure`, or a table found to be measured while the machine was busy)."""
+    info --remeasure`, or a table found to be measured while the machine was busy); `requantize`: the
+    target may be a requantized copy (`--requantize`), where clearly faster."""
     rows = tuple(range(1, k_max + 2))
-    targets, targets_cached = measure_candidates("target", target, rows, show_progress, again) if target else ([], True)
+    targets, targets_cached = (
+        measure_candidates("target", target, rows, show_progress, again, requantize=requantize)
+        if target
+        else ([], True)
+    )
     drafts, drafts_cached = (
         measure_candidates("draft", draft, DRAFT_ROWS, show_progress, again) if draft else ([], True)
     )

@@ -10,10 +10,12 @@ from pathlib import Path
 from specserve import hardware
 from specserve.backends.choose.pick import Measured
 
-_FORMAT = 3
+_FORMAT = 5
 
 
-def machine_key(role: str, model: Path, rows: tuple[int, ...]) -> str:
+def machine_key(role: str, model: Path, rows: tuple[int, ...], requantize: bool) -> str:
+    """The machine, the libraries, the kernels' build, the model file and what was measured (`requantize`:
+    with requantized copies among the candidates)."""
     import llama_cpp
     import torch
 
@@ -23,6 +25,7 @@ def machine_key(role: str, model: Path, rows: tuple[int, ...]) -> str:
     kernel = (kernels.source_id(), kernels.ops().isa())  # the kernels' code and the build chosen for this CPU
     parts = (hardware.cpu_model(), str(os.cpu_count()), torch.__version__, llama_cpp.__version__, *kernel)
     measured = (role, f"{model.resolve()} {stat.st_size} {stat.st_mtime_ns}", ",".join(map(str, rows)))
+    measured += ("copies too",) if requantize else ()
     return hardware.build_key(*parts, *measured, str(_FORMAT))
 
 

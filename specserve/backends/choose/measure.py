@@ -28,9 +28,12 @@ _WINDOW_TEXT = "\n\nclass Stack:\n    def __init__(self):\n        self.items = 
 _MEASURE_TIMEOUT_S = 1800  # a first int8 conversion of a 1.5B model takes minutes on 2 cores
 
 
-def _child_command(backend: str, model: Path, rows: tuple[int, ...] | None, exact: bool = False) -> list[str]:
+def _child_command(
+    backend: str, model: Path, rows: tuple[int, ...] | None, exact: bool = False, requantize: bool = False
+) -> list[str]:
     """The child that measures `rows` (None: one that only loads the model)."""
     command = [sys.executable, "-m", "specserve.backends.choose", "--backend", backend, "--model", str(model)]
+    command += ["--requantize"] if requantize else []
     if rows is None:
         return command + ["--load-only"]
     command += ["--rows", ",".join(map(str, rows))]
@@ -38,15 +41,21 @@ def _child_command(backend: str, model: Path, rows: tuple[int, ...] | None, exac
 
 
 def measure_in_child(
-    backend: str, model: Path, rows: tuple[int, ...], exact: bool, load_first: bool = True
+    backend: str,
+    model: Path,
+    rows: tuple[int, ...],
+    exact: bool,
+    load_first: bool = True,
+    *,
+    requantize: bool = False,
 ) -> Measured:
     """Run `measure` in a fresh process: a crash there is a result here. With `load_first`, a load alone runs
     first, in a process of its own, so that a first load's packing or conversion (writing a GiB of cache for
-    the 1.5B) is over before anything is timed."""
+    the 1.5B) is over before anything is timed. `requantize`: as `load_backend`'s."""
     result = Measured(backend, str(model))
-    commands = [_child_command(backend, model, None)] if load_first else []
+    commands = [_child_command(backend, model, None, requantize=requantize)] if load_first else []
     try:
-        for command in [*commands, _child_command(backend, model, rows, exact)]:
+        for command in [*commands, _child_command(backend, model, rows, exact, requantize)]:
             done = subprocess.run(command, capture_output=True, text=True, timeout=_MEASURE_TIMEOUT_S)
             if done.returncode != 0:
                 break
@@ -63,7 +72,7 @@ def measure_in_child(
         return result
     data = json.loads(lines[-1])
     result.seconds = {int(k): v for k, v in data["seconds"].items()}
-    result.exact, result.memory = data["exact"], data["memory"]
+    result.exact, result.memory, result.converted_to = data["exact"], data["memory"], data["converted_to"]
     return result
 
 
@@ -89,16 +98,21 @@ def exact_window_sizes(model: Model, tokenizer: Tokenizer, rows: tuple[int, ...]
     return exact
 
 
-def measure(backend: str, model: Path, rows: tuple[int, ...], exact: bool) -> dict:
+def measure(backend: str, model: Path, rows: tuple[int, ...], exact: bool, requantize: bool = False) -> dict:
     """Load the backend, time appending each row count to a warm sequence, and (`exact`) find the window
     sizes whose logits are bitwise those of one-token steps."""
     from specserve.models.tokenizer import Tokenizer
 
-    loaded = load_backend(backend, model, n_ctx=2048, show_progress=False)
+    loaded = load_backend(backend, model, n_ctx=2048, show_progress=False, requantize=requantize)
     tokenizer = Tokenizer(model)
     seconds = measure_rows(loaded.new_sequence(), tokenizer.encode(CALIBRATION_TEXT), rows, repeats=3)
     exact_sizes = exact_window_sizes(loaded, tokenizer, rows) if exact else []
-    return {"seconds": seconds, "exact": exact_sizes, "memory": loaded.memory_bytes()}
+    return {
+        "seconds": seconds,
+        "exact": exact_sizes,
+        "memory": loaded.memory_bytes(),
+        "converted_to": loaded.converted_to,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--rows", type=lambda t: tuple(int(x) for x in t.split(",")), help="window sizes to time")
     group.add_argument("--load-only", action="store_true", help="only load: prepare the weights' cache")
     parser.add_argument("--exact", action="store_true")
+    parser.add_argument("--requantize", action="store_true", help="torch-q4 may run a file's Q4_0 copy")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         if args.load_only:
-            load_backend(args.backend, args.model, n_ctx=256, show_progress=False)
+            load_backend(args.backend, args.model, n_ctx=256, show_progress=False, requantize=args.requantize)
             return 0
-        result = measure(args.backend, args.model, args.rows, args.exact)
+        result = measure(args.backend, args.model, args.rows, args.exact, args.requantize)
     except SpecserveError as exc:
         print(f"specserve: error: {exc}", file=sys.stderr)
         return 1

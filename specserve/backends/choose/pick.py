@@ -30,11 +30,18 @@ class Measured:
     seconds: dict[int, float] = field(default_factory=dict)  # rows appended -> seconds (fastest of 2 rounds of 3)
     exact: list[int] = field(default_factory=list)  # window sizes bitwise equal to one-token steps
     memory: int = 0
+    converted_to: str | None = None  # the model's `converted_to`: what the backend made of the file's weights
     error: str | None = None  # why it cannot be used here
 
     @property
     def label(self) -> str:
         return f"{self.backend} {Path(self.model).name}"
+
+    @property
+    def weights(self) -> str:
+        from specserve.models.quantize import weights_in_words
+
+        return weights_in_words(Path(self.model), self.converted_to)
 
     @property
     def usable(self) -> bool:

@@ -84,6 +84,7 @@ class VerifierPool:
         first = up[0].info
         self.model_name, self.n_ctx, self.n_vocab = first.model, min(r.info.n_ctx for r in up), first.n_vocab
         self.chat_template = first.chat_template
+        self.weights = first.weights
         self.window_cost_s = {int(k): v for k, v in first.window_cost_s.items()}
         self._health = threading.Thread(target=self._watch, name="specserve-verifier-health", daemon=True)
         self._health.start()

@@ -35,6 +35,7 @@ from specserve.engine.model import Model
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.target import LocalTarget, Window, target_pass
 from specserve.engine.verify import Verdict
+from specserve.models.quantize import weights_in_words
 from specserve.models.tokenizer import Tokenizer
 from specserve.tracing import setup_tracing
 
@@ -223,6 +224,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         max_batch: int = VERIFIER_MAX_BATCH,
     ):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.weights = weights_in_words(model.model_path, model.converted_to)
         self.window_cost_s = window_cost_s
         self.metrics = VerifierMetrics()
         self.worker = TargetWorker(self.metrics, max_batch)
@@ -251,6 +253,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         return pb.InfoReply(
             model=self.model_name,
             backend=self.model.name,
+            weights=self.weights,
             n_ctx=self.model.n_ctx,
             n_vocab=self.tokenizer.n_vocab,
             tokenizer_digest=self.tokenizer.digest,
@@ -385,6 +388,7 @@ async def _serve(service: VerifierService, listen: str, credentials: grpc.Server
     tls = "TLS" if credentials else "plaintext"
     auth = "auth token required" if service.auth_token else "no auth"
     print(f"specserve verifier: {service.model_name} listening on {host}:{port} ({tls}, {auth})", flush=True)
+    print(f"specserve verifier: the target runs {service.weights}", flush=True)
     await stop.wait()
     service.expiry.cancel()
     await server.stop(grace=2)
