@@ -3,10 +3,12 @@
 Configurations run interleaved per prompt, so a noisy neighbour slows all of them alike. Per-token latency
 is a request's decode time divided by its tokens after the first (ms/token); mean and p90 are over requests.
 Speed-ups are ratios of aggregate decode tokens/s against plain llama.cpp on the model's own file, alone in
-its own process: what a user would run instead. Plain llama.cpp on the Q4_0 requantization (the weights
-torch-q4 runs) is a row too, so the table separates what requantizing gives from what speculation gives.
+its own process: what a user would run instead. Plain llama.cpp on the Q4_0 requantization (what
+`--requantize` may serve) is a row too, so the table separates what requantizing gives from what speculation
+gives.
 
-Fidelity: a faster target that is a requantization is a slightly different model. Per target variant, the
+Fidelity: a faster target that is a requantization is a slightly different model. Per target variant `auto`
+measured (with `--requantize`, the copies among them), the
 report gives its top-1 agreement with llama.cpp on the model's file, teacher-forced on that baseline's own
 output for every prompt of the run.
 """

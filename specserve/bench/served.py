@@ -1,15 +1,17 @@
 """`specserve bench --served`: what users run, side by side over HTTP, in one run.
 
-Up at once on loopback: `specserve serve` with its default settings (but the bench's `--target`, `--draft` and
-backends, which the engine in this process runs too), and llama.cpp's own `llama-server` (built
-from the llama.cpp source the project pins: `make llama-server`) on the model's own file, plain, with the same
-draft model (`--spec-type draft-simple`) and with n-gram drafting (`--spec-type ngram-simple`, `ngram-map-k`).
-With `--served-requantized`, a second `specserve serve` on the target's Q4_0 copy (`--target FILE@Q4_0/Q4_0`:
-another model, so its replies are not the file's; its row says so). Every server keeps its weights in RAM
-(`--mlock`): a kernel that pages out memory idle for a minute (DAMON `pageout`) would otherwise make each
-server's turn, after the others', measure page faults. Every prompt
-goes to every row through the official `openai` client, streaming, one row after another, the order rotating
-per prompt, so that a slower minute of the machine hits every row alike.
+On loopback, one after another: llama.cpp's own `llama-server` (built from the llama.cpp source the project
+pins: `make llama-server`) on the model's own file, plain, with the same draft model (`--spec-type
+draft-simple`) and with n-gram drafting (`--spec-type ngram-simple`, `ngram-map-k`); then `specserve serve`
+with its default settings (but the bench's `--target`, `--draft` and backends, which the engine in this
+process runs too); with `--served-requantized`, a second `specserve serve` on the target's Q4_0 copy
+(`--target FILE@Q4_0/Q4_0`: another model, so its replies are not the file's; its row says so); last, the
+engine in this process. Each server is up alone while every prompt goes to its rows through the official
+`openai` client, streaming, then stops: nothing else runs beside the one measured (an idle specserve
+re-measures its cost tables when its speed seems to drift, which a neighbour's work makes it seem), and
+no server waits idle while its memory is paged out (DAMON `pageout` of pages idle a minute, on some cloud
+VMs; every server's weights are locked in RAM besides). The price is drift between phases: a slower spell
+of the machine hits one server's phase, not all rows alike.
 
 Per request: time to first token (TTFT) and decode ms/token after it, (t_last - t_first) / (tokens - 1).
 TTFT compares only in the first mode: each prompt comes again in the second, and llama-server keeps its
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,12 +128,22 @@ def llama_server(*, binary: Path, model: Path, extra: list[str], name: str) -> S
 
 @dataclass(frozen=True, kw_only=True)
 class Row:
-    """One column of the comparison: a server and the request fields it gets, or the engine in this process."""
+    """One column of the comparison: the request fields a server gets (its phase says which server), or the
+    engine in this process."""
 
     label: str
-    server: ServerProcess | None = None  # None: the engine in this process
     method: str | None = None  # specserve's speculation method (None: the server's default)
     extra_body: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phase:
+    """One server, up alone while its rows run: `start` brings it up; `rows` gives them, from its
+    `/v1/specserve/info` (None: not a specserve server)."""
+
+    name: str
+    start: Callable[[], ServerProcess]
+    rows: Callable[[dict | None], list[Row]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,26 +243,16 @@ def summarize(runs: list[dict], baseline: list[dict]) -> dict:
     return row
 
 
-def _rows(
-    ours: ServerProcess,
-    peers: list[ServerProcess],
-    default_method: str,
-    methods: list[str],
-    copy: ServerProcess | None,
-) -> list[Row]:
-    # the samplers as alike as the servers allow: llama-server samples with top-k 40 and min-p 0.05 by default
-    peer_fields = {"top_k": 0, "min_p": 0.0}
-    rows = [Row(label=server.name, server=server, extra_body=peer_fields) for server in peers]
-    rows.append(Row(label=f"specserve serve ({default_method})", server=ours, extra_body={"top_k": 0}))
-    if copy is not None:
-        rows.append(Row(label=f"{COPY} ({default_method})", server=copy, extra_body={"top_k": 0}))
+# the samplers as alike as the servers allow: llama-server samples with top-k 40 and min-p 0.05 by default
+PEER_FIELDS = {"top_k": 0, "min_p": 0.0}
+
+
+def _our_rows(default_method: str, methods: list[str]) -> list[Row]:
+    """`specserve serve`'s rows: its default method, the others asked for, and plain decoding."""
+    rows = [Row(label=f"specserve serve ({default_method})", extra_body={"top_k": 0})]
     for method in [m for m in methods if m != default_method] + ["none"]:
         label = "specserve serve, plain" if method == "none" else f"specserve serve ({method})"
-        rows.append(
-            Row(label=label, server=ours, method=method, extra_body={"top_k": 0, "speculation": {"method": method}})
-        )
-    rows.append(Row(label=f"engine in-process ({default_method})", method=default_method))
-    rows.append(Row(label=TARGET_OWN, method="none"))
+        rows.append(Row(label=label, method=method, extra_body={"top_k": 0, "speculation": {"method": method}}))
     return rows
 
 
@@ -268,37 +271,62 @@ def run_served_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     prompts = load_prompts(prompt_files(args.prompts), args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     target, draft = resolve_target_spec(engine.target), resolve_model(DEFAULT_DRAFT)
-    servers: list[ServerProcess] = []
-    try:
-        console.print("starting specserve serve (its defaults, with the bench's models and backends) ...")
-        models = ("--target", engine.target, "--draft", engine.draft or "none", *(["--requantize"] * engine.requantize))
-        ours = specserve_server(
-            extra=(*models, "--target-backend", engine.target_backend, "--draft-backend", engine.draft_backend)
+    models = ("--target", engine.target, "--draft", engine.draft or "none", *(["--requantize"] * engine.requantize))
+    backends = ("--target-backend", engine.target_backend, "--draft-backend", engine.draft_backend)
+    peer_options = {
+        BASELINE: [],
+        "llama-server draft-simple": ["-md", str(draft), "--spec-type", "draft-simple"],
+        "llama-server ngram-simple": ["--spec-type", "ngram-simple"],
+        "llama-server ngram-map-k": ["--spec-type", "ngram-map-k"],
+    }
+    phases = [
+        Phase(
+            name=name,
+            start=lambda name=name, extra=extra: llama_server(binary=binary, model=target, extra=extra, name=name),
+            rows=lambda info, name=name: [Row(label=name, extra_body=PEER_FIELDS)],
         )
-        servers.append(ours)
-        info = httpx.get(f"{ours.base}/v1/specserve/info", timeout=10).json()
-        copy = None
-        if args.served_requantized:
-            console.print("starting specserve serve on the target's Q4_0 copy ...")
-            copy_models = ("--target", f"{engine.target}@Q4_0/Q4_0", *models[2:])
-            copy = specserve_server(extra=(*copy_models, "--draft-backend", engine.draft_backend), name=COPY)
-            servers.append(copy)
-        console.print("starting llama-server: plain, draft-simple, ngram-simple, ngram-map-k ...")
-        peer_options = {
-            BASELINE: [],
-            "llama-server draft-simple": ["-md", str(draft), "--spec-type", "draft-simple"],
-            "llama-server ngram-simple": ["--spec-type", "ngram-simple"],
-            "llama-server ngram-map-k": ["--spec-type", "ngram-map-k"],
-        }
-        peers = [llama_server(binary=binary, model=target, extra=extra, name=n) for n, extra in peer_options.items()]
-        servers += peers
-        console.print("loading the engine in this process ...")
-        runtime = LocalRuntime(engine)
-        rows = _rows(ours, peers, info["speculation"], args.served_methods, copy)
-        runs = _run(args, prompts, modes, rows, runtime, console)
-    finally:
-        for server in servers:
+        for name, extra in peer_options.items()
+    ]
+    phases.append(
+        Phase(
+            name="specserve serve (its defaults, with the bench's models and backends)",
+            start=lambda: specserve_server(extra=(*models, *backends)),
+            rows=lambda info: _our_rows(info["speculation"], args.served_methods),
+        )
+    )
+    if args.served_requantized:
+        copy_models = ("--target", f"{engine.target}@Q4_0/Q4_0", *models[2:], "--draft-backend", engine.draft_backend)
+        phases.append(
+            Phase(
+                name="specserve serve on the target's Q4_0 copy",
+                start=lambda: specserve_server(extra=copy_models, name=COPY),
+                rows=lambda info: [Row(label=f"{COPY} ({info['speculation']})", extra_body={"top_k": 0})],
+            )
+        )
+    runs: list[dict] = []
+    labels: list[str] = []
+    commands: dict[str, list[str]] = {}
+    info: dict = {}
+    for phase in phases:  # one server up at a time: none waits idle beside the one measured
+        console.print(f"starting {phase.name} ...")
+        server = phase.start()
+        try:
+            commands[server.name] = server.command
+            answers = httpx.get(f"{server.base}/v1/specserve/info", timeout=10)
+            served = answers.json() if answers.status_code == 200 else None
+            info = info or served or {}
+            rows = phase.rows(served)
+            runs += _run(args, prompts, modes, rows, _client(server), console)
+            labels += [row.label for row in rows]
+        finally:
             server.stop()
+    console.print("loading the engine in this process ...")
+    runtime = LocalRuntime(engine)
+    rows = [Row(label=f"engine in-process ({info['speculation']})", method=info["speculation"])]
+    rows.append(Row(label=TARGET_OWN, method="none"))
+    runs += _run(args, prompts, modes, rows, runtime, console)
+    labels += [row.label for row in rows]
+    _compare_replies(runs)
     report = {
         "kind": "served",
         "commit": git_commit(),
@@ -306,10 +334,10 @@ def run_served_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
         "prompts": [str(p) for p in prompt_files(args.prompts)],
         "max_tokens": args.max_tokens,
         "sampled_temperature": SAMPLED_TEMPERATURE,
-        "servers": {s.name: s.command for s in servers},
+        "servers": commands,
         "specserve": info,
         "cost_table": _costs(runtime, prompts[0]["messages"]),
-        "summary": _summary(runs, rows, modes, prompts),
+        "summary": _summary(runs, labels, modes, prompts),
         "runs": runs,
     }
     out = Path(args.out)
@@ -321,29 +349,30 @@ def run_served_bench(args: argparse.Namespace, engine: EngineConfig) -> int:
     return 0
 
 
+def _client(server: ServerProcess) -> tuple[openai.OpenAI, str]:
+    """An openai client of `server` and the model it names, after one warm-up request."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=1800)
+    model = client.models.list().data[0].id
+    warm_up = Request(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0.0, seed=0)
+    _stream(client, model, warm_up, {})
+    return client, model
+
+
 def _run(
-    args, prompts: list[dict], modes: list[str], rows: list[Row], runtime: Runtime, console: Console
+    args,
+    prompts: list[dict],
+    modes: list[str],
+    rows: list[Row],
+    answerer: tuple[openai.OpenAI, str] | Runtime,
+    console: Console,
 ) -> list[dict]:
-    clients = {}
-    for row in rows:
-        if row.server is not None and row.server.base not in clients:
-            client = openai.OpenAI(base_url=f"{row.server.base}/v1", api_key="unused", max_retries=0, timeout=1800)
-            clients[row.server.base] = (client, client.models.list().data[0].id)
-            _stream(
-                *clients[row.server.base],
-                Request(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0.0, seed=0),
-                {},
-            )  # warm-up
+    """Every prompt in every mode on `rows`, answered by one server (its client) or the engine here."""
     runs = []
-    turn = 0
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=len(prompts) * len(modes) * len(rows))
         for number, prompt in enumerate(prompts):
             for mode in modes:
-                order = rows[turn % len(rows) :] + rows[: turn % len(rows)]
-                turn += 1
-                done = {}
-                for position, row in enumerate(order):
+                for position, row in enumerate(rows):
                     # greedy: a seed of its own per request keeps specserve's response cache out of it (greedy
                     # output does not depend on the seed); sampled: one seed per prompt
                     request = Request(
@@ -352,34 +381,32 @@ def _run(
                         temperature=0.0 if mode == "greedy" else SAMPLED_TEMPERATURE,
                         seed=1000 * number + position if mode == "greedy" else number,
                     )
-                    if row.server is None:
-                        result = _in_process(runtime, row.method, request)
+                    if isinstance(answerer, Runtime):
+                        result = _in_process(answerer, row.method, request)
                     else:
-                        result = _stream(*clients[row.server.base], request, row.extra_body)
-                    done[row.label] = {
-                        **result,
-                        "row": row.label,
-                        "mode": mode,
-                        "kind": prompt["kind"],
-                        "prompt": number,
-                    }
+                        result = _stream(*answerer, request, row.extra_body)
+                    runs.append({**result, "row": row.label, "mode": mode, "kind": prompt["kind"], "prompt": number})
                     progress.advance(task)
-                if mode == "greedy":
-                    for result in done.values():
-                        result["same_as_llama_server"] = result["text"] == done[BASELINE]["text"]
-                        result["same_as_target"] = result["text"] == done[TARGET_OWN]["text"]
-                runs += [done[row.label] for row in rows]
     return runs
 
 
-def _summary(runs: list[dict], rows: list[Row], modes: list[str], prompts: list[dict]) -> dict:
+def _compare_replies(runs: list[dict]) -> None:
+    """Each greedy reply marked as equal, or not, to plain llama-server's and to the target's own."""
+    texts = {(r["row"], r["prompt"]): r["text"] for r in runs if r["mode"] == "greedy"}
+    for r in runs:
+        if r["mode"] == "greedy":
+            r["same_as_llama_server"] = r["text"] == texts[BASELINE, r["prompt"]]
+            r["same_as_target"] = r["text"] == texts[TARGET_OWN, r["prompt"]]
+
+
+def _summary(runs: list[dict], labels: list[str], modes: list[str], prompts: list[dict]) -> dict:
     summary = {}
     for mode in modes:
         for kind in sorted({p["kind"] for p in prompts}) + ["all"]:
             selected = [r for r in runs if r["mode"] == mode and kind in (r["kind"], "all")]
             baseline = [r for r in selected if r["row"] == BASELINE]
             summary[f"{mode}/{kind}"] = {
-                row.label: summarize([r for r in selected if r["row"] == row.label], baseline) for row in rows
+                label: summarize([r for r in selected if r["row"] == label], baseline) for label in labels
             }
     return summary
 
@@ -447,11 +474,13 @@ def plot_served(report: dict, path: Path) -> Path:
         ax.set_ylabel("decode speed vs plain llama-server (higher is faster)")
         ax.set_title(f"{mode}, {report['max_tokens']} new tokens, over HTTP")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    columns = 2 if len(modes) == 1 else 4  # the labels are long: two columns fit one panel's width
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8)
     cpu = report["machine"]["cpu"]
     where = f"{cpu['model']} ({cpu.get('family_model', '?')}), {cpu['cores']} cores"
     fig.suptitle(f"specserve serve vs llama-server, {where}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    legend_rows = -(-len(labels) // columns)
+    fig.tight_layout(rect=(0, 0.035 * legend_rows + 0.01, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
