@@ -129,9 +129,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--mlock",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep the loaded weights in RAM, so that an idle server's are not paged out (default on)",
+        action="store_true",
+        help="keep the loaded weights in RAM, so that an idle server's cannot be paged out (hardware.md)",
     )
     p.add_argument("--n-ctx", type=positive_int, default=N_CTX, help=f"context window in tokens (default {N_CTX})")
 

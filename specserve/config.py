@@ -70,8 +70,10 @@ class EngineConfig:
     # one of a file whose types its kernels lack: another model, so only when the user asks (`--requantize`)
     requantize: bool = False
     # keep the loaded weights in RAM (`hardware.lock_memory`): a kernel that reclaims idle file pages (memory
-    # pressure, or DAMON's proactive `pageout` some cloud VMs run) would otherwise fault them back in mid-reply
-    mlock: bool = True
+    # pressure, or DAMON's proactive `pageout` some cloud VMs run) would otherwise fault them back in mid-reply.
+    # Off by default: it locks every page mapped (libraries too, ~2.8 GB for the default pair) and costs a
+    # second a load, and on the machines measured an idle server's weights were not paged out (hardware.md)
+    mlock: bool = False
     n_ctx: int = N_CTX
     k: int | str = "auto"
     verifiers: tuple[str, ...] = ()  # HOST:PORT of remote verifier services: the target runs there (cluster/)

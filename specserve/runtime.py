@@ -112,7 +112,7 @@ class Runtime(ABC):
         from specserve import hardware
 
         if self.config.mlock and (reason := hardware.lock_memory()) is not None:
-            log.warning("the weights may be paged out while idle (--no-mlock to not try): %s", reason)
+            log.warning("--mlock: the weights may be paged out while idle: %s", reason)
 
     def _load_draft(self, path: Path | None, show_progress: bool) -> None:
         self.draft = None

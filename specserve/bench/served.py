@@ -10,7 +10,7 @@ engine in this process. Each server is up alone while every prompt goes to its r
 `openai` client, streaming, then stops: nothing else runs beside the one measured (an idle specserve
 re-measures its cost tables when its speed seems to drift, which a neighbour's work makes it seem), and
 no server waits idle while its memory is paged out (DAMON `pageout` of pages idle a minute, on some cloud
-VMs; every server's weights are locked in RAM besides). The price is drift between phases: a slower spell
+VMs). The price is drift between phases: a slower spell
 of the machine hits one server's phase, not all rows alike.
 
 Per request: time to first token (TTFT) and decode ms/token after it, (t_last - t_first) / (tokens - 1).
@@ -117,12 +117,11 @@ def specserve_server(*, extra: tuple[str, ...] = (), name: str = "specserve serv
 
 def llama_server(*, binary: Path, model: Path, extra: list[str], name: str) -> ServerProcess:
     """llama-server on `model` as its users run it: every core, the GGUF's own chat template (`--jinja`:
-    without it llama-server renders a ChatML of its own, another prompt), specserve's context size; its
-    weights locked in RAM as specserve's are (`--load-mode mmap+mlock`, its `--mlock` of old)."""
+    without it llama-server renders a ChatML of its own, another prompt), specserve's context size."""
     port = free_port()
     threads = str(os.cpu_count() or 1)
     command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", threads]
-    command += ["-tb", threads, "-c", str(N_CTX), "--jinja", "--load-mode", "mmap+mlock", *extra]
+    command += ["-tb", threads, "-c", str(N_CTX), "--jinja", *extra]
     return ServerProcess(name=name, command=command, port=port, timeout_s=300)
 
 

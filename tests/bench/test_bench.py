@@ -114,7 +114,6 @@ def test_served_bench_against_llama_server_keeps_the_targets_own_replies(tmp_pat
     for label in ours:  # exact, through HTTP as in process
         assert rows[label]["same_as_target"] == requests, (label, rows[label])
     assert rows[f"{COPY} ({default})"]["requests"] == requests  # another model: its replies may differ
-    assert "mmap+mlock" in report["servers"][PLAIN_LLAMA_SERVER]  # no server's weights paged out while it waits
     assert all(r["ttft_ms_p50"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
     assert set(report["summary"]) >= {"sampled/all", "greedy/code", "greedy/prose"}
     assert report["machine"]["cpu"]["family_model"] and report["cost_table"]

@@ -161,7 +161,7 @@ def test_a_llama_target_serves_with_speculation_from_its_requantized_copy(smollm
     requantization as the draft; the speculative greedy reply is the plain one."""
     proc, base, _ = start_server(
         *("--target", "smollm2-135m", "--draft", "smollm2-135m@Q4_0"),
-        *("--target-backend", "torch-q4", "--draft-backend", "torch-q4"),
+        *("--target-backend", "torch-q4", "--draft-backend", "torch-q4", "--mlock"),
     )
     try:
         info = httpx.get(f"{base}/v1/specserve/info").json()
@@ -170,7 +170,7 @@ def test_a_llama_target_serves_with_speculation_from_its_requantized_copy(smollm
         assert info["target_weights"] == f"the file's own weights ({smollm2_path.name})", info
         assert info["draft_weights"].startswith("a requantized copy") and "to Q4_0" in info["draft_weights"], info
         assert httpx.get(f"{base}/v1/models").json()["data"][0]["weights"] == info["target_weights"]
-        # the weights stay in RAM (`--mlock`, the default): an idle server's are not paged out
+        # `--mlock`: the weights stay in RAM, an idle server's cannot be paged out
         status = Path(f"/proc/{proc.pid}/status").read_text()
         locked_kb = int(next(line for line in status.splitlines() if line.startswith("VmLck:")).split()[1])
         assert locked_kb * 1024 > smollm2_path.stat().st_size, status
