@@ -82,10 +82,6 @@ def types_lacking_kernels(reader: gguf.GGUFReader) -> list[str]:
     return sorted({t.tensor_type.name for t in matrices} - set(kernels.PACKERS))
 
 
-def runs_as_is(reader: gguf.GGUFReader) -> bool:
-    return not types_lacking_kernels(reader)
-
-
 def q4_source(model_path: Path, tile: int, show_progress: bool = True, requantize: bool = False) -> Path:
     """The file the backend runs: the file itself if the kernels take its types, else (`requantize`) its
     Q4_0 requantization; ModelError if not allowed. Reading a GGUF's metadata takes seconds (its

@@ -246,12 +246,20 @@ def weights_in_words(path: Path, converted_to: str | None = None) -> str:
 def resolve_target_spec(spec: str, show_progress: bool = True) -> Path:
     """The GGUF file `--target` names: a registry name or a path, or NAME_OR_PATH@QTYPE for its requantized
     copy (made on first use; a copy runs only where asked for by name, see backends/choose/)."""
-    if "@" in spec and not Path(spec).expanduser().exists():
-        base, _, qtype = spec.rpartition("@")
-        if not base:
-            raise ModelError(f"target spec {spec!r} has no model before '@' (expected NAME_OR_PATH@QTYPE)")
-        return quantized_model(resolve_target_spec(base, show_progress), qtype_name(qtype), show_progress)
+    if (split := _split_at_qtype(spec, "target")) is not None:
+        base, qtype = split
+        return quantized_model(resolve_target_spec(base, show_progress), qtype, show_progress)
     return resolve_model(spec, show_progress)
+
+
+def _split_at_qtype(spec: str, role: str) -> tuple[str, str] | None:
+    """(base, qtype) of NAME_OR_PATH@QTYPE, or None where `spec` has no '@' or is an existing file."""
+    if "@" not in spec or Path(spec).expanduser().exists():
+        return None
+    base, _, qtype = spec.rpartition("@")
+    if not base:
+        raise ModelError(f"{role} spec {spec!r} has no model before '@' (expected NAME_OR_PATH@QTYPE)")
+    return base, qtype_name(qtype)
 
 
 def parse_draft_spec(spec: str, target_spec: str) -> tuple[str, str | None]:
@@ -263,12 +271,7 @@ def parse_draft_spec(spec: str, target_spec: str) -> tuple[str, str | None]:
             return DEFAULT_DRAFT, qtype_name(qtype)
         if kind == "self":
             return target_spec, qtype_name(qtype)
-    if "@" in spec and not Path(spec).expanduser().exists():
-        base, _, qtype = spec.rpartition("@")
-        if not base:
-            raise ModelError(f"draft spec {spec!r} has no model before '@' (expected NAME_OR_PATH@QTYPE)")
-        return base, qtype_name(qtype)
-    return spec, None
+    return _split_at_qtype(spec, "draft") or (spec, None)
 
 
 def resolve_draft_spec(spec: str, target_spec: str, show_progress: bool = True) -> Path:
