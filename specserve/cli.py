@@ -254,6 +254,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue,
         cache_url=args.cache_url,
         api_key=args.api_key or None,
+        served_model_names=tuple(args.served_model_name or ()),
+        strict_model_name=args.strict_model_name,
+        cors_origins=tuple(args.cors_origins or ()),
         metrics_need_key=args.metrics_need_key,
         request_timeout_s=args.request_timeout,
         shutdown_grace_s=args.shutdown_grace,
@@ -538,7 +541,25 @@ def _serve_parser(sub: SubParsers) -> None:
     serve.add_argument(
         "--api-key",
         default=os.environ.get("SPECSERVE_API_KEY") or None,
-        help="require `Authorization: Bearer KEY` on every /v1 route (env SPECSERVE_API_KEY; /health stays open)",
+        help="require the key (`Authorization: Bearer KEY` or `x-api-key: KEY`) on every route that runs or "
+        "reveals the model (env SPECSERVE_API_KEY; /health and the web page's files stay open)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="the names the model answers to, the first given in replies (default: the file's name)",
+    )
+    serve.add_argument(
+        "--strict-model-name",
+        action="store_true",
+        help="refuse (404) requests naming another model (default: the one model answers any name)",
+    )
+    serve.add_argument(
+        "--cors-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="origins whose pages may call the API (`*`: any; default: none, same origin only)",
     )
     serve.add_argument("--metrics-need-key", action="store_true", help="with --api-key: /metrics requires it too")
     serve.add_argument(

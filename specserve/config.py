@@ -111,7 +111,13 @@ class ServerConfig:
     max_batch: int = SERVER_MAX_BATCH
     max_queue: int = SERVER_MAX_QUEUE
     cache_url: str | None = None  # redis://host:port/db; None: an in-process LRU
-    api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1/* (None: open)
+    api_key: str | None = None  # required on every route that runs or reveals the model (None: open)
+    # The names the model is served under (the first is the one replies give); none: the file's name.
+    served_model_names: tuple[str, ...] = ()
+    # Refuse (404) a request naming another model; by default one model answers every name, as llama-server
+    # does, so tools with a fixed model name (Copilot, Claude Code, scripts for gpt-4o) can use the server.
+    strict_model_name: bool = False
+    cors_origins: tuple[str, ...] = ()  # origins a browser may call the API from ("*": any); none: same origin
     metrics_need_key: bool = False  # /metrics behind the API key too (/health stays open)
     request_timeout_s: float | None = None  # a request running longer ends with finish_reason "length"
     shutdown_grace_s: float = SERVER_SHUTDOWN_GRACE_S  # on SIGTERM: how long running requests may finish

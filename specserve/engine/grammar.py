@@ -13,10 +13,12 @@ vocabulary; xgrammar's pulls in transformers and triton (hundreds of MB) for wha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
 
 class GrammarError(ValueError):
@@ -33,6 +35,20 @@ def regex_grammar(regex: str) -> str:
 
 def lark_grammar(lark: str) -> str:
     return LLMatcher.grammar_from_lark(lark)
+
+
+def gbnf_grammar(gbnf: str) -> str:
+    """A grammar in llama.cpp's GBNF, or in Lark (llguidance tells them apart by Lark's `start:` rule)."""
+    try:
+        lark = any_to_lark(gbnf)
+    except GbnfToLarkError as exc:
+        raise GrammarError(f"grammar: {exc}") from None
+    return LLMatcher.grammar_from_lark(lark)
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """The reply is exactly one of these strings."""
+    return LLMatcher.grammar_from_regex("|".join(f"({re.escape(choice)})" for choice in choices))
 
 
 class Grammar:

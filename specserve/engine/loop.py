@@ -176,6 +176,11 @@ class Generation:
         return self._text.released_text
 
     @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the reply (None: it ended otherwise, or goes on)."""
+        return self._text.matched
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
 

@@ -17,7 +17,11 @@ class TextStream:
         self._stop = tuple(s for s in stop if s)
         self.text = ""  # everything decoded so far (may run past a stop string)
         self.released = 0  # characters of `text` handed out
-        self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
 
     def push(self, token: int) -> str:
         """Add one token; return the text that is now safe to release (possibly empty)."""
@@ -36,10 +40,9 @@ class TextStream:
         end = len(self.text)
         if self._stop:
             search_from = max(0, self.released - max(map(len, self._stop)))
-            hits = [i for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
+            hits = [(i, s) for s in self._stop if (i := self.text.find(s, search_from)) >= 0]
             if hits:
-                end = min(hits)
-                self.stopped = True
+                end, self.matched = min(hits)
             elif not final:
                 end -= self._partial_stop_suffix()
         delta = self.text[self.released : end]

@@ -21,6 +21,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -29,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from specserve import __version__
 from specserve.config import ServerConfig
 from specserve.runtime import Runtime, open_runtime
-from specserve.server import infill, responses
+from specserve.server import anthropic, infill, ollama, responses
+from specserve.server.http import IGNORED_FIELDS_HEADER
 from specserve.server.metrics import Metrics
 from specserve.server.openai_format import ApiError, error_body
 from specserve.server.response_cache import ResponseCache, open_cache
@@ -37,12 +39,32 @@ from specserve.server.routes import STATIC, router
 from specserve.server.state import ServerState
 from specserve.tracing import setup_tracing
 
+# With --api-key every other route needs the key: whatever runs or reveals the model (/v1/*, /infill,
+# /tokenize, /detokenize, /api/*). These only say the server is up, or serve the web page's files and the API
+# description; /metrics too unless `metrics_need_key`.
+OPEN_PATHS = frozenset({"/health", "/", "/dashboard", "/metrics", "/openapi.json", "/docs", "/redoc"})
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far beyond any prompt the context can hold
 log = logging.getLogger("specserve.server")
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, headers=None):
-    return JSONResponse(status_code=status, content=error_body(message, kind, param), headers=headers)
+def _error(
+    request: Request,
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    """An error in the shape the route's clients parse: Anthropic's on its Messages API, Ollama's on its
+    API, else OpenAI's."""
+    if request.url.path.startswith(anthropic.PATH):
+        body = anthropic.error_body(status, message)
+    elif request.url.path.startswith(ollama.PATH):
+        body = ollama.error_body(message)
+    else:
+        body = error_body(message, kind, param, code)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -87,45 +109,58 @@ def create_app(
     app.include_router(router)
     app.include_router(responses.router)
     app.include_router(infill.router)
+    app.include_router(anthropic.router)
+    app.include_router(ollama.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    expected = f"Bearer {config.api_key}".encode() if config.api_key else None
+    key = config.api_key.encode() if config.api_key else None
+    open_paths = OPEN_PATHS - ({"/metrics"} if config.metrics_need_key else set())
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
         path = request.url.path
-        if expected is None or not (path.startswith("/v1/") or (config.metrics_need_key and path == "/metrics")):
+        if key is None or path in open_paths or path.startswith("/static/"):
             return await call_next(request)
-        given = request.headers.get("authorization", "").encode()
-        if hmac.compare_digest(given, expected):  # constant time: the key is not guessed byte by byte
+        # OpenAI's clients send `Authorization: Bearer KEY`, Anthropic's `x-api-key: KEY`
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+        given = request.headers.get("x-api-key", "").encode() or bearer
+        if hmac.compare_digest(given, key):  # constant time: the key is not guessed byte by byte
             return await call_next(request)
         metrics.rejected_keys.inc()
         peer = request.client.host if request.client else "unknown"
         log.warning("refused %s %s from %s: %s API key", request.method, path, peer, "wrong" if given else "no")
-        body = error_body("Incorrect or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
-        return JSONResponse(status_code=401, content=body, headers={"WWW-Authenticate": "Bearer"})
+        message = "Incorrect or missing API key (send Authorization: Bearer KEY, or x-api-key: KEY)"
+        return _error(request, 401, message, headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return _error(413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES} bytes")
+            return _error(request, 413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES} bytes")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where)
+        return _error(request, 400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.kind, exc.param, exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(request, exc.status, exc.message, exc.kind, exc.param, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "error")
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(request, exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "error")
 
+    if config.cors_origins:  # added last, so outermost: preflights are answered before the key is asked for
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After", IGNORED_FIELDS_HEADER],
+        )
     return app
 
 

@@ -3,6 +3,7 @@ server state of a request, and the header naming a request's fields the server d
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import Request, Response
+from pydantic import BaseModel
 
 from specserve.server.openai_format import ApiError, Finished, Piece
 from specserve.server.schemas import ErrorResponse
@@ -17,6 +19,9 @@ from specserve.server.state import Event, ServerState
 
 log = logging.getLogger("specserve.server")
 IGNORED_FIELDS_HEADER = "X-Specserve-Ignored-Fields"  # the request's fields the server did not know
+# A stream quiet this long (a long prompt prefilling on a CPU) gets a ping, so that clients with read time-outs
+# wait (llama-server's SSE pings, Anthropic's `ping` events).
+PING_EVERY_S = 10.0
 
 ERRORS = {
     400: "malformed or unsatisfiable request",
@@ -30,15 +35,16 @@ ERRORS = {
 }
 
 
-def error_responses(*statuses: int) -> dict:
-    """The OpenAPI entries of the errors a route answers with."""
-    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
+def error_responses(*statuses: int, body: type[BaseModel] = ErrorResponse) -> dict:
+    """The OpenAPI entries of the errors a route answers with (`body`: their shape)."""
+    return {status: {"model": body, "description": ERRORS[status]} for status in statuses}
 
 
+COMPLETION_ERRORS = (400, 401, 404, 413, 429, 499, 500, 503)
 # A completion is one JSON body, or with `stream: true` a stream of server-sent events.
 COMPLETION_RESPONSES = {
     200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "the completion"},
-    **error_responses(400, 401, 404, 413, 429, 499, 500, 503),
+    **error_responses(*COMPLETION_ERRORS),
 }
 
 
@@ -58,10 +64,11 @@ _logged_lock = threading.Lock()
 
 def ignored_fields_header(fields: list[str]) -> dict[str, str]:
     """The response header naming the request's unknown fields; each name is logged once per process. Names
-    are written as JSON string contents (ASCII; a comma escaped), since a header takes no other bytes."""
+    are written as JSON string contents (ASCII; commas and spaces escaped), since a header takes no other bytes."""
     if not fields:
         return {}
-    names = [json.dumps(name)[1:-1].replace(",", "\\u002c").replace("\x7f", "\\u007f") for name in fields]
+    escapes = {",": "\\u002c", "\x7f": "\\u007f", " ": "\\u0020"}  # a value may not end in a space (h11)
+    names = [json.dumps(name)[1:-1].translate(str.maketrans(escapes)) for name in fields]
     with _logged_lock:
         new = [name for name in names if name not in _logged_fields]
         _logged_fields.update(new)
@@ -79,3 +86,25 @@ async def collect(events: AsyncIterator[Event]) -> tuple[list[Piece], Finished]:
                 return pieces, event
             pieces.append(event)
     raise ApiError(499, "client closed the request")
+
+
+async def with_pings(events: AsyncIterator[Event], every_s: float = PING_EVERY_S) -> AsyncIterator[Event | None]:
+    """The events, with None whenever none came for `every_s` seconds (the next one is still awaited)."""
+
+    async def next_event() -> Event | None:
+        return await anext(events, None)
+
+    async with aclosing(events):
+        pending: asyncio.Future | None = None
+        try:
+            while True:
+                pending = asyncio.ensure_future(next_event())
+                while not (await asyncio.wait({pending}, timeout=every_s))[0]:
+                    yield None
+                if (event := pending.result()) is None:
+                    return
+                yield event
+        finally:  # left early: the events are closed once nothing awaits them
+            if pending is not None and not pending.done():
+                pending.cancel()
+                await asyncio.wait({pending})

@@ -142,6 +142,11 @@ def pick_fields(body: dict, paths: list[str]) -> dict:
     return picked
 
 
+def prompt_room(n_ctx: int, max_tokens: int | None) -> int:
+    """How many tokens a FIM prompt may take: what max_tokens leaves of the context, or without one half."""
+    return n_ctx // 2 if max_tokens is None else n_ctx - max_tokens
+
+
 def infill_ids(tokenizer: Tokenizer, *, param: str = "suffix", **prompt) -> list[int]:
     """`infill_prompt`, or a 400 naming `param` for a model without FIM tokens."""
     try:
@@ -156,17 +161,14 @@ async def infill(body: InfillRequest, request: Request):
     state = server_state(request)
     runtime = state.ready()
     started = time.perf_counter()
-    if body.n_predict is not None and body.n_predict >= 0:
-        body.max_tokens = max(1, body.n_predict)
-    to_end = body.n_predict == -1  # llama-server's "up to the context"
-    room = runtime.n_ctx // 2 if to_end else runtime.n_ctx - body.max_tokens
+    if body.n_predict is not None:  # -1: llama-server's "up to the context"
+        body.max_tokens = None if body.n_predict == -1 else max(1, body.n_predict)
     prompt = {"prefix": body.input_prefix, "suffix": body.input_suffix, "extra": body.input_extra}
+    room = prompt_room(runtime.n_ctx, body.max_tokens)
     ids = infill_ids(runtime.tokenizer, param="input_suffix", **prompt, prompt=body.prompt, room=room)
-    if to_end:
-        body.max_tokens = max(1, runtime.n_ctx - len(ids))
     events = await state.events("infill", request, body, ids)
     prompt_text = runtime.tokenizer.decode_bytes(ids, special=True).decode("utf-8", errors="replace")
-    infill = _Infill(body=body, prompt=prompt_text, model=runtime.target_name, started=started)
+    infill = _Infill(body=body, prompt=prompt_text, model=state.model_name(runtime), started=started)
     headers = ignored_fields_header(body.ignored_fields)
     if body.stream:
         stream = _infill_sse(events, infill)

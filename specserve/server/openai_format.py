@@ -105,11 +105,19 @@ class Finished:
     completion_tokens: int
     speculative: dict  # drafted / accepted / acceptance_rate (+ cached) — specserve's extension field
     cached_tokens: int = 0  # prompt tokens whose KV was reused, not evaluated again
+    stop_string: str | None = None  # the stop string that ended the reply (Anthropic's `stop_sequence`)
 
 
 def finished(generation: Generation) -> Finished:
     s = generation.stats
-    return Finished(generation.finish_reason, s.prompt_tokens, s.generated, speculative_stats(s), s.prefix_reused)
+    return Finished(
+        generation.finish_reason,
+        s.prompt_tokens,
+        s.generated,
+        speculative_stats(s),
+        s.prefix_reused,
+        generation.stop_string,
+    )
 
 
 def speculative_stats(stats: GenerationStats) -> dict:

@@ -42,6 +42,7 @@ class CachedResponse:
     prompt_tokens: int
     completion_tokens: int
     spec_stats: dict[str, Any] = field(default_factory=dict)  # speculative stats of the original run (JSON-able)
+    stop_string: str | None = None  # the stop string that ended it
 
     def __post_init__(self) -> None:
         # Accept any sequence but store a tuple, so a cached value can't be mutated through a shared reference.
@@ -59,6 +60,7 @@ class CachedResponse:
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "spec_stats": self.spec_stats,
+                "stop_string": self.stop_string,
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -74,6 +76,7 @@ class CachedResponse:
             prompt_tokens=int(d["prompt_tokens"]),
             completion_tokens=int(d["completion_tokens"]),
             spec_stats=dict(d.get("spec_stats") or {}),
+            stop_string=d.get("stop_string"),
         )
 
 

@@ -157,7 +157,7 @@ class ResponsesRequest(BaseModel):
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
         return messages
 
-    def to_chat(self, conversation: list[dict], max_tokens: int) -> ChatRequest:
+    def to_chat(self, conversation: list[dict], max_tokens: int | None) -> ChatRequest:
         """The chat request that runs this one (its validation errors are this request's)."""
         system = [{"role": "system", "content": self.instructions}] if self.instructions else []
         chat: dict[str, Any] = {
@@ -388,7 +388,7 @@ async def responses(body: ResponsesRequest, request: Request):
         earlier = before + assistant_turn(stored["output"])
     conversation = body.conversation(earlier)
     try:
-        chat = body.to_chat(conversation, max_tokens=body.max_output_tokens or 1)
+        chat = body.to_chat(conversation, max_tokens=body.max_output_tokens)
         messages = [m.rendered() for m in chat.messages]
         ids = runtime.encode_prompt(messages=messages, tools=chat.offered_tools)
     except ValidationError as exc:
@@ -397,10 +397,8 @@ async def responses(body: ResponsesRequest, request: Request):
         raise ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where) from None
     except (SpecserveError, ValueError) as exc:
         raise ApiError(400, str(exc), "input") from None
-    if body.max_output_tokens is None:  # OpenAI's default: as long as the context allows
-        chat.max_tokens = max(1, runtime.n_ctx - len(ids))
     events = await state.events("responses", request, chat, ids)
-    response_id, model = new_id("resp"), runtime.target_name
+    response_id, model = new_id("resp"), state.model_name(runtime)
     headers = ignored_fields_header(body.ignored_fields)
     token_bytes = runtime.tokenizer.token_bytes
     if body.stream:

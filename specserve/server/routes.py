@@ -25,8 +25,9 @@ from specserve.server.http import (
     error_responses,
     ignored_fields_header,
     server_state,
+    with_pings,
 )
-from specserve.server.infill import infill_ids
+from specserve.server.infill import infill_ids, prompt_room
 from specserve.server.openai_format import ApiError, Finished
 from specserve.server.schemas import (
     ChatRequest,
@@ -52,7 +53,8 @@ async def health(request: Request):
         return _not_ready({"status": status, "error": state.load_error or state.load_status})
     if (reason := state.runtime.unavailable()) is not None:  # every verifier down: back when one answers
         return _not_ready({"status": "unavailable", "error": reason})
-    return {"status": "ok", "model": state.runtime.target_name, "in_flight": state.scheduler.in_flight}
+    model = state.model_name(state.runtime)
+    return {"status": "ok", "model": model, "in_flight": state.scheduler.in_flight}
 
 
 def _not_ready(body: dict) -> JSONResponse:
@@ -83,9 +85,20 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models", responses=error_responses(401, 503))
 async def models(request: Request) -> dict:
-    runtime = server_state(request).ready()
-    model = {"id": runtime.target_name, "object": "model", "owned_by": "specserve", "weights": runtime.target_weights}
-    return {"object": "list", "data": [model]}
+    """Each name the model is served under, with its context (vLLM's `max_model_len`) and llama-server's
+    `meta`; without --strict-model-name any other name is answered too, by the same model."""
+    state = server_state(request)
+    runtime = state.ready()
+    meta = {"n_vocab": runtime.tokenizer.n_vocab, "n_ctx": runtime.n_ctx, "file": runtime.target_name}
+    model = {
+        "object": "model",
+        "created": state.started,
+        "owned_by": "specserve",
+        "max_model_len": runtime.n_ctx,
+        "weights": runtime.target_weights,
+        "meta": meta,
+    }
+    return {"object": "list", "data": [{"id": name, **model} for name in state.model_names(runtime)]}
 
 
 @router.post("/tokenize", responses=error_responses(400, 401, 503))
@@ -124,7 +137,7 @@ async def completions(body: CompletionRequest, request: Request):
     if body.suffix is None:
         ids = runtime.encode_prompt(prompt=body.prompt)
     else:  # fill in the middle between the prompt and the suffix
-        room = runtime.n_ctx - body.max_tokens
+        room = prompt_room(runtime.n_ctx, body.max_tokens)
         ids = infill_ids(runtime.tokenizer, prefix=body.prompt, suffix=body.suffix, room=room)
     return await _answer(state, request, body, ids)
 
@@ -160,7 +173,7 @@ async def _answer(state: ServerState, request: Request, body: CompletionParams, 
     token_bytes = None
     if body.logprob_count() is not None:
         token_bytes = runtime.tokenizer.token_bytes
-    head = fmt.response_head(chat, runtime.target_name)
+    head = fmt.response_head(chat, state.model_name(runtime))
     replies = [
         fmt.ReplyFormat(head=head, chat=chat, token_bytes=token_bytes, tools=body.may_call_tools, index=i)
         for i in range(len(choices))
@@ -193,15 +206,18 @@ async def _after_first_event(events: AsyncIterator[Event]) -> AsyncIterator[Even
 
 
 async def _sse(reply: fmt.ReplyFormat, events: AsyncIterator[Event]) -> AsyncIterator[str]:
-    """One choice's chunks. A reply that may hold tool calls streams its text until one begins; the calls
-    come last."""
+    """One choice's chunks, with a ping while none comes (a long prompt prefilling). A reply that may hold
+    tool calls streams its text until one begins; the calls come last."""
     calls = StreamSplit() if reply.tools else None
     if reply.chat:
         yield fmt.sse_chunk(reply, None)
     offset = 0  # where the next piece starts in the text (completions' text_offset)
     try:
-        async with aclosing(events):  # a client that disconnects cancels the job
-            async for event in events:
+        async with aclosing(with_pings(events)) as paced:  # a client that disconnects cancels the job
+            async for event in paced:
+                if event is None:  # an SSE comment, which clients skip: the connection is alive
+                    yield ": ping\n\n"
+                    continue
                 if calls is not None and isinstance(event, Finished):
                     rest, tool_calls = calls.finish()
                     if rest:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from specserve.config import METHODS, REMOTE_K_MAX, TOLERANCE_MAX_DELTA
-from specserve.engine.grammar import json_schema_grammar, lark_grammar, regex_grammar
+from specserve.engine.grammar import choice_grammar, gbnf_grammar, json_schema_grammar, regex_grammar
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.verify import ToleranceController, tolerance_rule
 from specserve.server.tools import CALL_CLOSE, CALL_OPEN, call_grammar
@@ -55,6 +55,33 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: one of a JSON schema, a regex, a choice of strings or a grammar."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+ANY_OBJECT = {"type": "object"}  # the schema of JSON mode (`json_object`)
+
+
+def _schema_grammar(schema: dict | str) -> str:
+    """The grammar of a JSON schema given as an object or as its JSON text (vLLM takes both)."""
+    if isinstance(schema, dict):
+        return json_schema_grammar(schema)
+    try:
+        parsed = json.loads(schema)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"a JSON schema given as text must be JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("a JSON schema must be an object")
+    return json_schema_grammar(parsed)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -83,7 +110,9 @@ class CompletionParams(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    max_tokens: int = Field(default=128, gt=0)
+    # None (or -1, as llama.vscode sends): until the model stops or the context ends, as OpenAI, vLLM and
+    # llama-server do; clients that never send it (Open WebUI, agent frameworks) get whole replies.
+    max_tokens: int | None = Field(default=None, ge=-1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
@@ -98,13 +127,27 @@ class CompletionParams(BaseModel):
     repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id -> bias
     response_format: ResponseFormat | None = None
-    guided_regex: str | None = None  # vLLM's extensions: the reply matches this regex ...
-    guided_grammar: str | None = None  # ... or this Lark grammar
+    # vLLM's extensions: the reply follows this JSON schema, regex, choice of strings or Lark grammar ...
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None  # ... as the newer vLLM spells them
+    # llama-server's: a JSON schema, or a GBNF grammar
+    json_schema: dict | None = None
+    gbnf: str | None = Field(default=None, alias="grammar")
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choice i: the reply with seed + i
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     speculation: Speculation = Speculation()
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _until_the_end(cls, max_tokens: int | None) -> int | None:
+        if max_tokens == 0:
+            raise ValueError("max_tokens must be at least 1 (or -1 or null: until the model stops)")
+        return None if max_tokens == -1 else max_tokens
 
     @model_validator(mode="after")
     def _honoured(self) -> CompletionParams:
@@ -128,30 +171,33 @@ class CompletionParams(BaseModel):
         return None
 
     def grammar(self, tokenizer: Tokenizer) -> str | None:
-        """The llguidance grammar the reply must follow (engine/grammar.py), from whichever field asks."""
-        fmt = self.response_format.type if self.response_format is not None else "text"
-        asked = [
-            name
-            for name, on in (
-                ("response_format", fmt != "text"),
-                ("guided_regex", self.guided_regex),
-                ("guided_grammar", self.guided_grammar),
-            )
-            if on
-        ]
+        """The llguidance grammar the reply must follow (engine/grammar.py), from whichever field asks (one at
+        most: a 400 names them when several do)."""
+        form, so = self.response_format, self.structured_outputs or StructuredOutputs()
+        response_schema = None
+        if form is not None and form.type != "text":
+            response_schema = form.json_schema.schema_ if form.type == "json_schema" else ANY_OBJECT
+        fields = {
+            "response_format": (response_schema, _schema_grammar),
+            "guided_json": (self.guided_json, _schema_grammar),
+            "structured_outputs.json": (so.json_, _schema_grammar),
+            "structured_outputs.json_object": (ANY_OBJECT if so.json_object else None, _schema_grammar),
+            "json_schema": (self.json_schema, _schema_grammar),
+            "guided_regex": (self.guided_regex, regex_grammar),
+            "structured_outputs.regex": (so.regex, regex_grammar),
+            "guided_choice": (self.guided_choice, choice_grammar),
+            "structured_outputs.choice": (so.choice, choice_grammar),
+            "guided_grammar": (self.guided_grammar, gbnf_grammar),
+            "structured_outputs.grammar": (so.grammar, gbnf_grammar),
+            "grammar": (self.gbnf, gbnf_grammar),
+        }
+        asked = {name: (value, make) for name, (value, make) in fields.items() if value is not None}
         if len(asked) > 1:
             raise ValueError(f"give one of {', '.join(asked)}, not several")
-        if fmt == "json_object":
-            return json_schema_grammar({"type": "object"})
-        if fmt == "json_schema":
-            return json_schema_grammar(self.response_format.json_schema.schema_)
-        if self.guided_regex is not None:
-            return regex_grammar(self.guided_regex)
-        if self.guided_grammar is not None:
-            return lark_grammar(self.guided_grammar)
-        return None
+        return next(make(value) for value, make in asked.values()) if asked else None
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, *, room: int) -> SamplingParams:
+        """The engine's settings; without max_tokens the reply may take the `room` the context has left."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             temperature=self.temperature,
@@ -159,7 +205,7 @@ class CompletionParams(BaseModel):
             top_p=self.top_p,
             min_p=self.min_p,
             seed=self.seed,
-            max_tokens=self.max_tokens,
+            max_tokens=room if self.max_tokens is None else self.max_tokens,
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
@@ -332,6 +378,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """OpenAI's error body, which every 4xx and 5xx of this server has (openai_format.error_body)."""
+    """OpenAI's error body, which every 4xx and 5xx of this server has (openai_format.error_body); Anthropic's
+    on its Messages API has these fields too, and `"type": "error"` beside them (anthropic.error_body)."""
 
     error: ErrorDetail

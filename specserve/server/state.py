@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
@@ -39,9 +40,9 @@ from specserve.server.tools import repeats_a_call
 
 log = logging.getLogger("specserve.server")
 _DISCONNECT_POLL_S = 0.5
-# Request fields that change a deterministic response (the drafter does not: output is the target's).
+# Request fields that change a deterministic response (the drafter does not: output is the target's), with
+# max_tokens as resolved (a request without one may take the context's room, which the server's n_ctx sets).
 _KEY_FIELDS = {
-    "max_tokens",
     "temperature",
     "top_p",
     "top_k",
@@ -55,8 +56,13 @@ _KEY_FIELDS = {
     "repetition_penalty",
     "logit_bias",
     "response_format",
+    "guided_json",
     "guided_regex",
+    "guided_choice",
     "guided_grammar",
+    "structured_outputs",
+    "json_schema",
+    "gbnf",
     "tools",
     "tool_choice",
     "parallel_tool_calls",
@@ -81,11 +87,12 @@ class ServerState:
         self.metrics, self.cache = metrics, cache
         self.conversations = ConversationStore(cache)  # finished /v1/responses, for previous_response_id
         self.config = config
+        self.started = int(time.time())  # /v1/models' `created`
         self.draining = False  # shutting down: running requests finish, new ones get 503
         self.runtime: Runtime | None = runtime if isinstance(runtime, Runtime) else None
         self._factory = None if isinstance(runtime, Runtime) else runtime
         if self.runtime is not None:
-            metrics.set_model_name(self.runtime.target_name)
+            metrics.set_model_name(self.model_name(self.runtime))
         self.load_error: str | None = None
         self.load_status: str | None = None  # what loading waits for, as the factory reports it
         self.scheduler: Scheduler | None = None
@@ -105,7 +112,7 @@ class ServerState:
     def _load(self) -> None:
         try:
             self.runtime = self._factory(self._report)
-            self.metrics.set_model_name(self.runtime.target_name)
+            self.metrics.set_model_name(self.model_name(self.runtime))
             rt = self.runtime
             log.info("serving %s on %s: %s", rt.target_name, rt.target_backend, rt.target_weights)
             if rt.draft is not None:
@@ -134,6 +141,14 @@ class ServerState:
     def in_flight(self) -> int:
         return self.scheduler.in_flight if self.scheduler is not None else 0
 
+    def model_names(self, rt: Runtime) -> tuple[str, ...]:
+        """The names the model is served under (`--served-model-name`; by default the file's)."""
+        return self.config.served_model_names or (rt.target_name,)
+
+    def model_name(self, rt: Runtime) -> str:
+        """The name replies give: the first it is served under."""
+        return self.model_names(rt)[0]
+
     def ready(self) -> Runtime:
         if self.draining:
             raise _unavailable("the server is shutting down")
@@ -147,15 +162,16 @@ class ServerState:
     ) -> AsyncIterator[Event]:
         """Start the request (or find it in the response cache); raises ApiError before anything runs."""
         rt = self.ready()
+        self._check_model(rt, body.model)
         _check(rt, body, ids)
         if (reason := rt.unavailable()) is not None:
             raise _unavailable(reason)
-        sampling = body.sampling()
+        sampling = body.sampling(room=rt.n_ctx - len(ids))
         traced = body.stream and body.speculation.trace
         key = None
         # deterministic: the same request gives the same text, whatever the drafter (the cache keeps no logprobs)
         if sampling.greedy and body.logprob_count() is None:
-            key_fields = body.model_dump(include=_KEY_FIELDS)
+            key_fields = {**body.model_dump(include=_KEY_FIELDS), "max_tokens": sampling.max_tokens}
             if body.speculation.acceptance != "exact":  # lossy verification changes the text: part of the key
                 key_fields["speculation"] = body.speculation.model_dump(exclude={"trace"})
             key = cache_key(rt.target_name, ids, {"endpoint": endpoint, **key_fields})
@@ -231,7 +247,12 @@ class ServerState:
             log.info(json.dumps({"event": "request", "endpoint": endpoint, **request_log(job.generation)}))
             if key is not None:
                 cached = CachedResponse(
-                    pieces, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.speculative
+                    pieces=pieces,
+                    finish_reason=done.finish_reason,
+                    prompt_tokens=done.prompt_tokens,
+                    completion_tokens=done.completion_tokens,
+                    spec_stats=done.speculative,
+                    stop_string=done.stop_string,
                 )
                 await asyncio.to_thread(self.cache.put, key, cached)
             yield done
@@ -244,6 +265,11 @@ class ServerState:
             job.span.set_attribute("specserve.completion_tokens", stats.generated)
             job.span.set_attribute("specserve.accepted", stats.accepted)
             job.span.end()
+
+    def _check_model(self, rt: Runtime, requested: str | None) -> None:
+        names = self.model_names(rt)
+        if self.config.strict_model_name and requested not in (None, rt.target_name, *names):
+            raise ApiError(404, f"model {requested!r} does not exist; this server has {names[0]!r}", "model")
 
     @staticmethod
     async def _next_item(job: Job, request: Request):
@@ -263,8 +289,6 @@ def _unavailable(reason: str) -> ApiError:
 
 
 def _check(rt: Runtime, body: CompletionParams, ids: list[int]) -> None:
-    if body.model not in (None, rt.target_name):
-        raise ApiError(404, f"model {body.model!r} does not exist; this server has {rt.target_name!r}", "model")
     vocab = rt.tokenizer.n_vocab
     if bad := [token for token in body.logit_bias or {} if not 0 <= token < vocab]:
         raise ApiError(400, f"logit_bias names tokens outside the vocabulary of {vocab}: {bad[:5]}", "logit_bias")
@@ -275,7 +299,7 @@ def _check(rt: Runtime, body: CompletionParams, ids: list[int]) -> None:
     n_ctx = rt.n_ctx
     if len(ids) >= n_ctx:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds {n_ctx}", "prompt")
-    if len(ids) + body.max_tokens > n_ctx:
+    if body.max_tokens is not None and len(ids) + body.max_tokens > n_ctx:
         raise ApiError(
             400,
             f"prompt ({len(ids)} tokens) + max_tokens ({body.max_tokens}) exceeds the context of {n_ctx} tokens",
@@ -287,4 +311,5 @@ async def _replay(hit: CachedResponse, traced: bool) -> AsyncIterator[Event]:
     origin = TokenOrigin("cache") if traced else None
     for piece in hit.pieces:
         yield Piece(piece, origin=origin)
-    yield Finished(hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, {**hit.spec_stats, "cached": True})
+    stats = {**hit.spec_stats, "cached": True}
+    yield Finished(hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, stats, stop_string=hit.stop_string)

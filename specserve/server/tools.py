@@ -25,6 +25,8 @@ from specserve.engine.grammar import lark_grammar
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
+_BARE_STARTS = ("{", "[", "```")  # how a reply that may be calls written as JSON begins
 
 
 @dataclass(frozen=True)
@@ -73,33 +75,60 @@ def _canonical(block: str) -> str:
 def parse(text: str) -> tuple[str | None, list[ToolCall]]:
     """The reply's text outside its tool calls (None if nothing is left), and the distinct calls. A block
     that is not a JSON object with a name stays in the text, as vLLM's parser leaves it; an unclosed block at
-    the end (max_tokens cut the call off) is dropped."""
-    calls = []
+    the end (max_tokens cut the call off) is dropped. A reply that is nothing but calls written as JSON, bare
+    or in a ```json fence (Qwen2.5-Coder's way under tool_choice "auto"), is those calls."""
+    calls: list[ToolCall] = []
     seen: set[tuple[str, str]] = set()
+
+    def add(call: object) -> bool:
+        """Take `call` if it is a call (an object with a name and arguments); say whether it was."""
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return False
+        arguments = call.get("arguments", {})
+        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        if (call["name"], arguments) not in seen:
+            seen.add((call["name"], arguments))
+            calls.append(ToolCall(call["name"], arguments, f"call_{uuid.uuid4().hex[:24]}"))
+        return True
 
     def take(match: re.Match) -> str:
         try:
             call = json.loads(match.group(1))
         except json.JSONDecodeError:
             return match.group(0)
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return match.group(0)
-        arguments = call.get("arguments", {})
-        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        if (call["name"], arguments) not in seen:
-            seen.add((call["name"], arguments))
-            calls.append(ToolCall(call["name"], arguments, f"call_{uuid.uuid4().hex[:24]}"))
-        return ""
+        return "" if add(call) else match.group(0)
 
     content = _CALL.sub(take, text)
     if (cut := content.rfind(CALL_OPEN)) >= 0 and CALL_CLOSE not in content[cut:]:
         content = content[:cut]
     content = content.strip()
+    if not calls and (bare := _bare_calls(content)) is not None and all(add(call) for call in bare):
+        return None, calls
     return content or None, calls
 
 
+def _bare_calls(text: str) -> list[dict] | None:
+    """The objects of a text that is only a call or a list of calls written as JSON (bare or fenced), each
+    with a name and object arguments and nothing else; else None."""
+    if fence := _FENCE.fullmatch(text):
+        text = fence.group(1)
+    if not text.startswith(("{", "[")):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    objects = value if isinstance(value, list) else [value]
+    if objects and all(
+        isinstance(o, dict) and set(o) == {"name", "arguments"} and isinstance(o["arguments"], dict) for o in objects
+    ):
+        return objects
+    return None
+
+
 class StreamSplit:
-    """Streams a reply's text until a tool call begins, then holds the rest for `finish`."""
+    """Streams a reply's text until a tool call begins, then holds the rest for `finish`. A reply that
+    begins as JSON may be calls written bare (`parse`): it is held whole."""
 
     def __init__(self) -> None:
         self.text = ""
@@ -111,6 +140,11 @@ class StreamSplit:
         self.text += piece
         if self.in_calls:
             return ""
+        if self.sent == 0:
+            start = self.text.lstrip()[:3]
+            if not start or any(s.startswith(start) or start.startswith(s) for s in _BARE_STARTS):
+                self.in_calls = bool(start) and any(start.startswith(s) for s in _BARE_STARTS)
+                return ""
         end = self.text.find(CALL_OPEN, self.sent)
         if end >= 0:
             self.in_calls = True
@@ -126,7 +160,7 @@ class StreamSplit:
     def finish(self) -> tuple[str, list[ToolCall]]:
         """What is left of the content, and the calls."""
         rest = self.text[self.sent :]
-        if CALL_OPEN not in rest:
-            return rest, []
         content, calls = parse(rest)
+        if not calls and CALL_OPEN not in rest:  # no call after all: the text as it came
+            return rest, []
         return content or "", calls

@@ -26,7 +26,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 @pytest.fixture(scope="module")
 def fuzzed_server(smollm2_path):
     # A valid request may ask for thousands of tokens: the deadline keeps each one short.
-    proc, base, _ = start_server(*SMALL, "--request-timeout", "1", "--max-queue", "4")
+    proc, base, _ = start_server(*SMALL, "--request-timeout", "0.25", "--max-queue", "4")
     yield base
     stop_server(proc)
 

@@ -214,6 +214,27 @@ def test_required_tool_call_round_trip(client):
     assert answer.choices[0].finish_reason == "stop" and "18" in answer.choices[0].message.content
 
 
+def streamed_calls(client, kwargs: dict) -> tuple[str, list[tuple[str, str]]]:
+    """The streamed reply's content and its calls (name, arguments)."""
+    content, calls = "", []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+            calls += chunk.choices[0].delta.tool_calls or []
+    return content, [(c.function.name, c.function.arguments) for c in calls]
+
+
+def test_an_auto_call_the_model_writes_as_json_is_a_call_streamed_or_not(client):
+    """Qwen2.5-Coder under tool_choice "auto" writes its call as a JSON object (fenced or bare), not in
+    <tool_call> tags: it is the call, not text."""
+    kwargs = {"model": None, "messages": ASK, "max_tokens": 60, "tools": [WEATHER, CLOCK], "tool_choice": "auto"}
+    reply = client.chat.completions.create(**kwargs)
+    (call,) = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and not reply.choices[0].message.content
+    assert call.function.name == "get_weather" and "paris" in call.function.arguments.lower()
+    assert streamed_calls(client, kwargs) == ("", [(call.function.name, call.function.arguments)])
+
+
 def test_a_required_call_stops_instead_of_repeating_to_max_tokens(client):
     """The 1.5B model repeats its call until max_tokens; the reply ends at the first repeat and holds the call
     once, with no markup in the content, streamed or not."""
@@ -225,14 +246,8 @@ def test_a_required_call_stops_instead_of_repeating_to_max_tokens(client):
     assert [c.function.name for c in choice.message.tool_calls] == ["convert_currency"]
     assert json.loads(choice.message.tool_calls[0].function.arguments)["amount"] == 250
     assert reply.usage.completion_tokens < 200
-    content, calls = "", []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        if chunk.choices:
-            content += chunk.choices[0].delta.content or ""
-            calls += chunk.choices[0].delta.tool_calls or []
-    assert content == "" and [(c.function.name, c.function.arguments) for c in calls] == [
-        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
-    ]
+    whole = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert streamed_calls(client, kwargs) == ("", whole)
 
 
 def test_a_named_tool_is_called_and_streams_as_a_delta(client):
@@ -325,35 +340,14 @@ def _stream_text(server: str, topic: str, max_tokens: int) -> str:
     return "".join(pieces)
 
 
-def test_fifty_concurrent_streams_equal_each_request_alone(server):
-    """Batched decoding is exact: every stream completes with the text the same request gets alone."""
-    requests = [(TOPICS[i % len(TOPICS)], 12 + i % 3) for i in range(50)]
-    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+def test_concurrent_streams_equal_each_request_alone(server):
+    """Batched decoding is exact: every stream completes with the text the same request gets alone; three
+    times the batch (8) at once, so batches form, change as requests end, and some wait their turn."""
+    requests = [(TOPICS[i % len(TOPICS)], 12 + i % 3) for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: _stream_text(server, *r), requests))
     alone = {r: _stream_text(server, *r) for r in sorted(set(requests))}
     assert [alone[r] for r in requests] == together
-    assert httpx.get(f"{server}/health").json()["in_flight"] == 0
-
-
-def test_a_hundred_clients_that_honour_retry_after_all_finish_with_their_solo_text(server):
-    """Past --max-batch + --max-queue a client gets 429 + Retry-After; one that waits and retries gets in. A
-    hundred at once are nearly twice what the server admits (8 running + 48 waiting)."""
-
-    def patient(request: tuple[str, int]) -> tuple[str, int]:
-        refused = 0
-        while True:
-            try:
-                return _stream_text(server, *request), refused
-            except openai.RateLimitError as exc:
-                refused += 1
-                time.sleep(float(exc.response.headers["retry-after"]))
-
-    requests = [(TOPICS[i % len(TOPICS)], 8) for i in range(100)]
-    with concurrent.futures.ThreadPoolExecutor(100) as pool:
-        results = list(pool.map(patient, requests))
-    alone = {r: _stream_text(server, *r) for r in sorted(set(requests))}
-    assert [text for text, _ in results] == [alone[r] for r in requests]  # none lost, cut or doubled
-    assert sum(refused for _, refused in results) > 0  # the bound (8 running + 48 waiting) was reached
     assert httpx.get(f"{server}/health").json()["in_flight"] == 0
 
 
@@ -372,22 +366,10 @@ def test_over_the_queue_bound_requests_get_429_with_retry_after(server):
     assert all(r.json()["usage"]["completion_tokens"] == 4 for r in responses if r.status_code == 200)
 
 
-def test_edge_inputs_are_answered_correctly_or_with_a_4xx(client, target_path):
-    from specserve.models.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(target_path)
-    n_ctx = 2048  # the module server's --n-ctx
-
-    def prompt_of(n: int) -> str:
-        text = " hello" * n
-        assert len(tokenizer.encode(text, special=False)) == n
-        return text
-
-    at_limit = client.completions.create(model=None, prompt=prompt_of(n_ctx - 1), max_tokens=1)
-    assert at_limit.usage.prompt_tokens == n_ctx - 1 and at_limit.usage.completion_tokens == 1
-    for prompt, max_tokens in ((prompt_of(n_ctx), 1), (prompt_of(n_ctx - 1), 2), ("", 4)):
-        with pytest.raises(openai.BadRequestError):
-            client.completions.create(model=None, prompt=prompt, max_tokens=max_tokens)
+def test_edge_inputs_are_answered_correctly_or_with_a_4xx(client):
+    """(The context's edges: tests/server/test_defaults.py, on a small model.)"""
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=None, prompt="", max_tokens=4)
     blank = client.completions.create(model=None, prompt="   \n\t ", max_tokens=3)
     assert blank.usage.completion_tokens <= 3 and blank.choices[0].finish_reason in ("stop", "length")
     one = client.completions.create(model=None, prompt="def add(a, b):", max_tokens=1)
@@ -423,7 +405,6 @@ def test_client_disconnect_cancels_the_stream(server):
 @pytest.mark.parametrize(
     "kwargs, error",
     [
-        ({"model": "no-such-model"}, openai.NotFoundError),
         ({"max_tokens": 0}, openai.BadRequestError),
         ({"max_tokens": 100_000}, openai.BadRequestError),
         ({"temperature": -1}, openai.BadRequestError),

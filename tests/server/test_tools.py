@@ -41,3 +41,26 @@ def test_a_stream_sends_no_markup_as_content():
     )
     sent += split.finish()[0]
     assert sent == "Sure. " and "<" not in sent
+
+
+def test_a_reply_that_is_only_json_calls_is_those_calls_fenced_or_bare():
+    call = {"name": "get_time", "arguments": {"timezone": "CET"}}
+    for text in (json.dumps(call), f"```json\n{json.dumps(call)}\n```", json.dumps([call, call])):
+        content, calls = parse(text)
+        assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+            ("get_time", call["arguments"])
+        ]
+    for text in ('{"name": "Ada", "age": 36}', f"Here: {json.dumps(call)}", '{"name": "f", "arguments": 3}'):
+        assert parse(text) == (text, [])  # JSON that is not only calls stays text
+
+
+def test_a_stream_holds_a_reply_that_begins_as_json_and_sends_it_when_it_is_no_call():
+    split = StreamSplit()
+    call = '```json\n{"name": "get_time", "arguments": {"timezone": "CET"}}\n```'
+    assert [split.push(piece) for piece in ("``", call[2:20], call[20:])] == ["", "", ""]
+    assert split.finish()[0] == "" and split.finish()[1][0].name == "get_time"
+    split = StreamSplit()
+    assert split.push("  `") == "" and split.push("x` is a name") == "  `x` is a name"
+    split = StreamSplit()
+    answer = '{"name": "Ada", "age": 36}'
+    assert split.push(answer[:5]) == split.push(answer[5:]) == "" and split.finish() == (answer, [])
