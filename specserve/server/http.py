@@ -1,5 +1,6 @@
 """What every route shares: the error statuses it documents (schemathesis holds the server to them), the
-server state of a request, and the header naming a request's fields the server did not know."""
+server state of a request, the model's metadata, the header naming a request's fields the server did not
+know, and the pings of a quiet stream."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from contextlib import aclosing
 from fastapi import Request, Response
 from pydantic import BaseModel
 
+from specserve.runtime import Runtime
 from specserve.server.openai_format import ApiError, Finished, Piece
 from specserve.server.schemas import ErrorResponse
 from specserve.server.state import Event, ServerState
@@ -52,6 +54,25 @@ def json_response(body: dict, headers: dict[str, str]) -> Response:
     """A JSON body that echoes request text safely: ASCII-escaped, so a lone surrogate a client sent (valid
     JSON, not UTF-8) cannot fail the reply."""
     return Response(json.dumps(body), media_type="application/json", headers=headers)
+
+
+def model_meta(runtime: Runtime) -> dict:
+    """llama-server's `meta` of /v1/models, from the GGUF's metadata: the architecture, the context it was
+    trained for and the one served, the vocabulary, the width, the size label and the file's bytes."""
+    tokenizer = runtime.tokenizer
+    meta = tokenizer.metadata
+    arch = meta.get("general.architecture", "")
+    trained, width = (meta.get(f"{arch}.{key}") for key in ("context_length", "embedding_length"))
+    return {
+        "arch": arch,
+        "n_vocab": tokenizer.n_vocab,
+        "n_ctx_train": int(trained) if trained else None,
+        "n_ctx": runtime.n_ctx,
+        "n_embd": int(width) if width else None,
+        "params": meta.get("general.size_label"),
+        "size": tokenizer.path.stat().st_size,
+        "file": runtime.target_name,
+    }
 
 
 def server_state(request: Request) -> ServerState:

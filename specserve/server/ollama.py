@@ -31,6 +31,7 @@ from specserve.server.http import (
     error_responses,
     ignored_fields_header,
     json_response,
+    model_meta,
     server_state,
 )
 from specserve.server.infill import infill_ids, prompt_room
@@ -195,9 +196,8 @@ def _now() -> str:
 
 def _details(runtime: Runtime) -> dict:
     """Ollama's `details` of the model, from its GGUF metadata."""
-    meta = runtime.tokenizer.metadata
-    arch = meta.get("general.architecture", "")
-    file_type = meta.get("general.file_type")
+    meta = model_meta(runtime)
+    file_type = runtime.tokenizer.metadata.get("general.file_type")
     try:
         quantization = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type else ""
     except ValueError:
@@ -205,9 +205,9 @@ def _details(runtime: Runtime) -> dict:
     return {
         "parent_model": "",
         "format": "gguf",
-        "family": arch,
-        "families": [arch],
-        "parameter_size": meta.get("general.size_label", ""),
+        "family": meta["arch"],
+        "families": [meta["arch"]],
+        "parameter_size": meta["params"] or "",
         "quantization_level": quantization,
     }
 
@@ -225,7 +225,7 @@ async def version() -> dict:
 def _model_entries(request: Request) -> list[dict]:
     state = server_state(request)
     runtime = state.ready()
-    size = runtime.tokenizer.path.stat().st_size
+    size = model_meta(runtime)["size"]
     modified = datetime.fromtimestamp(state.started, UTC).isoformat().replace("+00:00", "Z")
     return [
         {

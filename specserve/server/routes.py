@@ -24,6 +24,7 @@ from specserve.server.http import (
     collect,
     error_responses,
     ignored_fields_header,
+    model_meta,
     server_state,
     with_pings,
 )
@@ -89,7 +90,7 @@ async def models(request: Request) -> dict:
     `meta`; without --strict-model-name any other name is answered too, by the same model."""
     state = server_state(request)
     runtime = state.ready()
-    meta = {"n_vocab": runtime.tokenizer.n_vocab, "n_ctx": runtime.n_ctx, "file": runtime.target_name}
+    meta = model_meta(runtime)
     model = {
         "object": "model",
         "created": state.started,

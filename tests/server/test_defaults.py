@@ -73,13 +73,17 @@ def test_a_zero_max_tokens_is_refused(server):
         client(server).completions.create(model=None, prompt="hi", max_tokens=0)
 
 
-def test_models_lists_each_served_name_with_its_context(server):
+def test_models_lists_each_served_name_with_its_context_and_metadata(server, smollm2_path):
     listed = client(server).models.list().data
     assert [m.id for m in listed] == list(NAMES)
     for model in listed:
         extra = model.model_extra
-        assert model.created > 0 and extra["max_model_len"] == N_CTX and extra["meta"]["n_vocab"] > 0
-        assert extra["meta"]["file"].endswith(".gguf") and "own weights" in extra["weights"]
+        meta = extra["meta"]
+        assert (
+            model.created > 0 and extra["max_model_len"] == meta["n_ctx"] == N_CTX and "own weights" in extra["weights"]
+        )
+        assert meta["arch"] == "llama" and meta["n_ctx_train"] == 8192 and meta["n_vocab"] == 49152
+        assert meta["file"] == smollm2_path.name and meta["size"] == smollm2_path.stat().st_size
 
 
 def test_a_strict_server_refuses_other_names_and_answers_its_own(smollm2_path):
