@@ -133,6 +133,15 @@ def create_app(
         return _error(request, 401, message, headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
     @app.middleware("http")
+    async def json_bodies(request: Request, call_next):
+        """Every body here is JSON, whatever its content type says: `curl -d '{...}'`, as Ollama's and
+        llama-server's documentation write their examples, labels it a form."""
+        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+            headers = [(name, value) for name, value in request.scope["headers"] if name != b"content-type"]
+            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+        return await call_next(request)
+
+    @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:

@@ -170,3 +170,13 @@ def test_two_fields_that_ask_for_structure_are_refused_by_name(server):
     body = {"prompt": "x", "max_tokens": 4, "guided_choice": ["a"], "json_schema": FLAG}
     refused = httpx.post(f"{server}/v1/completions", json=body, headers=AUTH)
     assert refused.status_code == 400 and "guided_choice" in refused.text and "json_schema" in refused.text
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_its_content_type_says(server, content_type):
+    """`curl -d '{...}'` labels its body a form: Ollama's and llama-server's examples are written so."""
+    headers = {**AUTH, **({"content-type": content_type} if content_type else {})}
+    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 2, "stream": False})
+    for path in ("/v1/completions", "/api/generate"):
+        reply = httpx.post(f"{server}{path}", content=body, headers=headers, timeout=60)
+        assert reply.status_code == 200, (path, reply.text)
