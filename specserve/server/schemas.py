@@ -345,7 +345,10 @@ class ChatRequest(CompletionParams):
         if not self.tools or choice in (None, "none", "auto"):
             return asked
         if asked is not None:
-            raise ValueError("tool_choice required or a named function cannot be combined with response_format")
+            raise ValueError(
+                "tool_choice required or a named function cannot be combined with response_format or another "
+                "field that constrains the reply"
+            )
         named = choice.function["name"] if isinstance(choice, NamedToolChoice) else None
         functions = [t.function.model_dump() for t in self.tools if named in (None, t.function.name)]
         (open_token,), (close_token,) = (tokenizer.encode(tag, special=True) for tag in (CALL_OPEN, CALL_CLOSE))
