@@ -18,12 +18,13 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specserve import SpecserveError
 from specserve.server.http import (
     COMPLETION_RESPONSES,
+    chat_prompt,
     collect,
+    converted,
     ignored_fields_header,
     json_response,
     server_state,
@@ -237,30 +238,8 @@ class CountTokensRequest(MessagesRequest):
     """The same fields; only the prompt they make is counted."""
 
 
-def _chat(body: MessagesRequest) -> ChatRequest:
-    try:
-        return body.to_chat()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "messages"
-        raise ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where) from None
-
-
-def _prompt(request: Request, chat: ChatRequest) -> list[int]:
-    try:
-        messages = [m.rendered() for m in chat.messages]
-        return server_state(request).ready().encode_prompt(messages=messages, tools=chat.offered_tools)
-    except (SpecserveError, ValueError) as exc:
-        raise ApiError(400, str(exc), "messages") from None
-
-
 def tool_use_block(call: ToolCall) -> dict:
-    try:
-        arguments = json.loads(call.arguments)
-    except json.JSONDecodeError:
-        arguments = None
-    arguments = arguments if isinstance(arguments, dict) else {}
-    return {"type": "tool_use", "id": f"toolu_{call.id.removeprefix('call_')}", "name": call.name, "input": arguments}
+    return {"type": "tool_use", "id": f"toolu_{call.id.removeprefix('call_')}", "name": call.name, "input": call.input}
 
 
 def stop_reason(done: Finished, calls: list[ToolCall]) -> str:
@@ -298,8 +277,8 @@ def message_body(*, message_id: str, model: str, content: list[dict], done: Fini
 @router.post(PATH, responses=COMPLETION_RESPONSES)
 async def messages(body: MessagesRequest, request: Request):
     state = server_state(request)
-    chat = _chat(body)
-    ids = _prompt(request, chat)
+    chat = converted(body.to_chat, param="messages")
+    ids = chat_prompt(state.ready(), chat)
     events = await state.events("messages", request, chat, ids)
     message_id, model = new_id("msg"), state.model_name(state.ready())
     headers = ignored_fields_header(body.ignored_fields)
@@ -322,7 +301,8 @@ async def messages(body: MessagesRequest, request: Request):
 @router.post(f"{PATH}/count_tokens", responses=COMPLETION_RESPONSES)
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
     """The prompt's tokens, as the request would be run (its chat template, its tools)."""
-    return {"input_tokens": len(_prompt(request, _chat(body)))}
+    runtime = server_state(request).ready()
+    return {"input_tokens": len(chat_prompt(runtime, converted(body.to_chat, param="messages")))}
 
 
 class MessageEvents:
@@ -370,7 +350,7 @@ class MessageEvents:
             self.blocks, self.text_open = self.blocks + 1, False
         for call in calls:
             block = {**tool_use_block(call), "input": {}}
-            delta = {"type": "input_json_delta", "partial_json": json.dumps(tool_use_block(call)["input"])}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(call.input)}
             events.append(self._event("content_block_start", index=self.blocks, content_block=block))
             events.append(self._event("content_block_delta", index=self.blocks, delta=delta))
             events.append(self._event("content_block_stop", index=self.blocks))

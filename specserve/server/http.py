@@ -8,18 +8,21 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from typing import TypeVar
 
 from fastapi import Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from specserve import SpecserveError
 from specserve.runtime import Runtime
 from specserve.server.openai_format import ApiError, Finished, Piece
-from specserve.server.schemas import ErrorResponse
+from specserve.server.schemas import ChatRequest, ErrorResponse
 from specserve.server.state import Event, ServerState
 
 log = logging.getLogger("specserve.server")
+T = TypeVar("T")
 IGNORED_FIELDS_HEADER = "X-Specserve-Ignored-Fields"  # the request's fields the server did not know
 # A stream quiet this long (a long prompt prefilling on a CPU) gets a ping, so that clients with read time-outs
 # wait (llama-server's SSE pings, Anthropic's `ping` events).
@@ -73,6 +76,28 @@ def model_meta(runtime: Runtime) -> dict:
         "size": tokenizer.path.stat().st_size,
         "file": runtime.target_name,
     }
+
+
+def converted(make: Callable[[], T], *, param: str) -> T:
+    """The request another protocol's body converts into (a ChatRequest, ...), or a 400 naming the field that
+    made it invalid (`param` where none is named)."""
+    try:
+        return make()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or param
+        raise ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where) from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param) from None
+
+
+def chat_prompt(runtime: Runtime, chat: ChatRequest, *, param: str = "messages") -> list[int]:
+    """The chat's prompt tokens (its messages and tools in the chat template), or a 400 naming `param` when
+    the template refuses them."""
+    try:
+        return runtime.encode_prompt(messages=[m.rendered() for m in chat.messages], tools=chat.offered_tools)
+    except (SpecserveError, ValueError) as exc:
+        raise ApiError(400, str(exc), param) from None
 
 
 def server_state(request: Request) -> ServerState:

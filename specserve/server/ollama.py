@@ -22,12 +22,14 @@ from typing import Any, Literal
 import gguf
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from specserve import SpecserveError, __version__
+from specserve import __version__
 from specserve.runtime import Runtime
 from specserve.server.http import (
     COMPLETION_ERRORS,
+    chat_prompt,
+    converted,
     error_responses,
     ignored_fields_header,
     json_response,
@@ -296,7 +298,7 @@ class _Reply:
             return {"model": self.model, "created_at": _now(), "response": text, "done": False}
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
-            message["tool_calls"] = [{"function": {"name": c.name, "arguments": _arguments(c)}} for c in calls]
+            message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.input}} for c in calls]
         return {"model": self.model, "created_at": _now(), "message": message, "done": False}
 
     def last(self, done: Finished, text: str = "", calls: list[ToolCall] = ()) -> dict:
@@ -317,36 +319,13 @@ class _Reply:
         }
 
 
-def _arguments(call: ToolCall) -> dict:
-    try:
-        arguments = json.loads(call.arguments)
-    except json.JSONDecodeError:
-        return {}
-    return arguments if isinstance(arguments, dict) else {}
-
-
-def _validated(make) -> Any:
-    try:
-        return make()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where) from None
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
-
-
 @router.post("/api/chat", responses=REPLY)
 async def chat(body: OllamaChat, request: Request):
     state = server_state(request)
     runtime = state.ready()
     started = time.perf_counter()
-    request_body = _validated(body.to_chat)
-    try:
-        messages = [m.rendered() for m in request_body.messages]
-        ids = runtime.encode_prompt(messages=messages, tools=request_body.offered_tools)
-    except (SpecserveError, ValueError) as exc:
-        raise ApiError(400, str(exc), "messages") from None
+    request_body = converted(body.to_chat, param="messages")
+    ids = chat_prompt(runtime, request_body)
     return await _answer(request, body, request_body, ids, started)
 
 
@@ -358,12 +337,9 @@ async def generate(body: OllamaGenerate, request: Request):
     if not body.prompt and body.suffix is None:  # Ollama's "load the model": it is loaded
         reply = {"model": state.model_name(runtime), "created_at": _now(), "response": "", "done": True}
         return json_response({**reply, "done_reason": "load"}, {})
-    request_body = _validated(body.to_request)
+    request_body = converted(body.to_request, param="prompt")
     if isinstance(request_body, ChatRequest):
-        try:
-            ids = runtime.encode_prompt(messages=[m.rendered() for m in request_body.messages])
-        except (SpecserveError, ValueError) as exc:
-            raise ApiError(400, str(exc), "prompt") from None
+        ids = chat_prompt(runtime, request_body, param="prompt")
     elif body.suffix is not None:
         room = prompt_room(runtime.n_ctx, request_body.max_tokens)
         ids = infill_ids(runtime.tokenizer, prefix=body.prompt, suffix=body.suffix, room=room)

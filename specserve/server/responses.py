@@ -21,11 +21,18 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specserve import SpecserveError
 from specserve.engine.sampling import TokenLogprob
-from specserve.server.http import COMPLETION_RESPONSES, collect, ignored_fields_header, json_response, server_state
+from specserve.server.http import (
+    COMPLETION_RESPONSES,
+    chat_prompt,
+    collect,
+    converted,
+    ignored_fields_header,
+    json_response,
+    server_state,
+)
 from specserve.server.openai_format import ApiError, Finished, Piece, TokenBytes, chat_logprobs
 from specserve.server.schemas import MAX_TOP_LOGPROBS, ChatRequest, Speculation
 from specserve.server.state import Event, ServerState
@@ -387,16 +394,8 @@ async def responses(body: ResponsesRequest, request: Request):
         stored, before = found
         earlier = before + assistant_turn(stored["output"])
     conversation = body.conversation(earlier)
-    try:
-        chat = body.to_chat(conversation, max_tokens=body.max_output_tokens)
-        messages = [m.rendered() for m in chat.messages]
-        ids = runtime.encode_prompt(messages=messages, tools=chat.offered_tools)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "input"
-        raise ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where) from None
-    except (SpecserveError, ValueError) as exc:
-        raise ApiError(400, str(exc), "input") from None
+    chat = converted(lambda: body.to_chat(conversation, max_tokens=body.max_output_tokens), param="input")
+    ids = chat_prompt(runtime, chat, param="input")
     events = await state.events("responses", request, chat, ids)
     response_id, model = new_id("resp"), state.model_name(runtime)
     headers = ignored_fields_header(body.ignored_fields)

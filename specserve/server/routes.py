@@ -17,10 +17,10 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from specserve import SpecserveError
 from specserve.server import openai_format as fmt
 from specserve.server.http import (
     COMPLETION_RESPONSES,
+    chat_prompt,
     collect,
     error_responses,
     ignored_fields_header,
@@ -148,12 +148,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     state = server_state(request)
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
-    try:
-        messages = [m.rendered() for m in body.messages]
-        ids = state.ready().encode_prompt(messages=messages, tools=body.offered_tools)
-    except (SpecserveError, ValueError) as exc:
-        raise ApiError(400, str(exc), "messages") from None
-    return await _answer(state, request, body, ids)
+    return await _answer(state, request, body, chat_prompt(state.ready(), body))
 
 
 async def _answer(state: ServerState, request: Request, body: CompletionParams, ids: list[int]):

@@ -35,6 +35,15 @@ class ToolCall:
     arguments: str  # JSON text, as OpenAI sends it
     id: str
 
+    @property
+    def input(self) -> dict:
+        """The arguments as an object (Anthropic's `input`, Ollama's `arguments`); {} where they are not one."""
+        try:
+            arguments = json.loads(self.arguments)
+        except json.JSONDecodeError:
+            return {}
+        return arguments if isinstance(arguments, dict) else {}
+
     def body(self, index: int | None = None) -> dict:
         call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
         return call if index is None else {"index": index, **call}
