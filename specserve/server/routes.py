@@ -179,8 +179,11 @@ async def _answer(state: ServerState, request: Request, body: CompletionParams, 
         headers["Cache-Control"] = "no-cache"
         stream = _merged([_sse(reply, events) for reply, events in zip(replies, streams, strict=True)])
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-    async with asyncio.TaskGroup() as group:  # one failing choice cancels the others
-        tasks = [group.create_task(collect(events)) for events in streams]
+    try:
+        async with asyncio.TaskGroup() as group:  # one failing choice cancels the others
+            tasks = [group.create_task(collect(events)) for events in streams]
+    except* ApiError as failed:  # the group's error as the route's own (a JSON body, not a bare 500)
+        raise failed.exceptions[0] from None
     bodies = [fmt.completion(reply, *task.result()) for reply, task in zip(replies, tasks, strict=True)]
     return JSONResponse(fmt.merged_choices(bodies), headers=headers)
 
